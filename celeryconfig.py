@@ -1,0 +1,210 @@
+"""Every glyphq setting, read once from ``GLYPHQ_*`` environment variables.
+
+Celery loads this module by name (``app.config_from_object("celeryconfig")``), so the lower-case names
+at the bottom are Celery settings. ``settings`` is the typed object the producer and the worker read.
+Nothing else in the project reads ``os.environ``. Standard library only: a web backend imports this
+without torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DAY_S = 24 * 3600
+
+
+class SettingsError(ValueError):
+    """Raised when a ``GLYPHQ_*`` environment variable has a value glyphq cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value}: must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value}: must be at least {minimum}")
+    return value
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    return default if raw is None or raw.strip() == "" else raw.strip()
+
+
+def parse_box(text: str, name: str = "GLYPHQ_MAX_IMAGE_SIZE") -> tuple[int, int]:
+    """Parse ``"1280x720"`` into ``(1280, 720)``."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        width, height = (int(p) for p in parts)
+    except ValueError:
+        raise SettingsError(f"{name}={text!r}: expected WIDTHxHEIGHT, e.g. 1280x720") from None
+    if width < 1 or height < 1:
+        raise SettingsError(f"{name}={text!r}: both sides must be at least 1 pixel")
+    return width, height
+
+
+@dataclass(frozen=True)
+class Settings:
+    """glyphq's settings. Build with :meth:`from_env`; every field has a default."""
+
+    broker_url: str = "redis://localhost:6379/0"
+    result_backend: str = "redis://localhost:6379/0"
+    model: str = "zai-org/Glyph"
+    device: str = "auto"
+    max_image_size: tuple[int, int] = (1280, 720)
+    max_tasks_per_child: int = 100
+    max_memory_per_child_mb: int = 16384
+    gpu_guard_mb: int = 0
+    history_turns: int = 3
+    soft_time_limit_s: int = 300
+    time_limit_s: int = 360
+    visibility_timeout_s: int = 660
+    model_load_timeout_s: float = 600.0
+    max_deliveries: int = 3
+    result_expires_s: int = 7 * DAY_S
+    blob_ttl_s: int = 7 * DAY_S
+    session_ttl_s: int = DAY_S
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+    max_question_chars: int = 2000
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 2048
+    default_priority: int = 5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``GLYPHQ_*`` variable from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        broker = _str(env, "GLYPHQ_BROKER_URL", cls.broker_url)
+        time_limit = _int(env, "GLYPHQ_TIME_LIMIT", cls.time_limit_s, minimum=1)
+        soft_limit = _int(env, "GLYPHQ_SOFT_TIME_LIMIT", min(cls.soft_time_limit_s, time_limit), minimum=1)
+        if soft_limit > time_limit:
+            raise SettingsError(
+                f"GLYPHQ_SOFT_TIME_LIMIT={soft_limit} must not exceed GLYPHQ_TIME_LIMIT={time_limit}"
+            )
+        # Redis redelivers any message unacked for this long, so it must outlast the hard limit or a
+        # long job runs twice (celery#5935).
+        visibility = _int(env, "GLYPHQ_VISIBILITY_TIMEOUT", time_limit + 300, minimum=1)
+        if visibility <= time_limit:
+            raise SettingsError(
+                f"GLYPHQ_VISIBILITY_TIMEOUT={visibility} must be longer than GLYPHQ_TIME_LIMIT={time_limit}"
+            )
+        max_new_limit = _int(env, "GLYPHQ_MAX_NEW_TOKENS_LIMIT", cls.max_new_tokens_limit, minimum=1)
+        formats = _str(env, "GLYPHQ_IMAGE_FORMATS", ",".join(cls.image_formats))
+        return cls(
+            broker_url=broker,
+            result_backend=_str(env, "GLYPHQ_RESULT_BACKEND", broker),
+            model=_str(env, "GLYPHQ_MODEL", cls.model),
+            device=_str(env, "GLYPHQ_DEVICE", cls.device),
+            max_image_size=parse_box(_str(env, "GLYPHQ_MAX_IMAGE_SIZE", "1280x720")),
+            max_tasks_per_child=_int(env, "GLYPHQ_MAX_TASKS_PER_CHILD", cls.max_tasks_per_child, minimum=1),
+            max_memory_per_child_mb=_int(env, "GLYPHQ_MAX_MEMORY_PER_CHILD_MB", cls.max_memory_per_child_mb),
+            gpu_guard_mb=_int(env, "GLYPHQ_GPU_GUARD_MB", cls.gpu_guard_mb),
+            history_turns=_int(env, "GLYPHQ_HISTORY_TURNS", cls.history_turns),
+            soft_time_limit_s=soft_limit,
+            time_limit_s=time_limit,
+            visibility_timeout_s=visibility,
+            model_load_timeout_s=_float(env, "GLYPHQ_MODEL_LOAD_TIMEOUT", cls.model_load_timeout_s, 1.0),
+            max_deliveries=_int(env, "GLYPHQ_MAX_DELIVERIES", cls.max_deliveries, minimum=1),
+            result_expires_s=_int(env, "GLYPHQ_RESULT_EXPIRES", cls.result_expires_s, minimum=1),
+            blob_ttl_s=_int(env, "GLYPHQ_BLOB_TTL", cls.blob_ttl_s, minimum=1),
+            session_ttl_s=_int(env, "GLYPHQ_SESSION_TTL", cls.session_ttl_s, minimum=1),
+            max_image_bytes=_int(env, "GLYPHQ_MAX_IMAGE_BYTES", cls.max_image_bytes, minimum=1),
+            max_image_pixels=_int(env, "GLYPHQ_MAX_IMAGE_PIXELS", cls.max_image_pixels, minimum=1),
+            image_formats=tuple(f.strip().upper() for f in formats.split(",") if f.strip()),
+            max_question_chars=_int(env, "GLYPHQ_MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1),
+            default_max_new_tokens=min(
+                _int(env, "GLYPHQ_DEFAULT_MAX_NEW_TOKENS", cls.default_max_new_tokens, minimum=1),
+                max_new_limit,
+            ),
+            max_new_tokens_limit=max_new_limit,
+            default_priority=_int(env, "GLYPHQ_DEFAULT_PRIORITY", cls.default_priority),
+        )
+
+
+settings = Settings.from_env()
+
+#: Every Redis key glyphq or Celery writes starts with this.
+KEY_PREFIX = "glyphq:"
+#: Priorities as glyphq users see them: 0 (lowest) .. 9 (most urgent).
+PRIORITY_LEVELS = 10
+
+# ---- Celery settings (lower-case names are read by Celery) -------------------------------------
+
+broker_url = settings.broker_url
+result_backend = settings.result_backend
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]  # pickle is refused, from the broker and the result backend alike
+result_accept_content = ["json"]
+
+task_default_queue = "gpu"
+task_routes = {"glyphq.answer": {"queue": "gpu"}}
+# Redis pops the lowest number first: glyphq priority p is sent as 9 - p (see producer.submit).
+task_default_priority = PRIORITY_LEVELS - 1 - settings.default_priority
+
+# A job is acknowledged only after it finished; a child that dies mid-job puts it back on the queue.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_deduplicate_successful_tasks = True
+
+worker_pool = "prefork"
+worker_concurrency = 1
+worker_prefetch_multiplier = 1
+worker_max_tasks_per_child = settings.max_tasks_per_child
+# Billiard checks this after every task. 0 would disable the check, and with it the GPU guard that
+# rides on it (worker.recycle), so "off" becomes "too high to trigger".
+worker_max_memory_per_child = (settings.max_memory_per_child_mb or 2**40) * 1024
+# The child loads the model in worker_process_init. Celery kills a child that has not reported
+# within this many seconds (4 s by default), which a 10B model never meets.
+worker_proc_alive_timeout = settings.model_load_timeout_s
+
+task_soft_time_limit = settings.soft_time_limit_s
+task_time_limit = settings.time_limit_s
+
+_redis_options = {
+    "global_keyprefix": KEY_PREFIX,
+    "visibility_timeout": settings.visibility_timeout_s,
+}
+broker_transport_options = {
+    **_redis_options,
+    "queue_order_strategy": "priority",
+    "priority_steps": list(range(PRIORITY_LEVELS)),
+    "sep": ":",
+}
+result_backend_transport_options = dict(_redis_options)
+visibility_timeout = settings.visibility_timeout_s
+
+result_expires = settings.result_expires_s
+result_extended = True
+
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+# On a lost broker connection the unacked job goes back to the queue; stop running it here so it
+# doesn't run twice (once here, once on redelivery).
+worker_cancel_long_running_tasks_on_connection_loss = True

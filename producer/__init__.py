@@ -1,0 +1,16 @@
+"""glyphq's producer side: enqueue image + question jobs and read their results. Needs no torch."""
+
+from producer.errors import BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
+from producer.images import check_image
+from producer.submit import Job, submit
+
+__all__ = [
+    "submit",
+    "Job",
+    "check_image",
+    "GlyphqError",
+    "InvalidJob",
+    "BrokerUnavailable",
+    "JobFailed",
+    "JobTimeout",
+]

@@ -1,0 +1,105 @@
+"""The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
+
+Exit codes: 0 done, 1 the job failed, 2 refused (bad input), 3 not finished yet, 4 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout
+from producer.submit import Job, submit
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_NOT_READY, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+
+
+def _print(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _wait(job: Job, timeout: float | None) -> int:
+    try:
+        _print(job.result(timeout=timeout))
+        return EXIT_OK
+    except JobFailed as exc:
+        _print({"job_id": job.id, "state": "FAILURE", "error_type": exc.error_type, "error": exc.message})
+        return EXIT_FAILED
+    except JobTimeout:
+        _print({"job_id": job.id, "state": job.state})
+        return EXIT_NOT_READY
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit one image + question job; with --wait, print its result."""
+    job = submit(args.image, args.question, max_new_tokens=args.max_new_tokens, priority=args.priority,
+                 session=args.session, job_id=args.job_id)
+    if args.wait:
+        return _wait(job, args.timeout)
+    _print({"job_id": job.id, "state": job.state})
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a job's state."""
+    _print({"job_id": args.job_id, "state": Job(args.job_id).state})
+    return EXIT_OK
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    """Print a job's result, waiting for it with --wait."""
+    job = Job(args.job_id)
+    if not args.wait and not job.ready():
+        _print({"job_id": job.id, "state": job.state})
+        return EXIT_NOT_READY
+    return _wait(job, args.timeout if args.wait else 10.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``glyphq`` command."""
+    parser = argparse.ArgumentParser(prog="glyphq", description="Submit image + question jobs and read results.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="submit an image + question job")
+    p.add_argument("image", help="path of the image file")
+    p.add_argument("question")
+    p.add_argument("--wait", action="store_true", help="wait for the answer and print the result")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
+    p.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent)")
+    p.add_argument("--session", help="make the job a turn of this conversation")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--job-id", help="your own id; submitting the same id again runs it once")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="print a job's state")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("result", help="print a job's result")
+    p.add_argument("job_id")
+    p.add_argument("--wait", action="store_true", help="wait until the job has finished")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
+    p.set_defaults(func=cmd_result)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``glyphq`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except InvalidJob as exc:
+        print(f"glyphq: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except BrokerUnavailable as exc:
+        print(f"glyphq: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Exceptions raised by glyphq. ``GlyphqError`` is the root of every one of them."""
+
+from __future__ import annotations
+
+
+class GlyphqError(Exception):
+    """Raised for any glyphq failure; catch this to catch them all."""
+
+
+class InvalidJob(GlyphqError, ValueError):
+    """Raised when a job is refused: the message names the field and the limit it broke."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+    def __reduce__(self):  # keeps pickling and Celery's exception round-trip intact
+        return (type(self), (self.field, self.problem))
+
+
+class BrokerUnavailable(GlyphqError):
+    """Raised when Redis cannot be reached, so the job was not enqueued."""
+
+
+class JobFailed(GlyphqError):
+    """Raised by ``Job.result`` when the worker failed the job; ``error_type`` names the worker's error."""
+
+    def __init__(self, job_id: str, error_type: str, message: str) -> None:
+        self.job_id = job_id
+        self.error_type = error_type
+        self.message = message
+        super().__init__(f"job {job_id} failed: {error_type}: {message}")
+
+
+class JobTimeout(GlyphqError, TimeoutError):
+    """Raised by ``Job.result`` when the job has not finished within the given timeout."""

@@ -1,0 +1,105 @@
+"""Image intake: turn a path, bytes or PIL image into checked bytes, without decoding bombs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from PIL import Image, UnidentifiedImageError
+
+from celeryconfig import Settings
+from producer.errors import InvalidJob
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """Image bytes that passed every check, with what the checks learned about them."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+
+    @property
+    def sha256(self) -> str:
+        """Content address of the bytes."""
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def read_image_bytes(image: ImageInput, settings: Settings) -> bytes:
+    """Return the encoded bytes of ``image``, refusing anything over ``max_image_bytes``."""
+    limit = settings.max_image_bytes
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InvalidJob("image", f"no such file: {path}")
+        if path.stat().st_size > limit:
+            raise InvalidJob("image", f"is {path.stat().st_size} bytes; the limit is {limit} (GLYPHQ_MAX_IMAGE_BYTES)")
+        data = path.read_bytes()
+    else:
+        raise InvalidJob("image", f"must be a path, bytes or a PIL image, got {type(image).__name__}")
+    if len(data) > limit:
+        raise InvalidJob("image", f"is {len(data)} bytes; the limit is {limit} (GLYPHQ_MAX_IMAGE_BYTES)")
+    if not data:
+        raise InvalidJob("image", "is empty")
+    return data
+
+
+def check_image_bytes(data: bytes, settings: Settings) -> CheckedImage:
+    """Check format and pixel count from the header, then decode fully; raise ``InvalidJob`` if any fails.
+
+    The pixel limit is checked before decoding, so a decompression bomb is refused after reading only
+    its header.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = (img.format or "").upper()
+                width, height = img.size
+                if fmt not in settings.image_formats:
+                    allowed = ", ".join(settings.image_formats)
+                    raise InvalidJob("image", f"format {fmt or 'unknown'} is not allowed; allowed: {allowed}")
+                if width * height > settings.max_image_pixels:
+                    raise InvalidJob(
+                        "image",
+                        f"is {width}x{height} = {width * height} pixels; the limit is "
+                        f"{settings.max_image_pixels} (GLYPHQ_MAX_IMAGE_PIXELS)",
+                    )
+                img.load()
+    except InvalidJob:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidJob(
+            "image",
+            f"refused as a decompression bomb; the limit is {settings.max_image_pixels} pixels "
+            f"(GLYPHQ_MAX_IMAGE_PIXELS): {exc}",
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidJob("image", f"cannot be decoded: {exc}") from None
+    return CheckedImage(data=data, format=fmt, width=width, height=height)
+
+
+def check_image(image: ImageInput, settings: Settings) -> CheckedImage:
+    """Read and check ``image`` (a path, bytes or PIL image)."""
+    return check_image_bytes(read_image_bytes(image, settings), settings)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode checked bytes into an RGB image (first frame of an animation)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.seek(0)
+        return img.convert("RGB")

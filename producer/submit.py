@@ -1,0 +1,133 @@
+"""``submit()``: check a job, store its image as a blob, and enqueue a small message for the GPU worker."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from celeryconfig import PRIORITY_LEVELS, Settings, settings as default_settings
+from producer.errors import JobFailed, JobTimeout
+from producer.images import ImageInput, check_image
+from producer.schema import ANSWER_TASK, JobMessage
+from producer.store import Store, unavailable
+from producer.validation import check_identifier, check_max_new_tokens, check_priority, check_question
+from tasks.app import app
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """A handle on a submitted job: its ``id``, its ``state`` and, once done, its ``result()``."""
+
+    def __init__(self, job_id: str) -> None:
+        self.id = job_id
+        self._async = AsyncResult(job_id, app=app)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    @property
+    def state(self) -> str:
+        """PENDING (queued), STARTED, SUCCESS, FAILURE, or UNKNOWN for an id never submitted (or expired)."""
+        state = str(self._async.state)
+        if state == "PENDING":
+            try:
+                if not Store(default_settings).job_exists(self.id):
+                    return "UNKNOWN"
+            except redis.RedisError as exc:
+                raise unavailable(default_settings, exc) from exc
+        return state
+
+    def ready(self) -> bool:
+        """True once the job succeeded or failed."""
+        return bool(self._async.ready())
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait up to ``timeout`` seconds and return the result dict.
+
+        Raises ``JobTimeout`` if it is not done in time and ``JobFailed`` if the worker failed it.
+        """
+        try:
+            value = self._async.get(timeout=timeout, propagate=False)
+        except TimeoutError:
+            raise JobTimeout(f"job {self.id} not finished after {timeout} s (state {self.state})") from None
+        if self._async.failed():
+            exc = self._async.result
+            raise JobFailed(self.id, type(exc).__name__, str(exc))
+        return value
+
+
+def submit(
+    image: ImageInput,
+    question: str,
+    *,
+    max_new_tokens: int | None = None,
+    priority: int | None = None,
+    session: str | None = None,
+    job_id: str | None = None,
+    settings: Settings | None = None,
+) -> Job:
+    """Enqueue an image + question job for the GPU worker and return its ``Job``.
+
+    ``image`` is a path, encoded bytes or a PIL image. ``priority`` runs from 0 to 9 (9 most urgent).
+    ``session`` makes the job a turn in a stored conversation. Submitting an existing ``job_id``
+    again returns the same job without enqueuing it twice.
+
+    Every field is checked before Redis is touched; a refusal raises ``InvalidJob`` naming the
+    field and the limit. ``BrokerUnavailable`` means Redis could not be reached and nothing was queued.
+    """
+    cfg = settings or default_settings
+    question = check_question(question, cfg)
+    max_new_tokens = check_max_new_tokens(max_new_tokens, cfg)
+    priority = check_priority(priority, cfg)
+    session = check_identifier("session", session)
+    job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
+    checked = check_image(image, cfg)
+
+    store = Store(cfg)
+    try:
+        if not store.claim_job(job_id):
+            log.info("job %s already submitted; not enqueuing it again", job_id)
+            return Job(job_id)
+        key = store.put_blob(checked.sha256, checked.data, job_id)
+    except redis.RedisError as exc:
+        raise unavailable(cfg, exc) from exc
+
+    message = JobMessage(
+        image_key=key,
+        image_bytes=len(checked.data),
+        image_size=(checked.width, checked.height),
+        question=question,
+        max_new_tokens=max_new_tokens,
+        session=session,
+        submitted_at=time.time(),
+    )
+    try:
+        app.send_task(
+            ANSWER_TASK,
+            kwargs={"job": message.to_dict()},
+            task_id=job_id,
+            queue="gpu",
+            priority=PRIORITY_LEVELS - 1 - priority,  # Redis serves the lowest number first
+            kwargsrepr=message.summary(),
+        )
+    except (OperationalError, redis.RedisError) as exc:
+        _undo(store, key, job_id)
+        raise unavailable(cfg, exc) from exc
+    log.debug("enqueued job %s (%s)", job_id, message.summary())
+    return Job(job_id)
+
+
+def _undo(store: Store, key: str, job_id: str) -> None:
+    """Best effort: forget the blob and the claim of a job that never reached the queue."""
+    try:
+        store.release_blob(key, job_id)
+        store.unclaim_job(job_id)
+    except redis.RedisError:
+        log.warning("could not clean up after job %s; its keys expire on their own", job_id)

@@ -1,0 +1,58 @@
+"""Checks on job fields, shared by ``submit`` and the worker. Each failure raises ``InvalidJob``."""
+
+from __future__ import annotations
+
+import re
+
+from celeryconfig import PRIORITY_LEVELS, Settings
+from producer.errors import InvalidJob
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def check_question(question: object, settings: Settings) -> str:
+    """Return the question if it is a non-empty string within ``max_question_chars``."""
+    if not isinstance(question, str):
+        raise InvalidJob("question", f"must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise InvalidJob("question", "must not be empty")
+    if len(question) > settings.max_question_chars:
+        raise InvalidJob(
+            "question",
+            f"is {len(question)} characters; the limit is {settings.max_question_chars} "
+            "(GLYPHQ_MAX_QUESTION_CHARS)",
+        )
+    return question
+
+
+def check_max_new_tokens(value: object, settings: Settings) -> int:
+    """Return ``value`` (or the default when None) if it is an int in 1..max_new_tokens_limit."""
+    if value is None:
+        return settings.default_max_new_tokens
+    limit = settings.max_new_tokens_limit
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidJob("max_new_tokens", f"must be an integer from 1 to {limit}, got {value!r}")
+    if not 1 <= value <= limit:
+        raise InvalidJob(
+            "max_new_tokens", f"must be from 1 to {limit} (GLYPHQ_MAX_NEW_TOKENS_LIMIT), got {value}"
+        )
+    return value
+
+
+def check_priority(value: object, settings: Settings) -> int:
+    """Return ``value`` (or the default when None) if it is an int in 0..9 (9 is most urgent)."""
+    if value is None:
+        return settings.default_priority
+    top = PRIORITY_LEVELS - 1
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+        raise InvalidJob("priority", f"must be an integer from 0 to {top} (9 is most urgent), got {value!r}")
+    return value
+
+
+def check_identifier(field: str, value: object) -> str | None:
+    """Return ``value`` if None or 1-128 characters of letters, digits and ``._:-``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ID_PATTERN.match(value):
+        raise InvalidJob(field, f"must be 1 to 128 characters of letters, digits and . _ : -, got {value!r}")
+    return value

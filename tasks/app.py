@@ -1,0 +1,6 @@
+"""The Celery app. Every setting comes from ``celeryconfig``."""
+
+from celery import Celery
+
+app = Celery("glyphq")
+app.config_from_object("celeryconfig")

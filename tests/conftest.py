@@ -1,0 +1,231 @@
+"""Real parts for the tests: a redis-server per session, the tiny model, and celery worker subprocesses.
+
+The session's redis-server starts in ``pytest_configure``, before any test module imports
+``celeryconfig``, so the settings the tests import point at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process on a free port, which a test may stop and start again."""
+
+    def __init__(self, directory: Path, appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            raise RuntimeError("redis-server is not on PATH; `make test` installs it")
+        self.proc = subprocess.Popen(
+            [redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+_session_redis: RedisServer | None = None
+_session_dir: tempfile.TemporaryDirectory[str] | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _session_redis, _session_dir
+    _session_dir = tempfile.TemporaryDirectory(prefix="glyphq-test-")
+    _session_redis = RedisServer(Path(_session_dir.name))
+    _session_redis.start()
+    os.environ["GLYPHQ_BROKER_URL"] = _session_redis.url
+    os.environ.pop("GLYPHQ_RESULT_BACKEND", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _session_redis is not None:
+        _session_redis.stop()
+    if _session_dir is not None:
+        _session_dir.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the session's redis-server."""
+    assert _session_redis is not None
+    return _session_redis.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA model, built once per session with ``python -m worker.tiny``."""
+    out = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run([sys.executable, "-m", "worker.tiny", str(out)], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def endless_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """The tiny model with no end-of-sequence token, so a job always runs ``max_new_tokens`` steps."""
+    import json
+
+    out = tmp_path_factory.mktemp("endless-model")
+    shutil.copytree(tiny_model, out, dirs_exist_ok=True)
+    gen_path = out / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen["eos_token_id"] = None
+    gen_path.write_text(json.dumps(gen))
+    return out
+
+
+class WorkerProcess:
+    """A real ``celery -A tasks worker`` subprocess (prefork, concurrency 1) and its log."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str | None = None) -> None:
+        self.name = f"w{uuid.uuid4().hex[:8]}@%h"
+        self.log_path = log_path
+        cmd = [CELERY, "-A", "tasks", "worker", "-l", "info", "-n", self.name, "--without-mingle",
+               "--without-gossip"]
+        if queues:
+            cmd += ["-Q", queues]
+        self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Wait until the worker consumes and its first child has loaded the model."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if " ready." in text and "loaded " in text:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+    def children(self) -> list[int]:
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # any child left behind
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, tiny_model: Path, redis_url: str) -> Iterator:
+    """Start worker subprocesses with extra ``GLYPHQ_*`` settings; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(wait: bool = True, **settings: str | int) -> WorkerProcess:
+        env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
+               "PYTHONUNBUFFERED": "1"}
+        env.update({f"GLYPHQ_{k.upper()}": str(v) for k, v in settings.items()})
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def png_bytes(size: tuple[int, int] = (640, 480), color: str = "white", seed: int = 0) -> bytes:
+    """A small PNG with a little structure, so different seeds give different answers."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, color)
+    draw = ImageDraw.Draw(image)
+    for i in range(8):
+        x = (seed * 37 + i * 53) % size[0]
+        y = (seed * 91 + i * 29) % size[1]
+        draw.rectangle([x, y, x + 40, y + 20], fill=(i * 30 % 256, seed * 50 % 256, 120))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def queued_messages(client, queue: str = "gpu") -> list[bytes]:
+    """Every message waiting on ``queue``, over all its Redis priority sub-queues."""
+    messages: list[bytes] = []
+    for key in sorted(client.keys(f"glyphq:{queue}*")):
+        if client.type(key) == b"list":
+            messages.extend(client.lrange(key, 0, -1))
+    return messages
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it is true or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return bool(condition())
+        time.sleep(interval)
+    return True

@@ -1,0 +1,164 @@
+"""End to end through a real redis-server and a real ``celery -A tasks worker`` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from celeryconfig import settings
+from conftest import png_bytes, wait_until
+from producer import JobFailed, submit
+from producer.schema import ANSWER_TASK, JobMessage
+from producer.store import Store, blob_key
+from tasks.app import app
+
+RESULT_FIELDS = {"answer", "model", "tokens_in", "tokens_out", "image_size", "image_size_used", "timings",
+                 "gpu", "worker"}
+
+
+def test_submitted_job_is_answered(start_worker, tiny_model, redis_client):
+    start_worker()
+    job = submit(png_bytes((1600, 900), seed=1), "What is the total on this invoice?", max_new_tokens=8)
+    result = job.result(timeout=60)
+
+    assert RESULT_FIELDS <= set(result)
+    assert isinstance(result["answer"], str) and result["answer"]
+    assert result["model"] == str(tiny_model)
+    assert result["tokens_in"] > 16 and 1 <= result["tokens_out"] <= 8
+    assert result["image_size"] == [1600, 900]
+    assert result["image_size_used"] == [1280, 720]
+    assert set(result["timings"]) == {"queue_s", "preprocess_s", "generate_s", "cleanup_s"}
+    assert all(v >= 0 for v in result["timings"].values())
+    assert result["gpu"] is None  # CPU
+    assert result["worker"]["task_index"] == 1 and result["worker"]["pid"] > 0
+    assert job.state == "SUCCESS"
+    # The blob is gone once the result is stored; every key is glyphq's.
+    assert wait_until(lambda: redis_client.keys("glyphq:blob:*") == [])
+    assert all(k.startswith(b"glyphq:") for k in redis_client.keys("*"))
+
+
+def test_thirty_jobs_recycling_every_five(start_worker, redis_client):
+    start_worker(max_tasks_per_child=5)
+    jobs = [submit(png_bytes(seed=i), f"Question number {i}?", max_new_tokens=4) for i in range(30)]
+    results = [job.result(timeout=120) for job in jobs]
+
+    assert [r["job_id"] for r in results] == [j.id for j in jobs]
+    pids = {r["worker"]["pid"] for r in results}
+    assert len(pids) >= 6, f"only {len(pids)} child processes for 30 jobs at 5 per child"
+    assert max(r["worker"]["task_index"] for r in results) == 5
+    store = Store(settings)
+    assert [store.runs(j.id) for j in jobs] == [1] * 30, "a job ran more than once"
+
+
+def test_corrupt_image_reaching_worker_fails_cleanly(start_worker, redis_client):
+    worker = start_worker()
+    # Bypass submit's checks, as a buggy or hostile producer would.
+    garbage = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
+    key = blob_key("ab" * 32)
+    redis_client.set(key, garbage, ex=600)
+    message = JobMessage(image_key=key, image_bytes=len(garbage), image_size=(10, 10), question="q",
+                         max_new_tokens=4, session=None, submitted_at=time.time())
+    bad = app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, queue="gpu")
+    with pytest.raises(Exception, match="image: cannot be decoded"):
+        bad.get(timeout=60)
+    assert bad.state == "FAILURE"
+    assert Store(settings).runs(bad.id) == 1, "a bad image must not be retried"
+
+    good = submit(png_bytes(seed=5), "And this one?", max_new_tokens=4)
+    assert good.result(timeout=60)["answer"]
+    assert worker.proc.poll() is None
+
+
+def test_path_in_message_is_never_read(start_worker, tmp_path):
+    start_worker()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes())
+    message = JobMessage(image_key="glyphq:blob:" + "0" * 64, image_bytes=1, image_size=(1, 1), question="q",
+                         max_new_tokens=4, session=None, submitted_at=time.time()).to_dict()
+    for key in (str(secret), "glyphq:blob:../../" + str(secret)):
+        bad = app.send_task(ANSWER_TASK, kwargs={"job": {**message, "image_key": key}}, queue="gpu")
+        with pytest.raises(Exception, match="image_key: must be a glyphq:blob:<sha256> key"):
+            bad.get(timeout=60)
+
+
+def test_child_killed_mid_task_job_is_redelivered(start_worker, endless_model):
+    worker = start_worker(model=endless_model)
+    job = submit(png_bytes(seed=6), "A long answer please", max_new_tokens=1500)
+    store = Store(settings)
+    deadline = time.monotonic() + 60
+    while store.runs(job.id) < 1 or job.state != "STARTED":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.05)
+    (child,) = worker.children()
+    import os
+
+    os.kill(child, signal.SIGKILL)
+    result = job.result(timeout=180)
+    assert result["tokens_out"] == 1500
+    assert result["worker"]["pid"] != child
+    assert store.runs(job.id) == 2
+
+
+def test_same_job_id_runs_once(start_worker):
+    start_worker()
+    first = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)
+    second = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)
+    assert first.result(timeout=60) == second.result(timeout=60)
+    third = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)  # after it finished
+    assert third.result(timeout=10)["job_id"] == "run-once-1"
+    time.sleep(1)
+    assert Store(settings).runs("run-once-1") == 1
+
+
+def test_session_keeps_last_three_turns(start_worker, redis_client):
+    start_worker()
+    used = []
+    for i in range(5):
+        result = submit(png_bytes(seed=i), f"turn {i}", session="chat-1", max_new_tokens=4).result(timeout=60)
+        used.append(result["session"]["turns_used"])
+    assert used == [0, 1, 2, 3, 3]
+    stored = [json.loads(t)["question"] for t in redis_client.lrange("glyphq:session:chat-1", 0, -1)]
+    assert stored == ["turn 2", "turn 3", "turn 4"]
+    assert 0 < redis_client.ttl("glyphq:session:chat-1") <= settings.session_ttl_s
+
+
+def test_shared_blob_survives_until_last_job(start_worker, redis_client):
+    image = png_bytes(seed=8)
+    first = submit(image, "first", max_new_tokens=4)
+    second = submit(image, "second", max_new_tokens=4)
+    assert len([k for k in redis_client.keys("glyphq:blob:*") if not k.endswith(b":refs")]) == 1
+    start_worker()
+    assert first.result(timeout=60)["answer"] and second.result(timeout=60)["answer"]
+    assert wait_until(lambda: redis_client.keys("glyphq:blob:*") == [])
+
+
+def test_priority_9_overtakes_queued_work(start_worker):
+    low = [submit(png_bytes(seed=20 + i), "low", priority=0, max_new_tokens=4) for i in range(4)]
+    urgent = submit(png_bytes(seed=30), "urgent", priority=9, max_new_tokens=4)
+    start_worker()
+    order = sorted(low + [urgent], key=lambda j: j.result(timeout=60)["worker"]["task_index"])
+    assert order[0].id == urgent.id
+
+
+def test_rss_guard_recycles_without_losing_jobs(start_worker):
+    """max-memory-per-child (the path the GPU guard also takes) replaces the child after every job."""
+    start_worker(max_memory_per_child_mb=1)
+    jobs = [submit(png_bytes(seed=40 + i), "guard", max_new_tokens=4) for i in range(4)]
+    results = [j.result(timeout=120) for j in jobs]
+    assert len({r["worker"]["pid"] for r in results}) == 4
+    assert all(r["worker"]["task_index"] == 1 for r in results)
+
+
+def test_failed_job_raises_job_failed(start_worker, redis_client):
+    start_worker()
+    key = blob_key("cd" * 32)  # never stored: the blob is missing
+    message = JobMessage(image_key=key, image_bytes=1, image_size=(1, 1), question="q", max_new_tokens=4,
+                         session=None, submitted_at=time.time())
+    app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, queue="gpu", task_id="missing-blob-1")
+    from producer import Job
+
+    with pytest.raises(JobFailed, match="BlobMissing: image blob glyphq:blob:cdcd"):
+        Job("missing-blob-1").result(timeout=60)

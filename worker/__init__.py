@@ -1,0 +1,1 @@
+"""GPU worker: model loading, generation, memory hygiene, rendering."""

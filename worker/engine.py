@@ -1,0 +1,162 @@
+"""The model behind a tiny lifecycle: ``load(settings) -> Engine``, ``engine.answer(jobs)``, ``engine.cleanup()``.
+
+Nothing here knows about Celery or Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from celeryconfig import Settings
+from worker import memory
+from worker.errors import ModelError
+from worker.images import Box, fit_image, smaller_box
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineJob:
+    """One question about one image, with earlier turns of its conversation (oldest first)."""
+
+    image: Image.Image
+    question: str
+    max_new_tokens: int
+    history: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class EngineResult:
+    """The answer to one ``EngineJob`` and what it cost."""
+
+    answer: str
+    tokens_in: int
+    tokens_out: int
+    image_size_used: tuple[int, int]
+    preprocess_s: float
+    generate_s: float
+
+
+def build_messages(question: str, history: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Chat messages for the processor's template: earlier turns as text, then the image and question."""
+    messages: list[dict[str, Any]] = []
+    for turn in history:
+        messages.append({"role": "user", "content": [{"type": "text", "text": turn["question"]}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    return messages
+
+
+class Engine:
+    """A loaded model and processor that answer batches of image + question jobs."""
+
+    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype, name: str) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+        self.name = name
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+
+    def answer(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
+        """Answer ``jobs`` in one greedy ``generate``, each image fitted into ``box``."""
+        start = time.perf_counter()
+        images = [fit_image(job.image, box) for job in jobs]
+        prompts = [
+            self.processor.apply_chat_template(
+                build_messages(job.question, job.history), add_generation_prompt=True, tokenize=False
+            )
+            for job in jobs
+        ]
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        preprocess_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max(job.max_new_tokens for job in jobs),
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+        prompt_len = inputs["input_ids"].shape[1]
+        new_tokens = [self._until_eos(row[prompt_len:].tolist())[: job.max_new_tokens]
+                      for row, job in zip(output, jobs)]
+        answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
+        generate_s = time.perf_counter() - start
+        share = 1.0 / len(jobs)
+        return [
+            EngineResult(
+                answer=text.strip(),
+                tokens_in=int(n_in),
+                tokens_out=len(ids),
+                image_size_used=image.size,
+                preprocess_s=preprocess_s * share,
+                generate_s=generate_s * share,
+            )
+            for text, n_in, ids, image in zip(answers, tokens_in, new_tokens, images)
+        ]
+
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        for i, token in enumerate(ids):
+            if token in self.eos_ids:
+                return ids[:i]
+        return ids
+
+    def cleanup(self) -> float:
+        """Free what the last call left behind; return the seconds it took."""
+        return memory.cleanup(self.device)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def load(settings: Settings) -> Engine:
+    """Load ``settings.model`` (a hub id or a local path): bf16 on CUDA, float32 on CPU, in eval mode."""
+    device = resolve_device(settings.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    start = time.perf_counter()
+    try:
+        processor = AutoProcessor.from_pretrained(settings.model)
+        model = AutoModelForImageTextToText.from_pretrained(
+            settings.model, dtype=dtype, device_map=str(device) if device.type == "cuda" else None
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot load model {settings.model!r}: {exc}") from exc
+    model.eval()
+    log.info("loaded %s on %s as %s in %.1f s", settings.model, device, dtype, time.perf_counter() - start)
+    return Engine(model, processor, device, dtype, settings.model)
+
+
+def answer_within_memory(engine: Engine, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
+    """``engine.answer``, retried once with a smaller box after CUDA runs out of memory."""
+    boxes = [box, smaller_box(box)]
+    errors = []
+    for attempt in boxes:
+        try:
+            return engine.answer(jobs, attempt)
+        except torch.OutOfMemoryError as exc:
+            errors.append(f"{attempt[0]}x{attempt[1]}: {str(exc).splitlines()[0]}")
+        # Outside the except block, so the traceback and the activations it holds are gone.
+        engine.cleanup()
+        log.warning("CUDA out of memory with box %sx%s", *attempt)
+    raise ModelError("CUDA out of memory, also after retrying with a smaller image box: " + "; ".join(errors))

@@ -1,0 +1,43 @@
+"""Asking billiard to replace this child after the task it is running.
+
+Billiard's child loop (``billiard.pool.Worker.workloop``) checks ``mem_rss()`` against
+``worker_max_memory_per_child`` after it has handed each result to the parent, and exits with
+``EX_RECYCLE`` when it is over. That is the one point where a child can leave without losing or
+repeating its task, so the GPU guard uses it too: after a recycle is requested, the child's
+``mem_rss`` reports more than any limit, and billiard replaces the child exactly as it does for
+max-memory-per-child.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import billiard.pool
+
+log = logging.getLogger(__name__)
+
+_requested: str | None = None
+_real_mem_rss = billiard.pool.mem_rss
+_OVER_ANY_LIMIT_KB = 2**62
+
+
+def _mem_rss() -> int:
+    return _OVER_ANY_LIMIT_KB if _requested is not None else _real_mem_rss()
+
+
+def install() -> None:
+    """Route billiard's post-task memory check through this module (call once in each child)."""
+    billiard.pool.mem_rss = _mem_rss
+
+
+def request(reason: str) -> None:
+    """Replace this child once its current task's result has been handed over."""
+    global _requested
+    if _requested is None:
+        log.warning("recycling this worker child after the current task: %s", reason)
+        _requested = reason
+
+
+def requested() -> str | None:
+    """The reason a recycle was requested in this child, or None."""
+    return _requested

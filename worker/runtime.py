@@ -1,0 +1,141 @@
+"""Per-process state of a GPU worker: preload in the parent, one engine per child, one job at a time.
+
+``tasks`` calls into this module; it is the only worker module that knows about jobs and Redis.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+from celeryconfig import settings
+from producer.images import check_image_bytes, decode_image
+from producer.schema import JobMessage
+from producer.store import Store
+from worker import recycle
+from worker.errors import BlobMissing, PoisonJob
+
+log = logging.getLogger(__name__)
+
+_serves_gpu = False
+_engine: Any = None  # worker.engine.Engine, imported lazily so the parent never loads a model
+_task_index = 0
+
+
+def preload_parent() -> None:
+    """Import torch and transformers in the worker's main process so each child starts warm.
+
+    CUDA is not touched here: a child forked from a process with a CUDA context cannot use CUDA.
+    """
+    global _serves_gpu
+    _serves_gpu = True
+    start = time.perf_counter()
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from worker import engine  # noqa: F401  (pulls in the Auto classes)
+
+    log.info("preloaded torch and transformers in %.1f s (CUDA untouched)", time.perf_counter() - start)
+
+
+def serves_gpu() -> bool:
+    """True in a worker whose main process called ``preload_parent`` (it consumes the ``gpu`` queue)."""
+    return _serves_gpu
+
+
+def init_child() -> None:
+    """Load the model in a fresh child. If it cannot load, stop the whole worker: the jobs stay queued."""
+    global _engine, _task_index
+    from worker import engine
+
+    recycle.install()
+    _task_index = 0
+    try:
+        _engine = engine.load(settings)
+    except Exception:
+        log.critical("model %r failed to load; stopping the worker, queued jobs stay queued", settings.model,
+                     exc_info=True)
+        os.kill(os.getppid(), signal.SIGTERM)
+        raise
+    # Everything alive now lives as long as the child; keep it out of every later collection.
+    gc.collect()
+    gc.freeze()
+
+
+def _loaded_engine() -> Any:
+    if _engine is None:
+        init_child()
+    return _engine
+
+
+def answer(raw_job: object, job_id: str) -> dict[str, Any]:
+    """Answer one ``glyphq.answer`` job and return its result dict. Cleans up whatever happens."""
+    global _task_index
+    from worker import memory
+    from worker.engine import EngineJob, answer_within_memory
+
+    started = time.time()
+    _task_index += 1
+    store = Store(settings)
+    runs = store.count_run(job_id)
+    if runs > settings.max_deliveries:
+        raise PoisonJob(
+            f"job {job_id} was delivered {runs} times and the worker child died during each of the "
+            f"previous {runs - 1} runs (GLYPHQ_MAX_DELIVERIES={settings.max_deliveries}); not running it again"
+        )
+    job = JobMessage.from_dict(raw_job, settings)
+    eng = _loaded_engine()
+    memory.reset_peak(eng.device)
+    fetch_start = time.perf_counter()
+    try:
+        data = store.get_blob(job.image_key)
+        if data is None:
+            raise BlobMissing(f"image blob {job.image_key} is gone (expired after GLYPHQ_BLOB_TTL?)")
+        image = decode_image(check_image_bytes(data, settings).data)
+        history = store.session_turns(job.session, settings.history_turns) if job.session else []
+        fetch_s = time.perf_counter() - fetch_start
+        engine_job = EngineJob(image=image, question=job.question, max_new_tokens=job.max_new_tokens,
+                               history=history)
+        (result,) = answer_within_memory(eng, [engine_job], settings.max_image_size)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # let the cleanup below free the tensors they hold
+        raise
+    finally:
+        engine_job = image = data = None  # noqa: F841
+        cleanup_s = eng.cleanup()
+        gpu = memory.gpu_stats(eng.device)
+        _check_gpu_guard(eng.device, gpu)
+
+    if job.session:
+        store.append_turn(job.session, job.question, result.answer)
+    return {
+        "job_id": job_id,
+        "answer": result.answer,
+        "model": settings.model,
+        "tokens_in": result.tokens_in,
+        "tokens_out": result.tokens_out,
+        "image_size": list(job.image_size),
+        "image_size_used": list(result.image_size_used),
+        "timings": {
+            "queue_s": round(max(0.0, started - job.submitted_at), 4),
+            "preprocess_s": round(fetch_s + result.preprocess_s, 4),
+            "generate_s": round(result.generate_s, 4),
+            "cleanup_s": round(cleanup_s, 4),
+        },
+        "gpu": gpu,
+        "worker": {"pid": os.getpid(), "task_index": _task_index},
+        "session": {"id": job.session, "turns_used": len(history)} if job.session else None,
+    }
+
+
+def _check_gpu_guard(device: Any, gpu: dict[str, float] | None) -> None:
+    from worker import memory
+
+    limit = memory.gpu_guard_limit_mb(device, settings.gpu_guard_mb)
+    if gpu is not None and limit is not None and gpu["reserved_mb"] > limit:
+        recycle.request(f"GPU reserved {gpu['reserved_mb']:.0f} MB after cleanup > guard {limit:.0f} MB")
