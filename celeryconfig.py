@@ -19,7 +19,7 @@ class SettingsError(ValueError):
     """Raised when a ``GLYPHQ_*`` environment variable has a value glyphq cannot use."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -29,6 +29,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise SettingsError(f"{name}={raw!r}: expected an integer") from None
     if value < minimum:
         raise SettingsError(f"{name}={value}: must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={value}: must be at most {maximum}")
     return value
 
 
@@ -138,7 +140,7 @@ class Settings:
                 max_new_limit,
             ),
             max_new_tokens_limit=max_new_limit,
-            default_priority=_int(env, "GLYPHQ_DEFAULT_PRIORITY", cls.default_priority),
+            default_priority=_int(env, "GLYPHQ_DEFAULT_PRIORITY", cls.default_priority, maximum=9),
         )
 
 

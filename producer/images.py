@@ -8,14 +8,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
 from celeryconfig import Settings
 from producer.errors import InvalidJob
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class Store:
     def get_blob(self, key: str) -> bytes | None:
         """The bytes under a blob key, or None if it expired or never existed."""
         value = self.redis.get(key)
-        return bytes(value) if value is not None else None
+        return value if isinstance(value, bytes) else None
 
     def release_blob(self, key: str, job_id: str) -> bool:
         """Drop ``job_id``'s reference to a blob; True if the blob itself was deleted."""

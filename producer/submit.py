@@ -11,7 +11,8 @@ import redis
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from celeryconfig import PRIORITY_LEVELS, Settings, settings as default_settings
+from celeryconfig import PRIORITY_LEVELS, Settings
+from celeryconfig import settings as default_settings
 from producer.errors import JobFailed, JobTimeout
 from producer.images import ImageInput, check_image
 from producer.schema import ANSWER_TASK, JobMessage

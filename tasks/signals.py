@@ -9,7 +9,6 @@ import logging
 from typing import Any
 
 from celery import signals
-
 from redis.exceptions import RedisError
 
 from celeryconfig import settings

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CELERY = str(Path(sys.executable).with_name("celery"))
 
 
 def free_port() -> int:
@@ -132,8 +131,8 @@ class WorkerProcess:
     def __init__(self, env: dict[str, str], log_path: Path, queues: str | None = None) -> None:
         self.name = f"w{uuid.uuid4().hex[:8]}@%h"
         self.log_path = log_path
-        cmd = [CELERY, "-A", "tasks", "worker", "-l", "info", "-n", self.name, "--without-mingle",
-               "--without-gossip"]
+        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n", self.name,
+               "--without-mingle", "--without-gossip"]
         if queues:
             cmd += ["-Q", queues]
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)

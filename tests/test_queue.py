@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import time
 
 import pytest
+from conftest import png_bytes, wait_until
 
 from celeryconfig import settings
-from conftest import png_bytes, wait_until
 from producer import JobFailed, submit
 from producer.schema import ANSWER_TASK, JobMessage
 from producer.store import Store, blob_key
@@ -21,10 +22,11 @@ RESULT_FIELDS = {"answer", "model", "tokens_in", "tokens_out", "image_size", "im
 
 def test_submitted_job_is_answered(start_worker, tiny_model, redis_client):
     start_worker()
-    job = submit(png_bytes((1600, 900), seed=1), "What is the total on this invoice?", max_new_tokens=8)
+    image = png_bytes((1600, 900), seed=1)
+    job = submit(image, "What is the total on this invoice?", max_new_tokens=8)
     result = job.result(timeout=60)
 
-    assert RESULT_FIELDS <= set(result)
+    assert set(result) >= RESULT_FIELDS
     assert isinstance(result["answer"], str) and result["answer"]
     assert result["model"] == str(tiny_model)
     assert result["tokens_in"] > 16 and 1 <= result["tokens_out"] <= 8
@@ -36,7 +38,8 @@ def test_submitted_job_is_answered(start_worker, tiny_model, redis_client):
     assert result["worker"]["task_index"] == 1 and result["worker"]["pid"] > 0
     assert job.state == "SUCCESS"
     # The blob is gone once the result is stored; every key is glyphq's.
-    assert wait_until(lambda: redis_client.keys("glyphq:blob:*") == [])
+    key = blob_key(hashlib.sha256(image).hexdigest())
+    assert wait_until(lambda: not redis_client.exists(key, key + ":refs"))
     assert all(k.startswith(b"glyphq:") for k in redis_client.keys("*"))
 
 
@@ -127,12 +130,14 @@ def test_session_keeps_last_three_turns(start_worker, redis_client):
 
 def test_shared_blob_survives_until_last_job(start_worker, redis_client):
     image = png_bytes(seed=8)
+    key = blob_key(hashlib.sha256(image).hexdigest())
     first = submit(image, "first", max_new_tokens=4)
     second = submit(image, "second", max_new_tokens=4)
-    assert len([k for k in redis_client.keys("glyphq:blob:*") if not k.endswith(b":refs")]) == 1
+    assert redis_client.strlen(key) == len(image)
+    assert redis_client.smembers(key + ":refs") == {first.id.encode(), second.id.encode()}
     start_worker()
     assert first.result(timeout=60)["answer"] and second.result(timeout=60)["answer"]
-    assert wait_until(lambda: redis_client.keys("glyphq:blob:*") == [])
+    assert wait_until(lambda: not redis_client.exists(key, key + ":refs"))
 
 
 def test_priority_9_overtakes_queued_work(start_worker):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import logging as hf_logging
 
 from celeryconfig import Settings
 from worker import memory
@@ -95,7 +96,7 @@ class Engine:
             )
         prompt_len = inputs["input_ids"].shape[1]
         new_tokens = [self._until_eos(row[prompt_len:].tolist())[: job.max_new_tokens]
-                      for row, job in zip(output, jobs)]
+                      for row, job in zip(output, jobs, strict=True)]
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
         generate_s = time.perf_counter() - start
@@ -109,7 +110,7 @@ class Engine:
                 preprocess_s=preprocess_s * share,
                 generate_s=generate_s * share,
             )
-            for text, n_in, ids, image in zip(answers, tokens_in, new_tokens, images)
+            for text, n_in, ids, image in zip(answers, tokens_in, new_tokens, images, strict=True)
         ]
 
     def _until_eos(self, ids: list[int]) -> list[int]:
@@ -135,6 +136,7 @@ def load(settings: Settings) -> Engine:
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
+    hf_logging.disable_progress_bar()  # a progress bar per child clutters the worker log
     try:
         processor = AutoProcessor.from_pretrained(settings.model)
         model = AutoModelForImageTextToText.from_pretrained(

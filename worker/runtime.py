@@ -77,7 +77,6 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
     """Answer one ``glyphq.answer`` job and return its result dict. Cleans up whatever happens."""
     global _task_index
     from worker import memory
-    from worker.engine import EngineJob, answer_within_memory
 
     started = time.time()
     _task_index += 1
@@ -91,22 +90,12 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
     job = JobMessage.from_dict(raw_job, settings)
     eng = _loaded_engine()
     memory.reset_peak(eng.device)
-    fetch_start = time.perf_counter()
     try:
-        data = store.get_blob(job.image_key)
-        if data is None:
-            raise BlobMissing(f"image blob {job.image_key} is gone (expired after GLYPHQ_BLOB_TTL?)")
-        image = decode_image(check_image_bytes(data, settings).data)
-        history = store.session_turns(job.session, settings.history_turns) if job.session else []
-        fetch_s = time.perf_counter() - fetch_start
-        engine_job = EngineJob(image=image, question=job.question, max_new_tokens=job.max_new_tokens,
-                               history=history)
-        (result,) = answer_within_memory(eng, [engine_job], settings.max_image_size)
+        result, history, fetch_s = _answer_one(eng, store, job)
     except BaseException as exc:
-        traceback.clear_frames(exc.__traceback__)  # let the cleanup below free the tensors they hold
+        traceback.clear_frames(exc.__traceback__)  # let the cleanup below free what those frames hold
         raise
     finally:
-        engine_job = image = data = None  # noqa: F841
         cleanup_s = eng.cleanup()
         gpu = memory.gpu_stats(eng.device)
         _check_gpu_guard(eng.device, gpu)
@@ -131,6 +120,25 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
         "worker": {"pid": os.getpid(), "task_index": _task_index},
         "session": {"id": job.session, "turns_used": len(history)} if job.session else None,
     }
+
+
+def _answer_one(eng: Any, store: Store, job: JobMessage) -> tuple[Any, list[dict[str, str]], float]:
+    """Fetch the job's image and history and answer it. Returns (result, history, fetch seconds).
+
+    Everything the job touched lives in this frame, so it is unreferenced once this returns.
+    """
+    from worker.engine import EngineJob, answer_within_memory
+
+    start = time.perf_counter()
+    data = store.get_blob(job.image_key)
+    if data is None:
+        raise BlobMissing(f"image blob {job.image_key} is gone (expired after GLYPHQ_BLOB_TTL?)")
+    image = decode_image(check_image_bytes(data, settings).data)
+    history = store.session_turns(job.session, settings.history_turns) if job.session else []
+    fetch_s = time.perf_counter() - start
+    engine_job = EngineJob(image=image, question=job.question, max_new_tokens=job.max_new_tokens, history=history)
+    (result,) = answer_within_memory(eng, [engine_job], settings.max_image_size)
+    return result, history, fetch_s
 
 
 def _check_gpu_guard(device: Any, gpu: dict[str, float] | None) -> None:

@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -84,6 +85,12 @@ def build_tokenizer(extra_special: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(token_id, int), token
+    return token_id
+
+
 def build_llava_tiny(out: Path) -> None:
     """The CPU test model: LLaVA (CLIP 32x32 vision tower, 2-layer Llama), about 1 MB."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -97,7 +104,7 @@ def build_llava_tiny(out: Path) -> None:
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_token_index=_token_id(tokenizer, "<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-1)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
@@ -118,12 +125,14 @@ def build_glm4v(out: Path, full_size: bool) -> None:
     from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
 
     tokenizer = build_tokenizer(_GLM4V_SPECIAL)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _GLM4V_SPECIAL}
+    ids = {t: _token_id(tokenizer, t) for t in _GLM4V_SPECIAL}
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
             "mrope_section": [8, 12, 12]}
+    text_config: dict[str, Any]
+    vision_config: dict[str, Any]
     if full_size:
         text_config = {"rope_parameters": rope}  # the Glm4vConfig defaults are GLM-4.1V-9B's
-        vision_config: dict = {}
+        vision_config = {}
     else:
         text_config = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -139,7 +148,7 @@ def build_glm4v(out: Path, full_size: bool) -> None:
     )
     dtype = torch.bfloat16 if full_size else torch.float32
     with torch.device("cuda" if full_size and torch.cuda.is_available() else "cpu"):
-        model = Glm4vForConditionalGeneration(config).to(dtype).eval()
+        model = Glm4vForConditionalGeneration(config).to(dtype=dtype).eval()  # type: ignore[call-arg]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids["<|user|>"], ids["<|observation|>"]]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = Glm4vProcessor(image_processor=Glm4vImageProcessor(), video_processor=Glm4vVideoProcessor(),

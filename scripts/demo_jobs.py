@@ -1,0 +1,38 @@
+"""Submit the sample jobs of ``make demo`` and print their answers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from producer import GlyphqError, submit
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+JOBS = [
+    ("invoice.png", "What is the total on this invoice?"),
+    ("chart.png", "Which day had the most jobs?"),
+    ("receipt.png", "How much was paid in total?"),
+]
+
+
+def main() -> int:
+    jobs = [(name, question, submit(SAMPLES / name, question, max_new_tokens=24, priority=5))
+            for name, question in JOBS]
+    failed = 0
+    for name, question, job in jobs:
+        try:
+            result = job.result(timeout=600)
+        except GlyphqError as exc:
+            print(f"{name}: FAILED: {exc}")
+            failed += 1
+            continue
+        t = result["timings"]
+        print(f"\n{name}  (job {job.id})\n  Q: {question}\n  A: {result['answer']}")
+        print(f"  {result['tokens_in']} tokens in, {result['tokens_out']} out; image {result['image_size']} "
+              f"-> {result['image_size_used']}; queue {t['queue_s']:.2f} s, generate {t['generate_s']:.2f} s; "
+              f"worker pid {result['worker']['pid']} task {result['worker']['task_index']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

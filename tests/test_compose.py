@@ -1,0 +1,58 @@
+"""docker-compose.yml cannot run here (no Docker engine), so its structure is checked instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services(compose):
+    assert {"redis", "worker", "flower"} <= set(compose["services"])
+    for name, service in compose["services"].items():
+        assert "image" in service or "build" in service, name
+        for volume in service.get("volumes", []):
+            assert volume.split(":")[0] in compose["volumes"], f"{name}: undeclared volume {volume}"
+
+
+def test_redis_persists_and_has_healthcheck(compose):
+    redis = compose["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+
+
+def test_worker_has_gpu_hf_cache_and_model_from_env(compose):
+    worker = compose["services"]["worker"]
+    assert worker["command"][:4] == ["celery", "-A", "tasks", "worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    env = worker["environment"]
+    assert env["GLYPHQ_MODEL"].startswith("${GLYPHQ_MODEL")
+    assert env["GLYPHQ_BROKER_URL"] == "redis://redis:6379/0"
+    cache = env["HF_HOME"]
+    assert any(v.split(":")[1] == cache for v in worker["volumes"])
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_flower_requires_basic_auth_from_env(compose):
+    flower = compose["services"]["flower"]
+    assert flower["command"][:4] == ["celery", "-A", "tasks", "flower"]
+    auth = flower["environment"]["FLOWER_BASIC_AUTH"]
+    assert auth.startswith("${FLOWER_BASIC_AUTH:?"), "compose must refuse to start Flower without auth"
+    assert "--persistent=True" in flower["command"]
+
+
+def test_dockerfile_installs_worker_and_flower():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "'.[worker,flower]'" in dockerfile
+    assert "USER glyphq" in dockerfile

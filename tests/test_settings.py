@@ -1,0 +1,106 @@
+"""Settings from GLYPHQ_* env, and the Celery configuration built from them."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+import celeryconfig
+from celeryconfig import Settings, SettingsError, parse_box
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert s.broker_url == "redis://localhost:6379/0"
+    assert s.result_backend == s.broker_url
+    assert s.model == "zai-org/Glyph"
+    assert s.max_image_size == (1280, 720)
+    assert s.history_turns == 3
+    assert s.visibility_timeout_s > s.time_limit_s > s.soft_time_limit_s
+
+
+def test_result_backend_defaults_to_broker():
+    s = Settings.from_env({"GLYPHQ_BROKER_URL": "rediss://:pw@redis.example:6380/1"})
+    assert s.result_backend == "rediss://:pw@redis.example:6380/1"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GLYPHQ_MAX_TASKS_PER_CHILD": "many"}, "GLYPHQ_MAX_TASKS_PER_CHILD='many': expected an integer"),
+        ({"GLYPHQ_MAX_TASKS_PER_CHILD": "0"}, "must be at least 1"),
+        ({"GLYPHQ_MAX_IMAGE_SIZE": "1280"}, "expected WIDTHxHEIGHT"),
+        ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_VISIBILITY_TIMEOUT": "100"}, "must be longer than GLYPHQ_TIME_LIMIT"),
+        ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_SOFT_TIME_LIMIT": "200"}, "must not exceed GLYPHQ_TIME_LIMIT"),
+    ],
+)
+def test_bad_values_are_refused(env, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        Settings.from_env(env)
+
+
+def test_parse_box():
+    assert parse_box("720x1280") == (720, 1280)
+    assert parse_box("1280×720") == (1280, 720)
+
+
+def test_celery_settings(monkeypatch):
+    monkeypatch.setenv("GLYPHQ_MAX_TASKS_PER_CHILD", "7")
+    monkeypatch.setenv("GLYPHQ_TIME_LIMIT", "100")
+    monkeypatch.setenv("GLYPHQ_SOFT_TIME_LIMIT", "90")
+    cfg = importlib.reload(celeryconfig)
+    try:
+        assert cfg.accept_content == ["json"] and cfg.result_accept_content == ["json"]
+        assert cfg.task_serializer == cfg.result_serializer == "json"
+        assert cfg.task_acks_late and cfg.task_reject_on_worker_lost
+        assert (cfg.worker_prefetch_multiplier, cfg.worker_concurrency, cfg.worker_pool) == (1, 1, "prefork")
+        assert cfg.worker_max_tasks_per_child == 7
+        assert cfg.worker_max_memory_per_child > 0
+        assert (cfg.task_soft_time_limit, cfg.task_time_limit) == (90, 100)
+        for value in (cfg.broker_transport_options["visibility_timeout"],
+                      cfg.result_backend_transport_options["visibility_timeout"], cfg.visibility_timeout):
+            assert value == 400 > cfg.task_time_limit
+        assert cfg.result_expires >= 7 * 24 * 3600
+        assert cfg.worker_send_task_events and cfg.task_send_sent_event and cfg.task_track_started
+        assert cfg.broker_transport_options["queue_order_strategy"] == "priority"
+        assert cfg.broker_transport_options["global_keyprefix"] == "glyphq:"
+        assert cfg.result_backend_transport_options["global_keyprefix"] == "glyphq:"
+        assert cfg.task_routes["glyphq.answer"]["queue"] == "gpu"
+        assert cfg.broker_connection_retry_on_startup
+        assert cfg.worker_cancel_long_running_tasks_on_connection_loss
+        assert cfg.worker_proc_alive_timeout >= 60
+    finally:
+        monkeypatch.undo()
+        importlib.reload(celeryconfig)
+
+
+def test_celery_app_uses_celeryconfig():
+    from tasks.app import app
+
+    assert app.conf.accept_content == ["json"]
+    assert app.conf.task_acks_late is True
+    assert app.conf.worker_proc_alive_timeout == celeryconfig.worker_proc_alive_timeout
+
+
+def test_every_setting_is_in_the_readme():
+    source = (ROOT / "celeryconfig.py").read_text()
+    names = set(re.findall(r'"(GLYPHQ_[A-Z_]+)"', source))
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(n for n in names if f"`{n}`" not in readme)
+    assert not missing, f"settings missing from the README's table: {missing}"
+    assert len(names) >= 20
+
+
+def test_no_environ_reads_outside_celeryconfig():
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in ("producer", "tasks", "worker")
+        for path in (ROOT / package).rglob("*.py")
+        if "os.environ" in path.read_text() or "getenv" in path.read_text()
+    ]
+    assert offenders == []
