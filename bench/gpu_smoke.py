@@ -10,6 +10,7 @@ with plain ``generate``. Prints one table and writes ``gpu_smoke.json`` into ``-
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -48,6 +49,8 @@ def main() -> int:
     engine = load(Settings.from_env({"GLYPHQ_MODEL": str(model_dir)}))
     torch.cuda.synchronize()
     figures["load_s"] = round(time.perf_counter() - start, 2)
+    gc.collect()
+    gc.freeze()  # as worker.runtime.init_child does, so cleanup's gc.collect only walks new objects
     figures["params_b"] = round(sum(p.numel() for p in engine.model.parameters()) / 1e9, 2)
     figures["weights_gb"] = round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9, 2)
     figures["dtype"] = str(engine.dtype)

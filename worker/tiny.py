@@ -126,6 +126,7 @@ def build_glm4v(out: Path, full_size: bool) -> None:
 
     tokenizer = build_tokenizer(_GLM4V_SPECIAL)
     ids = {t: _token_id(tokenizer, t) for t in _GLM4V_SPECIAL}
+    # mrope_section splits half the rotary dims (head_dim * partial_rotary_factor / 2) over t, h, w.
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
             "mrope_section": [8, 12, 12]}
     text_config: dict[str, Any]
@@ -136,7 +137,7 @@ def build_glm4v(out: Path, full_size: bool) -> None:
     else:
         text_config = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                       "rope_parameters": {**rope, "mrope_section": [2, 2, 4]}}
+                       "rope_parameters": {**rope, "mrope_section": [1, 1, 2]}}
         vision_config = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                          "out_hidden_size": 64}
     text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
