@@ -5,7 +5,7 @@ COPY pyproject.toml constraints.txt README.md celeryconfig.py ./
 COPY producer ./producer
 COPY tasks ./tasks
 COPY worker ./worker
-RUN pip install --no-cache-dir -c constraints.txt '.[worker,flower]' \
+RUN pip install --no-cache-dir -c constraints.txt '.[worker,render,flower]' \
     && useradd --create-home --uid 1000 glyphq
 USER glyphq
 ENV HF_HOME=/hf-cache PYTHONUNBUFFERED=1

@@ -89,6 +89,9 @@ class Settings:
     max_image_pixels: int = 40_000_000
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
     max_question_chars: int = 2000
+    max_document_chars: int = 1_000_000
+    max_pages: int = 40
+    render_config: str = ""
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 2048
     default_priority: int = 5
@@ -135,6 +138,9 @@ class Settings:
             max_image_pixels=_int(env, "GLYPHQ_MAX_IMAGE_PIXELS", cls.max_image_pixels, minimum=1),
             image_formats=tuple(f.strip().upper() for f in formats.split(",") if f.strip()),
             max_question_chars=_int(env, "GLYPHQ_MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1),
+            max_document_chars=_int(env, "GLYPHQ_MAX_DOCUMENT_CHARS", cls.max_document_chars, minimum=1),
+            max_pages=_int(env, "GLYPHQ_MAX_PAGES", cls.max_pages, minimum=1),
+            render_config=_str(env, "GLYPHQ_RENDER_CONFIG", cls.render_config),
             default_max_new_tokens=min(
                 _int(env, "GLYPHQ_DEFAULT_MAX_NEW_TOKENS", cls.default_max_new_tokens, minimum=1),
                 max_new_limit,
@@ -162,7 +168,11 @@ accept_content = ["json"]  # pickle is refused, from the broker and the result b
 result_accept_content = ["json"]
 
 task_default_queue = "gpu"
-task_routes = {"glyphq.answer": {"queue": "gpu"}}
+task_routes = {
+    "glyphq.answer": {"queue": "gpu"},
+    "glyphq.answer_pages": {"queue": "gpu"},
+    "glyphq.render": {"queue": "render"},  # served by `celery -A tasks worker -Q render -c <cores>`
+}
 # Redis pops the lowest number first: glyphq priority p is sent as 9 - p (see producer.submit).
 task_default_priority = PRIORITY_LEVELS - 1 - settings.default_priority
 

@@ -59,7 +59,7 @@ def main() -> int:
     engine.eos_ids = set()
 
     page = Image.new("RGB", (1280, 720), "white")
-    job = EngineJob(page, "What is the total on this invoice?", 1)
+    job = EngineJob([page], "What is the total on this invoice?", 1)
     engine.answer([job], (1280, 720))  # warm-up
     engine.cleanup()
 

@@ -9,8 +9,10 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
+from celeryconfig import settings as default_settings
 from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout
 from producer.submit import Job, submit
 
@@ -43,6 +45,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ask_doc(args: argparse.Namespace) -> int:
+    """Submit a question about a text file, rendered into pages on the render queue."""
+    from producer.documents import submit_document
+
+    text = _read_text(args.file)
+    job = submit_document(text, args.question, render=args.render_config, max_new_tokens=args.max_new_tokens,
+                          priority=args.priority, session=args.session, job_id=args.job_id)
+    if args.wait:
+        return _wait(job, args.timeout)
+    _print({"job_id": job.id, "state": job.state})
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Render a text file into page PNGs locally, to see what the model will read."""
+    from producer.documents import check_render, check_text
+    from worker.render import RenderConfig, png_bytes, render_pages
+
+    text = check_text(_read_text(args.file), default_settings)
+    config = RenderConfig.from_dict(check_render(args.render_config))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number, page in enumerate(render_pages(text, config), start=1):
+        path = out / f"page-{number:03d}.png"
+        path.write_bytes(png_bytes(page))
+        files.append(str(path))
+    _print({"pages": len(files), "files": files})
+    return EXIT_OK
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidJob("text", f"cannot read {path}: {exc}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a job's state."""
     _print({"job_id": args.job_id, "state": Job(args.job_id).state})
@@ -58,6 +98,15 @@ def cmd_result(args: argparse.Namespace) -> int:
     return _wait(job, args.timeout if args.wait else 10.0)
 
 
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="wait for the answer and print the result")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
+    p.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent)")
+    p.add_argument("--session", help="make the job a turn of this conversation")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--job-id", help="your own id; submitting the same id again runs it once")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``glyphq`` command."""
     parser = argparse.ArgumentParser(prog="glyphq", description="Submit image + question jobs and read results.")
@@ -67,13 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit an image + question job")
     p.add_argument("image", help="path of the image file")
     p.add_argument("question")
-    p.add_argument("--wait", action="store_true", help="wait for the answer and print the result")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
-    p.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent)")
-    p.add_argument("--session", help="make the job a turn of this conversation")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--job-id", help="your own id; submitting the same id again runs it once")
+    _add_job_options(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("ask-doc", help="ask a question about a long text file (rendered into pages first)")
+    p.add_argument("file", help="UTF-8 text file")
+    p.add_argument("question")
+    p.add_argument("--render-config", help="JSON file of Glyph render settings (config_en.json keys)")
+    _add_job_options(p)
+    p.set_defaults(func=cmd_ask_doc)
+
+    p = sub.add_parser("render", help="render a text file into page PNGs, as the render queue would")
+    p.add_argument("file", help="UTF-8 text file")
+    p.add_argument("--out", required=True, help="folder for page-001.png, page-002.png, ...")
+    p.add_argument("--render-config", help="JSON file of Glyph render settings (config_en.json keys)")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("status", help="print a job's state")
     p.add_argument("job_id")
@@ -95,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except InvalidJob as exc:
         print(f"glyphq: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ValueError as exc:  # a bad render config (worker.render.InvalidRenderConfig) for `glyphq render`
+        print(f"glyphq: refused: render: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except BrokerUnavailable as exc:
         print(f"glyphq: {exc}", file=sys.stderr)

@@ -11,12 +11,13 @@ class InvalidJob(GlyphqError, ValueError):
     """Raised when a job is refused: the message names the field and the limit it broke."""
 
     def __init__(self, field: str, problem: str) -> None:
+        # Both go into args, so Celery's JSON result backend rebuilds the exception on the producer side.
+        super().__init__(field, problem)
         self.field = field
         self.problem = problem
-        super().__init__(f"{field}: {problem}")
 
-    def __reduce__(self):  # keeps pickling and Celery's exception round-trip intact
-        return (type(self), (self.field, self.problem))
+    def __str__(self) -> str:
+        return f"{self.field}: {self.problem}"
 
 
 class BrokerUnavailable(GlyphqError):

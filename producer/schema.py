@@ -1,4 +1,4 @@
-"""The broker message of a ``glyphq.answer`` job: small JSON that names the image blob, never its bytes."""
+"""Broker messages: small JSON that names blobs in Redis, never carries their bytes."""
 
 from __future__ import annotations
 
@@ -11,63 +11,120 @@ from producer.errors import InvalidJob
 from producer.validation import check_identifier, check_max_new_tokens, check_question
 
 ANSWER_TASK = "glyphq.answer"
-_BLOB_KEY = re.compile(rf"^{KEY_PREFIX}blob:[0-9a-f]{{64}}$")
+ANSWER_PAGES_TASK = "glyphq.answer_pages"
+RENDER_TASK = "glyphq.render"
 MESSAGE_VERSION = 1
+_BLOB_KEY = re.compile(rf"^{KEY_PREFIX}blob:[0-9a-f]{{64}}$")
+
+
+def check_blob_key(field: str, key: object) -> str:
+    """``key`` if it is a ``glyphq:blob:<sha256>`` key; the worker reads nothing else, never a path."""
+    if not isinstance(key, str) or not _BLOB_KEY.match(key):
+        raise InvalidJob(field, f"must be a {KEY_PREFIX}blob:<sha256> key, got {key!r}")
+    return key
+
+
+def _check_int(field: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidJob(field, f"must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_time(field: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidJob(field, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_version(data: dict[str, Any]) -> None:
+    if data.get("version") != MESSAGE_VERSION:
+        raise InvalidJob("version", f"must be {MESSAGE_VERSION}, got {data.get('version')!r}")
 
 
 @dataclass(frozen=True)
 class JobMessage:
-    """What the worker receives for one job."""
+    """What the GPU worker receives for one job: its images (one, or a document's pages) and question."""
 
-    image_key: str
+    image_keys: tuple[str, ...]
+    image_sizes: tuple[tuple[int, int], ...]
     image_bytes: int
-    image_size: tuple[int, int]
     question: str
     max_new_tokens: int
     session: str | None
     submitted_at: float
+    text_key: str | None = None  # a document's text, kept to count its tokens
+    render_s: float | None = None
     version: int = MESSAGE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as sent to the broker."""
         data = asdict(self)
-        data["image_size"] = list(self.image_size)
+        data["image_keys"] = list(self.image_keys)
+        data["image_sizes"] = [list(size) for size in self.image_sizes]
         return data
 
     def summary(self) -> str:
-        """Short form for logs and Flower: the blob key and its size, never the bytes."""
+        """Short form for logs and Flower: blob keys and sizes, never the bytes."""
         question = self.question if len(self.question) <= 60 else self.question[:57] + "..."
-        return (
-            f"{{image: {self.image_key} ({self.image_bytes} B, {self.image_size[0]}x{self.image_size[1]}), "
-            f"question: {question!r}, max_new_tokens: {self.max_new_tokens}, session: {self.session}}}"
-        )
+        if self.text_key and not self.image_keys:
+            images = f"document {self.text_key} (pages not rendered yet)"
+        elif len(self.image_keys) == 1:
+            w, h = self.image_sizes[0]
+            images = f"{self.image_keys[0]} ({self.image_bytes} B, {w}x{h})"
+        else:
+            images = f"{len(self.image_keys)} pages ({self.image_bytes} B)"
+        return (f"{{image: {images}, question: {question!r}, max_new_tokens: {self.max_new_tokens}, "
+                f"session: {self.session}}}")
 
     @classmethod
     def from_dict(cls, data: object, settings: Settings) -> JobMessage:
-        """Check a received message as strictly as ``submit`` checks a new job.
-
-        The worker reads images only from ``glyphq:blob:`` keys, never from a path in the message.
-        """
+        """Check a received message as strictly as ``submit`` checks a new job."""
         if not isinstance(data, dict):
             raise InvalidJob("job", f"must be an object, got {type(data).__name__}")
-        if data.get("version") != MESSAGE_VERSION:
-            raise InvalidJob("version", f"must be {MESSAGE_VERSION}, got {data.get('version')!r}")
-        key = data.get("image_key")
-        if not isinstance(key, str) or not _BLOB_KEY.match(key):
-            raise InvalidJob("image_key", f"must be a {KEY_PREFIX}blob:<sha256> key, got {key!r}")
-        size = data.get("image_size")
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
-            raise InvalidJob("image_size", f"must be [width, height], got {size!r}")
-        image_bytes = data.get("image_bytes")
-        submitted_at = data.get("submitted_at")
-        if not isinstance(image_bytes, int) or not isinstance(submitted_at, (int, float)):
-            raise InvalidJob("job", "image_bytes and submitted_at must be numbers")
+        _check_version(data)
+        keys, sizes = data.get("image_keys"), data.get("image_sizes")
+        if not isinstance(keys, list) or not 1 <= len(keys) <= settings.max_pages:
+            raise InvalidJob("image_keys", f"must list 1 to {settings.max_pages} images (GLYPHQ_MAX_PAGES), "
+                             f"got {len(keys) if isinstance(keys, list) else repr(keys)}")
+        if not (isinstance(sizes, list) and len(sizes) == len(keys)
+                and all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in sizes)):
+            raise InvalidJob("image_sizes", f"must give [width, height] for each image, got {sizes!r}")
+        text_key = data.get("text_key")
+        render_s = data.get("render_s")
         return cls(
-            image_key=key,
-            image_bytes=image_bytes,
-            image_size=(size[0], size[1]),
+            image_keys=tuple(check_blob_key("image_keys", k) for k in keys),
+            image_sizes=tuple((s[0], s[1]) for s in sizes),
+            image_bytes=_check_int("image_bytes", data.get("image_bytes")),
             question=check_question(data.get("question"), settings),
             max_new_tokens=check_max_new_tokens(data.get("max_new_tokens"), settings),
             session=check_identifier("session", data.get("session")),
-            submitted_at=float(submitted_at),
+            submitted_at=_check_time("submitted_at", data.get("submitted_at")),
+            text_key=None if text_key is None else check_blob_key("text_key", text_key),
+            render_s=None if render_s is None else _check_time("render_s", render_s),
         )
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """What the CPU render worker receives: the text blob and the per-job render settings."""
+
+    text_key: str
+    text_chars: int
+    render: dict[str, Any]
+    version: int = MESSAGE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as sent to the broker."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> RenderRequest:
+        """Check a received render message."""
+        if not isinstance(data, dict):
+            raise InvalidJob("request", f"must be an object, got {type(data).__name__}")
+        _check_version(data)
+        render = data.get("render")
+        if not isinstance(render, dict):
+            raise InvalidJob("render", f"must be an object, got {render!r}")
+        return cls(text_key=check_blob_key("text_key", data.get("text_key")),
+                   text_chars=_check_int("text_chars", data.get("text_chars")), render=render)

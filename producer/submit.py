@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -91,37 +92,46 @@ def submit(
     job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
     checked = check_image(image, cfg)
 
+    def send(key: str) -> None:
+        message = JobMessage(
+            image_keys=(key,),
+            image_sizes=((checked.width, checked.height),),
+            image_bytes=len(checked.data),
+            question=question,
+            max_new_tokens=max_new_tokens,
+            session=session,
+            submitted_at=time.time(),
+        )
+        app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=job_id, queue="gpu",
+                      priority=celery_priority(priority), kwargsrepr=message.summary())
+
+    return enqueue(cfg, job_id, checked.sha256, checked.data, send)
+
+
+def celery_priority(priority: int) -> int:
+    """Redis serves the lowest number first, so glyphq's 9 (most urgent) is sent as 0."""
+    return PRIORITY_LEVELS - 1 - priority
+
+
+def enqueue(cfg: Settings, job_id: str, sha256: str, data: bytes, send: Callable[[str], None]) -> Job:
+    """Claim ``job_id``, store ``data`` as its blob, then ``send(blob_key)``; undo both if sending fails.
+
+    A ``job_id`` that is already claimed returns its ``Job`` without storing or sending anything.
+    """
     store = Store(cfg)
     try:
         if not store.claim_job(job_id):
             log.info("job %s already submitted; not enqueuing it again", job_id)
             return Job(job_id)
-        key = store.put_blob(checked.sha256, checked.data, job_id)
+        key = store.put_blob(sha256, data, job_id)
     except redis.RedisError as exc:
         raise unavailable(cfg, exc) from exc
-
-    message = JobMessage(
-        image_key=key,
-        image_bytes=len(checked.data),
-        image_size=(checked.width, checked.height),
-        question=question,
-        max_new_tokens=max_new_tokens,
-        session=session,
-        submitted_at=time.time(),
-    )
     try:
-        app.send_task(
-            ANSWER_TASK,
-            kwargs={"job": message.to_dict()},
-            task_id=job_id,
-            queue="gpu",
-            priority=PRIORITY_LEVELS - 1 - priority,  # Redis serves the lowest number first
-            kwargsrepr=message.summary(),
-        )
+        send(key)
     except (OperationalError, redis.RedisError) as exc:
         _undo(store, key, job_id)
         raise unavailable(cfg, exc) from exc
-    log.debug("enqueued job %s (%s)", job_id, message.summary())
+    log.debug("enqueued job %s", job_id)
     return Job(job_id)
 
 

@@ -49,13 +49,16 @@ fi
 echo "== starting the worker (log: $DEMO_DIR/worker.log)"
 setsid "$VENV/bin/celery" -A tasks worker -l info -n "demo@%h" >"$DEMO_DIR/worker.log" 2>&1 &
 started+=($!)
+echo "== starting the render worker (log: $DEMO_DIR/render.log)"
+setsid "$VENV/bin/celery" -A tasks worker -Q render -c 2 -l info -n "demo-render@%h" >"$DEMO_DIR/render.log" 2>&1 &
+started+=($!)
 echo "== starting Flower on http://127.0.0.1:$FLOWER_PORT (log: $DEMO_DIR/flower.log)"
 setsid "$VENV/bin/celery" -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" >"$DEMO_DIR/flower.log" 2>&1 &
 started+=($!)
 
 for _ in $(seq 600); do
   grep -q " ready." "$DEMO_DIR/worker.log" && grep -q "loaded " "$DEMO_DIR/worker.log" && break
-  if ! kill -0 "${started[-2]}" 2>/dev/null; then cat "$DEMO_DIR/worker.log" >&2; exit 1; fi
+  if ! kill -0 "${started[-3]}" 2>/dev/null; then cat "$DEMO_DIR/worker.log" >&2; exit 1; fi
   sleep 0.5
 done
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from producer import GlyphqError, submit
+from producer import GlyphqError, submit, submit_document
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 JOBS = [
@@ -13,11 +13,14 @@ JOBS = [
     ("chart.png", "Which day had the most jobs?"),
     ("receipt.png", "How much was paid in total?"),
 ]
+DOCUMENT_QUESTION = "When does the lease end, and what is the yearly rent?"
 
 
 def main() -> int:
     jobs = [(name, question, submit(SAMPLES / name, question, max_new_tokens=24, priority=5))
             for name, question in JOBS]
+    lease = (SAMPLES / "lease.txt").read_text(encoding="utf-8")
+    jobs.append(("lease.txt", DOCUMENT_QUESTION, submit_document(lease, DOCUMENT_QUESTION, max_new_tokens=24)))
     failed = 0
     for name, question, job in jobs:
         try:
@@ -31,6 +34,9 @@ def main() -> int:
         print(f"  {result['tokens_in']} tokens in, {result['tokens_out']} out; image {result['image_size']} "
               f"-> {result['image_size_used']}; queue {t['queue_s']:.2f} s, generate {t['generate_s']:.2f} s; "
               f"worker pid {result['worker']['pid']} task {result['worker']['task_index']}")
+        if "pages" in result:
+            print(f"  document: {result['pages']} pages rendered in {t['render_s']:.2f} s; {result['text_tokens']} "
+                  f"text tokens read as {result['vision_tokens']} vision tokens ({result['compression']}x)")
     return 1 if failed else 0
 
 

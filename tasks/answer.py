@@ -1,10 +1,11 @@
-"""The ``glyphq.answer`` task: a thin shell over ``worker.runtime``, which runs in the worker child."""
+"""The ``glyphq.*`` tasks: thin shells over the worker modules, which do the work in the worker child."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from producer.schema import ANSWER_TASK
+from celeryconfig import settings
+from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from tasks.app import app
 
 
@@ -14,3 +15,21 @@ def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
     from worker import runtime  # torch lives only in the worker child, never in producers
 
     return runtime.answer(job, job_id=self.request.id)
+
+
+@app.task(name=RENDER_TASK, bind=True)
+def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """Render a document into page blobs (queue ``render``, on CPU); the next task in the chain answers."""
+    from worker import pages
+
+    return pages.render_document(request, job_id, settings)
+
+
+@app.task(name=ANSWER_PAGES_TASK, bind=True)
+def answer_pages(self: Any, rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """Answer a question over the pages that ``glyphq.render`` produced, all in one prompt, in order."""
+    from worker import runtime
+
+    pages = {"image_keys": rendered.get("page_keys"), "image_sizes": rendered.get("page_sizes"),
+             "image_bytes": rendered.get("page_bytes"), "render_s": rendered.get("render_s")}
+    return runtime.answer({**job, **pages}, job_id=self.request.id)

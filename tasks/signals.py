@@ -12,7 +12,7 @@ from celery import signals
 from redis.exceptions import RedisError
 
 from celeryconfig import settings
-from producer.schema import ANSWER_TASK
+from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from producer.store import Store
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,37 @@ def _load_in_child(**_: Any) -> None:
 
 
 @signals.task_postrun.connect
-def _release_blob(sender: Any = None, task_id: str | None = None, kwargs: Any = None, state: str | None = None,
-                  **_: Any) -> None:
-    """Once the result is stored, drop this job's hold on its image blob."""
-    if getattr(sender, "name", None) != ANSWER_TASK or state not in ("SUCCESS", "FAILURE"):
+def _release_blobs(sender: Any = None, task_id: str | None = None, args: Any = None, kwargs: Any = None,
+                   state: str | None = None, **_: Any) -> None:
+    """Once a job's result is stored, drop its hold on its blobs (deleted when no other job holds them)."""
+    if state not in ("SUCCESS", "FAILURE") or not task_id:
         return
-    job = (kwargs or {}).get("job")
-    if isinstance(job, dict) and isinstance(job.get("image_key"), str) and task_id:
+    owner, keys = finished_blobs(getattr(sender, "name", None), task_id, args or (), kwargs or {}, state)
+    store = Store(settings)
+    for key in keys:
         try:
-            Store(settings).release_blob(job["image_key"], task_id)
+            store.release_blob(key, owner)
         except RedisError:
-            log.warning("could not release blob %s of job %s; it expires on its own", job["image_key"], task_id)
+            log.warning("could not release blob %s of job %s; it expires on its own", key, owner)
+
+
+def finished_blobs(name: str | None, task_id: str, args: Any, kwargs: dict[str, Any], state: str
+                   ) -> tuple[str, list[str]]:
+    """(job id, blob keys) that a finished task no longer needs; a render that succeeded hands its on."""
+    job = _dict(kwargs.get("job"))
+    if name == ANSWER_TASK:
+        return task_id, [k for k in job.get("image_keys") or [] if isinstance(k, str)]
+    if name == ANSWER_PAGES_TASK:
+        rendered = _dict(args[0] if args else None)
+        keys = [*(rendered.get("page_keys") or []), job.get("text_key")]
+        return task_id, [k for k in keys if isinstance(k, str)]
+    if name == RENDER_TASK and state == "FAILURE":
+        request = _dict(kwargs.get("request"))
+        key, owner = request.get("text_key"), kwargs.get("job_id")
+        if isinstance(key, str) and isinstance(owner, str):
+            return owner, [key]
+    return task_id, []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

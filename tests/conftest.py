@@ -128,13 +128,17 @@ def endless_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
 class WorkerProcess:
     """A real ``celery -A tasks worker`` subprocess (prefork, concurrency 1) and its log."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, queues: str | None = None) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str | None = None,
+                 concurrency: int | None = None) -> None:
         self.name = f"w{uuid.uuid4().hex[:8]}@%h"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n", self.name,
                "--without-mingle", "--without-gossip"]
         if queues:
             cmd += ["-Q", queues]
+        if concurrency:
+            cmd += ["-c", str(concurrency)]
+        self.loads_model = queues is None or "gpu" in queues.split(",")
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -147,7 +151,7 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()
-            if " ready." in text and "loaded " in text:
+            if " ready." in text and ("loaded " in text or not self.loads_model):
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{text[-3000:]}")
@@ -181,11 +185,12 @@ def start_worker(tmp_path: Path, tiny_model: Path, redis_url: str) -> Iterator:
     """Start worker subprocesses with extra ``GLYPHQ_*`` settings; all are stopped after the test."""
     started: list[WorkerProcess] = []
 
-    def start(wait: bool = True, **settings: str | int) -> WorkerProcess:
+    def start(wait: bool = True, queues: str | None = None, concurrency: int | None = None,
+              **settings: str | int) -> WorkerProcess:
         env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
                "PYTHONUNBUFFERED": "1"}
         env.update({f"GLYPHQ_{k.upper()}": str(v) for k, v in settings.items()})
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log")
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", queues, concurrency)
         started.append(worker)
         if wait:
             worker.wait_ready()
@@ -228,3 +233,13 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool
             return bool(condition())
         time.sleep(interval)
     return True
+
+
+def raw_job(image_key: str, size: tuple[int, int] = (1, 1), **fields: object) -> dict:
+    """A ``glyphq.answer`` message built by hand, as a producer that skips ``submit`` would send it."""
+    from producer.schema import JobMessage
+
+    message = JobMessage(image_keys=(image_key,), image_sizes=(size,), image_bytes=1, question="q",
+                         max_new_tokens=4, session=None, submitted_at=time.time()).to_dict()
+    message.update(fields)
+    return message

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, png_bytes
+from conftest import ROOT, png_bytes, raw_job
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 
@@ -63,16 +63,12 @@ def test_refusals_exit_2_and_name_the_field(tmp_path):
 
 
 def test_failed_job_exits_1(start_worker):
-    import time
-
-    from producer.schema import ANSWER_TASK, JobMessage
+    from producer.schema import ANSWER_TASK
     from producer.store import blob_key
     from tasks.app import app
 
     start_worker()
-    message = JobMessage(image_key=blob_key("ef" * 32), image_bytes=1, image_size=(1, 1), question="q",
-                         max_new_tokens=4, session=None, submitted_at=time.time())
-    app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, queue="gpu", task_id="cli-fail-1")
+    app.send_task(ANSWER_TASK, kwargs={"job": raw_job(blob_key("ef" * 32))}, queue="gpu", task_id="cli-fail-1")
     out = run("result", "cli-fail-1", "--wait", "--timeout", "60")
     assert out.returncode == 1
     assert json.loads(out.stdout)["error_type"] == "BlobMissing"

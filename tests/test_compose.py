@@ -44,6 +44,13 @@ def test_worker_has_gpu_hf_cache_and_model_from_env(compose):
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_render_worker_consumes_the_render_queue(compose):
+    command = compose["services"]["render"]["command"]
+    assert command[:4] == ["celery", "-A", "tasks", "worker"]
+    assert command[command.index("-Q") + 1] == "render"
+    assert "deploy" not in compose["services"]["render"], "the render worker needs no GPU"
+
+
 def test_flower_requires_basic_auth_from_env(compose):
     flower = compose["services"]["flower"]
     assert flower["command"][:4] == ["celery", "-A", "tasks", "flower"]
@@ -54,5 +61,5 @@ def test_flower_requires_basic_auth_from_env(compose):
 
 def test_dockerfile_installs_worker_and_flower():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "'.[worker,flower]'" in dockerfile
+    assert "'.[worker,render,flower]'" in dockerfile
     assert "USER glyphq" in dockerfile

@@ -28,27 +28,28 @@ def test_queue_answer_equals_direct_answer(engine, start_worker):
     for image, question in zip(images, questions, strict=True):
         via_queue = submit(image, question, max_new_tokens=16).result(timeout=60)
         (direct,) = engine.answer(
-            [EngineJob(Image.open(io.BytesIO(image)).convert("RGB"), question, 16)], (1280, 720)
+            [EngineJob([Image.open(io.BytesIO(image)).convert("RGB")], question, 16)], (1280, 720)
         )
         assert via_queue["answer"] == direct.answer
         assert via_queue["tokens_in"] == direct.tokens_in
         assert via_queue["tokens_out"] == direct.tokens_out
-        assert via_queue["image_size_used"] == list(direct.image_size_used)
+        assert via_queue["image_size_used"] == list(direct.image_sizes_used[0])
+        assert via_queue["vision_tokens"] == direct.vision_tokens == 16
 
 
 def test_history_goes_into_the_prompt(engine):
     messages = build_messages("now?", [{"question": "before?", "answer": "yes"}])
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     image = Image.new("RGB", (64, 64), "white")
-    (alone,) = engine.answer([EngineJob(image, "now?", 4)], (1280, 720))
+    (alone,) = engine.answer([EngineJob([image], "now?", 4)], (1280, 720))
     (with_history,) = engine.answer(
-        [EngineJob(image, "now?", 4, [{"question": "before?", "answer": "yes"}])], (1280, 720)
+        [EngineJob([image], "now?", 4, [{"question": "before?", "answer": "yes"}])], (1280, 720)
     )
     assert with_history.tokens_in > alone.tokens_in
 
 
 def test_max_new_tokens_is_respected(engine):
-    (result,) = engine.answer([EngineJob(Image.new("RGB", (64, 64)), "q", 3)], (1280, 720))
+    (result,) = engine.answer([EngineJob([Image.new("RGB", (64, 64))], "q", 3)], (1280, 720))
     assert result.tokens_out <= 3
 
 

@@ -8,11 +8,11 @@ import signal
 import time
 
 import pytest
-from conftest import png_bytes, wait_until
+from conftest import png_bytes, raw_job, wait_until
 
 from celeryconfig import settings
-from producer import JobFailed, submit
-from producer.schema import ANSWER_TASK, JobMessage
+from producer import Job, JobFailed, submit
+from producer.schema import ANSWER_TASK
 from producer.store import Store, blob_key
 from tasks.app import app
 
@@ -62,11 +62,10 @@ def test_corrupt_image_reaching_worker_fails_cleanly(start_worker, redis_client)
     garbage = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
     key = blob_key("ab" * 32)
     redis_client.set(key, garbage, ex=600)
-    message = JobMessage(image_key=key, image_bytes=len(garbage), image_size=(10, 10), question="q",
-                         max_new_tokens=4, session=None, submitted_at=time.time())
-    bad = app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, queue="gpu")
-    with pytest.raises(Exception, match="image: cannot be decoded"):
-        bad.get(timeout=60)
+    bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key, (10, 10))}, queue="gpu")
+    with pytest.raises(JobFailed, match="image: cannot be decoded") as info:
+        Job(bad.id).result(timeout=60)
+    assert info.value.error_type == "InvalidJob"
     assert bad.state == "FAILURE"
     assert Store(settings).runs(bad.id) == 1, "a bad image must not be retried"
 
@@ -79,11 +78,9 @@ def test_path_in_message_is_never_read(start_worker, tmp_path):
     start_worker()
     secret = tmp_path / "secret.png"
     secret.write_bytes(png_bytes())
-    message = JobMessage(image_key="glyphq:blob:" + "0" * 64, image_bytes=1, image_size=(1, 1), question="q",
-                         max_new_tokens=4, session=None, submitted_at=time.time()).to_dict()
     for key in (str(secret), "glyphq:blob:../../" + str(secret)):
-        bad = app.send_task(ANSWER_TASK, kwargs={"job": {**message, "image_key": key}}, queue="gpu")
-        with pytest.raises(Exception, match="image_key: must be a glyphq:blob:<sha256> key"):
+        bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu")
+        with pytest.raises(Exception, match="image_keys: must be a glyphq:blob:<sha256> key"):
             bad.get(timeout=60)
 
 
@@ -160,10 +157,6 @@ def test_rss_guard_recycles_without_losing_jobs(start_worker):
 def test_failed_job_raises_job_failed(start_worker, redis_client):
     start_worker()
     key = blob_key("cd" * 32)  # never stored: the blob is missing
-    message = JobMessage(image_key=key, image_bytes=1, image_size=(1, 1), question="q", max_new_tokens=4,
-                         session=None, submitted_at=time.time())
-    app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, queue="gpu", task_id="missing-blob-1")
-    from producer import Job
-
-    with pytest.raises(JobFailed, match="BlobMissing: image blob glyphq:blob:cdcd"):
+    app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu", task_id="missing-blob-1")
+    with pytest.raises(JobFailed, match="BlobMissing: blob glyphq:blob:cdcd"):
         Job("missing-blob-1").result(timeout=60)

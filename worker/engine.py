@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineJob:
-    """One question about one image, with earlier turns of its conversation (oldest first)."""
+    """One question about one or more images (a document's pages, in order), with earlier turns."""
 
-    image: Image.Image
+    images: list[Image.Image]
     question: str
     max_new_tokens: int
     history: list[dict[str, str]] = field(default_factory=list)
@@ -40,18 +40,21 @@ class EngineResult:
     answer: str
     tokens_in: int
     tokens_out: int
-    image_size_used: tuple[int, int]
+    vision_tokens: int
+    image_sizes_used: list[tuple[int, int]]
     preprocess_s: float
     generate_s: float
 
 
-def build_messages(question: str, history: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Chat messages for the processor's template: earlier turns as text, then the image and question."""
+def build_messages(question: str, history: list[dict[str, str]], images: int = 1) -> list[dict[str, Any]]:
+    """Chat messages for the processor's template: earlier turns as text, then the images and question."""
     messages: list[dict[str, Any]] = []
     for turn in history:
         messages.append({"role": "user", "content": [{"type": "text", "text": turn["question"]}]})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
+    content.append({"type": "text", "text": question})
+    messages.append({"role": "user", "content": content})
     return messages
 
 
@@ -69,18 +72,21 @@ class Engine:
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.image_token_id = getattr(processor, "image_token_id", None)
 
     def answer(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
-        """Answer ``jobs`` in one greedy ``generate``, each image fitted into ``box``."""
+        """Answer ``jobs`` in one greedy ``generate``; every image (page) is fitted into ``box`` on its own."""
         start = time.perf_counter()
-        images = [fit_image(job.image, box) for job in jobs]
+        fitted = [[fit_image(image, box) for image in job.images] for job in jobs]
         prompts = [
             self.processor.apply_chat_template(
-                build_messages(job.question, job.history), add_generation_prompt=True, tokenize=False
+                build_messages(job.question, job.history, len(job.images)), add_generation_prompt=True,
+                tokenize=False,
             )
             for job in jobs
         ]
-        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        flat = [image for images in fitted for image in images]
+        inputs = self.processor(text=prompts, images=flat, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -99,6 +105,10 @@ class Engine:
                       for row, job in zip(output, jobs, strict=True)]
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
+        if self.image_token_id is not None:
+            vision = (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()
+        else:
+            vision = [0] * len(jobs)
         generate_s = time.perf_counter() - start
         share = 1.0 / len(jobs)
         return [
@@ -106,11 +116,12 @@ class Engine:
                 answer=text.strip(),
                 tokens_in=int(n_in),
                 tokens_out=len(ids),
-                image_size_used=image.size,
+                vision_tokens=int(n_vision),
+                image_sizes_used=[image.size for image in images],
                 preprocess_s=preprocess_s * share,
                 generate_s=generate_s * share,
             )
-            for text, n_in, ids, image in zip(answers, tokens_in, new_tokens, images, strict=True)
+            for text, n_in, n_vision, ids, images in zip(answers, tokens_in, vision, new_tokens, fitted, strict=True)
         ]
 
     def _until_eos(self, ids: list[int]) -> list[int]:
@@ -118,6 +129,10 @@ class Engine:
             if token in self.eos_ids:
                 return ids[:i]
         return ids
+
+    def count_text_tokens(self, text: str) -> int:
+        """How many tokens ``text`` would take as plain text in the prompt."""
+        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def cleanup(self) -> float:
         """Free what the last call left behind; return the seconds it took."""

@@ -91,7 +91,7 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
     eng = _loaded_engine()
     memory.reset_peak(eng.device)
     try:
-        result, history, fetch_s = _answer_one(eng, store, job)
+        result, history, text_tokens, fetch_s = _answer_one(eng, store, job)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # let the cleanup below free what those frames hold
         raise
@@ -102,14 +102,17 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
 
     if job.session:
         store.append_turn(job.session, job.question, result.answer)
-    return {
+    single = len(job.image_keys) == 1 and job.text_key is None
+    output: dict[str, Any] = {
         "job_id": job_id,
         "answer": result.answer,
         "model": settings.model,
         "tokens_in": result.tokens_in,
         "tokens_out": result.tokens_out,
-        "image_size": list(job.image_size),
-        "image_size_used": list(result.image_size_used),
+        "vision_tokens": result.vision_tokens,
+        "image_size": list(job.image_sizes[0]) if single else [list(s) for s in job.image_sizes],
+        "image_size_used": (list(result.image_sizes_used[0]) if single
+                            else [list(s) for s in result.image_sizes_used]),
         "timings": {
             "queue_s": round(max(0.0, started - job.submitted_at), 4),
             "preprocess_s": round(fetch_s + result.preprocess_s, 4),
@@ -120,25 +123,40 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
         "worker": {"pid": os.getpid(), "task_index": _task_index},
         "session": {"id": job.session, "turns_used": len(history)} if job.session else None,
     }
+    if job.text_key is not None:
+        output["timings"]["render_s"] = job.render_s
+        output["pages"] = len(job.image_keys)
+        output["text_tokens"] = text_tokens
+        output["compression"] = (round(text_tokens / result.vision_tokens, 2)
+                                 if text_tokens is not None and result.vision_tokens else None)
+    return output
 
 
-def _answer_one(eng: Any, store: Store, job: JobMessage) -> tuple[Any, list[dict[str, str]], float]:
-    """Fetch the job's image and history and answer it. Returns (result, history, fetch seconds).
+def _answer_one(eng: Any, store: Store, job: JobMessage) -> tuple[Any, list[dict[str, str]], int | None, float]:
+    """Fetch the job's images, history and text, and answer it.
 
-    Everything the job touched lives in this frame, so it is unreferenced once this returns.
+    Returns (result, history, text tokens or None, fetch seconds). Everything the job touched lives
+    in this frame, so it is unreferenced once this returns.
     """
     from worker.engine import EngineJob, answer_within_memory
 
     start = time.perf_counter()
-    data = store.get_blob(job.image_key)
-    if data is None:
-        raise BlobMissing(f"image blob {job.image_key} is gone (expired after GLYPHQ_BLOB_TTL?)")
-    image = decode_image(check_image_bytes(data, settings).data)
+    images = [decode_image(check_image_bytes(_blob(store, key), settings).data) for key in job.image_keys]
     history = store.session_turns(job.session, settings.history_turns) if job.session else []
+    text_tokens = None
+    if job.text_key is not None:
+        text_tokens = eng.count_text_tokens(_blob(store, job.text_key).decode("utf-8"))
     fetch_s = time.perf_counter() - start
-    engine_job = EngineJob(image=image, question=job.question, max_new_tokens=job.max_new_tokens, history=history)
+    engine_job = EngineJob(images=images, question=job.question, max_new_tokens=job.max_new_tokens, history=history)
     (result,) = answer_within_memory(eng, [engine_job], settings.max_image_size)
-    return result, history, fetch_s
+    return result, history, text_tokens, fetch_s
+
+
+def _blob(store: Store, key: str) -> bytes:
+    data = store.get_blob(key)
+    if data is None:
+        raise BlobMissing(f"blob {key} is gone (expired after GLYPHQ_BLOB_TTL?)")
+    return data
 
 
 def _check_gpu_guard(device: Any, gpu: dict[str, float] | None) -> None:
