@@ -20,7 +20,7 @@ pytestmark = [
 
 from conftest import ROOT, png_bytes  # noqa: E402
 
-from producer import submit  # noqa: E402
+from producer import submit, submit_document  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,14 @@ def test_gpu_guard_replaces_child_after_each_job(start_worker, glm4v_tiny):
     assert len({r["worker"]["pid"] for r in results}) == 3
     assert all(r["worker"]["task_index"] == 1 for r in results)
     assert all(r["gpu"]["reserved_mb"] > 1 for r in results)
+
+
+def test_document_pages_in_one_glm4v_prompt(start_worker, glm4v_tiny):
+    start_worker(queues="render", concurrency=2)
+    start_worker(model=glm4v_tiny)
+    text = (ROOT / "samples" / "lease.txt").read_text(encoding="utf-8")
+    result = submit_document(text, "When does the lease end?", max_new_tokens=8).result(timeout=300)
+    assert result["pages"] >= 2
+    assert result["image_size_used"] == result["image_size"]  # A4 at 72 dpi is not shrunk
+    assert result["vision_tokens"] > 300 * result["pages"]
+    assert result["tokens_in"] > result["vision_tokens"]
