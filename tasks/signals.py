@@ -20,10 +20,13 @@ log = logging.getLogger(__name__)
 GPU_QUEUE = "gpu"
 
 
-@signals.worker_init.connect
-def _preload_in_parent(sender: Any = None, **_: Any) -> None:
-    """In the worker's main process: import torch and transformers once, without touching CUDA."""
-    queues = set(sender.app.amqp.queues.consume_from) if sender is not None else {GPU_QUEUE}
+@signals.celeryd_after_setup.connect
+def _preload_in_parent(instance: Any = None, **_: Any) -> None:
+    """In the worker's main process: import torch and transformers once, without touching CUDA.
+
+    ``celeryd_after_setup`` comes after ``-Q`` and logging are set up and before the pool forks.
+    """
+    queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
     if GPU_QUEUE not in queues:
         return
     from worker import runtime

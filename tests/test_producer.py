@@ -153,3 +153,15 @@ def test_producer_and_tasks_import_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_base_install_brings_no_torch():
+    """`pip install glyphq` is the producer side; torch and transformers come only with the worker extra."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"]).lower()
+    assert "torch" not in base and "transformers" not in base
+    worker = " ".join(project["optional-dependencies"]["worker"]).lower()
+    assert "torch" in worker and "transformers" in worker and "accelerate" in worker
+    assert project["scripts"]["glyphq"] == "producer.cli:main"

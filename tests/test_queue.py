@@ -6,6 +6,7 @@ import hashlib
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from conftest import png_bytes, raw_job, wait_until
@@ -160,3 +161,14 @@ def test_failed_job_raises_job_failed(start_worker, redis_client):
     app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu", task_id="missing-blob-1")
     with pytest.raises(JobFailed, match="BlobMissing: blob glyphq:blob:cdcd"):
         Job("missing-blob-1").result(timeout=60)
+
+
+def test_parent_preloads_torch_and_render_worker_does_not(start_worker):
+    """The GPU worker's main process has torch loaded before it forks; a render worker never loads it."""
+    gpu = start_worker()
+    render = start_worker(queues="render")
+    maps = Path(f"/proc/{gpu.proc.pid}/maps").read_text()
+    assert "libtorch" in maps
+    assert "preloaded torch and transformers" in gpu.log()
+    assert "libtorch" not in Path(f"/proc/{render.proc.pid}/maps").read_text()
+    assert "preloaded" not in render.log()
