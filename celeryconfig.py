@@ -34,19 +34,6 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: expected a number") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={value}: must be at least {minimum}")
-    return value
-
-
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name)
     return default if raw is None or raw.strip() == "" else raw.strip()
@@ -80,7 +67,7 @@ class Settings:
     soft_time_limit_s: int = 300
     time_limit_s: int = 360
     visibility_timeout_s: int = 660
-    model_load_timeout_s: float = 600.0
+    model_load_timeout_s: int = 600
     max_deliveries: int = 3
     result_expires_s: int = 7 * DAY_S
     blob_ttl_s: int = 7 * DAY_S
@@ -129,7 +116,7 @@ class Settings:
             soft_time_limit_s=soft_limit,
             time_limit_s=time_limit,
             visibility_timeout_s=visibility,
-            model_load_timeout_s=_float(env, "GLYPHQ_MODEL_LOAD_TIMEOUT", cls.model_load_timeout_s, 1.0),
+            model_load_timeout_s=_int(env, "GLYPHQ_MODEL_LOAD_TIMEOUT", cls.model_load_timeout_s, minimum=1),
             max_deliveries=_int(env, "GLYPHQ_MAX_DELIVERIES", cls.max_deliveries, minimum=1),
             result_expires_s=_int(env, "GLYPHQ_RESULT_EXPIRES", cls.result_expires_s, minimum=1),
             blob_ttl_s=_int(env, "GLYPHQ_BLOB_TTL", cls.blob_ttl_s, minimum=1),
