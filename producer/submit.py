@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
@@ -57,7 +58,7 @@ class Job:
         """
         try:
             value = self._async.get(timeout=timeout, propagate=False)
-        except TimeoutError:
+        except CeleryTimeoutError:
             raise JobTimeout(f"job {self.id} not finished after {timeout} s (state {self.state})") from None
         if self._async.failed():
             exc = self._async.result

@@ -42,6 +42,9 @@ def test_submit_without_wait_prints_the_job_id(tmp_path):
     assert json.loads(out.stdout) == {"job_id": "cli-nowait-1", "state": "PENDING"}
     pending = run("result", "cli-nowait-1")
     assert pending.returncode == 3 and json.loads(pending.stdout)["state"] == "PENDING"
+    waited = run("result", "cli-nowait-1", "--wait", "--timeout", "1")
+    assert waited.returncode == 3, waited.stderr
+    assert json.loads(waited.stdout) == {"job_id": "cli-nowait-1", "state": "PENDING"}
     from tasks.app import app
 
     app.control.purge()

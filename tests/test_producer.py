@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import ROOT, png_bytes, queued_messages
@@ -165,3 +166,14 @@ def test_base_install_brings_no_torch():
     worker = " ".join(project["optional-dependencies"]["worker"]).lower()
     assert "torch" in worker and "transformers" in worker and "accelerate" in worker
     assert project["scripts"]["glyphq"] == "producer.cli:main"
+
+
+def test_result_times_out_with_job_timeout():
+    from producer import JobTimeout
+
+    job = submit(png_bytes(seed=70), "Nobody is consuming the queue in this test")
+    start = time.monotonic()
+    with pytest.raises(JobTimeout, match=f"job {job.id} not finished after 0.5 s"):
+        job.result(timeout=0.5)
+    assert time.monotonic() - start < 10
+    app.control.purge()

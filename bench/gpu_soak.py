@@ -1,0 +1,148 @@
+"""GPU soak: a real worker on the Glyph-size model answers a long queue with recycling; nothing lost.
+
+    python3 bench/gpu_soak.py --out DIR [--jobs 1000] [--per-child 50] [--budget-s 480]
+
+Starts its own redis-server and a real ``celery -A tasks worker`` (prefork, concurrency 1) on the
+``glyph-9b`` preset (built into --model-dir if missing), enqueues ``--jobs`` page images of mixed
+sizes, and waits for every result. Prints one table and writes ``gpu_soak.json`` into ``--out``:
+jobs answered, lost and run twice, recycles, the band of reserved GPU memory after cleanup as a
+share of the weights, and the parent's RSS at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(640, 360), (800, 600), (1280, 720), (595, 842)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def page(size: tuple[int, int], seed: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for line in range(12):
+        draw.text((20, 20 + 24 * line), f"Invoice {seed} line {line}: total {seed * 7 + line} EUR", fill="black")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", default="/tmp/glyph-9b")
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--per-child", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--budget-s", type=float, default=480)
+    args = parser.parse_args()
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
+                       cwd=ROOT)
+    workdir = Path(tempfile.mkdtemp(prefix="glyphq-soak-"))
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                                   "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    env = {**os.environ, "GLYPHQ_BROKER_URL": url, "GLYPHQ_MODEL": str(model_dir),
+           "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child), "PYTHONUNBUFFERED": "1"}
+    os.environ.update(env)  # the producer below reads the same settings
+    log_path = workdir / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n",
+                                   "soak@%h", "--without-mingle", "--without-gossip"], cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return run(args, worker, log_path)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+            redis_proc.kill()
+
+
+def run(args: argparse.Namespace, worker: subprocess.Popen, log_path: Path) -> int:
+    import psutil
+
+    from celeryconfig import settings
+    from producer import GlyphqError, submit
+    from producer.store import Store
+
+    start = time.monotonic()
+    images = {(size, seed % 8): page(size, seed % 8) for seed in range(8) for size in SIZES}
+    jobs = [submit(images[(SIZES[i % len(SIZES)], i % 8)], f"What is the total on invoice {i}?",
+                   max_new_tokens=args.max_new_tokens) for i in range(args.jobs)]
+    parent = psutil.Process(worker.pid)
+    results, failures, rss = [], [], []
+    for job in jobs:
+        remaining = args.budget_s - (time.monotonic() - start)
+        if remaining <= 0:
+            break
+        try:
+            results.append(job.result(timeout=remaining))
+        except GlyphqError as exc:
+            failures.append(str(exc))
+        if len(results) % 50 == 1:
+            rss.append(parent.memory_info().rss / 2**20)
+    wall = time.monotonic() - start
+    store = Store(settings)
+    runs = [store.runs(job.id) for job in jobs[: len(results) + len(failures)]]
+    reserved = [r["gpu"]["reserved_mb"] for r in results if r["gpu"]]
+    weights_mb = 20.59e9 / 2**20
+    figures = {
+        "jobs_submitted": len(jobs),
+        "jobs_answered": len(results),
+        "jobs_failed": len(failures),
+        "jobs_unfinished_in_budget": len(jobs) - len(results) - len(failures),
+        "run_twice": sum(1 for n in runs if n > 1),
+        "recycles": len({r["worker"]["pid"] for r in results}) - 1,
+        "max_task_index": max((r["worker"]["task_index"] for r in results), default=0),
+        "reserved_mb_min": min(reserved, default=None),
+        "reserved_mb_max": max(reserved, default=None),
+        "reserved_band_pct": round((max(reserved) - min(reserved)) / weights_mb * 100, 3) if reserved else None,
+        "cleanup_ms_median": round(sorted(r["timings"]["cleanup_s"] for r in results)[len(results) // 2] * 1000, 2)
+        if results else None,
+        "job_s_median": round(sorted(r["timings"]["generate_s"] + r["timings"]["preprocess_s"]
+                                     for r in results)[len(results) // 2], 3) if results else None,
+        "parent_rss_mb_first": round(rss[0], 1) if rss else None,
+        "parent_rss_mb_last": round(rss[-1], 1) if rss else None,
+        "wall_s": round(wall, 1),
+        "failures_sample": failures[:3],
+        "worker_log_errors": [line for line in log_path.read_text(errors="replace").splitlines()
+                              if "ERROR" in line][:5],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_soak.json").write_text(json.dumps(figures, indent=2))
+    width = max(len(k) for k in figures)
+    print(f"\nGPU soak: glyph-9b, {args.per_child} jobs per child, max_new_tokens {args.max_new_tokens}")
+    for key, value in figures.items():
+        print(f"  {key:<{width}}  {value}")
+    return 0 if not failures and figures["run_twice"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
