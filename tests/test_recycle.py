@@ -12,11 +12,19 @@ from conftest import ROOT
 def test_requested_recycle_reports_over_any_limit():
     code = textwrap.dedent(
         """
+        import resource
         import billiard.pool
         from worker import recycle
         recycle.install()
+        before = billiard.pool.mem_rss()
+        block = bytearray(300 * 1024 * 1024)  # touch 300 MB, then let it go
+        block[::4096] = b"x" * len(block[::4096])
+        del block
         normal = billiard.pool.mem_rss()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert 0 < normal < 2**40, normal
+        # The guard reads memory held now, not the peak: a load-time peak must not recycle every job.
+        assert peak - normal > 200 * 1024, (before, normal, peak)
         assert recycle.requested() is None
         recycle.request("test")
         assert billiard.pool.mem_rss() > 2**60

@@ -6,11 +6,16 @@ Billiard's child loop (``billiard.pool.Worker.workloop``) checks ``mem_rss()`` a
 repeating its task, so the GPU guard uses it too: after a recycle is requested, the child's
 ``mem_rss`` reports more than any limit, and billiard replaces the child exactly as it does for
 max-memory-per-child.
+
+On Linux, billiard's own ``mem_rss`` is the *peak* RSS (``ru_maxrss``). Loading a 10B model peaks
+far above what the child holds afterwards, so a peak-based guard would replace the child after every
+job. The guard here reads the child's *current* resident memory instead, which is what creeps.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import billiard.pool
 
@@ -21,8 +26,17 @@ _real_mem_rss = billiard.pool.mem_rss
 _OVER_ANY_LIMIT_KB = 2**62
 
 
+def current_rss_kb() -> int:
+    """This process's resident memory now, in kB (billiard's limit unit)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except OSError:  # no /proc: fall back to billiard's measure
+        return int(_real_mem_rss())
+
+
 def _mem_rss() -> int:
-    return _OVER_ANY_LIMIT_KB if _requested is not None else _real_mem_rss()
+    return _OVER_ANY_LIMIT_KB if _requested is not None else current_rss_kb()
 
 
 def install() -> None:
