@@ -82,6 +82,9 @@ class Settings:
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 2048
     default_priority: int = 5
+    max_queue: int = 100_000
+    metrics_port: int = 9808
+    metrics_dir: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -134,6 +137,9 @@ class Settings:
             ),
             max_new_tokens_limit=max_new_limit,
             default_priority=_int(env, "GLYPHQ_DEFAULT_PRIORITY", cls.default_priority, maximum=9),
+            max_queue=_int(env, "GLYPHQ_MAX_QUEUE", cls.max_queue),
+            metrics_port=_int(env, "GLYPHQ_METRICS_PORT", cls.metrics_port, maximum=65535),
+            metrics_dir=_str(env, "GLYPHQ_METRICS_DIR", cls.metrics_dir),
         )
 
 

@@ -1,7 +1,15 @@
 """glyphq's producer side: enqueue image + question jobs and read their results. Needs no torch."""
 
 from producer.documents import submit_document
-from producer.errors import BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
+from producer.errors import (
+    BrokerUnavailable,
+    GlyphqError,
+    InvalidJob,
+    JobExpired,
+    JobFailed,
+    JobTimeout,
+    QueueFull,
+)
 from producer.images import check_image
 from producer.submit import Job, submit
 
@@ -13,6 +21,8 @@ __all__ = [
     "GlyphqError",
     "InvalidJob",
     "BrokerUnavailable",
+    "QueueFull",
+    "JobExpired",
     "JobFailed",
     "JobTimeout",
 ]

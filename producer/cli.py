@@ -1,6 +1,7 @@
 """The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
 
-Exit codes: 0 done, 1 the job failed, 2 refused (bad input), 3 not finished yet, 4 Redis unreachable.
+Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input), 3 not finished yet, 4 Redis
+unreachable, 5 the queue is full.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from celeryconfig import settings as default_settings
-from producer.errors import BrokerUnavailable, InvalidJob, JobFailed, JobTimeout
+from producer.errors import BrokerUnavailable, InvalidJob, JobExpired, JobFailed, JobTimeout, QueueFull
 from producer.submit import Job, submit
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_NOT_READY, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_NOT_READY, EXIT_UNAVAILABLE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4, 5
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -30,6 +31,9 @@ def _wait(job: Job, timeout: float | None) -> int:
     except JobFailed as exc:
         _print({"job_id": job.id, "state": "FAILURE", "error_type": exc.error_type, "error": exc.message})
         return EXIT_FAILED
+    except JobExpired as exc:
+        _print({"job_id": job.id, "state": "EXPIRED", "error": str(exc)})
+        return EXIT_FAILED
     except JobTimeout:
         _print({"job_id": job.id, "state": job.state})
         return EXIT_NOT_READY
@@ -38,7 +42,7 @@ def _wait(job: Job, timeout: float | None) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit one image + question job; with --wait, print its result."""
     job = submit(args.image, args.question, max_new_tokens=args.max_new_tokens, priority=args.priority,
-                 session=args.session, job_id=args.job_id)
+                 session=args.session, job_id=args.job_id, deadline=args.deadline)
     if args.wait:
         return _wait(job, args.timeout)
     _print({"job_id": job.id, "state": job.state})
@@ -51,7 +55,7 @@ def cmd_ask_doc(args: argparse.Namespace) -> int:
 
     text = _read_text(args.file)
     job = submit_document(text, args.question, render=args.render_config, max_new_tokens=args.max_new_tokens,
-                          priority=args.priority, session=args.session, job_id=args.job_id)
+                          priority=args.priority, session=args.session, job_id=args.job_id, deadline=args.deadline)
     if args.wait:
         return _wait(job, args.timeout)
     _print({"job_id": job.id, "state": job.state})
@@ -98,6 +102,29 @@ def cmd_result(args: argparse.Namespace) -> int:
     return _wait(job, args.timeout if args.wait else 10.0)
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Check the broker, a live worker on the queue and (queue gpu) its model; exit 0 only if all pass."""
+    from producer.health import check_health
+
+    report = check_health(args.queue, timeout=args.timeout, node=args.node)
+    _print(report.to_dict())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Run a JSON Lines file of jobs with a bounded window; resumable. Prints a summary."""
+    from producer.batch import BatchUsageError, run_batch
+
+    try:
+        summary = run_batch(args.file, args.out, window=args.window, timeout=args.timeout,
+                            job_prefix=args.job_prefix, progress=not args.no_progress)
+    except BatchUsageError as exc:
+        print(f"glyphq batch: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    _print(summary.to_dict())
+    return summary.exit_code()
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the answer and print the result")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
@@ -105,6 +132,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", help="make the job a turn of this conversation")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--job-id", help="your own id; submitting the same id again runs it once")
+    p.add_argument("--deadline", type=float, help="seconds by which the job must start, or it never runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the job has finished")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
     p.set_defaults(func=cmd_result)
+
+    p = sub.add_parser("health", help="exit 0 if the broker, a worker on the queue and its model are up")
+    p.add_argument("--queue", default="gpu", help="queue to check: gpu (default; checks the model too) or render")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for worker replies (default 3)")
+    p.add_argument("--node", help="check only this worker, e.g. gpu0@$HOSTNAME (default: any worker)")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("batch", help="run a JSON Lines file of jobs, resumably; results go to --out")
+    p.add_argument("file", help='JSON Lines: {"image": path, "question": ..., "id"?, "max_new_tokens"?, "priority"?}')
+    p.add_argument("--out", required=True, help="results file (JSON Lines, appended; ids already in it are skipped)")
+    p.add_argument("--window", type=int, default=32, help="most jobs in flight at once (default 32)")
+    p.add_argument("--timeout", type=float, help="most seconds to wait for one job (default: no limit)")
+    p.add_argument("--job-prefix", help="job ids are PREFIX-<id> (default: derived from the input and output paths)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_batch)
     return parser
 
 
@@ -159,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerUnavailable as exc:
         print(f"glyphq: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except QueueFull as exc:
+        print(f"glyphq: {exc}", file=sys.stderr)
+        return EXIT_QUEUE_FULL
 
 
 if __name__ == "__main__":

@@ -20,8 +20,14 @@ from celeryconfig import Settings
 from celeryconfig import settings as default_settings
 from producer.errors import InvalidJob
 from producer.schema import ANSWER_PAGES_TASK, RENDER_TASK, JobMessage, RenderRequest
-from producer.submit import Job, celery_priority, enqueue
-from producer.validation import check_identifier, check_max_new_tokens, check_priority, check_question
+from producer.submit import Job, celery_priority, enqueue, expiry
+from producer.validation import (
+    check_deadline,
+    check_identifier,
+    check_max_new_tokens,
+    check_priority,
+    check_question,
+)
 from tasks.app import app
 
 #: Render settings a job may set, as in Glyph's config_en.json. ``font-path`` is not among them: the
@@ -82,6 +88,7 @@ def submit_document(
     priority: int | None = None,
     session: str | None = None,
     job_id: str | None = None,
+    deadline: float | None = None,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue a question about a long text; it is rendered into pages on the ``render`` queue first.
@@ -99,6 +106,7 @@ def submit_document(
     priority = check_priority(priority, cfg)
     session = check_identifier("session", session)
     job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
+    expires = expiry(check_deadline(deadline))
     data = text.encode("utf-8")
 
     def send(key: str) -> None:
@@ -107,9 +115,10 @@ def submit_document(
                          max_new_tokens=max_new_tokens, session=session, submitted_at=time.time(), text_key=key)
         chain(
             app.signature(RENDER_TASK, kwargs={"request": request.to_dict(), "job_id": job_id}, queue="render",
-                          priority=celery_priority(priority)).set(task_id=f"{job_id}.render"),
+                          priority=celery_priority(priority), expires=expires).set(task_id=f"{job_id}.render"),
             app.signature(ANSWER_PAGES_TASK, kwargs={"job": job.to_dict()}, queue="gpu",
-                          priority=celery_priority(priority), kwargsrepr=job.summary()).set(task_id=job_id),
+                          priority=celery_priority(priority), kwargsrepr=job.summary(),
+                          expires=expires).set(task_id=job_id),
         ).apply_async()
 
-    return enqueue(cfg, job_id, hashlib.sha256(data).hexdigest(), data, send)
+    return enqueue(cfg, "render", job_id, hashlib.sha256(data).hexdigest(), data, send)

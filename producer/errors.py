@@ -24,6 +24,14 @@ class BrokerUnavailable(GlyphqError):
     """Raised when Redis cannot be reached, so the job was not enqueued."""
 
 
+class QueueFull(GlyphqError):
+    """Raised when the queue already holds ``GLYPHQ_MAX_QUEUE`` jobs, so the new job was not enqueued."""
+
+
+class JobExpired(GlyphqError):
+    """Raised by ``Job.result`` when the job's deadline passed before it started; it never ran."""
+
+
 class JobFailed(GlyphqError):
     """Raised by ``Job.result`` when the worker failed the job; ``error_type`` names the worker's error."""
 

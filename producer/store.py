@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from celeryconfig import KEY_PREFIX, Settings
+from celeryconfig import KEY_PREFIX, PRIORITY_LEVELS, Settings
 from producer.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,17 @@ class Store:
         pipe.ltrim(key, -keep, -1)
         pipe.expire(key, self.settings.session_ttl_s)
         pipe.execute()
+
+
+def queue_depths(settings: Settings, queues: tuple[str, ...]) -> dict[str, int]:
+    """Messages waiting on each queue, summed over its Redis priority sub-queues (``gpu``, ``gpu:1``...)."""
+    pipe = client(settings.broker_url).pipeline(transaction=False)
+    for queue in queues:
+        for suffix in [""] + [f":{p}" for p in range(1, PRIORITY_LEVELS)]:
+            pipe.llen(f"{KEY_PREFIX}{queue}{suffix}")
+    counts = pipe.execute()
+    per_queue = PRIORITY_LEVELS
+    return {q: int(sum(counts[i * per_queue:(i + 1) * per_queue])) for i, q in enumerate(queues)}
 
 
 def unavailable(settings: Settings, exc: Exception) -> BrokerUnavailable:

@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
@@ -15,11 +16,17 @@ from kombu.exceptions import OperationalError
 
 from celeryconfig import PRIORITY_LEVELS, Settings
 from celeryconfig import settings as default_settings
-from producer.errors import JobFailed, JobTimeout
+from producer.errors import JobExpired, JobFailed, JobTimeout, QueueFull
 from producer.images import ImageInput, check_image
 from producer.schema import ANSWER_TASK, JobMessage
-from producer.store import Store, unavailable
-from producer.validation import check_identifier, check_max_new_tokens, check_priority, check_question
+from producer.store import Store, queue_depths, unavailable
+from producer.validation import (
+    check_deadline,
+    check_identifier,
+    check_max_new_tokens,
+    check_priority,
+    check_question,
+)
 from tasks.app import app
 
 log = logging.getLogger(__name__)
@@ -37,8 +44,11 @@ class Job:
 
     @property
     def state(self) -> str:
-        """PENDING (queued), STARTED, SUCCESS, FAILURE, or UNKNOWN for an id never submitted (or expired)."""
+        """PENDING (queued), STARTED, SUCCESS, FAILURE, EXPIRED (its deadline passed before it started),
+        or UNKNOWN for an id never submitted (or whose records expired)."""
         state = str(self._async.state)
+        if state == "REVOKED" and "expired" in str(self._async.result):
+            return "EXPIRED"
         if state == "PENDING":
             try:
                 if not Store(default_settings).job_exists(self.id):
@@ -60,6 +70,8 @@ class Job:
             value = self._async.get(timeout=timeout, propagate=False)
         except CeleryTimeoutError:
             raise JobTimeout(f"job {self.id} not finished after {timeout} s (state {self.state})") from None
+        if self._async.state == "REVOKED":
+            raise JobExpired(f"job {self.id} did not start before its deadline (or was revoked); it never ran")
         if self._async.failed():
             exc = self._async.result
             raise JobFailed(self.id, type(exc).__name__, str(exc))
@@ -74,16 +86,19 @@ def submit(
     priority: int | None = None,
     session: str | None = None,
     job_id: str | None = None,
+    deadline: float | None = None,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue an image + question job for the GPU worker and return its ``Job``.
 
     ``image`` is a path, encoded bytes or a PIL image. ``priority`` runs from 0 to 9 (9 most urgent).
     ``session`` makes the job a turn in a stored conversation. Submitting an existing ``job_id``
-    again returns the same job without enqueuing it twice.
+    again returns the same job without enqueuing it twice. A job not started within ``deadline``
+    seconds never runs; its state becomes EXPIRED.
 
     Every field is checked before Redis is touched; a refusal raises ``InvalidJob`` naming the
-    field and the limit. ``BrokerUnavailable`` means Redis could not be reached and nothing was queued.
+    field and the limit. ``QueueFull`` means the queue holds ``GLYPHQ_MAX_QUEUE`` jobs already and
+    ``BrokerUnavailable`` that Redis could not be reached; either way nothing was queued.
     """
     cfg = settings or default_settings
     question = check_question(question, cfg)
@@ -91,6 +106,7 @@ def submit(
     priority = check_priority(priority, cfg)
     session = check_identifier("session", session)
     job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
+    expires = expiry(check_deadline(deadline))
     checked = check_image(image, cfg)
 
     def send(key: str) -> None:
@@ -104,9 +120,14 @@ def submit(
             submitted_at=time.time(),
         )
         app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=job_id, queue="gpu",
-                      priority=celery_priority(priority), kwargsrepr=message.summary())
+                      priority=celery_priority(priority), kwargsrepr=message.summary(), expires=expires)
 
-    return enqueue(cfg, job_id, checked.sha256, checked.data, send)
+    return enqueue(cfg, "gpu", job_id, checked.sha256, checked.data, send)
+
+
+def expiry(deadline: float | None) -> datetime | None:
+    """The absolute time by which a job must start; absolute, so a chain's later task keeps it."""
+    return None if deadline is None else datetime.now(timezone.utc) + timedelta(seconds=deadline)
 
 
 def celery_priority(priority: int) -> int:
@@ -114,13 +135,18 @@ def celery_priority(priority: int) -> int:
     return PRIORITY_LEVELS - 1 - priority
 
 
-def enqueue(cfg: Settings, job_id: str, sha256: str, data: bytes, send: Callable[[str], None]) -> Job:
+def enqueue(cfg: Settings, queue: str, job_id: str, sha256: str, data: bytes, send: Callable[[str], None]) -> Job:
     """Claim ``job_id``, store ``data`` as its blob, then ``send(blob_key)``; undo both if sending fails.
 
-    A ``job_id`` that is already claimed returns its ``Job`` without storing or sending anything.
+    A ``job_id`` that is already claimed returns its ``Job`` without storing or sending anything. A
+    ``queue`` already holding ``max_queue`` jobs raises ``QueueFull`` (the check and the send are not
+    atomic, so concurrent producers may overshoot the limit by a few jobs).
     """
     store = Store(cfg)
     try:
+        if cfg.max_queue and queue_depths(cfg, (queue,))[queue] >= cfg.max_queue:
+            raise QueueFull(f"queue {queue} holds {cfg.max_queue} or more jobs; the limit is {cfg.max_queue} "
+                            "(GLYPHQ_MAX_QUEUE)")
         if not store.claim_job(job_id):
             log.info("job %s already submitted; not enqueuing it again", job_id)
             return Job(job_id)

@@ -56,3 +56,16 @@ def check_identifier(field: str, value: object) -> str | None:
     if not isinstance(value, str) or not _ID_PATTERN.match(value):
         raise InvalidJob(field, f"must be 1 to 128 characters of letters, digits and . _ : -, got {value!r}")
     return value
+
+
+MAX_DEADLINE_S = 30 * 24 * 3600
+
+
+def check_deadline(value: object) -> float | None:
+    """``value`` (seconds from now by which the job must have started) if None or in (0, 30 days]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_DEADLINE_S:
+        raise InvalidJob("deadline", f"must be seconds from now, more than 0 and at most {MAX_DEADLINE_S}, "
+                                     f"got {value!r}")
+    return float(value)

@@ -57,7 +57,7 @@ setsid "$VENV/bin/celery" -A tasks flower --address=127.0.0.1 --port="$FLOWER_PO
 started+=($!)
 
 for _ in $(seq 600); do
-  grep -q " ready." "$DEMO_DIR/worker.log" && grep -q "loaded " "$DEMO_DIR/worker.log" && break
+  grep -q " ready." "$DEMO_DIR/worker.log" && grep -q "model ready: " "$DEMO_DIR/worker.log" && break
   if ! kill -0 "${started[-3]}" 2>/dev/null; then cat "$DEMO_DIR/worker.log" >&2; exit 1; fi
   sleep 0.5
 done

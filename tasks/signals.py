@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 from redis.exceptions import RedisError
 
 from celeryconfig import settings
 from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from producer.store import Store
+from tasks.app import app
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,15 @@ def _preload_in_parent(instance: Any = None, **_: Any) -> None:
 
     ``celeryd_after_setup`` comes after ``-Q`` and logging are set up and before the pool forks.
     """
-    queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
-    if GPU_QUEUE not in queues:
-        return
-    from worker import runtime
+    from worker import metrics, status
 
-    runtime.preload_parent()
+    status.create()
+    metrics.serve(settings)
+    queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
+    if GPU_QUEUE in queues:
+        from worker import runtime
+
+        runtime.preload_parent()
 
 
 @signals.worker_process_init.connect
@@ -43,13 +47,65 @@ def _load_in_child(**_: Any) -> None:
         runtime.init_child()
 
 
+class GlyphqStats(bootsteps.StartStopStep):
+    """Adds a ``glyphq`` section to ``celery inspect stats``, and so to Flower's worker page.
+
+    It holds what the current child published: model, device, GPU memory allocated, reserved and
+    peak, the child's task index, and recycles so far.
+    """
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        from worker import status
+
+        current = status.read()
+        children = int(current.get("children", 0))
+        return {"glyphq": {
+            "queues": sorted(worker.app.amqp.queues.consume_from),
+            "model": current.get("model"),
+            "model_loaded": bool(current.get("model_loaded")),
+            "device": current.get("device"),
+            "device_name": current.get("device_name"),
+            "gpu": current.get("gpu"),
+            "child_pid": current.get("pid"),
+            "task_index": current.get("task_index"),
+            "recycles": max(0, children - 1),
+            "recycles_by_reason": current.get("recycles_by_reason") or {},
+        }}
+
+
+app.steps["worker"].add(GlyphqStats)
+
+
 @signals.task_postrun.connect
 def _release_blobs(sender: Any = None, task_id: str | None = None, args: Any = None, kwargs: Any = None,
                    state: str | None = None, **_: Any) -> None:
     """Once a job's result is stored, drop its hold on its blobs (deleted when no other job holds them)."""
     if state not in ("SUCCESS", "FAILURE") or not task_id:
         return
-    owner, keys = finished_blobs(getattr(sender, "name", None), task_id, args or (), kwargs or {}, state)
+    from worker import metrics
+
+    name = getattr(sender, "name", None)
+    metrics.job_finished(str(name), state)
+    _release(*finished_blobs(name, task_id, args or (), kwargs or {}, state))
+
+
+@signals.task_revoked.connect
+def _release_expired(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    """A job whose deadline passed never runs: count it and drop its hold on its blobs."""
+    if request is None:
+        return
+    from worker import metrics
+
+    name = getattr(sender, "name", None) or getattr(request, "task", None)
+    metrics.job_finished(str(name), "expired" if expired else "revoked")
+    kwargs = request.kwargs or {}
+    _release(*finished_blobs(name, request.id, request.args or (), kwargs, "FAILURE"))
+    if name == RENDER_TASK and isinstance(kwargs.get("job_id"), str):
+        # The answer step of the chain is never sent: give the document job its final state here.
+        app.backend.mark_as_revoked(kwargs["job_id"], reason="expired" if expired else "revoked")
+
+
+def _release(owner: str, keys: list[str]) -> None:
     store = Store(settings)
     for key in keys:
         try:

@@ -151,7 +151,7 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()
-            if " ready." in text and ("loaded " in text or not self.loads_model):
+            if " ready." in text and ("model ready: " in text or not self.loads_model):
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{text[-3000:]}")
@@ -188,7 +188,7 @@ def start_worker(tmp_path: Path, tiny_model: Path, redis_url: str) -> Iterator:
     def start(wait: bool = True, queues: str | None = None, concurrency: int | None = None,
               **settings: str | int) -> WorkerProcess:
         env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
-               "PYTHONUNBUFFERED": "1"}
+               "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
         env.update({f"GLYPHQ_{k.upper()}": str(v) for k, v in settings.items()})
         worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", queues, concurrency)
         started.append(worker)

@@ -26,9 +26,9 @@ def test_requested_recycle_reports_over_any_limit():
         # The guard reads memory held now, not the peak: a load-time peak must not recycle every job.
         assert peak - normal > 200 * 1024, (before, normal, peak)
         assert recycle.requested() is None
-        recycle.request("test")
+        recycle.request("gpu", "test")
         assert billiard.pool.mem_rss() > 2**60
-        assert recycle.requested() == "test"
+        assert recycle.requested() == "gpu"
         print("ok")
         """
     )

@@ -160,7 +160,7 @@ def load(settings: Settings) -> Engine:
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load model {settings.model!r}: {exc}") from exc
     model.eval()
-    log.info("loaded %s on %s as %s in %.1f s", settings.model, device, dtype, time.perf_counter() - start)
+    log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
     return Engine(model, processor, device, dtype, settings.model)
 
 

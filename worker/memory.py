@@ -43,6 +43,11 @@ def gpu_stats(device: torch.device) -> dict[str, float] | None:
     }
 
 
+def allocated_bytes(device: torch.device) -> float:
+    """GPU memory held by live tensors now; 0 on CPU."""
+    return float(torch.cuda.memory_allocated(device)) if cuda_in_use(device) else 0.0
+
+
 def gpu_guard_limit_mb(device: torch.device, configured_mb: int) -> float | None:
     """The reserved-memory limit that triggers a recycle: the setting, or 90% of the card when it is 0."""
     if not cuda_in_use(device):

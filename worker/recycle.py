@@ -19,6 +19,9 @@ import os
 
 import billiard.pool
 
+from celeryconfig import settings
+from worker import metrics, status
+
 log = logging.getLogger(__name__)
 
 _requested: str | None = None
@@ -36,6 +39,11 @@ def current_rss_kb() -> int:
 
 
 def _mem_rss() -> int:
+    if _requested is None:
+        rss_kb = current_rss_kb()
+        limit_kb = settings.max_memory_per_child_mb * 1024
+        if limit_kb and rss_kb > limit_kb:
+            request("rss", f"resident memory {rss_kb // 1024} MB > GLYPHQ_MAX_MEMORY_PER_CHILD_MB={limit_kb // 1024}")
     return _OVER_ANY_LIMIT_KB if _requested is not None else current_rss_kb()
 
 
@@ -44,12 +52,20 @@ def install() -> None:
     billiard.pool.mem_rss = _mem_rss
 
 
-def request(reason: str) -> None:
-    """Replace this child once its current task's result has been handed over."""
+def request(reason: str, detail: str) -> None:
+    """Replace this child once its current task's result has been handed over.
+
+    ``reason`` is ``tasks``, ``rss`` or ``gpu``; it is counted in the metrics and the worker status.
+    """
     global _requested
-    if _requested is None:
-        log.warning("recycling this worker child after the current task: %s", reason)
-        _requested = reason
+    if _requested is not None:
+        return
+    _requested = reason
+    log.info("replacing this worker child after the current task (%s): %s", reason, detail)
+    metrics.recycled(reason)
+    reasons = dict(status.read().get("recycles_by_reason") or {})
+    reasons[reason] = reasons.get(reason, 0) + 1
+    status.publish(recycles_by_reason=reasons)
 
 
 def requested() -> str | None:

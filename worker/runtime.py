@@ -17,7 +17,7 @@ from celeryconfig import settings
 from producer.images import check_image_bytes, decode_image
 from producer.schema import JobMessage
 from producer.store import Store
-from worker import recycle
+from worker import metrics, recycle, status
 from worker.errors import BlobMissing, PoisonJob
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def init_child() -> None:
 
     recycle.install()
     _task_index = 0
+    start = time.perf_counter()
     try:
         _engine = engine.load(settings)
     except Exception:
@@ -65,6 +66,12 @@ def init_child() -> None:
     # Everything alive now lives as long as the child; keep it out of every later collection.
     gc.collect()
     gc.freeze()
+    previous = status.read()
+    status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
+                   device_name=_device_name(_engine.device), task_index=0,
+                   children=int(previous.get("children", 0)) + 1, gpu=_gpu_section(_engine.device))
+    log.info("model ready: %s on %s as %s, loaded in %.1f s", settings.model, _engine.device, _engine.dtype,
+             time.perf_counter() - start)
 
 
 def _loaded_engine() -> Any:
@@ -76,10 +83,19 @@ def _loaded_engine() -> Any:
 def answer(raw_job: object, job_id: str) -> dict[str, Any]:
     """Answer one ``glyphq.answer`` job and return its result dict. Cleans up whatever happens."""
     global _task_index
+    _task_index += 1
+    try:
+        return _answer(raw_job, job_id)
+    finally:
+        status.publish(task_index=_task_index, last_job_at=time.time())
+        if _task_index >= settings.max_tasks_per_child:  # billiard replaces the child after this job
+            recycle.request("tasks", f"{_task_index} jobs (GLYPHQ_MAX_TASKS_PER_CHILD)")
+
+
+def _answer(raw_job: object, job_id: str) -> dict[str, Any]:
     from worker import memory
 
     started = time.time()
-    _task_index += 1
     store = Store(settings)
     runs = store.count_run(job_id)
     if runs > settings.max_deliveries:
@@ -102,6 +118,7 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
 
     if job.session:
         store.append_turn(job.session, job.question, result.answer)
+    status.publish(gpu=_gpu_section(eng.device))
     single = len(job.image_keys) == 1 and job.text_key is None
     output: dict[str, Any] = {
         "job_id": job_id,
@@ -129,6 +146,7 @@ def answer(raw_job: object, job_id: str) -> dict[str, Any]:
         output["text_tokens"] = text_tokens
         output["compression"] = (round(text_tokens / result.vision_tokens, 2)
                                  if text_tokens is not None and result.vision_tokens else None)
+    metrics.job_answered(output)
     return output
 
 
@@ -162,6 +180,24 @@ def _blob(store: Store, key: str) -> bytes:
 def _check_gpu_guard(device: Any, gpu: dict[str, float] | None) -> None:
     from worker import memory
 
+    if gpu is not None:
+        metrics.gpu_memory(memory.allocated_bytes(device), gpu["reserved_mb"] * memory.MB)
     limit = memory.gpu_guard_limit_mb(device, settings.gpu_guard_mb)
     if gpu is not None and limit is not None and gpu["reserved_mb"] > limit:
-        recycle.request(f"GPU reserved {gpu['reserved_mb']:.0f} MB after cleanup > guard {limit:.0f} MB")
+        recycle.request("gpu", f"GPU reserved {gpu['reserved_mb']:.0f} MB after cleanup > guard {limit:.0f} MB")
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _gpu_section(device: Any) -> dict[str, float] | None:
+    """Allocated, reserved and peak GPU memory in MB, for the worker status; None on CPU."""
+    from worker import memory
+
+    stats = memory.gpu_stats(device)
+    if stats is None:
+        return None
+    return {"allocated_mb": round(memory.allocated_bytes(device) / memory.MB, 1), **stats}
