@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # On CPU machines this exact version is a CPU build; any other request downloads CUDA wheels.
 # A GPU host overrides it, e.g. `make install TORCH=torch`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= worker,render,test,flower
+EXTRAS ?= worker,render,test,flower,examples
 
 .PHONY: install redis test lint demo samples clean
 
@@ -36,3 +36,9 @@ samples: install
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache
+
+# Soak: 2,000 jobs through a real redis-server and worker on the tiny model (about 5 minutes on 2 cores);
+# prints the figures and writes bench/results/soak.json. Not part of `make test` (marker `slow`).
+.PHONY: soak
+soak: install redis
+	$(PY) -m pytest -m slow tests/soak -s -p no:cacheprovider

@@ -57,6 +57,8 @@ class Settings:
 
     broker_url: str = "redis://localhost:6379/0"
     result_backend: str = "redis://localhost:6379/0"
+    sentinel_master: str = ""
+    sentinel_password: str = ""
     model: str = "zai-org/Glyph"
     device: str = "auto"
     max_image_size: tuple[int, int] = (1280, 720)
@@ -105,10 +107,15 @@ class Settings:
                 f"GLYPHQ_VISIBILITY_TIMEOUT={visibility} must be longer than GLYPHQ_TIME_LIMIT={time_limit}"
             )
         max_new_limit = _int(env, "GLYPHQ_MAX_NEW_TOKENS_LIMIT", cls.max_new_tokens_limit, minimum=1)
+        sentinel_master = _str(env, "GLYPHQ_SENTINEL_MASTER", cls.sentinel_master)
+        if broker.startswith("sentinel://") and not sentinel_master:
+            raise SettingsError("GLYPHQ_BROKER_URL is a sentinel:// URL: set GLYPHQ_SENTINEL_MASTER to its master")
         formats = _str(env, "GLYPHQ_IMAGE_FORMATS", ",".join(cls.image_formats))
         return cls(
             broker_url=broker,
             result_backend=_str(env, "GLYPHQ_RESULT_BACKEND", broker),
+            sentinel_master=sentinel_master,
+            sentinel_password=_str(env, "GLYPHQ_SENTINEL_PASSWORD", cls.sentinel_password),
             model=_str(env, "GLYPHQ_MODEL", cls.model),
             device=_str(env, "GLYPHQ_DEVICE", cls.device),
             max_image_size=parse_box(_str(env, "GLYPHQ_MAX_IMAGE_SIZE", "1280x720")),
@@ -188,21 +195,35 @@ worker_proc_alive_timeout = settings.model_load_timeout_s
 task_soft_time_limit = settings.soft_time_limit_s
 task_time_limit = settings.time_limit_s
 
-_redis_options = {
+_redis_options: dict[str, object] = {
     "global_keyprefix": KEY_PREFIX,
     "visibility_timeout": settings.visibility_timeout_s,
 }
+if settings.sentinel_master:  # GLYPHQ_BROKER_URL="sentinel://:pw@s1:26379/0;sentinel://:pw@s2:26379/0"
+    _redis_options["master_name"] = settings.sentinel_master
+    if settings.sentinel_password:
+        _redis_options["sentinel_kwargs"] = {"password": settings.sentinel_password}
 broker_transport_options = {
     **_redis_options,
     "queue_order_strategy": "priority",
     "priority_steps": list(range(PRIORITY_LEVELS)),
     "sep": ":",
+    # Look for messages whose visibility timeout has passed every 5 s (kombu's default is about every
+    # 100 s), so a job lost with its worker comes back soon after GLYPHQ_VISIBILITY_TIMEOUT.
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
 }
 result_backend_transport_options = dict(_redis_options)
 visibility_timeout = settings.visibility_timeout_s
 
 result_expires = settings.result_expires_s
 result_extended = True
+# Retry result reads and writes through a short Redis outage (about 17 s in all) instead of failing
+# at once. Without this, a job cancelled by a lost connection cannot record that it must run again,
+# and after the reconnect Celery takes it as revoked and acknowledges it: the job would be lost.
+result_backend_always_retry = True
+result_backend_max_retries = 15
+result_backend_max_sleep_between_retries_ms = 2000
 
 worker_send_task_events = True
 task_send_sent_event = True

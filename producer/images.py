@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from celeryconfig import Settings
 from producer.errors import InvalidJob
@@ -87,8 +87,8 @@ def check_image_bytes(data: bytes, settings: Settings) -> CheckedImage:
             f"refused as a decompression bomb; the limit is {settings.max_image_pixels} pixels "
             f"(GLYPHQ_MAX_IMAGE_PIXELS): {exc}",
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidJob("image", f"cannot be decoded: {exc}") from None
+    except Exception as exc:  # damaged files make Pillow's decoders raise almost anything
+        raise InvalidJob("image", f"cannot be decoded: {type(exc).__name__}: {exc}") from None
     return CheckedImage(data=data, format=fmt, width=width, height=height)
 
 

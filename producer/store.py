@@ -8,14 +8,18 @@ from __future__ import annotations
 import json
 import logging
 from functools import lru_cache
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.sentinel import Sentinel
 
 from celeryconfig import KEY_PREFIX, PRIORITY_LEVELS, Settings
 from producer.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
+
+CLAIM_TTL_S = 120
 
 # Drop this job's reference to a blob; delete the blob when no queued job refers to it any more.
 _RELEASE_BLOB = """
@@ -52,10 +56,38 @@ def session_key(session: str) -> str:
     return f"{KEY_PREFIX}session:{session}"
 
 
+_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}
+
+
 @lru_cache(maxsize=8)
-def client(url: str) -> redis.Redis:
-    """A Redis client for ``url`` (redis://, rediss:// or unix://), shared per URL."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+def client(url: str, sentinel_master: str = "", sentinel_password: str = "") -> redis.Redis:
+    """A Redis client for ``url``, shared per URL.
+
+    ``url`` is ``redis://``, ``rediss://``, ``unix://``, or Celery's Sentinel form
+    ``sentinel://:pw@h1:26379/0;sentinel://:pw@h2:26379/0``, whose password is the master's.
+    """
+    if not url.startswith("sentinel://"):
+        return redis.Redis.from_url(url, **_OPTIONS)
+    nodes: list[tuple[str, int]] = []
+    username = password = None
+    db = 0
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        nodes.append((parts.hostname or "localhost", parts.port or 26379))
+        username = username or (unquote(parts.username) if parts.username else None)
+        password = password or (unquote(parts.password) if parts.password else None)
+        if parts.path.strip("/"):
+            db = int(parts.path.strip("/"))
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(sentinel_master, db=db, username=username, password=password, **_OPTIONS)
+
+
+def settings_client(settings: Settings) -> redis.Redis:
+    """The client for ``settings``' broker, Sentinel master name and password included."""
+    return client(settings.broker_url, settings.sentinel_master, settings.sentinel_password)
 
 
 class Store:
@@ -63,11 +95,19 @@ class Store:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = client(settings.broker_url)
+        self.redis = settings_client(settings)
 
     def claim_job(self, job_id: str) -> bool:
-        """Claim ``job_id``; False if it was already submitted (and not yet expired)."""
-        return bool(self.redis.set(job_key(job_id), "1", nx=True, ex=self.settings.result_expires_s))
+        """Claim ``job_id`` for a short while; False if it was already submitted (and not yet expired).
+
+        The claim lasts ``CLAIM_TTL_S`` until ``confirm_job``: a producer that dies between claiming
+        and sending leaves an id that can be submitted again soon, not one stuck for days.
+        """
+        return bool(self.redis.set(job_key(job_id), "1", nx=True, ex=CLAIM_TTL_S))
+
+    def confirm_job(self, job_id: str) -> None:
+        """Keep the claim of a job that reached the queue as long as its result."""
+        self.redis.expire(job_key(job_id), self.settings.result_expires_s)
 
     def job_exists(self, job_id: str) -> bool:
         """True if ``job_id`` was submitted and its claim has not expired."""
@@ -130,7 +170,7 @@ class Store:
 
 def queue_depths(settings: Settings, queues: tuple[str, ...]) -> dict[str, int]:
     """Messages waiting on each queue, summed over its Redis priority sub-queues (``gpu``, ``gpu:1``...)."""
-    pipe = client(settings.broker_url).pipeline(transaction=False)
+    pipe = settings_client(settings).pipeline(transaction=False)
     for queue in queues:
         for suffix in [""] + [f":{p}" for p in range(1, PRIORITY_LEVELS)]:
             pipe.llen(f"{KEY_PREFIX}{queue}{suffix}")
@@ -141,6 +181,6 @@ def queue_depths(settings: Settings, queues: tuple[str, ...]) -> dict[str, int]:
 
 def unavailable(settings: Settings, exc: Exception) -> BrokerUnavailable:
     """A ``BrokerUnavailable`` naming the broker without its password."""
-    parts = urlsplit(settings.broker_url)
+    parts = urlsplit(settings.broker_url.split(";")[0])  # a sentinel:// URL lists several hosts
     where = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
     return BrokerUnavailable(f"cannot reach Redis at {where}: {exc}")

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
+from celery.exceptions import BackendError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -46,20 +47,22 @@ class Job:
     def state(self) -> str:
         """PENDING (queued), STARTED, SUCCESS, FAILURE, EXPIRED (its deadline passed before it started),
         or UNKNOWN for an id never submitted (or whose records expired)."""
-        state = str(self._async.state)
-        if state == "REVOKED" and "expired" in str(self._async.result):
-            return "EXPIRED"
-        if state == "PENDING":
-            try:
-                if not Store(default_settings).job_exists(self.id):
-                    return "UNKNOWN"
-            except redis.RedisError as exc:
-                raise unavailable(default_settings, exc) from exc
+        try:
+            state = str(self._async.state)
+            if state == "REVOKED" and "expired" in str(self._async.result):
+                return "EXPIRED"
+            if state == "PENDING" and not Store(default_settings).job_exists(self.id):
+                return "UNKNOWN"
+        except (redis.RedisError, BackendError) as exc:
+            raise unavailable(default_settings, exc) from exc
         return state
 
     def ready(self) -> bool:
-        """True once the job succeeded or failed."""
-        return bool(self._async.ready())
+        """True once the job succeeded, failed or expired."""
+        try:
+            return bool(self._async.ready())
+        except (redis.RedisError, BackendError) as exc:
+            raise unavailable(default_settings, exc) from exc
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait up to ``timeout`` seconds and return the result dict.
@@ -68,13 +71,15 @@ class Job:
         """
         try:
             value = self._async.get(timeout=timeout, propagate=False)
+            state, outcome = self._async.state, self._async.result
         except CeleryTimeoutError:
             raise JobTimeout(f"job {self.id} not finished after {timeout} s (state {self.state})") from None
-        if self._async.state == "REVOKED":
-            raise JobExpired(f"job {self.id} did not start before its deadline (or was revoked); it never ran")
-        if self._async.failed():
-            exc = self._async.result
-            raise JobFailed(self.id, type(exc).__name__, str(exc))
+        except (redis.RedisError, BackendError) as exc:
+            raise unavailable(default_settings, exc) from exc
+        if state == "REVOKED" and "expired" in str(outcome):
+            raise JobExpired(f"job {self.id} did not start before its deadline; it never ran")
+        if state in ("FAILURE", "REVOKED"):
+            raise JobFailed(self.id, type(outcome).__name__, str(outcome))
         return value
 
 
@@ -158,6 +163,10 @@ def enqueue(cfg: Settings, queue: str, job_id: str, sha256: str, data: bytes, se
     except (OperationalError, redis.RedisError) as exc:
         _undo(store, key, job_id)
         raise unavailable(cfg, exc) from exc
+    try:
+        store.confirm_job(job_id)
+    except redis.RedisError:  # the job is queued; only its guard against a second submit is shorter
+        log.warning("job %s is queued but its id claim could not be extended", job_id)
     log.debug("enqueued job %s", job_id)
     return Job(job_id)
 

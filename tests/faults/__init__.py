@@ -1,0 +1,1 @@
+"""Fault-injection scenarios: real redis-server, real celery worker subprocesses, the tiny model."""
