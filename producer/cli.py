@@ -1,7 +1,8 @@
 """The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
 
 Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input), 3 not finished yet, 4 Redis
-unreachable, 5 the queue is full.
+unreachable, 5 the queue is full. ``health``: 0 healthy, 1 not. ``batch``: 0 every line done, 1 some line
+failed, bad or unfinished, 2 usage error, 4 Redis unreachable, 130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     """Check the broker, a live worker on the queue and (queue gpu) its model; exit 0 only if all pass."""
     from producer.health import check_health
 
-    report = check_health(args.queue, timeout=args.timeout, node=args.node)
+    report = check_health(args.queue, timeout=args.timeout, node=args.node, broker_only=args.broker_only)
     _print(report.to_dict())
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", default="gpu", help="queue to check: gpu (default; checks the model too) or render")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for worker replies (default 3)")
     p.add_argument("--node", help="check only this worker, e.g. gpu0@$HOSTNAME (default: any worker)")
+    p.add_argument("--broker-only", action="store_true", help="check only that Redis answers")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("batch", help="run a JSON Lines file of jobs, resumably; results go to --out")

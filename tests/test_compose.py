@@ -63,3 +63,49 @@ def test_dockerfile_installs_worker_and_flower():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "'.[worker,render,flower]'" in dockerfile
     assert "USER glyphq" in dockerfile
+
+
+def _healthcheck_args(service: dict) -> list[str]:
+    """The arguments of the ``glyphq health`` call in a service's healthcheck (compose's $$ unescaped)."""
+    import shlex
+
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    words = shlex.split(test[1].replace("$$", "$"))
+    start = words.index("glyphq")
+    assert words[start + 1] == "health"
+    return words[start + 1:]
+
+
+def test_second_gpu_worker_is_the_first_on_gpu_1(compose):
+    services = compose["services"]
+    first, second = services["worker"], services["worker-gpu1"]
+    devices = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in (first, second)]
+    assert devices == [["0"], ["1"]]
+    nodes = [s["command"][s["command"].index("-n") + 1] for s in (first, second)]
+    assert nodes == ["gpu0@%h", "gpu1@%h"]
+
+    def normalized(service: dict) -> dict:
+        copy = yaml.safe_load(yaml.safe_dump(service))
+        copy["command"][copy["command"].index("-n") + 1] = "NODE"
+        copy["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = ["GPU"]
+        copy["healthcheck"]["test"] = ["NODE"]
+        return copy
+
+    assert normalized(first) == normalized(second), "worker-gpu1 should differ from worker only in GPU and name"
+
+
+def test_healthchecks_run_glyphq_health_for_each_node(compose):
+    from producer.cli import build_parser
+
+    services = compose["services"]
+    for name, queue, node in [("worker", "gpu", "gpu0@$HOSTNAME"), ("worker-gpu1", "gpu", "gpu1@$HOSTNAME"),
+                              ("render", "render", "render@$HOSTNAME")]:
+        args = build_parser().parse_args(_healthcheck_args(services[name]))
+        assert (args.command, args.queue, args.node) == ("health", queue, node), name
+        command = services[name]["command"]
+        assert command[command.index("-n") + 1] == node.replace("$HOSTNAME", "%h"), name
+    flower = build_parser().parse_args(_healthcheck_args(services["flower"]))
+    assert flower.command == "health" and flower.broker_only
+    assert "/healthcheck" in services["flower"]["healthcheck"]["test"][1]
+    assert services["worker"]["healthcheck"]["start_period"] in ("900s", "15m")
