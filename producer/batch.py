@@ -39,7 +39,7 @@ from kombu.exceptions import OperationalError
 
 from celeryconfig import Settings
 from celeryconfig import settings as default_settings
-from producer.errors import BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
+from producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
 from producer.store import Store, unavailable
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1,
 _BROKER_ERRORS = (BrokerUnavailable, redis.RedisError, OperationalError, ConnectionError, TimeoutError)
 
 
-class BatchUsageError(GlyphqError):
-    """The batch cannot start: a missing input file, an output that is the input, a bad window..."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from celeryconfig import settings as default_settings
-from producer.errors import BrokerUnavailable, InvalidJob, JobExpired, JobFailed, JobTimeout, QueueFull
+from producer.errors import (
+    BatchUsageError,
+    BrokerUnavailable,
+    InvalidJob,
+    JobExpired,
+    JobFailed,
+    JobTimeout,
+    QueueFull,
+)
 from producer.submit import Job, submit
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_NOT_READY, EXIT_UNAVAILABLE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4, 5
@@ -114,7 +122,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Run a JSON Lines file of jobs with a bounded window; resumable. Prints a summary."""
-    from producer.batch import BatchUsageError, run_batch
+    from producer.batch import run_batch
 
     try:
         summary = run_batch(args.file, args.out, window=args.window, timeout=args.timeout,

@@ -42,5 +42,9 @@ class JobFailed(GlyphqError):
         super().__init__(f"job {job_id} failed: {error_type}: {message}")
 
 
+class BatchUsageError(GlyphqError):
+    """Raised when a batch run cannot start: a missing input file, an output that is the input, a bad window."""
+
+
 class JobTimeout(GlyphqError, TimeoutError):
     """Raised by ``Job.result`` when the job has not finished within the given timeout."""
