@@ -172,3 +172,17 @@ def test_parent_preloads_torch_and_render_worker_does_not(start_worker):
     assert "preloaded torch and transformers" in gpu.log()
     assert "libtorch" not in Path(f"/proc/{render.proc.pid}/maps").read_text()
     assert "preloaded" not in render.log()
+
+
+def test_model_that_cannot_load_stops_the_worker_and_keeps_jobs(start_worker, tmp_path, redis_client):
+    job = submit(png_bytes(seed=130), "Kept for a worker that can load its model?", max_new_tokens=2)
+    worker = start_worker(wait=False, model=str(tmp_path / "no-such-model"))
+    try:
+        worker.proc.wait(timeout=90)
+    except Exception:
+        pytest.fail(f"worker still running after its model failed to load:\n{worker.log()[-2000:]}")
+    assert "failed to load; stopping the worker, queued jobs stay queued" in worker.log()
+    assert job.state == "PENDING"
+    assert Store(settings).runs(job.id) == 0
+    start_worker()
+    assert job.result(timeout=60)["answer"]
