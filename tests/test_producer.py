@@ -177,3 +177,14 @@ def test_result_times_out_with_job_timeout():
         job.result(timeout=0.5)
     assert time.monotonic() - start < 10
     app.control.purge()
+
+
+def test_flower_sees_a_summary_not_the_image(redis_client):
+    """Flower shows a task's ``kwargsrepr``: the blob key, its size and the question, never image bytes."""
+    image = png_bytes((900, 600), seed=71)
+    job = submit(image, "What is shown?")
+    (message,) = [json.loads(m) for m in queued_messages(redis_client) if job.id.encode() in m]
+    summary = message["headers"]["kwargsrepr"]
+    assert f"{len(image)} B, 900x600" in summary and "glyphq:blob:" in summary and "What is shown?" in summary
+    assert len(summary) < 300
+    app.control.purge()
