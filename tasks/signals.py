@@ -1,4 +1,4 @@
-"""Worker lifecycle hooks: pre-import in the parent, load the model in each child, release blobs.
+"""Worker lifecycle hooks: prepare the parent, load the model in each child, count jobs, release blobs.
 
 The handlers import ``worker`` lazily, so importing ``tasks`` from a web backend never pulls in torch.
 """
@@ -22,8 +22,9 @@ GPU_QUEUE = "gpu"
 
 
 @signals.celeryd_after_setup.connect
-def _preload_in_parent(instance: Any = None, **_: Any) -> None:
-    """In the worker's main process: import torch and transformers once, without touching CUDA.
+def _prepare_parent(instance: Any = None, **_: Any) -> None:
+    """In the worker's main process, before the pool forks: the shared status page, the metrics
+    server, and on a GPU worker torch and transformers imported once, without touching CUDA.
 
     ``celeryd_after_setup`` comes after ``-Q`` and logging are set up and before the pool forks.
     """
