@@ -63,6 +63,18 @@ def check_image_bytes(data: bytes, settings: Settings) -> CheckedImage:
     The pixel limit is checked before decoding, so a decompression bomb is refused after reading only
     its header.
     """
+    fmt, width, height, _ = _decode(data, settings, rgb=False)
+    return CheckedImage(data=data, format=fmt, width=width, height=height)
+
+
+def decode_checked_image(data: bytes, settings: Settings) -> Image.Image:
+    """The same checks as ``check_image_bytes``, returning the image (first frame) as RGB, decoded once."""
+    image = _decode(data, settings, rgb=True)[3]
+    assert image is not None
+    return image
+
+
+def _decode(data: bytes, settings: Settings, rgb: bool) -> tuple[str, int, int, Image.Image | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,6 +91,7 @@ def check_image_bytes(data: bytes, settings: Settings) -> CheckedImage:
                         f"{settings.max_image_pixels} (GLYPHQ_MAX_IMAGE_PIXELS)",
                     )
                 img.load()
+                return fmt, width, height, img.convert("RGB") if rgb else None
     except InvalidJob:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -89,16 +102,8 @@ def check_image_bytes(data: bytes, settings: Settings) -> CheckedImage:
         ) from None
     except Exception as exc:  # damaged files make Pillow's decoders raise almost anything
         raise InvalidJob("image", f"cannot be decoded: {type(exc).__name__}: {exc}") from None
-    return CheckedImage(data=data, format=fmt, width=width, height=height)
 
 
 def check_image(image: ImageInput, settings: Settings) -> CheckedImage:
     """Read and check ``image`` (a path, bytes or PIL image)."""
     return check_image_bytes(read_image_bytes(image, settings), settings)
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode checked bytes into an RGB image (first frame of an animation)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.seek(0)
-        return img.convert("RGB")

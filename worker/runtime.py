@@ -14,11 +14,11 @@ import traceback
 from typing import Any
 
 from celeryconfig import settings
-from producer.images import check_image_bytes, decode_image
+from producer.images import decode_checked_image
 from producer.schema import JobMessage
 from producer.store import Store
 from worker import metrics, recycle, status
-from worker.errors import BlobMissing, PoisonJob
+from worker.errors import PoisonJob
 
 log = logging.getLogger(__name__)
 
@@ -159,22 +159,15 @@ def _answer_one(eng: Any, store: Store, job: JobMessage) -> tuple[Any, list[dict
     from worker.engine import EngineJob, answer_within_memory
 
     start = time.perf_counter()
-    images = [decode_image(check_image_bytes(_blob(store, key), settings).data) for key in job.image_keys]
+    images = [decode_checked_image(store.require_blob(key), settings) for key in job.image_keys]
     history = store.session_turns(job.session, settings.history_turns) if job.session else []
     text_tokens = None
     if job.text_key is not None:
-        text_tokens = eng.count_text_tokens(_blob(store, job.text_key).decode("utf-8"))
+        text_tokens = eng.count_text_tokens(store.require_blob(job.text_key).decode("utf-8"))
     fetch_s = time.perf_counter() - start
     engine_job = EngineJob(images=images, question=job.question, max_new_tokens=job.max_new_tokens, history=history)
     (result,) = answer_within_memory(eng, [engine_job], settings.max_image_size)
     return result, history, text_tokens, fetch_s
-
-
-def _blob(store: Store, key: str) -> bytes:
-    data = store.get_blob(key)
-    if data is None:
-        raise BlobMissing(f"blob {key} is gone (expired after GLYPHQ_BLOB_TTL?)")
-    return data
 
 
 def _check_gpu_guard(device: Any, gpu: dict[str, float] | None) -> None:
