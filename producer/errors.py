@@ -32,6 +32,10 @@ class JobExpired(GlyphqError):
     """Raised by ``Job.result`` when the job's deadline passed before it started; it never ran."""
 
 
+class BlobMissing(GlyphqError):
+    """Raised when a job's blob (an image, a page or a document's text) has expired or was never stored."""
+
+
 class JobFailed(GlyphqError):
     """Raised by ``Job.result`` when the worker failed the job; ``error_type`` names the worker's error."""
 

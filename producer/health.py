@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from celeryconfig import Settings
 from celeryconfig import settings as default_settings
-from producer.store import Store
+from producer.store import Store, broker_location
 
 #: Queues whose workers load a model; the ``model`` check applies to these only.
 MODEL_QUEUES = frozenset({"gpu"})
@@ -55,17 +54,6 @@ class HealthReport:
                 "elapsed_s": round(self.elapsed_s, 3)}
 
 
-def _where(url: str) -> str:
-    """host:port/db of a broker URL, without its password."""
-    try:
-        parts = urlsplit(url.split(";")[0])
-        if parts.hostname:
-            return f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
-        return parts.path or url.split("://")[0]
-    except ValueError:
-        return "(unparsable URL)"
-
-
 def _skipped(why: str) -> dict[str, Any]:
     return {"ok": None, "skipped": why}
 
@@ -87,7 +75,7 @@ def check_health(queue: str = "gpu", timeout: float = DEFAULT_TIMEOUT_S, node: s
     report = HealthReport(queue=queue, checks=checks)
 
     # (a) the broker answers PING, within the timeout even if Redis accepts connections and then hangs.
-    where = _where(cfg.broker_url)
+    where = broker_location(cfg.broker_url)
     finished, _, exc = _bounded(lambda: Store(cfg).redis.ping(), timeout + 2.0)
     if not finished or exc is not None:
         why = f"no answer to PING within {timeout + 2.0:.0f} s" if not finished else f"{type(exc).__name__}: {exc}"

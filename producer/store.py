@@ -15,7 +15,7 @@ import redis
 from redis.sentinel import Sentinel
 
 from celeryconfig import KEY_PREFIX, PRIORITY_LEVELS, Settings
-from producer.errors import BrokerUnavailable
+from producer.errors import BlobMissing, BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,13 @@ class Store:
         pipe.execute()
         return key
 
+    def require_blob(self, key: str) -> bytes:
+        """The bytes under a blob key; ``BlobMissing`` if they expired or never existed."""
+        data = self.get_blob(key)
+        if data is None:
+            raise BlobMissing(f"blob {key} is gone (expired after GLYPHQ_BLOB_TTL?)")
+        return data
+
     def get_blob(self, key: str) -> bytes | None:
         """The bytes under a blob key, or None if it expired or never existed."""
         value = self.redis.get(key)
@@ -179,8 +186,17 @@ def queue_depths(settings: Settings, queues: tuple[str, ...]) -> dict[str, int]:
     return {q: int(sum(counts[i * per_queue:(i + 1) * per_queue])) for i, q in enumerate(queues)}
 
 
+def broker_location(url: str) -> str:
+    """host:port/db of a broker URL, without its password (the first host of a sentinel:// list)."""
+    try:
+        parts = urlsplit(url.split(";")[0])
+        if parts.hostname:
+            return f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
+        return parts.path or url.split("://")[0]
+    except ValueError:
+        return "(unparsable URL)"
+
+
 def unavailable(settings: Settings, exc: Exception) -> BrokerUnavailable:
     """A ``BrokerUnavailable`` naming the broker without its password."""
-    parts = urlsplit(settings.broker_url.split(";")[0])  # a sentinel:// URL lists several hosts
-    where = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
-    return BrokerUnavailable(f"cannot reach Redis at {where}: {exc}")
+    return BrokerUnavailable(f"cannot reach Redis at {broker_location(settings.broker_url)}: {exc}")

@@ -3,7 +3,9 @@
 This module imports no torch, so a producer can rebuild these exceptions from a stored result.
 """
 
-from producer.errors import GlyphqError
+from producer.errors import BlobMissing, GlyphqError
+
+__all__ = ["WorkerError", "ModelError", "PoisonJob", "BlobMissing"]  # BlobMissing is raised by producer.store
 
 
 class WorkerError(GlyphqError):
@@ -13,9 +15,6 @@ class WorkerError(GlyphqError):
 class ModelError(WorkerError):
     """Raised when the model failed to load or to generate (CUDA out of memory twice, for example)."""
 
-
-class BlobMissing(WorkerError):
-    """Raised when a job's image blob has expired or was never stored."""
 
 
 class PoisonJob(WorkerError):

@@ -13,7 +13,6 @@ from celeryconfig import Settings
 from producer.errors import InvalidJob
 from producer.schema import RenderRequest
 from producer.store import Store
-from worker.errors import BlobMissing
 from worker.render import InvalidRenderConfig, RenderConfig, png_bytes, render_pages
 
 log = logging.getLogger(__name__)
@@ -42,9 +41,7 @@ def render_document(raw_request: object, job_id: str, settings: Settings) -> dic
     request = RenderRequest.from_dict(raw_request)
     config = render_config(settings, request.render)
     store = Store(settings)
-    data = store.get_blob(request.text_key)
-    if data is None:
-        raise BlobMissing(f"blob {request.text_key} is gone (expired after GLYPHQ_BLOB_TTL?)")
+    data = store.require_blob(request.text_key)
     start = time.perf_counter()
     try:
         pages = render_pages(data.decode("utf-8"), config)
