@@ -114,7 +114,7 @@ def _answer(raw_job: object, job_id: str) -> dict[str, Any]:
     finally:
         cleanup_s = eng.cleanup()
         gpu = memory.gpu_stats(eng.device)
-        _check_gpu_guard(eng.device, gpu)
+        _record_gpu_memory(eng.device, gpu)
 
     if job.session:
         store.append_turn(job.session, job.question, result.answer)
@@ -170,7 +170,8 @@ def _answer_one(eng: Any, store: Store, job: JobMessage) -> tuple[Any, list[dict
     return result, history, text_tokens, fetch_s
 
 
-def _check_gpu_guard(device: Any, gpu: dict[str, float] | None) -> None:
+def _record_gpu_memory(device: Any, gpu: dict[str, float] | None) -> None:
+    """After cleanup: set the GPU memory gauges, and ask for a recycle when the GPU guard is crossed."""
     from worker import memory
 
     if gpu is not None:
