@@ -39,6 +39,13 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return default if raw is None or raw.strip() == "" else raw.strip()
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(env, name, default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def parse_box(text: str, name: str = "GLYPHQ_MAX_IMAGE_SIZE") -> tuple[int, int]:
     """Parse ``"1280x720"`` into ``(1280, 720)``."""
     parts = text.lower().replace("×", "x").split("x")
@@ -63,12 +70,16 @@ class Settings:
     device: str = "auto"
     max_image_size: tuple[int, int] = (1280, 720)
     max_tasks_per_child: int = 100
+    max_batch: int = 16
+    batch_delay_ms: int = 20
+    decode: str = "auto"
+    decode_max_tokens: int = 8192
     max_memory_per_child_mb: int = 16384
     gpu_guard_mb: int = 0
     history_turns: int = 3
     soft_time_limit_s: int = 300
     time_limit_s: int = 360
-    visibility_timeout_s: int = 660
+    visibility_timeout_s: int = 1020
     model_load_timeout_s: int = 600
     max_deliveries: int = 3
     result_expires_s: int = 7 * DAY_S
@@ -99,12 +110,17 @@ class Settings:
             raise SettingsError(
                 f"GLYPHQ_SOFT_TIME_LIMIT={soft_limit} must not exceed GLYPHQ_TIME_LIMIT={time_limit}"
             )
-        # Redis redelivers any message unacked for this long, so it must outlast the hard limit or a
-        # long job runs twice (celery#5935).
-        visibility = _int(env, "GLYPHQ_VISIBILITY_TIMEOUT", time_limit + 300, minimum=1)
-        if visibility <= time_limit:
+        # Redis redelivers any message unacked for this long, so it must outlast what an unacked job can
+        # take or a long job runs twice (celery#5935). With batching a job may wait behind the batch that
+        # is running and then run in its own, each up to the hard limit.
+        max_batch = _int(env, "GLYPHQ_MAX_BATCH", cls.max_batch, minimum=1, maximum=256)
+        batches = 2 if max_batch > 1 else 1
+        visibility = _int(env, "GLYPHQ_VISIBILITY_TIMEOUT", batches * time_limit + 300, minimum=1)
+        if visibility <= batches * time_limit:
             raise SettingsError(
                 f"GLYPHQ_VISIBILITY_TIMEOUT={visibility} must be longer than GLYPHQ_TIME_LIMIT={time_limit}"
+                + (f" times 2 (GLYPHQ_MAX_BATCH={max_batch}: a job may wait behind one batch, then run in its own)"
+                   if batches == 2 else "")
             )
         max_new_limit = _int(env, "GLYPHQ_MAX_NEW_TOKENS_LIMIT", cls.max_new_tokens_limit, minimum=1)
         sentinel_master = _str(env, "GLYPHQ_SENTINEL_MASTER", cls.sentinel_master)
@@ -120,6 +136,10 @@ class Settings:
             device=_str(env, "GLYPHQ_DEVICE", cls.device),
             max_image_size=parse_box(_str(env, "GLYPHQ_MAX_IMAGE_SIZE", "1280x720")),
             max_tasks_per_child=_int(env, "GLYPHQ_MAX_TASKS_PER_CHILD", cls.max_tasks_per_child, minimum=1),
+            max_batch=max_batch,
+            batch_delay_ms=_int(env, "GLYPHQ_BATCH_DELAY_MS", cls.batch_delay_ms, maximum=10_000),
+            decode=_choice(env, "GLYPHQ_DECODE", cls.decode, ("auto", "static", "generate")),
+            decode_max_tokens=_int(env, "GLYPHQ_DECODE_MAX_TOKENS", cls.decode_max_tokens, minimum=16),
             max_memory_per_child_mb=_int(env, "GLYPHQ_MAX_MEMORY_PER_CHILD_MB", cls.max_memory_per_child_mb),
             gpu_guard_mb=_int(env, "GLYPHQ_GPU_GUARD_MB", cls.gpu_guard_mb),
             history_turns=_int(env, "GLYPHQ_HISTORY_TURNS", cls.history_turns),

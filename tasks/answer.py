@@ -1,20 +1,43 @@
-"""The ``glyphq.*`` tasks: thin shells over the worker modules, which do the work in the worker child."""
+"""The ``glyphq.*`` tasks: thin shells over the worker modules, which do the work in the worker child.
+
+The two GPU tasks use the batching strategy (``tasks.batching``): jobs that are waiting together are
+answered in one batched generate, and each task body then returns its own job's result.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celeryconfig import settings
 from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from tasks.app import app
 
+BATCHING_STRATEGY = "tasks.batching:strategy"
 
-@app.task(name=ANSWER_TASK, bind=True)
+
+def image_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The job message of a ``glyphq.answer`` call."""
+    return job
+
+
+def pages_job(rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """The job message of a ``glyphq.answer_pages`` call: the question plus the rendered page blobs."""
+    pages = {"image_keys": rendered.get("page_keys"), "image_sizes": rendered.get("page_sizes"),
+             "image_bytes": rendered.get("page_bytes"), "render_s": rendered.get("render_s")}
+    return {**job, **pages}
+
+
+#: How each GPU task's arguments become the job message that ``worker.runtime`` answers.
+JOB_MESSAGE: dict[str, Callable[..., dict[str, Any]]] = {ANSWER_TASK: image_job, ANSWER_PAGES_TASK: pages_job}
+
+
+@app.task(name=ANSWER_TASK, bind=True, Strategy=BATCHING_STRATEGY)
 def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Answer one image + question job and return the result dict (see README, "Results")."""
     from worker import runtime  # torch lives only in the worker child, never in producers
 
-    return runtime.answer(job, job_id=self.request.id)
+    return runtime.answer(image_job(job), job_id=self.request.id)
 
 
 @app.task(name=RENDER_TASK, bind=True)
@@ -25,11 +48,9 @@ def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
     return pages.render_document(request, job_id, settings)
 
 
-@app.task(name=ANSWER_PAGES_TASK, bind=True)
+@app.task(name=ANSWER_PAGES_TASK, bind=True, Strategy=BATCHING_STRATEGY)
 def answer_pages(self: Any, rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """Answer a question over the pages that ``glyphq.render`` produced, all in one prompt, in order."""
     from worker import runtime
 
-    pages = {"image_keys": rendered.get("page_keys"), "image_sizes": rendered.get("page_sizes"),
-             "image_bytes": rendered.get("page_bytes"), "render_s": rendered.get("render_s")}
-    return runtime.answer({**job, **pages}, job_id=self.request.id)
+    return runtime.answer(pages_job(rendered, job), job_id=self.request.id)

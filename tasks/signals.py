@@ -37,6 +37,20 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
         from worker import runtime
 
         runtime.preload_parent()
+        _reserve_a_batch(instance)
+
+
+def _reserve_a_batch(worker: Any) -> None:
+    """Let a GPU worker reserve up to ``GLYPHQ_MAX_BATCH`` messages per child, so a batch can form.
+
+    The consumer exists by now but has not set its prefetch (QoS) yet. A render worker keeps Celery's
+    prefetch of one per child, so long renders spread over the render workers.
+    """
+    consumer = getattr(worker, "consumer", None)
+    if consumer is None or settings.max_batch == 1:
+        return
+    consumer.prefetch_multiplier = settings.max_batch
+    consumer.initial_prefetch_count = max(1, int(worker.concurrency or 1)) * settings.max_batch
 
 
 @signals.worker_process_init.connect

@@ -36,6 +36,8 @@ def test_result_backend_defaults_to_broker():
         ({"GLYPHQ_MAX_TASKS_PER_CHILD": "0"}, "must be at least 1"),
         ({"GLYPHQ_MAX_IMAGE_SIZE": "1280"}, "expected WIDTHxHEIGHT"),
         ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_VISIBILITY_TIMEOUT": "100"}, "must be longer than GLYPHQ_TIME_LIMIT"),
+        ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_VISIBILITY_TIMEOUT": "200"}, "GLYPHQ_TIME_LIMIT=100 times 2"),
+        ({"GLYPHQ_MAX_BATCH": "0"}, "GLYPHQ_MAX_BATCH=0: must be at least 1"),
         ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_SOFT_TIME_LIMIT": "200"}, "must not exceed GLYPHQ_TIME_LIMIT"),
     ],
 )
@@ -106,3 +108,12 @@ def test_no_environ_reads_outside_celeryconfig():
         if read.search(path.read_text())
     ]
     assert offenders == []
+
+
+def test_visibility_timeout_covers_two_batches_only_when_batching():
+    """A batched job may wait behind one batch and run in its own; unbatched, one hard limit is enough."""
+    assert Settings.from_env({"GLYPHQ_TIME_LIMIT": "100"}).visibility_timeout_s == 500
+    unbatched = Settings.from_env({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_MAX_BATCH": "1",
+                                   "GLYPHQ_VISIBILITY_TIMEOUT": "150"})
+    assert unbatched.visibility_timeout_s == 150
+    assert Settings.from_env({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_MAX_BATCH": "1"}).visibility_timeout_s == 400

@@ -44,6 +44,7 @@ class EngineResult:
     image_sizes_used: list[tuple[int, int]]
     preprocess_s: float
     generate_s: float
+    batch_size: int = 1
 
 
 def build_messages(question: str, history: list[dict[str, str]], images: int = 1) -> list[dict[str, Any]]:
@@ -73,6 +74,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self.image_token_id = getattr(processor, "image_token_id", None)
+        self.decoder: Any = None  # worker.decode.StaticDecoder when static decoding is on
 
     def answer(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
         """Answer ``jobs`` in one greedy ``generate``; every image (page) is fitted into ``box`` on its own."""
@@ -93,16 +95,9 @@ class Engine:
         preprocess_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        with torch.inference_mode():
-            output = self.model.generate(
-                **inputs,
-                max_new_tokens=max(job.max_new_tokens for job in jobs),
-                do_sample=False,
-                pad_token_id=self.pad_id,
-            )
-        prompt_len = inputs["input_ids"].shape[1]
-        new_tokens = [self._until_eos(row[prompt_len:].tolist())[: job.max_new_tokens]
-                      for row, job in zip(output, jobs, strict=True)]
+        generated = self.generate(inputs, max(job.max_new_tokens for job in jobs))
+        new_tokens = [self._until_eos(row.tolist())[: job.max_new_tokens]
+                      for row, job in zip(generated, jobs, strict=True)]
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
         if self.image_token_id is not None:
@@ -120,9 +115,21 @@ class Engine:
                 image_sizes_used=[image.size for image in images],
                 preprocess_s=preprocess_s * share,
                 generate_s=generate_s * share,
+                batch_size=len(jobs),
             )
             for text, n_in, n_vision, ids, images in zip(answers, tokens_in, vision, new_tokens, fitted, strict=True)
         ]
+
+    def generate(self, inputs: Any, max_new_tokens: int) -> torch.Tensor:
+        """Greedy new tokens (batch, n) for left-padded ``inputs``: static decoding when it is on and the
+        batch fits its cache, else ``model.generate``."""
+        batch, prompt_len = inputs["input_ids"].shape
+        if self.decoder is not None and self.decoder.fits(batch, prompt_len + max_new_tokens):
+            return self.decoder.generate(inputs, max_new_tokens, self.eos_ids)  # type: ignore[no-any-return]
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=self.pad_id)
+        return output[:, prompt_len:]
 
     def _until_eos(self, ids: list[int]) -> list[int]:
         for i, token in enumerate(ids):
@@ -161,19 +168,37 @@ def load(settings: Settings) -> Engine:
         raise ModelError(f"cannot load model {settings.model!r}: {exc}") from exc
     model.eval()
     log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
-    return Engine(model, processor, device, dtype, settings.model)
+    engine = Engine(model, processor, device, dtype, settings.model)
+    if settings.decode == "static" or (settings.decode == "auto" and device.type == "cuda"):
+        from worker.decode import StaticDecoder
+
+        engine.decoder = StaticDecoder(model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
+                                       max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id)
+    return engine
 
 
 def answer_within_memory(engine: Engine, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
-    """``engine.answer``, retried once with a smaller box after CUDA runs out of memory."""
-    boxes = [box, smaller_box(box)]
-    errors = []
-    for attempt in boxes:
-        try:
-            return engine.answer(jobs, attempt)
-        except torch.OutOfMemoryError as exc:
-            errors.append(f"{attempt[0]}x{attempt[1]}: {str(exc).splitlines()[0]}")
-        # Outside the except block, so the traceback and the activations it holds are gone.
-        engine.cleanup()
-        log.warning("CUDA out of memory with box %sx%s", *attempt)
-    raise ModelError("CUDA out of memory, also after retrying with a smaller image box: " + "; ".join(errors))
+    """``engine.answer``, made to fit when CUDA runs out of memory.
+
+    A batch that does not fit is answered in two halves, and so on down to single jobs; a single job
+    that does not fit is retried once with a smaller box, then fails with ``ModelError``.
+    """
+    try:
+        return engine.answer(jobs, box)
+    except torch.OutOfMemoryError as exc:
+        first_error = str(exc).splitlines()[0]
+    # Outside the except block, so the traceback and the activations it holds are gone.
+    engine.cleanup()
+    if len(jobs) > 1:
+        log.warning("CUDA out of memory with a batch of %d; answering it in halves", len(jobs))
+        half = len(jobs) // 2
+        return answer_within_memory(engine, jobs[:half], box) + answer_within_memory(engine, jobs[half:], box)
+    smaller = smaller_box(box)
+    log.warning("CUDA out of memory with box %sx%s; retrying with %sx%s", *box, *smaller)
+    try:
+        return engine.answer(jobs, smaller)
+    except torch.OutOfMemoryError as exc:
+        second_error = str(exc).splitlines()[0]
+    engine.cleanup()
+    raise ModelError(f"CUDA out of memory, also after retrying with a smaller image box: {box[0]}x{box[1]}: "
+                     f"{first_error}; {smaller[0]}x{smaller[1]}: {second_error}")

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 QUEUES = ("gpu", "render")
 
 _TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def serve(settings: Settings) -> None:
@@ -88,6 +89,8 @@ def _metrics() -> dict[str, Any]:
         "reserved": Gauge("glyphq_gpu_memory_reserved_bytes", "GPU memory reserved after the last job's cleanup",
                           multiprocess_mode="mostrecent"),
         "recycles": Counter("glyphq_recycles", "Worker children replaced, by reason", ["reason"]),
+        "batch_size": Histogram("glyphq_batch_size", "Jobs answered together in one generate",
+                                buckets=_BATCH_BUCKETS),
     }
 
 
@@ -114,6 +117,11 @@ def job_answered(result: dict[str, Any]) -> None:
     metric("preprocess").observe(timings["preprocess_s"])
     metric("generate").observe(timings["generate_s"])
     metric("tokens").inc(result["tokens_out"])
+
+
+def batch_answered(size: int) -> None:
+    """Record how many jobs one batched generate answered."""
+    metric("batch_size").observe(size)
 
 
 def gpu_memory(allocated_bytes: float, reserved_bytes: float) -> None:

@@ -1,4 +1,4 @@
-"""Per-process state of a GPU worker: preload in the parent, one engine per child, one job at a time.
+"""Per-process state of a GPU worker: preload in the parent, one engine per child, jobs answered in batches.
 
 ``tasks`` calls into this module; it is the only worker module that knows about jobs and Redis.
 """
@@ -11,7 +11,10 @@ import os
 import signal
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
+
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from celeryconfig import settings
 from producer.images import decode_checked_image
@@ -80,23 +83,102 @@ def _loaded_engine() -> Any:
     return _engine
 
 
+@dataclass
+class _Fetched:
+    """A job whose message checked out and whose blobs are fetched, ready to be answered."""
+
+    job_id: str
+    job: JobMessage
+    images: list[Any]
+    text_tokens: int | None
+    fetch_s: float
+    task_index: int
+
+
+_prepared: dict[str, Any] = {}  # job id -> result dict or the exception it fails with
+
+
+def prepare(jobs: list[tuple[str, object]]) -> None:
+    """Answer ``(job id, job message)`` pairs together; ``answer`` then hands out each job's outcome."""
+    _prepared.update(answer_batch(jobs))
+
+
+def forget_prepared() -> None:
+    """Drop outcomes no task picked up (a job Celery skipped, e.g. a duplicate)."""
+    _prepared.clear()
+
+
+def room() -> int:
+    """How many more jobs this child answers before it is replaced (0 once a recycle is requested)."""
+    return 0 if recycle.requested() else max(0, settings.max_tasks_per_child - _task_index)
+
+
 def answer(raw_job: object, job_id: str) -> dict[str, Any]:
-    """Answer one ``glyphq.answer`` job and return its result dict. Cleans up whatever happens."""
-    global _task_index
-    _task_index += 1
-    try:
-        return _answer(raw_job, job_id)
-    finally:
-        status.publish(task_index=_task_index, last_job_at=time.time())
-        if _task_index >= settings.max_tasks_per_child:  # billiard replaces the child after this job
-            recycle.request("tasks", f"{_task_index} jobs (GLYPHQ_MAX_TASKS_PER_CHILD)")
+    """The result dict of one job: prepared with its batch, or answered alone. Raises its failure."""
+    outcome = _prepared.pop(job_id) if job_id in _prepared else answer_batch([(job_id, raw_job)])[job_id]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome  # type: ignore[no-any-return]
 
 
-def _answer(raw_job: object, job_id: str) -> dict[str, Any]:
+def answer_batch(jobs: list[tuple[str, object]]) -> dict[str, Any]:
+    """Answer several jobs with as few batched generates as possible.
+
+    Returns each job id's result dict, or the exception that job fails with: a bad message or image,
+    a missing blob or a model error fails its own job only. Jobs of one session run in turn, so each
+    sees the turns before it. Cleans up once for the batch, whatever happens; then asks for a recycle
+    once this child has answered ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs.
+    """
     from worker import memory
 
+    global _task_index
     started = time.time()
     store = Store(settings)
+    eng = _loaded_engine()
+    outcomes: dict[str, Any] = {}
+    ready: list[_Fetched] = []
+    for job_id, raw_job in jobs:
+        _task_index += 1
+        try:
+            ready.append(_fetch(eng, store, job_id, raw_job))
+        except Exception as exc:
+            traceback.clear_frames(exc.__traceback__)
+            outcomes[job_id] = exc
+    memory.reset_peak(eng.device)
+    if ready and ready[0].task_index == 1:
+        # The end of a recycle as an operator sees it: this child is answering now.
+        log.info("first generate of this child starts (%d job(s))", len(ready))
+    answered: list[tuple[_Fetched, Any, list[dict[str, str]]]] = []
+    try:
+        for turn in _session_turns(ready):
+            histories = [store.session_turns(f.job.session, settings.history_turns) if f.job.session else []
+                         for f in turn]
+            results = _answer_isolated(eng, turn, histories)
+            for fetched, result, history in zip(turn, results, histories, strict=True):
+                if fetched.job.session and not isinstance(result, BaseException):
+                    store.append_turn(fetched.job.session, fetched.job.question, result.answer)
+                answered.append((fetched, result, history))
+            if turn:
+                metrics.batch_answered(len(turn))
+    finally:
+        cleanup_s = eng.cleanup()
+        gpu = memory.gpu_stats(eng.device)
+        _record_gpu_memory(eng.device, gpu)
+        status.publish(task_index=_task_index, last_job_at=time.time(), gpu=_gpu_section(eng.device))
+        if _task_index >= settings.max_tasks_per_child:  # billiard replaces the child after this batch
+            recycle.request("tasks", f"{_task_index} jobs (GLYPHQ_MAX_TASKS_PER_CHILD)")
+    for fetched, result, history in answered:
+        if isinstance(result, BaseException):
+            outcomes[fetched.job_id] = result
+            continue
+        output = _output(fetched, result, history, started, cleanup_s / max(1, len(answered)), gpu)
+        metrics.job_answered(output)
+        outcomes[fetched.job_id] = output
+    return outcomes
+
+
+def _fetch(eng: Any, store: Store, job_id: str, raw_job: object) -> _Fetched:
+    """Check the job (poison guard, message) and fetch its images and text; raise what fails it."""
     runs = store.count_run(job_id)
     if runs > settings.max_deliveries:
         raise PoisonJob(
@@ -104,24 +186,58 @@ def _answer(raw_job: object, job_id: str) -> dict[str, Any]:
             f"previous {runs - 1} runs (GLYPHQ_MAX_DELIVERIES={settings.max_deliveries}); not running it again"
         )
     job = JobMessage.from_dict(raw_job, settings)
-    eng = _loaded_engine()
-    memory.reset_peak(eng.device)
-    try:
-        result, history, text_tokens, fetch_s = _answer_one(eng, store, job)
-    except BaseException as exc:
-        traceback.clear_frames(exc.__traceback__)  # let the cleanup below free what those frames hold
-        raise
-    finally:
-        cleanup_s = eng.cleanup()
-        gpu = memory.gpu_stats(eng.device)
-        _record_gpu_memory(eng.device, gpu)
+    start = time.perf_counter()
+    images = [decode_checked_image(store.require_blob(key), settings) for key in job.image_keys]
+    text_tokens = None
+    if job.text_key is not None:
+        text_tokens = eng.count_text_tokens(store.require_blob(job.text_key).decode("utf-8"))
+    return _Fetched(job_id, job, images, text_tokens, time.perf_counter() - start, _task_index)
 
-    if job.session:
-        store.append_turn(job.session, job.question, result.answer)
-    status.publish(gpu=_gpu_section(eng.device))
+
+def _session_turns(ready: list[_Fetched]) -> list[list[_Fetched]]:
+    """Split a batch so that no two jobs of one session share a generate: the n-th job of each session
+    goes in the n-th group (jobs without a session all go in the first)."""
+    groups: list[list[_Fetched]] = [[]]
+    seen: dict[str, int] = {}
+    for fetched in ready:
+        session = fetched.job.session
+        index = seen.get(session, -1) + 1 if session else 0
+        if session:
+            seen[session] = index
+        while len(groups) <= index:
+            groups.append([])
+        groups[index].append(fetched)
+    return [group for group in groups if group]
+
+
+def _answer_isolated(eng: Any, batch: list[_Fetched], histories: list[list[dict[str, str]]]) -> list[Any]:
+    """Answer ``batch`` in one generate. If that fails, answer each job alone, so a job that breaks
+    the batch fails by itself. A time limit fails every job it interrupted."""
+    from worker.engine import EngineJob, answer_within_memory
+
+    engine_jobs = [EngineJob(images=f.images, question=f.job.question, max_new_tokens=f.job.max_new_tokens,
+                             history=history) for f, history in zip(batch, histories, strict=True)]
+    try:
+        return list(answer_within_memory(eng, engine_jobs, settings.max_image_size))
+    except SoftTimeLimitExceeded as exc:
+        traceback.clear_frames(exc.__traceback__)
+        return [exc] * len(batch)
+    except Exception as exc:
+        traceback.clear_frames(exc.__traceback__)
+        if len(batch) == 1:
+            return [exc]
+        log.warning("a batch of %d jobs failed (%s); answering each job alone", len(batch), exc)
+    eng.cleanup()
+    return [result for i in range(len(batch)) for result in _answer_isolated(eng, batch[i:i + 1], histories[i:i + 1])]
+
+
+def _output(fetched: _Fetched, result: Any, history: list[dict[str, str]], started: float, cleanup_s: float,
+            gpu: dict[str, float] | None) -> dict[str, Any]:
+    """The result dict of one answered job (see README, "Results")."""
+    job = fetched.job
     single = len(job.image_keys) == 1 and job.text_key is None
     output: dict[str, Any] = {
-        "job_id": job_id,
+        "job_id": fetched.job_id,
         "answer": result.answer,
         "model": settings.model,
         "tokens_in": result.tokens_in,
@@ -132,42 +248,21 @@ def _answer(raw_job: object, job_id: str) -> dict[str, Any]:
                             else [list(s) for s in result.image_sizes_used]),
         "timings": {
             "queue_s": round(max(0.0, started - job.submitted_at), 4),
-            "preprocess_s": round(fetch_s + result.preprocess_s, 4),
+            "preprocess_s": round(fetched.fetch_s + result.preprocess_s, 4),
             "generate_s": round(result.generate_s, 4),
             "cleanup_s": round(cleanup_s, 4),
         },
         "gpu": gpu,
-        "worker": {"pid": os.getpid(), "task_index": _task_index},
+        "worker": {"pid": os.getpid(), "task_index": fetched.task_index, "batch_size": result.batch_size},
         "session": {"id": job.session, "turns_used": len(history)} if job.session else None,
     }
     if job.text_key is not None:
         output["timings"]["render_s"] = job.render_s
         output["pages"] = len(job.image_keys)
-        output["text_tokens"] = text_tokens
-        output["compression"] = (round(text_tokens / result.vision_tokens, 2)
-                                 if text_tokens is not None and result.vision_tokens else None)
-    metrics.job_answered(output)
+        output["text_tokens"] = fetched.text_tokens
+        output["compression"] = (round(fetched.text_tokens / result.vision_tokens, 2)
+                                 if fetched.text_tokens is not None and result.vision_tokens else None)
     return output
-
-
-def _answer_one(eng: Any, store: Store, job: JobMessage) -> tuple[Any, list[dict[str, str]], int | None, float]:
-    """Fetch the job's images, history and text, and answer it.
-
-    Returns (result, history, text tokens or None, fetch seconds). Everything the job touched lives
-    in this frame, so it is unreferenced once this returns.
-    """
-    from worker.engine import EngineJob, answer_within_memory
-
-    start = time.perf_counter()
-    images = [decode_checked_image(store.require_blob(key), settings) for key in job.image_keys]
-    history = store.session_turns(job.session, settings.history_turns) if job.session else []
-    text_tokens = None
-    if job.text_key is not None:
-        text_tokens = eng.count_text_tokens(store.require_blob(job.text_key).decode("utf-8"))
-    fetch_s = time.perf_counter() - start
-    engine_job = EngineJob(images=images, question=job.question, max_new_tokens=job.max_new_tokens, history=history)
-    (result,) = answer_within_memory(eng, [engine_job], settings.max_image_size)
-    return result, history, text_tokens, fetch_s
 
 
 def _record_gpu_memory(device: Any, gpu: dict[str, float] | None) -> None:

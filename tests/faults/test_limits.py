@@ -58,9 +58,13 @@ def test_hard_time_limit_fails_the_job_and_replaces_the_child(start_worker, endl
     assert worker.proc.poll() is None
 
 
-@pytest.mark.parametrize(("time_limit", "visibility"), [(20, 20), (20, 10)], ids=["equal", "shorter"])
+@pytest.mark.parametrize(("time_limit", "visibility"), [(20, 20), (20, 10), (20, 40)],
+                         ids=["equal", "shorter", "within-two-batches"])
 def test_visibility_timeout_not_above_time_limit_is_refused(time_limit, visibility, tmp_path: Path):
-    """Scenario 7: GLYPHQ_VISIBILITY_TIMEOUT <= GLYPHQ_TIME_LIMIT stops the worker (and the producer) at start."""
+    """Scenario 7: GLYPHQ_VISIBILITY_TIMEOUT <= GLYPHQ_TIME_LIMIT stops the worker (and the producer) at start.
+
+    With batching (GLYPHQ_MAX_BATCH > 1, the default) it must also exceed twice the limit.
+    """
     env = {**os.environ, "GLYPHQ_TIME_LIMIT": str(time_limit), "GLYPHQ_SOFT_TIME_LIMIT": str(time_limit),
            "GLYPHQ_VISIBILITY_TIMEOUT": str(visibility)}
     commands = {

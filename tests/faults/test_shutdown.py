@@ -25,7 +25,7 @@ from faults.helpers import (
 )
 
 # Small limits, so that a message left unacknowledged by a dead worker comes back within the test.
-TIME_LIMIT, VISIBILITY_TIMEOUT = 10, 12
+TIME_LIMIT, VISIBILITY_TIMEOUT = 10, 21
 LIMITS = {"time_limit": TIME_LIMIT, "soft_time_limit": TIME_LIMIT, "visibility_timeout": VISIBILITY_TIMEOUT}
 
 

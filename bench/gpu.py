@@ -1,0 +1,308 @@
+"""GPU speed of glyphq on the Glyph-size model, in one go: decode, backlog, queue overhead, recycling.
+
+    python3 bench/gpu.py --out DIR [--jobs 1024] [--inprocess-jobs 256] [--max-batch 32] [--git-sha SHA]
+
+1. Builds the ``glyph-9b`` preset (GLM-4.1V-9B config, 10.3B params, random weights) if missing.
+2. In this process, with ``worker.engine.load`` (bf16 on the GPU):
+   - ``decode_ms_per_step_b1``: static decoding, one 1280x720 page, (t(136 tokens) - t(8 tokens)) / 128;
+     the same for plain ``generate`` (``naive_decode_ms_per_step_b1``).
+   - ``naive_tok_s``: plain ``generate``, batch 1, over the first jobs of the backlog.
+   - ``inprocess_jobs_s``: ``engine.answer`` in batches of ``--max-batch`` over the first
+     ``--inprocess-jobs`` jobs of the backlog (decode, fit, processor and generate, as the worker does).
+   - batched against alone: the tokens of 8 jobs answered together and one by one.
+3. Starts redis-server and a real ``celery -A tasks worker`` with ``GLYPHQ_MAX_BATCH=--max-batch`` and
+   recycling every ``--per-child`` jobs, enqueues ``--jobs`` page images of mixed sizes at once, and
+   waits for every result: ``backlog_tok_s``, ``queue_jobs_s``, the reserved GPU memory after cleanup
+   over the run, cleanup per job, and each recycle's downtime (the parent's log of the old child's
+   last result to the new child's first generate).
+
+Prints one table and writes ``h200.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_soak import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(1280, 720), (896, 504), (640, 480), (448, 448)]  # every job list cycles through these
+NEW_TOKENS = 128
+WEIGHTS_BYTES = 20.59e9
+
+
+def page(size: tuple[int, int], seed: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for line in range(size[1] // 28):
+        draw.text((20, 16 + 24 * line), f"Invoice {seed} line {line}: item {line * 13 % 7} total {seed * 7 + line} EUR",
+                  fill="black")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def job_list(count: int) -> list[tuple[bytes, str]]:
+    images = {(size, seed): page(size, seed) for size in SIZES for seed in range(8)}
+    return [(images[(SIZES[i % len(SIZES)], i % 8)], f"What is the total on invoice {i}?") for i in range(count)]
+
+
+def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
+    """Figures from calling the engine directly in this process."""
+    import torch
+    from PIL import Image
+
+    from celeryconfig import Settings
+    from worker.engine import EngineJob, load
+
+    env = {"GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_DECODE": "static"}
+    start = time.perf_counter()
+    engine = load(Settings.from_env(env))
+    load_s = time.perf_counter() - start
+    box = (1280, 720)
+
+    def engine_job(i: int, tokens: int = NEW_TOKENS) -> EngineJob:
+        data, question = jobs[i]
+        return EngineJob(images=[Image.open(io.BytesIO(data)).convert("RGB")], question=question,
+                         max_new_tokens=tokens)
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:  # noqa: ANN001
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    figures: dict = {"load_s": round(load_s, 2)}
+    decoder = engine.decoder
+    # Static decode at batch 1 on a 1280x720 page (job 0); the first call captures the graph.
+    capture = timed(lambda: engine.answer([engine_job(0, 8)], box))
+    figures["graph_capture_s_first_bucket"] = round(capture, 2)
+    short = min(timed(lambda: engine.answer([engine_job(0, 8)], box)) for _ in range(3))
+    long = min(timed(lambda: engine.answer([engine_job(0, 8 + NEW_TOKENS)], box)) for _ in range(3))
+    figures["decode_ms_per_step_b1"] = round((long - short) / NEW_TOKENS * 1000, 2)
+    out = engine.answer([engine_job(0, 8 + NEW_TOKENS)], box)[0]
+    figures["b1_tokens_out_check"] = out.tokens_out
+
+    # Plain generate, batch 1: per step, and tokens/s over the first jobs.
+    engine.decoder = None
+    short = timed(lambda: engine.answer([engine_job(0, 8)], box))
+    long = timed(lambda: engine.answer([engine_job(0, 8 + NEW_TOKENS)], box))
+    figures["naive_decode_ms_per_step_b1"] = round((long - short) / NEW_TOKENS * 1000, 2)
+    tokens, seconds = 0, 0.0
+    for i in range(args.naive_jobs):
+        t = time.perf_counter()
+        result = engine.answer([engine_job(i)], box)[0]
+        seconds += time.perf_counter() - t
+        tokens += result.tokens_out
+    figures["naive_tok_s"] = round(tokens / seconds, 1)
+    figures["naive_jobs"] = args.naive_jobs
+
+    # Batched against alone, static decoding, 8 jobs of mixed sizes.
+    engine.decoder = decoder
+    sample = [engine_job(i, 32) for i in range(8)]
+    together = engine.answer(sample, box)
+    alone = [engine.answer([job], box)[0] for job in sample]
+    same_prefix = []
+    for a, b in zip(together, alone, strict=True):
+        ids_a, ids_b = a.answer.split(), b.answer.split()
+        same_prefix.append(next((k for k, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b))))
+    figures["batched_equals_alone"] = sum(a.answer == b.answer for a, b in zip(together, alone, strict=True))
+    figures["batched_equals_alone_of"] = len(sample)
+    figures["batched_vs_alone_first_difference_words"] = same_prefix
+
+    # In-process throughput over the same kind of jobs as the queue: batches of max_batch.
+    count = args.inprocess_jobs
+    engine.answer([engine_job(i) for i in range(args.max_batch)], box)  # capture the full-batch graph
+    sync()
+    t = time.perf_counter()
+    produced = 0
+    for first in range(0, count, args.max_batch):
+        images_and_questions = [engine_job(i) for i in range(first, min(count, first + args.max_batch))]
+        produced += sum(r.tokens_out for r in engine.answer(images_and_questions, box))
+        engine.cleanup()
+    sync()
+    elapsed = time.perf_counter() - t
+    figures["inprocess_jobs_s"] = round(count / elapsed, 3)
+    figures["inprocess_tok_s"] = round(produced / elapsed, 1)
+    figures["graph_capture_s_total"] = round(decoder.capture_s, 2)
+    figures["graph_buckets"] = sorted(decoder.graphs)
+    del engine, decoder
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return figures
+
+
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
+
+
+def _stamp(line: str) -> float | None:
+    match = STAMP.match(line)
+    if not match:
+        return None
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def recycle_downtimes(log_text: str) -> list[float]:
+    """Seconds from the last job result logged before each child's first generate to that generate."""
+    downtimes, last_success, first_seen = [], None, False
+    for line in log_text.splitlines():
+        stamp = _stamp(line)
+        if stamp is None:
+            continue
+        if "succeeded in" in line:
+            last_success = stamp
+        elif "first generate of this child starts" in line:
+            if first_seen and last_success is not None:
+                downtimes.append(round(stamp - last_success, 3))
+            first_seen = True
+    return downtimes
+
+
+def through_queue(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
+    """Figures from a real worker answering the whole backlog through Redis (``GLYPHQ_BROKER_URL``)."""
+    workdir = Path(tempfile.mkdtemp(prefix="glyphq-bench-"))
+    port = int(os.environ["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
+    redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                                   "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_DECODE": "static", "PYTHONUNBUFFERED": "1"}
+    log_path = workdir / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n",
+                                   "bench@%h", "--without-mingle", "--without-gossip"], cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return _backlog(args, jobs, log_path)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+            redis_proc.kill()
+
+
+def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: Path) -> dict:
+    from celeryconfig import settings
+    from producer import GlyphqError, JobTimeout, submit
+    from producer.store import Store
+
+    # Wait for the first child to load, so the backlog measures answering, not the first load.
+    deadline = time.monotonic() + 300
+    while "model ready" not in log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker's model never loaded:\n" + log_path.read_text(errors="replace")[-3000:])
+        time.sleep(0.2)
+    handles = [submit(data, question, max_new_tokens=NEW_TOKENS) for data, question in jobs]
+    start = time.monotonic()
+    results, failures = [], []
+    for handle in handles:
+        remaining = args.budget_s - (time.monotonic() - start)
+        if remaining <= 0:
+            break
+        try:
+            results.append(handle.result(timeout=remaining))
+        except JobTimeout:
+            break
+        except GlyphqError as exc:
+            failures.append(str(exc))
+    wall = time.monotonic() - start
+    store = Store(settings)
+    runs = [store.runs(h.id) for h in handles[: len(results) + len(failures)]]
+    log_text = log_path.read_text(errors="replace")
+    reserved = [r["gpu"]["reserved_mb"] for r in results if r["gpu"]]
+    cleanup_ms = [r["timings"]["cleanup_s"] * 1000 for r in results]
+    downtimes = recycle_downtimes(log_text)
+    return {
+        "jobs": len(results),
+        "jobs_failed": len(failures),
+        "jobs_unfinished_in_budget": len(handles) - len(results) - len(failures),
+        "run_twice": sum(1 for n in runs if n > 1),
+        "queue_wall_s": round(wall, 1),
+        "queue_jobs_s": round(len(results) / wall, 3),
+        "backlog_tok_s": round(sum(r["tokens_out"] for r in results) / wall, 1),
+        "batch_size_mean": round(sum(r["worker"]["batch_size"] for r in results) / max(1, len(results)), 2),
+        "recycles": len({r["worker"]["pid"] for r in results}) - 1,
+        "recycle_downtime_s": max(downtimes, default=None),
+        "recycle_downtimes_s": downtimes,
+        "reserved_mb_min": min(reserved, default=None),
+        "reserved_mb_max": max(reserved, default=None),
+        "reserved_band_pct": (round((max(reserved) - min(reserved)) * 2**20 / WEIGHTS_BYTES * 100, 3)
+                              if reserved else None),
+        "cleanup_ms_per_task": round(sum(cleanup_ms) / len(cleanup_ms), 3) if cleanup_ms else None,
+        "job_ms_mean": round(wall / max(1, len(results)) * 1000, 2),
+        "failures_sample": failures[:3],
+        "worker_log_errors": [line for line in log_text.splitlines() if "ERROR" in line][:5],
+        "child_load_lines": [line[:160] for line in log_text.splitlines() if "model ready" in line][:6],
+        "capture_lines": [line[:160] for line in log_text.splitlines() if "decode graph" in line][:12],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", default="/tmp/glyph-9b")
+    parser.add_argument("--jobs", type=int, default=1024)
+    parser.add_argument("--inprocess-jobs", type=int, default=256)
+    parser.add_argument("--naive-jobs", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--per-child", type=int, default=256)
+    parser.add_argument("--budget-s", type=float, default=300)
+    parser.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
+    parser.add_argument("--skip-queue", action="store_true")
+    args = parser.parse_args()
+    # Before anything imports celeryconfig: the producer and the worker share these settings.
+    os.environ.update({"GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GLYPHQ_METRICS_PORT": "0",
+                       "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child),
+                       "GLYPHQ_MAX_QUEUE": str(10 * args.jobs)})
+
+    if not (Path(args.model_dir) / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "worker.tiny", args.model_dir, "--preset", "glyph-9b"], check=True,
+                       cwd=ROOT)
+    jobs = job_list(max(args.jobs, args.inprocess_jobs))
+    figures: dict = {"git_sha": args.git_sha, "max_batch": args.max_batch, "new_tokens": NEW_TOKENS,
+                     "sizes": [f"{w}x{h}" for w, h in SIZES]}
+    figures.update(in_process(args, jobs))
+    print("in-process:", json.dumps(figures), flush=True)
+    if not args.skip_queue:
+        figures.update(through_queue(args, jobs[: args.jobs]))
+        figures["queue_vs_inprocess"] = round(figures["queue_jobs_s"] / figures["inprocess_jobs_s"], 3)
+        figures["backlog_vs_naive"] = round(figures["backlog_tok_s"] / figures["naive_tok_s"], 1)
+        if figures["cleanup_ms_per_task"] is not None:
+            figures["cleanup_pct_of_job"] = round(figures["cleanup_ms_per_task"] / figures["job_ms_mean"] * 100, 3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "h200.json").write_text(json.dumps(figures, indent=2))
+    keys = ["decode_ms_per_step_b1", "naive_decode_ms_per_step_b1", "backlog_tok_s", "naive_tok_s", "backlog_vs_naive",
+            "queue_vs_inprocess", "recycle_downtime_s", "reserved_band_pct", "cleanup_ms_per_task",
+            "cleanup_pct_of_job", "jobs", "git_sha"]
+    print(f"\nglyphq on the H200: glyph-9b, bf16, batch up to {args.max_batch}, {NEW_TOKENS} new tokens per job")
+    for key in keys:
+        print(f"  {key:<30} {figures.get(key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Micro-batching of the ``gpu`` queue inside one worker: jobs that are already waiting run as one batch.
+
+Celery hands a prefork child one task at a time. For the GPU tasks this module replaces Celery's
+execution strategy (``Task.Strategy``) with one that keeps each received request in the worker's main
+process, in a :class:`Batcher`. When the child is idle the batcher sends it up to
+``GLYPHQ_MAX_BATCH`` waiting requests, most urgent first, as one pool job (:func:`run_batch`). It
+waits at most ``GLYPHQ_BATCH_DELAY_MS`` after the oldest waiting request for stragglers.
+
+Everything else stays Celery's, per job: the request objects, task-received/started/succeeded
+events (Flower), the result of each job stored by Celery's tracer in the child, task signals, and
+late acknowledgement. Each request is acknowledged only after the child has returned its batch, so
+a child killed in the middle of a batch puts every job of it back on the queue
+(``task_reject_on_worker_lost``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from celery import states
+from celery.app.trace import loads_message, trace_task_ret
+from celery.worker import state as worker_state
+from celery.worker.strategy import default as default_strategy
+from kombu.serialization import prepare_accept_content
+
+from celeryconfig import settings
+
+log = logging.getLogger(__name__)
+
+#: The pickled form of one request that crosses to the child: Celery's trace arguments.
+TraceArgs = tuple[str, str, dict[str, Any], Any, str, str]
+
+
+@dataclass
+class _Waiting:
+    request: Any  # celery.worker.request.Request
+    since: float
+
+
+class Batcher:
+    """Holds the GPU requests a worker has received and sends them to its pool child in batches.
+
+    Lives in the worker's main process and runs on its event loop, so it needs no locks.
+    """
+
+    def __init__(self, consumer: Any, max_batch: int, delay_s: float) -> None:
+        self.consumer = consumer
+        self.task_names: set[str] = set()
+        self.pool = consumer.pool
+        self.timer = consumer.timer
+        self.max_batch = max_batch
+        self.delay_s = delay_s
+        self.waiting: list[_Waiting] = []
+        self.running = 0
+        # Jobs the child may still take before it is replaced (GLYPHQ_MAX_TASKS_PER_CHILD); None: a new child.
+        self.room: int | None = None
+        self._wakeup: Any = None
+
+    def add(self, request: Any) -> None:
+        """Take a request that Celery's strategy accepted (not revoked, not expired, no ETA)."""
+        self.waiting.append(_Waiting(request, time.monotonic()))
+        self.maybe_flush()
+
+    def maybe_flush(self) -> None:
+        """Send a batch when the child is idle and the batch is full or its stragglers' time is up."""
+        if self.running or not self.waiting or worker_state.should_stop or worker_state.should_terminate:
+            return
+        due = self.waiting[0].since + self.delay_s
+        if len(self.waiting) >= self.max_batch or time.monotonic() >= due:
+            self.flush()
+        elif self._wakeup is None:
+            self._wakeup = self.timer.call_after(max(0.0, due - time.monotonic()), self._on_wakeup)
+
+    def _on_wakeup(self) -> None:
+        self._wakeup = None
+        self.maybe_flush()
+
+    def take(self) -> list[Any]:
+        """Remove and return the next batch: the most urgent waiting requests, oldest first within a priority.
+
+        The batch is no larger than the child's room, so recycling still counts jobs.
+        """
+        size = min(self.max_batch, self.room or settings.max_tasks_per_child)
+        order = sorted(range(len(self.waiting)), key=lambda i: (_redis_priority(self.waiting[i].request), i))
+        chosen = set(order[:size])
+        batch = [w.request for i, w in enumerate(self.waiting) if i in chosen]
+        self.waiting = [w for i, w in enumerate(self.waiting) if i not in chosen]
+        return [request for request in batch if not request.revoked()]  # revoked() acks and records it
+
+    def flush(self) -> None:
+        """Send the next batch to the pool (it queues there if the child is still busy)."""
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        batch = self.take()
+        if not batch:
+            self.maybe_flush()
+            return
+        self.running += 1
+        callbacks = _BatchCallbacks(self, batch)
+        try:
+            result = self.pool.apply_async(
+                run_batch,
+                args=([_trace_args(request) for request in batch],),
+                accept_callback=callbacks.on_accepted,
+                timeout_callback=callbacks.on_timeout,
+                callback=callbacks.on_success,
+                error_callback=callbacks.on_failure,
+                soft_timeout=settings.soft_time_limit_s,
+                timeout=settings.time_limit_s,
+                correlation_id=batch[0].id,
+            )
+        except Exception:
+            self.running -= 1
+            # Back to the front: these messages are still unacked and will run with the next batch.
+            self.waiting[:0] = [_Waiting(request, 0.0) for request in batch]
+            raise
+        for request in batch:
+            request._apply_result = weakref.ref(result)  # lets `revoke --terminate` and cancel find it
+        log.debug("sent a batch of %d job(s) to the pool", len(batch))
+
+    def finished(self, room: int | None) -> None:
+        """Called when the pool is done with a batch, whatever the outcome, with the child's room left."""
+        self.running -= 1
+        self.room = room or None  # 0: that child is being replaced, the next one starts empty
+        self.maybe_flush()
+
+
+class _BatchCallbacks:
+    """Pool callbacks for one batch, fanned out to Celery's per-request handlers."""
+
+    def __init__(self, batcher: Batcher, batch: list[Any]) -> None:
+        self.batcher = batcher
+        self.batch = batch
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        for request in self.batch:
+            request.on_accepted(pid, time_accepted)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        for request in self.batch:
+            request.on_timeout(soft, timeout)
+
+    def on_success(self, returned: tuple[list[Any], int]) -> None:
+        outcomes, room = returned
+        try:
+            for request, outcome in zip(self.batch, outcomes, strict=True):
+                request.on_success(outcome)
+        finally:
+            self.batcher.finished(room)
+
+    def on_failure(self, exc_info: Any) -> None:
+        # The child died or hit the hard time limit: Celery decides per job (requeue when lost).
+        try:
+            for request in self.batch:
+                request.on_failure(exc_info)
+        finally:
+            self.batcher.finished(None)
+
+
+def _redis_priority(request: Any) -> int:
+    """The message's Redis priority (0 is most urgent, see ``producer.submit``)."""
+    priority = (request.delivery_info or {}).get("priority")
+    return int(priority) if isinstance(priority, int) else 9
+
+
+def _trace_args(request: Any) -> TraceArgs:
+    return (request._type, request.id, request._request_dict, request._body, request._content_type,
+            request._content_encoding)
+
+
+def run_batch(batch: list[TraceArgs]) -> tuple[list[Any], int]:
+    """In the pool child: answer every job of the batch at once, then let Celery trace each job.
+
+    The jobs are answered together first (``worker.runtime.prepare``); Celery's tracer then runs
+    each task body, which picks up its prepared result or failure, stores it, and fires the task
+    signals, exactly as for a job that ran alone. Returns Celery's per-job outcome tuples, and how
+    many more jobs this child takes before it is replaced.
+    """
+    from tasks.answer import JOB_MESSAGE
+    from tasks.app import app
+    from worker import runtime
+
+    jobs: list[tuple[str, object]] = []
+    for name, task_id, request, body, content_type, content_encoding in batch:
+        if (request.get("delivery_info") or {}).get("redelivered") and _succeeded(app, task_id):
+            continue  # Celery's tracer skips it (worker_deduplicate_successful_tasks)
+        try:
+            args, kwargs = _decode(app, body, content_type, content_encoding)
+            jobs.append((task_id, JOB_MESSAGE[name](*args, **kwargs)))
+        except Exception:  # noqa: S112  (the task body fails the same way when Celery calls it)
+            continue
+        if app.conf.task_track_started:  # the tracer would mark it only after the batch is answered
+            app.backend.store_result(task_id, {"pid": os.getpid(), "hostname": request.get("hostname")},
+                                     states.STARTED)
+    runtime.prepare(jobs)
+    try:
+        return [trace_task_ret(*args, app=app) for args in batch], runtime.room()
+    finally:
+        runtime.forget_prepared()
+
+
+def _succeeded(app: Any, task_id: str) -> bool:
+    try:
+        return bool(app.backend.get_state(task_id) == states.SUCCESS)
+    except Exception:  # noqa: BLE001  (unknown: let the tracer decide, as it does for a single job)
+        return False
+
+
+def _decode(app: Any, body: Any, content_type: str, content_encoding: str
+            ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if content_type:
+        accept = prepare_accept_content(app.conf.accept_content)
+        args, kwargs, _embed = loads_message(body, content_type, content_encoding, accept=accept)
+    else:
+        args, kwargs, _embed = body
+    return tuple(args), dict(kwargs)
+
+
+class _BatchingConsumer:
+    """The consumer as Celery's default strategy sees it, except that ready requests go to a batcher."""
+
+    def __init__(self, consumer: Any, batcher: Batcher) -> None:
+        self._consumer = consumer
+        self.on_task_request = batcher.add
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+_current: Batcher | None = None
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """``Task.Strategy`` for the GPU tasks: Celery's default strategy, feeding one batcher per consumer.
+
+    Both GPU tasks share the batcher, so image and document jobs batch together. Celery builds the
+    strategies again each time the consumer (re)connects; that starts a new batcher. The requests
+    the old one still held belong to the lost connection, and Redis delivers their messages again.
+    """
+    global _current
+    if _current is None or _current.consumer is not consumer or task.name in _current.task_names:
+        _current = Batcher(consumer, settings.max_batch, settings.batch_delay_ms / 1000)
+    _current.task_names.add(task.name)
+    return default_strategy(task, app, _BatchingConsumer(consumer, _current), **kwargs)

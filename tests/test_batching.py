@@ -1,0 +1,116 @@
+"""Micro-batching of the gpu queue: a real redis-server, a real worker subprocess, the tiny model.
+
+Jobs are queued before the worker starts, so they are waiting together and form batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import time
+
+import pytest
+from PIL import Image
+
+from celeryconfig import settings
+from producer import Job, JobFailed, submit
+from producer.schema import ANSWER_TASK
+from producer.store import Store, blob_key, queue_depths
+from tasks.app import app
+from tests.conftest import png_bytes, raw_job, wait_until
+from worker.engine import EngineJob, load
+
+QUESTIONS = ["What is this?", "Describe the picture in a few words please", "Colour?", "Is there text on it"]
+
+
+def _jobs(count: int, tokens: int = 12, seed: int = 100) -> list:
+    return [submit(png_bytes(size=(320 + 40 * i, 240 + 16 * i), seed=seed + i), QUESTIONS[i % len(QUESTIONS)],
+                   max_new_tokens=tokens + i) for i in range(count)]
+
+
+def test_engine_batch_equals_each_job_alone(tiny_model):
+    """Left padding must not change a row: the same tokens batched as alone (float32 on CPU)."""
+    engine = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model)}))
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(size=(200 + 60 * i, 150 + 30 * i), seed=i)))],
+                      question=QUESTIONS[i], max_new_tokens=10 + 3 * i) for i in range(4)]
+    together = engine.answer(jobs, (1280, 720))
+    alone = [engine.answer([job], (1280, 720))[0] for job in jobs]
+    assert [r.answer for r in together] == [r.answer for r in alone]
+    assert [r.tokens_out for r in together] == [r.tokens_out for r in alone]
+    assert [r.tokens_in for r in together] == [r.tokens_in for r in alone]
+    assert {r.batch_size for r in together} == {4} and {r.batch_size for r in alone} == {1}
+    assert len({r.tokens_in for r in together}) > 1, "prompts of different lengths, so some rows are padded"
+
+
+def test_batched_answers_equal_unbatched(start_worker):
+    unbatched_jobs = _jobs(6)
+    worker = start_worker(max_batch=1, batch_delay_ms=0)
+    unbatched = [job.result(timeout=120) for job in unbatched_jobs]
+    worker.stop()
+
+    batched_jobs = _jobs(6)  # the same images and questions
+    start_worker(max_batch=4, batch_delay_ms=200)
+    batched = [job.result(timeout=120) for job in batched_jobs]
+
+    assert {r["worker"]["batch_size"] for r in unbatched} == {1}
+    assert max(r["worker"]["batch_size"] for r in batched) == 4
+    assert [r["answer"] for r in batched] == [r["answer"] for r in unbatched]
+    assert [r["tokens_out"] for r in batched] == [r["tokens_out"] for r in unbatched]
+    assert [r["tokens_out"] for r in batched] == [12 + i for i in range(6)], "each job keeps its own max_new_tokens"
+
+
+def test_bad_job_in_a_batch_fails_alone(start_worker, redis_client):
+    good = _jobs(3)
+    missing = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(blob_key("ab" * 32))}, queue="gpu")
+    broken_bytes = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # a PNG signature with nothing behind it
+    broken_key = blob_key(hashlib.sha256(broken_bytes).hexdigest())
+    redis_client.set(broken_key, broken_bytes)
+    broken = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(broken_key)}, queue="gpu")
+    more = _jobs(2, seed=200)
+    worker = start_worker(max_batch=8, batch_delay_ms=300)
+
+    with pytest.raises(Exception, match="blob"):
+        missing.get(timeout=60)
+    with pytest.raises(Exception, match="image"):
+        broken.get(timeout=60)
+    results = [job.result(timeout=60) for job in good + more]
+    assert all(r["answer"] for r in results)
+    assert {r["worker"]["batch_size"] for r in results} == {5}, "the good jobs answered together"
+    assert len({r["worker"]["pid"] for r in results}) == 1
+    assert worker.proc.poll() is None
+    with pytest.raises(JobFailed, match="blob"):
+        Job(missing.id).result(timeout=5)
+
+
+def test_sigkill_in_the_middle_of_a_batch_loses_nothing(start_worker, endless_model):
+    jobs = [submit(png_bytes(seed=300 + i), "A long answer please", max_new_tokens=600) for i in range(4)]
+    worker = start_worker(model=endless_model, max_batch=4, batch_delay_ms=500)
+    store = Store(settings)
+    assert wait_until(lambda: all(store.runs(j.id) == 1 and j.state == "STARTED" for j in jobs), 90), \
+        "the batch never started"
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+
+    results = [job.result(timeout=300) for job in jobs]
+    assert all(r["tokens_out"] == 600 for r in results)
+    assert {r["worker"]["pid"] for r in results}.isdisjoint({child})
+    assert [store.runs(j.id) for j in jobs] == [2, 2, 2, 2], "each job ran again exactly once"
+
+
+def test_batch_of_one_without_delay_behaves_unbatched(start_worker, endless_model, redis_client):
+    """GLYPHQ_MAX_BATCH=1 and GLYPHQ_BATCH_DELAY_MS=0: one job per generate, the rest left in Redis."""
+    long_job = submit(png_bytes(seed=400), "A long answer please", max_new_tokens=300, priority=5)
+    worker = start_worker(model=endless_model, max_batch=1, batch_delay_ms=0)
+    assert wait_until(lambda: long_job.state == "STARTED", 90)
+    low = [submit(png_bytes(seed=410 + i), "low", priority=0, max_new_tokens=3) for i in range(3)]
+    urgent = submit(png_bytes(seed=420), "urgent", priority=9, max_new_tokens=3)
+    time.sleep(1)
+    # Only the running job is reserved by the worker; the others wait in Redis, as without batching.
+    assert queue_depths(settings, ("gpu",))["gpu"] == 4
+    results = [job.result(timeout=180) for job in [long_job, urgent, *low]]
+    assert [r["worker"]["task_index"] for r in results] == [1, 2, 3, 4, 5], "urgent first, then in order"
+    assert {r["worker"]["batch_size"] for r in results} == {1}
+    assert len({r["worker"]["pid"] for r in results}) == 1
+    assert worker.proc.poll() is None

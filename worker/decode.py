@@ -1,0 +1,214 @@
+"""Greedy decoding with a static KV cache, each decode step replayed as one CUDA graph.
+
+Plain ``generate`` launches a few thousand small kernels per decode step from Python and waits on the
+GPU every step; on a 10B model the GPU mostly idles. Here the prompt is prefilled eagerly, copied into
+a preallocated cache, and then every decode step (embedding, all layers, lm_head, argmax, and the
+bookkeeping for the next step) is one ``CUDAGraph.replay()``. The host looks at the tokens only every
+``CHECK_EVERY`` steps, to stop once every row has ended.
+
+Shapes are bucketed so steady traffic reuses a few graphs: the batch is padded to a power of two (up
+to ``GLYPHQ_MAX_BATCH``) and the cache length to a power of two (up to ``GLYPHQ_DECODE_MAX_TOKENS``).
+One cache of the largest shape is allocated when the model loads; every bucket is a view of it, so
+GPU memory does not grow with traffic. A graph is captured the first time its bucket is used (a
+fraction of a second); nothing is compiled, so a new child has nothing to warm up but that.
+
+On CPU the same steps run without a graph, which is how the suite checks them against ``generate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 16  # decode steps between looks at the tokens (each look waits for the GPU)
+MIN_CACHE_LEN = 256
+
+
+def bucket(n: int, limit: int, floor: int = 1) -> int:
+    """The smallest power of two (at least ``floor``) that holds ``n``, but never more than ``limit``."""
+    size = floor
+    while size < n:
+        size *= 2
+    return max(n, min(size, limit))
+
+
+@dataclass
+class _Graph:
+    """One captured decode step for a (batch, cache length) bucket, with the buffers it reads and writes."""
+
+    cache: Any
+    tokens: torch.Tensor  # (B, 1) the token each row feeds in next
+    positions: torch.Tensor  # (B, 1) its position
+    valid: torch.Tensor  # (B, L) bool: cache slots a row may attend to (its padding is False)
+    step: torch.Tensor  # () index into ``history`` of the token being produced
+    history: torch.Tensor  # (B, T) generated tokens
+    graph: torch.cuda.CUDAGraph | None
+    run: Any  # the step itself, for CPU (no graph)
+
+
+class StaticDecoder:
+    """Greedy decoding over a model's static cache; ``generate(inputs, max_new_tokens)`` like ``model.generate``.
+
+    Works for decoder models whose multimodal wrapper takes ``position_ids`` of shape (B, 1) for text
+    tokens and keeps any rope offset of the prompt in ``model.model.rope_deltas`` (GLM-4V, Qwen-VL),
+    or has none (LLaVA over Llama).
+    """
+
+    def __init__(self, model: Any, max_batch: int, max_tokens: int, max_new_tokens: int, pad_id: int) -> None:
+        self.model = model
+        self.device = model.device
+        self.use_graphs = self.device.type == "cuda"
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = pad_id
+        self.cache = self._allocate(max_batch, max_tokens)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.capture_s = 0.0
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    def fits(self, batch: int, total_len: int) -> bool:
+        """Whether ``batch`` rows of ``total_len`` tokens (prompt and new) fit the preallocated cache."""
+        return batch <= self.max_batch and total_len <= self.max_tokens
+
+    def shape_for(self, batch: int, total_len: int) -> tuple[int, int]:
+        """The (batch, cache length) bucket for ``batch`` rows of up to ``total_len`` tokens."""
+        return bucket(batch, self.max_batch), bucket(total_len, self.max_tokens, MIN_CACHE_LEN)
+
+    def warm_up(self, shapes: list[tuple[int, int]]) -> float:
+        """Capture the graphs for ``shapes`` now (so the first jobs don't); return the seconds it took."""
+        start = time.perf_counter()
+        for rows, length in shapes:
+            self._graph(rows, length)
+        return time.perf_counter() - start
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict[str, Any], max_new_tokens: int, eos_ids: set[int]) -> torch.Tensor:
+        """Greedy tokens (B, n) after the prompt, for left-padded ``inputs``; rows stop at ``eos_ids``."""
+        mask = inputs["attention_mask"]
+        batch, prompt_len = mask.shape
+        rows, length = self.shape_for(batch, prompt_len + max_new_tokens)
+        state = self._graph(rows, length)
+        first = self._prefill(inputs, state, prompt_len)
+
+        state.history[:batch, 0] = first
+        state.history[batch:, 0] = self.pad_id
+        state.tokens[:batch, 0] = first
+        state.tokens[batch:, 0] = self.pad_id
+        rope_deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+        start = mask.sum(dim=1, keepdim=True)
+        if rope_deltas is not None:
+            start = start + rope_deltas.to(start.device, start.dtype)
+        state.positions[:batch] = start
+        state.positions[batch:] = prompt_len
+        state.valid.fill_(True)
+        state.valid[:batch, :prompt_len] = mask.bool()
+        state.step.fill_(1)
+
+        eos = torch.tensor(sorted(eos_ids), device=self.device, dtype=torch.long)
+        produced = 1
+        while produced < max_new_tokens:
+            for _ in range(min(CHECK_EVERY, max_new_tokens - produced)):
+                if state.graph is not None:
+                    state.graph.replay()
+                else:
+                    state.run()
+                produced += 1
+            if eos.numel() and bool(torch.isin(state.history[:batch, :produced], eos).any(dim=1).all()):
+                break
+        return state.history[:batch, :produced].clone()
+
+    def _prefill(self, inputs: dict[str, Any], state: _Graph, prompt_len: int) -> torch.Tensor:
+        """Run the prompt eagerly, copy its keys and values into the static cache; return each row's first token."""
+        kwargs = dict(inputs)
+        if getattr(getattr(self.model, "model", None), "rope_deltas", "absent") == "absent":
+            # No rope offsets kept by the model: positions count real tokens only, as generate does.
+            kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        prompt_cache = DynamicCache(config=self.model.config)
+        out = self.model(**kwargs, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].argmax(dim=-1)
+        batch = first.shape[0]
+        statics: list[Any] = list(state.cache.layers)
+        for static, dynamic in zip(statics, list[Any](prompt_cache.layers), strict=True):
+            static.keys[:batch, :, :prompt_len].copy_(dynamic.keys)
+            static.values[:batch, :, :prompt_len].copy_(dynamic.values)
+            static.cumulative_length.fill_(prompt_len)
+        return first
+
+    # -- graphs ---------------------------------------------------------------------------------
+
+    def _allocate(self, rows: int, length: int) -> Any:
+        text = self.model.config.get_text_config(decoder=True)
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        cache.early_initialization(rows, heads, head_dim, self.model.dtype, self.device)
+        return cache
+
+    def _view(self, rows: int, length: int) -> Any:
+        """A cache over the first ``rows`` rows and ``length`` slots of the preallocated one (same memory)."""
+        view = StaticCache(config=self.model.config, max_cache_len=length)
+        views: list[Any] = list(view.layers)
+        for mine, full in zip(views, list[Any](self.cache.layers), strict=True):
+            mine.keys = full.keys[:rows, :, :length]
+            mine.values = full.values[:rows, :, :length]
+            mine.cumulative_length = torch.zeros_like(full.cumulative_length)
+            mine.device, mine.dtype, mine.is_initialized = full.device, full.dtype, True
+            mine.batch_size, mine.num_heads = rows, full.num_heads
+            mine.k_head_dim, mine.v_head_dim = full.k_head_dim, full.v_head_dim
+        return view
+
+    def _graph(self, rows: int, length: int) -> _Graph:
+        state = self.graphs.get((rows, length))
+        if state is not None:
+            return state
+        started = time.perf_counter()
+        cache = self._view(rows, length)
+        device = self.device
+        tokens = torch.full((rows, 1), self.pad_id, dtype=torch.long, device=device)
+        positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        valid = torch.ones((rows, length), dtype=torch.bool, device=device)
+        step = torch.ones((), dtype=torch.long, device=device)
+        history = torch.full((rows, self.max_new_tokens + 1), self.pad_id, dtype=torch.long, device=device)
+        slots = torch.arange(length, device=device)
+        written = cache.layers[0].cumulative_length
+
+        def run() -> None:
+            attend = (valid & (slots <= written))[:, None, None, :]
+            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=attend,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            chosen = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            history.index_copy_(1, step.view(1), chosen)
+            tokens.copy_(chosen)
+            positions.add_(1)
+            step.add_(1)
+
+        graph = None
+        if self.use_graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+                run()
+            cache.reset()
+        state = _Graph(cache, tokens, positions, valid, step, history, graph, run)
+        self.graphs[(rows, length)] = state
+        elapsed = time.perf_counter() - started
+        self.capture_s += elapsed
+        log.info("decode graph for batch %d, cache %d ready in %.2f s", rows, length, elapsed)
+        return state
