@@ -68,7 +68,8 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     from PIL import Image
 
     from celeryconfig import Settings
-    from worker.engine import EngineJob, load
+    from worker.engine import EngineJob, build_messages, load
+    from worker.images import fit_image
 
     env = {"GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_DECODE": "static"}
     start = time.perf_counter()
@@ -122,36 +123,53 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     sample = [engine_job(i, 32) for i in range(8)]
     together = engine.answer(sample, box)
     alone = [engine.answer([job], box)[0] for job in sample]
-    same_prefix = []
+    first_difference = []
     for a, b in zip(together, alone, strict=True):
-        ids_a, ids_b = a.answer.split(), b.answer.split()
-        same_prefix.append(next((k for k, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b))))
-    figures["batched_equals_alone"] = sum(a.answer == b.answer for a, b in zip(together, alone, strict=True))
+        pairs = list(zip(a.token_ids, b.token_ids, strict=False))
+        first_difference.append(next((k for k, (x, y) in enumerate(pairs) if x != y), None))
+    figures["batched_equals_alone"] = sum(a.token_ids == b.token_ids for a, b in zip(together, alone, strict=True))
     figures["batched_equals_alone_of"] = len(sample)
-    figures["batched_vs_alone_first_difference_words"] = same_prefix
+    figures["batched_vs_alone_first_different_token"] = first_difference
+    figures["tokens_per_sample_job"] = [len(a.token_ids) for a in together]
 
     # In-process throughput over the same kind of jobs as the queue: batches of max_batch.
     count = args.inprocess_jobs
     engine.answer([engine_job(i) for i in range(args.max_batch)], box)  # capture the full-batch graph
     sync()
     t = time.perf_counter()
-    produced = 0
+    produced, preprocess, generate = 0, 0.0, 0.0
     for first in range(0, count, args.max_batch):
         images_and_questions = [engine_job(i) for i in range(first, min(count, first + args.max_batch))]
-        produced += sum(r.tokens_out for r in engine.answer(images_and_questions, box))
+        answered = engine.answer(images_and_questions, box)
+        produced += sum(r.tokens_out for r in answered)
+        preprocess += sum(r.preprocess_s for r in answered)
+        generate += sum(r.generate_s for r in answered)
         engine.cleanup()
     sync()
     elapsed = time.perf_counter() - t
     figures["inprocess_jobs_s"] = round(count / elapsed, 3)
     figures["inprocess_tok_s"] = round(produced / elapsed, 1)
+    figures["inprocess_preprocess_share"] = round(preprocess / elapsed, 3)
+    figures["inprocess_generate_share"] = round(generate / elapsed, 3)
+    batch = [engine_job(i) for i in range(args.max_batch)]
+    prompts = [engine.processor.apply_chat_template(build_messages(j.question, [], 1), add_generation_prompt=True,
+                                                    tokenize=False) for j in batch]
+    images = [fit_image(j.images[0], box) for j in batch]
+    for device in ("cpu", "cuda"):
+        def process(device: str = device) -> None:
+            engine.processor(text=prompts, images=images, return_tensors="pt", padding=True, device=device)
+        try:
+            figures[f"processor_s_batch_{device}"] = round(timed(process), 3)
+        except Exception as exc:  # noqa: BLE001  (an experiment: record why it did not run)
+            figures[f"processor_s_batch_{device}"] = f"{type(exc).__name__}: {exc}"[:200]
+    prefill_inputs = engine.processor(text=prompts, images=images, return_tensors="pt", padding=True).to("cuda")
+    prefill_inputs["pixel_values"] = prefill_inputs["pixel_values"].to(engine.dtype)
+    with torch.inference_mode():
+        figures["prefill_s_batch"] = round(timed(lambda: engine.model(**prefill_inputs, logits_to_keep=1)), 3)
+    figures["prompt_tokens_batch"] = int(prefill_inputs["attention_mask"].sum())
     figures["graph_capture_s_total"] = round(decoder.capture_s, 2)
     figures["graph_buckets"] = sorted(decoder.graphs)
-    del engine, decoder
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    return figures
+    return figures  # the engine goes with this frame; main() collects it
 
 
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
@@ -285,6 +303,12 @@ def main() -> int:
     figures: dict = {"git_sha": args.git_sha, "max_batch": args.max_batch, "new_tokens": NEW_TOKENS,
                      "sizes": [f"{w}x{h}" for w, h in SIZES]}
     figures.update(in_process(args, jobs))
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
     print("in-process:", json.dumps(figures), flush=True)
     if not args.skip_queue:
         figures.update(through_queue(args, jobs[: args.jobs]))

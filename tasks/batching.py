@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import states
-from celery.app.trace import loads_message, trace_task_ret
+from celery.app.trace import fast_trace_task, loads_message, trace_task_ret
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 from kombu.serialization import prepare_accept_content
@@ -81,13 +81,24 @@ class Batcher:
         self.maybe_flush()
 
     def take(self) -> list[Any]:
-        """Remove and return the next batch: the most urgent waiting requests, oldest first within a priority.
+        """Remove and return the next batch, led by the most urgent waiting request (oldest first).
 
-        The batch is no larger than the child's room, so recycling still counts jobs.
+        It is filled, in the same order, with requests of the same length class (``max_new_tokens``
+        within a factor of two), so a short job never waits for a long one, nor shares its time limit.
+        A redelivered request (its last run died with its child) runs alone, so a job that kills its
+        child cannot take innocent jobs down with it again. The batch is no larger than the child's
+        room, so recycling still counts jobs.
         """
         size = min(self.max_batch, self.room or settings.max_tasks_per_child)
         order = sorted(range(len(self.waiting)), key=lambda i: (_redis_priority(self.waiting[i].request), i))
-        chosen = set(order[:size])
+        lead = self.waiting[order[0]].request
+        if _redelivered(lead):
+            chosen = {order[0]}
+        else:
+            length_class = _length_class(lead)
+            fits = [i for i in order if not _redelivered(self.waiting[i].request)
+                    and _length_class(self.waiting[i].request) == length_class]
+            chosen = set(fits[:size])
         batch = [w.request for i, w in enumerate(self.waiting) if i in chosen]
         self.waiting = [w for i, w in enumerate(self.waiting) if i not in chosen]
         return [request for request in batch if not request.revoked()]  # revoked() acks and records it
@@ -169,6 +180,18 @@ def _redis_priority(request: Any) -> int:
     return int(priority) if isinstance(priority, int) else 9
 
 
+def _redelivered(request: Any) -> bool:
+    return bool((request.delivery_info or {}).get("redelivered"))
+
+
+def _length_class(request: Any) -> int:
+    """``max_new_tokens`` rounded down to a power of two (0 when the message does not say)."""
+    kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
+    job = kwargs.get("job")
+    tokens = job.get("max_new_tokens") if isinstance(job, dict) else None
+    return int(tokens).bit_length() if isinstance(tokens, int) and tokens > 0 else 0
+
+
 def _trace_args(request: Any) -> TraceArgs:
     return (request._type, request.id, request._request_dict, request._body, request._content_type,
             request._content_encoding)
@@ -200,9 +223,17 @@ def run_batch(batch: list[TraceArgs]) -> tuple[list[Any], int]:
                                      states.STARTED)
     runtime.prepare(jobs)
     try:
-        return [trace_task_ret(*args, app=app) for args in batch], runtime.room()
+        return [_trace(app, *args) for args in batch], runtime.room()
     finally:
         runtime.forget_prepared()
+
+
+def _trace(app: Any, name: str, task_id: str, request: dict[str, Any], body: Any, content_type: str,
+           content_encoding: str) -> Any:
+    """Celery's tracer for one job, as ``Request.execute_using_pool`` would pick it."""
+    if app.use_fast_trace_task:
+        return fast_trace_task(name, task_id, request, body, content_type, content_encoding)
+    return trace_task_ret(name, task_id, request, body, content_type, content_encoding, app=app)
 
 
 def _succeeded(app: Any, task_id: str) -> bool:
@@ -245,6 +276,9 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """
     global _current
     if _current is None or _current.consumer is not consumer or task.name in _current.task_names:
+        if _current is not None:
+            for waiting in _current.waiting:  # no longer reserved here (`celery inspect reserved`)
+                worker_state.task_ready(waiting.request)
         _current = Batcher(consumer, settings.max_batch, settings.batch_delay_ms / 1000)
     _current.task_names.add(task.name)
     return default_strategy(task, app, _BatchingConsumer(consumer, _current), **kwargs)

@@ -19,7 +19,7 @@ from producer import Job, JobFailed, submit
 from producer.schema import ANSWER_TASK
 from producer.store import Store, blob_key, queue_depths
 from tasks.app import app
-from tests.conftest import png_bytes, raw_job, wait_until
+from conftest import png_bytes, raw_job, wait_until
 from worker.engine import EngineJob, load
 
 QUESTIONS = ["What is this?", "Describe the picture in a few words please", "Colour?", "Is there text on it"]

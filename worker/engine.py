@@ -45,6 +45,7 @@ class EngineResult:
     preprocess_s: float
     generate_s: float
     batch_size: int = 1
+    token_ids: list[int] = field(default_factory=list)
 
 
 def build_messages(question: str, history: list[dict[str, str]], images: int = 1) -> list[dict[str, Any]]:
@@ -116,6 +117,7 @@ class Engine:
                 preprocess_s=preprocess_s * share,
                 generate_s=generate_s * share,
                 batch_size=len(jobs),
+                token_ids=ids,
             )
             for text, n_in, n_vision, ids, images in zip(answers, tokens_in, vision, new_tokens, fitted, strict=True)
         ]

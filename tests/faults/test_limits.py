@@ -89,7 +89,7 @@ def test_job_near_the_hard_limit_runs_once_with_two_workers(start_worker, endles
     hard limit old, while a second worker starts. Its startup scan for expired unacknowledged messages
     happens while the job runs; as the visibility timeout outlasts the hard limit, it leaves it alone.
     """
-    time_limit, visibility = 20, 22
+    time_limit, visibility = 20, 45  # batching: longer than twice the hard limit
     settings = endless_worker_settings(endless_model, time_limit=time_limit, soft_time_limit=time_limit,
                                        visibility_timeout=visibility)
     first = start_worker(**settings)
@@ -126,7 +126,7 @@ def test_memory_guard_replaces_the_child_after_every_job(start_worker, redis_cli
     Each replacement child loads the model (and logs it) and answers; the log shows no child exit
     other than the recycles, which billiard does not report as errors.
     """
-    worker = start_worker(max_memory_per_child_mb=1)
+    worker = start_worker(max_memory_per_child_mb=1, max_batch=1)  # batched, it is after each batch
     jobs = [submit_short(seed=801 + i) for i in range(6)]
     results = [job.result(timeout=120) for job in jobs]
 
