@@ -12,6 +12,7 @@ import signal
 import time
 
 import pytest
+from conftest import png_bytes, raw_job, wait_until
 from PIL import Image
 
 from celeryconfig import settings
@@ -19,7 +20,6 @@ from producer import Job, JobFailed, submit
 from producer.schema import ANSWER_TASK
 from producer.store import Store, blob_key, queue_depths
 from tasks.app import app
-from conftest import png_bytes, raw_job, wait_until
 from worker.engine import EngineJob, load
 
 QUESTIONS = ["What is this?", "Describe the picture in a few words please", "Colour?", "Is there text on it"]
@@ -114,3 +114,18 @@ def test_batch_of_one_without_delay_behaves_unbatched(start_worker, endless_mode
     assert {r["worker"]["batch_size"] for r in results} == {1}
     assert len({r["worker"]["pid"] for r in results}) == 1
     assert worker.proc.poll() is None
+
+
+def test_static_decoding_equals_generate(tiny_model):
+    """GLYPHQ_DECODE=static (the GPU path, here without CUDA graphs) gives generate's tokens, batched and alone."""
+    plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
+    static = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "static",
+                                               "GLYPHQ_MAX_BATCH": "8"}))
+    assert plain.decoder is None and static.decoder is not None
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(size=(200 + 60 * i, 150 + 30 * i), seed=i)))],
+                      question=QUESTIONS[i], max_new_tokens=20 + 7 * i) for i in range(4)]
+    expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
+    assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
+    assert [static.answer([job], (1280, 720))[0].token_ids for job in jobs] == expected
+    assert [len(ids) for ids in expected] == [20, 27, 34, 41]
+    assert set(static.decoder.graphs) == {(1, 256), (4, 256)}, "batch and cache length are bucketed"
