@@ -101,7 +101,7 @@ def test_sigkill_in_the_middle_of_a_batch_loses_nothing(start_worker, endless_mo
 
 def test_batch_of_one_without_delay_behaves_unbatched(start_worker, endless_model, redis_client):
     """GLYPHQ_MAX_BATCH=1 and GLYPHQ_BATCH_DELAY_MS=0: one job per generate, the rest left in Redis."""
-    long_job = submit(png_bytes(seed=400), "A long answer please", max_new_tokens=300, priority=5)
+    long_job = submit(png_bytes(seed=400), "A long answer please", max_new_tokens=2000, priority=5)
     worker = start_worker(model=endless_model, max_batch=1, batch_delay_ms=0)
     assert wait_until(lambda: long_job.state == "STARTED", 90)
     low = [submit(png_bytes(seed=410 + i), "low", priority=0, max_new_tokens=3) for i in range(3)]
