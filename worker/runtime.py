@@ -17,11 +17,12 @@ from typing import Any
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from celeryconfig import settings
+from producer.errors import GlyphqError
 from producer.images import decode_checked_image
 from producer.schema import JobMessage
 from producer.store import Store
 from worker import metrics, recycle, status
-from worker.errors import PoisonJob
+from worker.errors import ModelError, PoisonJob
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,10 @@ def _answer_isolated(eng: Any, batch: list[_Fetched], histories: list[list[dict[
     except Exception as exc:
         traceback.clear_frames(exc.__traceback__)
         if len(batch) == 1:
-            return [exc]
+            if isinstance(exc, GlyphqError):
+                return [exc]
+            log.warning("the model failed on job %s", batch[0].job_id, exc_info=exc)
+            return [ModelError(f"the model failed on this job: {type(exc).__name__}: {exc}")]
         log.warning("a batch of %d jobs failed (%s); answering each job alone", len(batch), exc)
     eng.cleanup()
     return [result for i in range(len(batch)) for result in _answer_isolated(eng, batch[i:i + 1], histories[i:i + 1])]
