@@ -26,17 +26,15 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_soak import free_port  # noqa: E402
+from bench.gpu_soak import free_port, redis_and_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(1280, 720), (896, 504), (640, 480), (448, 448)]  # every job list cycles through these
@@ -162,7 +160,7 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
             figures[f"processor_s_batch_{device}"] = round(timed(process), 3)
         except Exception as exc:  # noqa: BLE001  (an experiment: record why it did not run)
             figures[f"processor_s_batch_{device}"] = f"{type(exc).__name__}: {exc}"[:200]
-    prefill_inputs = engine.processor(text=prompts, images=images, return_tensors="pt", padding=True).to("cuda")
+    prefill_inputs = engine.processor(text=prompts, images=images, return_tensors="pt", padding=True).to(engine.device)
     prefill_inputs["pixel_values"] = prefill_inputs["pixel_values"].to(engine.dtype)
     with torch.inference_mode():
         figures["prefill_s_batch"] = round(timed(lambda: engine.model(**prefill_inputs, logits_to_keep=1)), 3)
@@ -200,26 +198,10 @@ def recycle_downtimes(log_text: str) -> list[float]:
 
 def through_queue(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     """Figures from a real worker answering the whole backlog through Redis (``GLYPHQ_BROKER_URL``)."""
-    workdir = Path(tempfile.mkdtemp(prefix="glyphq-bench-"))
     port = int(os.environ["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
-    redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-                                   "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_DECODE": "static", "PYTHONUNBUFFERED": "1"}
-    log_path = workdir / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n",
-                                   "bench@%h", "--without-mingle", "--without-gossip"], cwd=ROOT, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return _backlog(args, jobs, log_path)
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-            redis_proc.kill()
+    with redis_and_worker(port, env, "bench") as (_worker, log_path):
+        return _backlog(args, jobs, log_path)
 
 
 def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: Path) -> dict:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,22 +62,31 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         subprocess.run([sys.executable, "-m", "worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
                        cwd=ROOT)
-    workdir = Path(tempfile.mkdtemp(prefix="glyphq-soak-"))
     port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
+    env = {**os.environ, "GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{port}/0", "GLYPHQ_MODEL": str(model_dir),
+           "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child), "PYTHONUNBUFFERED": "1"}
+    os.environ.update(env)  # the producer below reads the same settings
+    with redis_and_worker(port, env, "soak") as (worker, log_path):
+        return run(args, worker, log_path)
+
+
+@contextmanager
+def redis_and_worker(port: int, env: dict[str, str], name: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A redis-server on ``port`` and a real ``celery -A tasks worker`` with ``env``, stopped on exit.
+
+    Yields the worker process and the path of its log.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"glyphq-{name}-"))
     redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
                                    "--dir", str(workdir)], stdout=subprocess.DEVNULL)
     time.sleep(0.5)
-    env = {**os.environ, "GLYPHQ_BROKER_URL": url, "GLYPHQ_MODEL": str(model_dir),
-           "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child), "PYTHONUNBUFFERED": "1"}
-    os.environ.update(env)  # the producer below reads the same settings
     log_path = workdir / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n",
-                                   "soak@%h", "--without-mingle", "--without-gossip"], cwd=ROOT, env=env,
+                                   f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=ROOT, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            return run(args, worker, log_path)
+            yield worker, log_path
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             try:

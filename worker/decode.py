@@ -113,13 +113,6 @@ class StaticDecoder:
         """The (batch, cache length) bucket for ``batch`` rows of up to ``total_len`` tokens."""
         return bucket(batch, self.max_batch), bucket(total_len, self.max_tokens, MIN_CACHE_LEN)
 
-    def warm_up(self, shapes: list[tuple[int, int]]) -> float:
-        """Capture the graphs for ``shapes`` now (so the first jobs don't); return the seconds it took."""
-        start = time.perf_counter()
-        for rows, length in shapes:
-            self._graph(rows, length)
-        return time.perf_counter() - start
-
     # -- the loop -------------------------------------------------------------------------------
 
     @torch.inference_mode()
