@@ -131,6 +131,9 @@ class Batcher:
             # Back to the front: these messages are still unacked and will run with the next batch.
             self.waiting[:0] = [_Waiting(request, 0.0) for request in batch]
             raise
+        if result is None:  # the pool has stopped: the worker is exiting and Redis redelivers these
+            self.running -= 1
+            return
         for request in batch:
             request._apply_result = weakref.ref(result)  # lets `revoke --terminate` and cancel find it
         log.debug("sent a batch of %d job(s) to the pool", len(batch))
