@@ -74,6 +74,8 @@ class Settings:
     batch_delay_ms: int = 20
     decode: str = "auto"
     decode_max_tokens: int = 8192
+    decode_compile: str = "on"
+    compile_cache_dir: str = ""
     max_memory_per_child_mb: int = 16384
     gpu_guard_mb: int = 0
     history_turns: int = 3
@@ -140,6 +142,8 @@ class Settings:
             batch_delay_ms=_int(env, "GLYPHQ_BATCH_DELAY_MS", cls.batch_delay_ms, maximum=10_000),
             decode=_choice(env, "GLYPHQ_DECODE", cls.decode, ("auto", "static", "generate")),
             decode_max_tokens=_int(env, "GLYPHQ_DECODE_MAX_TOKENS", cls.decode_max_tokens, minimum=16),
+            decode_compile=_choice(env, "GLYPHQ_DECODE_COMPILE", cls.decode_compile, ("on", "off")),
+            compile_cache_dir=_str(env, "GLYPHQ_COMPILE_CACHE_DIR", cls.compile_cache_dir),
             max_memory_per_child_mb=_int(env, "GLYPHQ_MAX_MEMORY_PER_CHILD_MB", cls.max_memory_per_child_mb),
             gpu_guard_mb=_int(env, "GLYPHQ_GPU_GUARD_MB", cls.gpu_guard_mb),
             history_turns=_int(env, "GLYPHQ_HISTORY_TURNS", cls.history_turns),

@@ -129,3 +129,34 @@ def test_static_decoding_equals_generate(tiny_model):
     assert [static.answer([job], (1280, 720))[0].token_ids for job in jobs] == expected
     assert [len(ids) for ids in expected] == [20, 27, 34, 41]
     assert set(static.decoder.graphs) == {(1, 256), (4, 256)}, "batch and cache length are bucketed"
+
+
+def test_compiled_static_decoding_equals_generate(tiny_model):
+    """GLYPHQ_DECODE_COMPILE (on by default on CUDA; forced here on the CPU): decode steps run through
+    ``torch.compile``d layers, traced once for all layers, and give generate's tokens, batched and alone.
+    """
+    import torch
+    from torch._dynamo.utils import counters
+
+    from worker.decode import StaticDecoder
+
+    plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
+    compiled = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
+    compiled.decoder = StaticDecoder(compiled.model, max_batch=4, max_tokens=512, max_new_tokens=64,
+                                     pad_id=compiled.pad_id, compile_layers=True)
+    assert compiled.decoder.compiled
+    torch._dynamo.reset()
+    counters.clear()
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(size=(200 + 60 * i, 150 + 30 * i), seed=i)))],
+                      question=QUESTIONS[i], max_new_tokens=12 + 5 * i) for i in range(4)]
+    expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
+    assert [r.token_ids for r in compiled.answer(jobs, (1280, 720))] == expected
+    assert [compiled.answer([job], (1280, 720))[0].token_ids for job in jobs] == expected
+    assert [compiled.answer(jobs[:2], (1280, 720))[i].token_ids for i in range(2)] == expected[:2]
+    layers = len(compiled.model.get_decoder().layers)
+    assert layers > 1
+    # Per traced frame (layer, attention, and the two resumed after the cache update): one graph for
+    # batch 1, one for every other batch, and here one more where batch 4 equals the tiny model's 4
+    # heads (the compiler gives equal sizes one symbol). Never one per layer, nor per bucket.
+    assert 0 < counters["stats"]["unique_graphs"] <= 12, dict(counters["stats"])
+    assert [layer.self_attn.layer_idx for layer in compiled.model.get_decoder().layers] == list(range(layers))

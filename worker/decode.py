@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,55 @@ AttentionInterface.register(ATTENTION, grouped_decode_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the prompt's masks are built as for sdpa
 
 
+def _compile_decoder_layers(model: Any) -> bool:
+    """``torch.compile`` every decoder layer of the language model; False if it has no ``layers``.
+
+    The layers share their code, so they share compiled graphs: compiling takes one layer's time, not
+    forty. For that no layer may differ from the others in what the compiler sees, and the only
+    difference is the attention's ``layer_idx``, which picks the layer's part of the cache. So while
+    a step is traced, ``layer_idx`` is None on every layer and the cache update, which runs between
+    two compiled graphs, takes the layers in the order they call it (:class:`_LayersInOrder`).
+
+    Batch and cache length are traced as dynamic, so one compilation serves every bucket, except
+    batch 1, which the compiler always specializes: at most two per graph in all. Inductor keeps
+    what it built on disk (``GLYPHQ_COMPILE_CACHE_DIR``), so the next child of the worker starts warm.
+    """
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not layers or not all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers):
+        return False
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return True
+
+
+class _LayersInOrder:
+    """A cache's ``update`` for layers traced without their index: the n-th call of a step is layer n."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        self.layers = layers
+        self.next = 0
+
+    def __call__(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int | None = None, *args: Any,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[self.next]
+        self.next = (self.next + 1) % len(self.layers)
+        return layer.update(key, value)  # type: ignore[no-any-return]
+
+
+@contextmanager
+def _without_layer_index(model: Any) -> Iterator[None]:
+    """Every decoder layer's attention with ``layer_idx`` None, for tracing (see ``_compile_decoder_layers``)."""
+    attentions = [layer.self_attn for layer in model.get_decoder().layers]
+    indexes = [attention.layer_idx for attention in attentions]
+    for attention in attentions:
+        attention.layer_idx = None
+    try:
+        yield
+    finally:
+        for attention, index in zip(attentions, indexes, strict=True):
+            attention.layer_idx = index
+
+
 @dataclass
 class _Graph:
     """One captured decode step for a (batch, cache length) bucket, with the buffers it reads and writes."""
@@ -89,10 +140,12 @@ class StaticDecoder:
     or has none (LLaVA over Llama).
     """
 
-    def __init__(self, model: Any, max_batch: int, max_tokens: int, max_new_tokens: int, pad_id: int) -> None:
+    def __init__(self, model: Any, max_batch: int, max_tokens: int, max_new_tokens: int, pad_id: int,
+                 compile_layers: bool = False) -> None:
         self.model = model
         self.device = model.device
         self.use_graphs = self.device.type == "cuda"
+        self.compiled = compile_layers and _compile_decoder_layers(model)
         self.max_batch = max_batch
         self.max_tokens = max_tokens
         self.max_new_tokens = max_new_tokens
@@ -158,7 +211,8 @@ class StaticDecoder:
             # No rope offsets kept by the model: positions count real tokens only, as generate does.
             kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         prompt_cache = DynamicCache(config=self.model.config)
-        out = self.model(**kwargs, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
+        with torch.compiler.set_stance("force_eager"):  # compiled layers are for the decode steps only
+            out = self.model(**kwargs, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
         first = out.logits[:, -1].argmax(dim=-1)
         batch = first.shape[0]
         # Padding slots hold whatever the prompt pass left there (NaN for a fully masked row); zero them,
@@ -172,6 +226,19 @@ class StaticDecoder:
         return first
 
     # -- graphs ---------------------------------------------------------------------------------
+
+    def _capture(self, run: Any) -> torch.cuda.CUDAGraph:
+        """One decode step as a CUDA graph, after two warm-up steps (compilation, lazy inits, cuBLAS workspaces)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            run()
+        return graph
 
     def _allocate(self, rows: int, length: int) -> Any:
         text = self.model.config.get_text_config(decoder=True)
@@ -192,6 +259,8 @@ class StaticDecoder:
             mine.device, mine.dtype, mine.is_initialized = full.device, full.dtype, True
             mine.batch_size, mine.num_heads = rows, full.num_heads
             mine.k_head_dim, mine.v_head_dim = full.k_head_dim, full.v_head_dim
+        if self.compiled:  # runs between the compiled graphs (see _compile_decoder_layers)
+            view.update = torch.compiler.disable(_LayersInOrder(views))  # type: ignore[method-assign]
         return view
 
     def _graph(self, rows: int, length: int) -> _Graph:
@@ -209,7 +278,11 @@ class StaticDecoder:
         slots = torch.arange(length, device=device)
         written = cache.layers[0].cumulative_length
 
-        def run() -> None:
+        in_order = cache.update if self.compiled else None
+
+        def step_once() -> None:
+            if in_order is not None:
+                in_order.next = 0
             attend = (valid & (slots <= written))[:, None, None, :]
             out = self.model(input_ids=tokens, position_ids=positions, attention_mask=attend,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -219,17 +292,16 @@ class StaticDecoder:
             positions.add_(1)
             step.add_(1)
 
+        def run() -> None:
+            if self.compiled:
+                with _without_layer_index(self.model):
+                    step_once()
+            else:
+                step_once()
+
         graph = None
         if self.use_graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(2):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-                run()
+            graph = self._capture(run)
             cache.reset()
         state = _Graph(cache, tokens, positions, valid, step, history, graph, run)
         self.graphs[(rows, length)] = state

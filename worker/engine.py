@@ -6,6 +6,7 @@ Nothing here knows about Celery or Redis.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,8 +175,11 @@ def load(settings: Settings) -> Engine:
     if settings.decode == "static" or (settings.decode == "auto" and device.type == "cuda"):
         from worker.decode import StaticDecoder
 
+        if settings.compile_cache_dir:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
         engine.decoder = StaticDecoder(model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
-                                       max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id)
+                                       max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id,
+                                       compile_layers=settings.decode_compile == "on" and device.type == "cuda")
     return engine
 
 

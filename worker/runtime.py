@@ -39,12 +39,22 @@ def preload_parent() -> None:
     global _serves_gpu
     _serves_gpu = True
     start = time.perf_counter()
-    import torch  # noqa: F401
+    preload_modules(compiler=settings.decode_compile == "on")
+    log.info("preloaded torch and transformers in %.1f s (CUDA untouched)", time.perf_counter() - start)
+
+
+def preload_modules(compiler: bool) -> None:
+    """Import what every child needs before it touches CUDA; with ``compiler``, torch's compiler too (~2 s)."""
+    import torch
     import transformers  # noqa: F401
 
-    from worker import engine  # noqa: F401  (pulls in the Auto classes)
+    from worker import decode, engine  # noqa: F401  (the Auto classes, the static-decoding attention)
 
-    log.info("preloaded torch and transformers in %.1f s (CUDA untouched)", time.perf_counter() - start)
+    if compiler:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+    if torch.cuda.is_initialized():
+        raise RuntimeError("preloading initialised CUDA, which a forked child could not use")
 
 
 def serves_gpu() -> bool:
