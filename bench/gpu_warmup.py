@@ -42,7 +42,7 @@ def child(model_dir: str) -> dict:
     from worker.engine import EngineJob, load
     from worker.runtime import preload_modules
 
-    preload_modules(compiler=os.environ.get("GLYPHQ_DECODE_COMPILE") == "on")  # the worker's parent does this
+    preload_modules()  # the worker's parent does this before it forks a child
     imported = time.perf_counter()
     cuda = torch.cuda.is_available()  # False only for a CPU smoke run of this script
     if cuda:

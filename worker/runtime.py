@@ -39,22 +39,19 @@ def preload_parent() -> None:
     global _serves_gpu
     _serves_gpu = True
     start = time.perf_counter()
-    preload_modules(compiler=settings.decode_compile == "on")
+    preload_modules()
     log.info("preloaded torch and transformers in %.1f s (CUDA untouched)", time.perf_counter() - start)
 
 
-def preload_modules(compiler: bool) -> None:
-    """Import what every child needs before it touches CUDA; with ``compiler``, torch's compiler too (~2 s)."""
-    import torch
+def preload_modules() -> None:
+    """Import what every child needs, without touching CUDA.
+
+    Not torch's compiler: importing inductor in the parent leaves its children unable to use CUDA
+    ("Cannot re-initialize CUDA in forked subprocess"), so each child imports it (about 2 s).
+    """
     import transformers  # noqa: F401
 
     from worker import decode, engine  # noqa: F401  (the Auto classes, the static-decoding attention)
-
-    if compiler:
-        import torch._dynamo  # noqa: F401
-        import torch._inductor.compile_fx  # noqa: F401
-    if torch.cuda.is_initialized():
-        raise RuntimeError("preloading initialised CUDA, which a forked child could not use")
 
 
 def serves_gpu() -> bool:
