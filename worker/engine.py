@@ -129,7 +129,8 @@ class Engine:
         batch, prompt_len = inputs["input_ids"].shape
         if self.decoder is not None and self.decoder.fits(batch, prompt_len + max_new_tokens):
             return self.decoder.generate(inputs, max_new_tokens, self.eos_ids)  # type: ignore[no-any-return]
-        with torch.inference_mode():
+        # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the static cache only.
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                          pad_token_id=self.pad_id)
         return output[:, prompt_len:]
