@@ -17,6 +17,7 @@ On CPU the same steps run without a graph, which is how the suite checks them ag
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -305,6 +306,10 @@ class StaticDecoder:
             cache.reset()
         state = _Graph(cache, tokens, positions, valid, step, history, graph, run)
         self.graphs[(rows, length)] = state
+        if self.compiled:
+            # Compiling leaves many long-lived objects; keep them out of each job's gc.collect(), as the
+            # model's are (worker.runtime.init_child).
+            gc.freeze()
         elapsed = time.perf_counter() - started
         self.capture_s += elapsed
         log.info("decode graph for batch %d, cache %d ready in %.2f s", rows, length, elapsed)
