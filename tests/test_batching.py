@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import signal
 import time
 
@@ -131,6 +132,8 @@ def test_static_decoding_equals_generate(tiny_model):
     assert set(static.decoder.graphs) == {(1, 256), (4, 256)}, "batch and cache length are bucketed"
 
 
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
+                    reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_static_decoding_equals_generate(tiny_model):
     """GLYPHQ_DECODE_COMPILE (on by default on CUDA; forced here on the CPU): decode steps run through
     ``torch.compile``d layers, traced once for all layers, and give generate's tokens, batched and alone.
