@@ -26,7 +26,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_soak import free_port, redis_and_worker  # noqa: E402
+from bench.gpu_soak import collect, ensure_preset, free_port, redis_and_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(1280, 720), (896, 504), (640, 480), (448, 448)]  # every job list cycles through these
@@ -206,7 +205,7 @@ def through_queue(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> di
 
 def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: Path) -> dict:
     from celeryconfig import settings
-    from producer import GlyphqError, JobTimeout, submit
+    from producer import submit
     from producer.store import Store
 
     # Wait for the first child to load, so the backlog measures answering, not the first load.
@@ -217,17 +216,7 @@ def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: 
         time.sleep(0.2)
     handles = [submit(data, question, max_new_tokens=NEW_TOKENS) for data, question in jobs]
     start = time.monotonic()
-    results, failures = [], []
-    for handle in handles:
-        remaining = args.budget_s - (time.monotonic() - start)
-        if remaining <= 0:
-            break
-        try:
-            results.append(handle.result(timeout=remaining))
-        except JobTimeout:
-            break
-        except GlyphqError as exc:
-            failures.append(str(exc))
+    results, failures = collect(handles, args.budget_s, start)
     wall = time.monotonic() - start
     store = Store(settings)
     runs = [store.runs(h.id) for h in handles[: len(results) + len(failures)]]
@@ -278,9 +267,7 @@ def main() -> int:
                        "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child),
                        "GLYPHQ_MAX_QUEUE": str(10 * args.jobs)})
 
-    if not (Path(args.model_dir) / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "worker.tiny", args.model_dir, "--preset", "glyph-9b"], check=True,
-                       cwd=ROOT)
+    ensure_preset(args.model_dir)
     jobs = job_list(max(args.jobs, args.inprocess_jobs))
     figures: dict = {"git_sha": args.git_sha, "max_batch": args.max_batch, "new_tokens": NEW_TOKENS,
                      "sizes": [f"{w}x{h}" for w, h in SIZES]}

@@ -36,6 +36,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ensure_preset(model_dir: str | Path) -> None:
+    """Build the ``glyph-9b`` preset into ``model_dir`` unless it is there already."""
+    if not (Path(model_dir) / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
+                       cwd=ROOT)
+
+
+def collect(handles: list, budget_s: float, start: float, after_each=None) -> tuple[list, list[str]]:  # noqa: ANN001
+    """Wait for each job's result in order until ``budget_s`` after ``start``: (results, failure messages).
+
+    Stops at the first job still unfinished when the budget runs out. ``after_each(results)`` is
+    called after each job that finished.
+    """
+    from producer import GlyphqError, JobTimeout
+
+    results: list = []
+    failures: list[str] = []
+    for handle in handles:
+        remaining = budget_s - (time.monotonic() - start)
+        if remaining <= 0:
+            break
+        try:
+            results.append(handle.result(timeout=remaining))
+        except JobTimeout:
+            break
+        except GlyphqError as exc:
+            failures.append(str(exc))
+        if after_each is not None:
+            after_each(results)
+    return results, failures
+
+
 def page(size: tuple[int, int], seed: int) -> bytes:
     from PIL import Image, ImageDraw
 
@@ -59,9 +91,7 @@ def main() -> int:
     args = parser.parse_args()
 
     model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
-                       cwd=ROOT)
+    ensure_preset(model_dir)
     port = free_port()
     env = {**os.environ, "GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{port}/0", "GLYPHQ_MODEL": str(model_dir),
            "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child), "PYTHONUNBUFFERED": "1"}
@@ -100,7 +130,7 @@ def run(args: argparse.Namespace, worker: subprocess.Popen, log_path: Path) -> i
     import psutil
 
     from celeryconfig import settings
-    from producer import GlyphqError, JobTimeout, submit
+    from producer import submit
     from producer.store import Store
 
     start = time.monotonic()
@@ -108,21 +138,15 @@ def run(args: argparse.Namespace, worker: subprocess.Popen, log_path: Path) -> i
     jobs = [submit(images[(SIZES[i % len(SIZES)], i % 8)], f"What is the total on invoice {i}?",
                    max_new_tokens=args.max_new_tokens) for i in range(args.jobs)]
     parent = psutil.Process(worker.pid)
-    results, failures, rss = [], [], []
-    for job in jobs:
-        remaining = args.budget_s - (time.monotonic() - start)
-        if remaining <= 0:
-            break
-        try:
-            results.append(job.result(timeout=remaining))
-        except JobTimeout:
-            break
-        except GlyphqError as exc:
-            failures.append(str(exc))
+    rss: list[float] = []
+
+    def sample(results: list) -> None:
         if len(results) % 50 == 1:
             rss.append(parent.memory_info().rss / 2**20)
         if len(results) % 100 == 0:
             print(f"{len(results)} answered after {time.monotonic() - start:.0f} s", flush=True)
+
+    results, failures = collect(jobs, args.budget_s, start, sample)
     wall = time.monotonic() - start
     store = Store(settings)
     runs = [store.runs(job.id) for job in jobs[: len(results) + len(failures)]]

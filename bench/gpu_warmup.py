@@ -107,9 +107,9 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.model_dir)))
         return 0
-    if not (Path(args.model_dir) / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "worker.tiny", args.model_dir, "--preset", "glyph-9b"], check=True,
-                       cwd=ROOT)
+    from bench.gpu_soak import ensure_preset
+
+    ensure_preset(args.model_dir)
     cache = tempfile.mkdtemp(prefix="glyphq-inductor-")
     variants = {
         "compiled_cold": {"GLYPHQ_DECODE_COMPILE": "on", "GLYPHQ_COMPILE_CACHE_DIR": cache},
