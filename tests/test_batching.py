@@ -10,7 +10,9 @@ import io
 import os
 import shutil
 import signal
+import sysconfig
 import time
+from pathlib import Path
 
 import pytest
 from conftest import png_bytes, raw_job, wait_until
@@ -132,8 +134,9 @@ def test_static_decoding_equals_generate(tiny_model):
     assert set(static.decoder.graphs) == {(1, 256), (4, 256)}, "batch and cache length are bucketed"
 
 
-@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
-                    reason="torch.compile on the CPU needs a C compiler")
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc"))
+                    or not Path(sysconfig.get_paths()["include"], "Python.h").exists(),
+                    reason="torch.compile on the CPU needs a C compiler and Python's headers")
 def test_compiled_static_decoding_equals_generate(tiny_model):
     """GLYPHQ_DECODE_COMPILE (on by default on CUDA; forced here on the CPU): decode steps run through
     ``torch.compile``d layers, traced once for all layers, and give generate's tokens, batched and alone.

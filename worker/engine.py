@@ -176,14 +176,16 @@ def load(settings: Settings) -> Engine:
     if settings.decode == "static" or (settings.decode == "auto" and device.type == "cuda"):
         from worker.decode import StaticDecoder
 
-        if settings.compile_cache_dir:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
-        # Compile in this process: a worker child is a daemon, and a pool of compile workers is one
-        # more thing that can break in it. Only a cold cache pays for it.
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+        compile_layers = settings.decode_compile == "on" and device.type == "cuda"
+        if compile_layers:
+            if settings.compile_cache_dir:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
+            # Compile in this process: a worker child is a daemon, and a pool of compile workers is one
+            # more thing that can break in it. Only a cold cache pays for it.
+            os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         engine.decoder = StaticDecoder(model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
                                        max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id,
-                                       compile_layers=settings.decode_compile == "on" and device.type == "cuda")
+                                       compile_layers=compile_layers)
     return engine
 
 
