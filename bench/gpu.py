@@ -65,8 +65,10 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     from PIL import Image
 
     from celeryconfig import Settings
-    from worker.engine import EngineJob, build_messages, load
+    from worker.decode import prefill_groups
+    from worker.engine import EngineJob, load
     from worker.images import fit_image
+    from worker.prompts import collate
 
     env = {"GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_DECODE": "static"}
     start = time.perf_counter()
@@ -148,22 +150,24 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     figures["inprocess_tok_s"] = round(produced / elapsed, 1)
     figures["inprocess_preprocess_share"] = round(preprocess / elapsed, 3)
     figures["inprocess_generate_share"] = round(generate / elapsed, 3)
+    # Where a batch's time goes: preprocessing, the vision tower, and the prompt pass, in one pass over
+    # the left-padded batch (as before grouping) and grouped by length (as the decoder runs it).
     batch = [engine_job(i) for i in range(args.max_batch)]
-    prompts = [engine.processor.apply_chat_template(build_messages(j.question, [], 1), add_generation_prompt=True,
-                                                    tokenize=False) for j in batch]
-    images = [fit_image(j.images[0], box) for j in batch]
-    for device in ("cpu", "cuda"):
-        def process(device: str = device) -> None:
-            engine.processor(text=prompts, images=images, return_tensors="pt", padding=True, device=device)
-        try:
-            figures[f"processor_s_batch_{device}"] = round(timed(process), 3)
-        except Exception as exc:  # noqa: BLE001  (an experiment: record why it did not run)
-            figures[f"processor_s_batch_{device}"] = f"{type(exc).__name__}: {exc}"[:200]
-    prefill_inputs = engine.processor(text=prompts, images=images, return_tensors="pt", padding=True).to(engine.device)
-    prefill_inputs["pixel_values"] = prefill_inputs["pixel_values"].to(engine.dtype)
+    fitted = [[fit_image(image, box) for image in job.images] for job in batch]
+    figures["preprocess_s_batch"] = round(timed(
+        lambda: [engine.process(j, f) for j, f in zip(batch, fitted, strict=True)]), 3)
+    prompts = [engine.process(j, f) for j, f in zip(batch, fitted, strict=True)]
+    padded = collate(prompts, engine.pad_id)
+    lengths = [p["input_ids"].shape[1] for p in prompts]
+    figures["prompt_tokens_batch"] = sum(lengths)
+    figures["prompt_tokens_batch_padded"] = max(lengths) * len(lengths)
+    figures["prefill_groups_batch"] = len(prefill_groups(lengths))
     with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # as StaticDecoder's prefill
-        figures["prefill_s_batch"] = round(timed(lambda: engine.model(**prefill_inputs, logits_to_keep=1)), 3)
-    figures["prompt_tokens_batch"] = int(prefill_inputs["attention_mask"].sum())
+        pixels = [padded[key] for key in ("pixel_values", "image_grid_thw") if key in padded]
+        figures["vision_s_batch"] = round(timed(lambda: engine.model.model.get_image_features(*pixels)), 3)
+        figures["prefill_s_batch_padded"] = round(timed(lambda: engine.model(**padded, logits_to_keep=1)), 3)
+        state = decoder._graph(*decoder.shape_for(len(prompts), max(lengths) + NEW_TOKENS))
+        figures["prefill_s_batch"] = round(timed(lambda: decoder._prefill(prompts, state, max(lengths))), 3)
     figures["graph_capture_s_total"] = round(decoder.capture_s, 2)
     figures["graph_buckets"] = sorted(decoder.graphs)
     return figures  # the engine goes with this frame; main() collects it

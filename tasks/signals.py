@@ -41,7 +41,11 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
 
 
 def _reserve_a_batch(worker: Any) -> None:
-    """Let a GPU worker reserve up to ``GLYPHQ_MAX_BATCH`` messages per child, so a batch can form.
+    """Let a GPU worker reserve two batches (``2 * GLYPHQ_MAX_BATCH`` messages) per child.
+
+    One batch runs while the next one is already waiting in the worker. With room for one batch
+    only, the messages of the next could be fetched only after the running batch was acknowledged,
+    one by one, and a batch would leave after ``GLYPHQ_BATCH_DELAY_MS`` with whatever had arrived.
 
     The consumer exists by now but has not set its prefetch (QoS) yet. A render worker keeps Celery's
     prefetch of one per child, so long renders spread over the render workers.
@@ -49,8 +53,8 @@ def _reserve_a_batch(worker: Any) -> None:
     consumer = getattr(worker, "consumer", None)
     if consumer is None or settings.max_batch == 1:
         return
-    consumer.prefetch_multiplier = settings.max_batch
-    consumer.initial_prefetch_count = max(1, int(worker.concurrency or 1)) * settings.max_batch
+    consumer.prefetch_multiplier = 2 * settings.max_batch
+    consumer.initial_prefetch_count = max(1, int(worker.concurrency or 1)) * consumer.prefetch_multiplier
 
 
 @signals.worker_process_init.connect

@@ -23,6 +23,7 @@ from producer import Job, JobFailed, submit
 from producer.schema import ANSWER_TASK
 from producer.store import Store, blob_key, queue_depths
 from tasks.app import app
+from worker.decode import prefill_groups
 from worker.engine import EngineJob, load
 
 QUESTIONS = ["What is this?", "Describe the picture in a few words please", "Colour?", "Is there text on it"]
@@ -102,6 +103,17 @@ def test_sigkill_in_the_middle_of_a_batch_loses_nothing(start_worker, endless_mo
     assert [store.runs(j.id) for j in jobs] == [2, 2, 2, 2], "each job ran again exactly once"
 
 
+def test_the_next_batch_waits_in_the_worker(start_worker, endless_model):
+    """While a batch runs, the worker already holds the next one, so it starts full and at once."""
+    jobs = [submit(png_bytes(seed=500 + i), "A long answer please", max_new_tokens=2000) for i in range(12)]
+    start_worker(model=endless_model, max_batch=4, batch_delay_ms=300)
+    assert wait_until(lambda: sum(j.state == "STARTED" for j in jobs) == 4, 90), "the first batch never started"
+    # 4 running, 4 reserved by the worker, 4 left in Redis.
+    assert wait_until(lambda: queue_depths(settings, ("gpu",))["gpu"] == 4, 10), queue_depths(settings, ("gpu",))
+    results = [job.result(timeout=300) for job in jobs]
+    assert [r["worker"]["batch_size"] for r in results] == [4] * 12, "every batch full, none cut by the delay"
+
+
 def test_batch_of_one_without_delay_behaves_unbatched(start_worker, endless_model, redis_client):
     """GLYPHQ_MAX_BATCH=1 and GLYPHQ_BATCH_DELAY_MS=0: one job per generate, the rest left in Redis."""
     long_job = submit(png_bytes(seed=400), "A long answer please", max_new_tokens=2000, priority=5)
@@ -125,10 +137,14 @@ def test_static_decoding_equals_generate(tiny_model):
     static = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "static",
                                                "GLYPHQ_MAX_BATCH": "8"}))
     assert plain.decoder is None and static.decoder is not None
-    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(size=(200 + 60 * i, 150 + 30 * i), seed=i)))],
+    # One to three pages each: prompts of quite different lengths, prefilled in separate passes.
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(size=(200 + 60 * i, 150 + 30 * i), seed=i + page)))
+                              for page in range(1 + i % 3)],
                       question=QUESTIONS[i], max_new_tokens=20 + 7 * i) for i in range(4)]
     expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
-    assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
+    together = static.answer(jobs, (1280, 720))
+    assert len(prefill_groups([r.tokens_in for r in together])) > 1
+    assert [r.token_ids for r in together] == expected
     assert [static.answer([job], (1280, 720))[0].token_ids for job in jobs] == expected
     assert [len(ids) for ids in expected] == [20, 27, 34, 41]
     assert set(static.decoder.graphs) == {(1, 256), (4, 256)}, "batch and cache length are bucketed"

@@ -12,8 +12,10 @@ from PIL import Image
 from celeryconfig import Settings
 from producer import submit
 from worker import engine as engine_module
+from worker.decode import PREFILL_PADDING, prefill_groups
 from worker.engine import EngineJob, answer_within_memory, build_messages, load
 from worker.errors import ModelError
+from worker.prompts import collate
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +98,26 @@ def test_cpu_device_and_dtype(engine):
     assert engine.dtype == torch.float32
     assert not engine.model.training
     assert engine_module.resolve_device("cpu").type == "cpu"
+
+
+def test_collate_pads_rows_on_the_left_and_concatenates_pixels():
+    short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "pixel_values": torch.zeros(2, 4)}
+    long = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+            "pixel_values": torch.ones(3, 4)}
+    batch = collate([short, long], pad_id=0)
+    assert batch["input_ids"].tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert batch["pixel_values"].tolist() == [[0.0] * 4] * 2 + [[1.0] * 4] * 3
+
+
+def test_prefill_groups_keep_padding_small():
+    """Prompts of similar length share a prompt pass; a much shorter one gets its own."""
+    assert prefill_groups([100, 20, 98, 22, 50]) == [[0, 2], [4], [3, 1]]
+    assert prefill_groups([7, 7, 7]) == [[0, 1, 2]]
+    for lengths in ([300, 1200, 650, 1190, 260, 590], [5, 500, 40, 41, 42, 1000]):
+        groups = prefill_groups(lengths)
+        assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+        for group in groups:
+            padded = max(lengths[i] for i in group) * len(group)
+            assert padded <= (1 + PREFILL_PADDING) * sum(lengths[i] for i in group)

@@ -28,7 +28,8 @@ def _empty_queue(redis_client) -> None:
 def test_two_workers_share_the_queue_and_no_job_runs_twice(start_worker, endless_model, monkeypatch):
     # Two workers on two cores: one torch thread each, as one worker per GPU would have one GPU each.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # A worker reserves up to GLYPHQ_MAX_BATCH jobs; small batches let 20 jobs spread over both.
+    # A worker reserves up to two batches of GLYPHQ_MAX_BATCH jobs; small batches let 20 jobs spread
+    # over both.
     workers = [start_worker(model=endless_model, max_batch=4) for _ in range(2)]
     host = socket.gethostname()
     names = {w.name.replace("%h", host): w for w in workers}

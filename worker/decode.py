@@ -30,6 +30,8 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from worker.prompts import collate
+
 log = logging.getLogger(__name__)
 
 ATTENTION = "glyphq_static"
@@ -43,6 +45,25 @@ def bucket(n: int, limit: int, floor: int = 1) -> int:
     while size < n:
         size *= 2
     return max(n, min(size, limit))
+
+
+#: Padding a prompt pass may spend, as a share of the real prompt tokens it runs.
+PREFILL_PADDING = 0.125
+
+
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """Indexes of prompts to prefill together: longest first, each group with at most ``PREFILL_PADDING``
+    padding (its longest prompt times its size, over its tokens)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None and lengths[group[0]] * (len(group) + 1) <= (1 + PREFILL_PADDING) * (
+                sum(lengths[j] for j in group) + lengths[i]):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -170,26 +191,25 @@ class StaticDecoder:
     # -- the loop -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, inputs: dict[str, Any], max_new_tokens: int, eos_ids: set[int]) -> torch.Tensor:
-        """Greedy tokens (B, n) after the prompt, for left-padded ``inputs``; rows stop at ``eos_ids``."""
-        mask = inputs["attention_mask"]
-        batch, prompt_len = mask.shape
+    def generate(self, prompts: list[dict[str, Any]], max_new_tokens: int, eos_ids: set[int]) -> torch.Tensor:
+        """Greedy tokens (B, n) after each prompt (processor outputs of one row each); rows stop at ``eos_ids``."""
+        batch = len(prompts)
+        lengths = torch.tensor([prompt["input_ids"].shape[1] for prompt in prompts], device=self.device)
+        prompt_len = int(lengths.max())
         rows, length = self.shape_for(batch, prompt_len + max_new_tokens)
         state = self._graph(rows, length)
-        first = self._prefill(inputs, state, prompt_len)
+        first, rope_deltas = self._prefill(prompts, state, prompt_len)
 
         state.history[:batch, 0] = first
         state.history[batch:, 0] = self.pad_id
         state.tokens[:batch, 0] = first
         state.tokens[batch:, 0] = self.pad_id
-        rope_deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
-        start = mask.sum(dim=1, keepdim=True)
-        if rope_deltas is not None:
-            start = start + rope_deltas.to(start.device, start.dtype)
+        start = lengths[:, None] if rope_deltas is None else lengths[:, None] + rope_deltas
         state.positions[:batch] = start
         state.positions[batch:] = prompt_len
         state.valid.fill_(True)
-        state.valid[:batch, :prompt_len] = mask.bool()
+        # Prompts end at slot prompt_len - 1: each row's padding is on its left.
+        state.valid[:batch, :prompt_len] = torch.arange(prompt_len, device=self.device) >= prompt_len - lengths[:, None]
         state.step.fill_(1)
 
         eos = torch.tensor(sorted(eos_ids), device=self.device, dtype=torch.long)
@@ -205,26 +225,55 @@ class StaticDecoder:
                 break
         return state.history[:batch, :produced].clone()
 
-    def _prefill(self, inputs: dict[str, Any], state: _Graph, prompt_len: int) -> torch.Tensor:
-        """Run the prompt eagerly, copy its keys and values into the static cache; return each row's first token."""
+    def _prefill(self, prompts: list[dict[str, Any]], state: _Graph, prompt_len: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the prompts eagerly and put their keys and values into the static cache, each prompt ending
+        at slot ``prompt_len - 1``. Returns each row's first token and the model's rope offsets (or None).
+
+        Prompts of similar length run together (:func:`prefill_groups`), so a batch of mixed page sizes
+        does not spend its prefill on padding.
+        """
+        batch = len(prompts)
+        first = torch.empty(batch, dtype=torch.long, device=self.device)
+        rope_deltas: torch.Tensor | None = None
+        statics: list[Any] = list(state.cache.layers)
+        for static in statics:  # slots left of a shorter prompt are padding: make them zeros, not stale values
+            static.keys[:batch, :, :prompt_len].zero_()
+            static.values[:batch, :, :prompt_len].zero_()
+            static.cumulative_length.fill_(prompt_len)
+        for group in prefill_groups([prompt["input_ids"].shape[1] for prompt in prompts]):
+            inputs = collate([prompts[i] for i in group], self.pad_id)
+            rows = torch.tensor(group, device=self.device)
+            group_first, group_deltas, prompt_cache = self._prefill_group(inputs)
+            first[rows] = group_first
+            if group_deltas is not None:
+                if rope_deltas is None:
+                    rope_deltas = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+                rope_deltas[rows] = group_deltas.to(self.device, torch.long)
+            # Padding slots hold whatever the prompt pass left there (NaN for a fully masked row); zero
+            # them, as the decode attention multiplies them by a weight of 0.
+            padding = ~inputs["attention_mask"].bool()[:, None, :, None]
+            since = prompt_len - inputs["input_ids"].shape[1]
+            for static, dynamic in zip(statics, list[Any](prompt_cache.layers), strict=True):
+                static.keys[:, :, since:prompt_len].index_copy_(0, rows, dynamic.keys.masked_fill(padding, 0))
+                static.values[:, :, since:prompt_len].index_copy_(0, rows, dynamic.values.masked_fill(padding, 0))
+        return first, rope_deltas
+
+    def _prefill_group(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """One eager prompt pass over a left-padded batch: first tokens, rope offsets (or None), the cache."""
         kwargs = dict(inputs)
-        if getattr(getattr(self.model, "model", None), "rope_deltas", "absent") == "absent":
+        wrapper: Any = getattr(self.model, "model", None)
+        keeps_offsets = getattr(wrapper, "rope_deltas", "absent") != "absent"
+        if not keeps_offsets:
             # No rope offsets kept by the model: positions count real tokens only, as generate does.
             kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            wrapper.rope_deltas = None  # computed afresh for these prompts
         prompt_cache = DynamicCache(config=self.model.config)
         with torch.compiler.set_stance("force_eager"):  # compiled layers are for the decode steps only
             out = self.model(**kwargs, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].argmax(dim=-1)
-        batch = first.shape[0]
-        # Padding slots hold whatever the prompt pass left there (NaN for a fully masked row); zero them,
-        # as the decode attention multiplies them by a weight of 0.
-        padding = ~inputs["attention_mask"].bool()[:, None, :, None]
-        statics: list[Any] = list(state.cache.layers)
-        for static, dynamic in zip(statics, list[Any](prompt_cache.layers), strict=True):
-            static.keys[:batch, :, :prompt_len].copy_(dynamic.keys.masked_fill(padding, 0))
-            static.values[:batch, :, :prompt_len].copy_(dynamic.values.masked_fill(padding, 0))
-            static.cumulative_length.fill_(prompt_len)
-        return first
+        deltas = wrapper.rope_deltas if keeps_offsets else None
+        return out.logits[:, -1].argmax(dim=-1), deltas, prompt_cache
 
     # -- graphs ---------------------------------------------------------------------------------
 
