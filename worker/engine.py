@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.image_processing_backends import TorchvisionBackend
 from transformers.utils import logging as hf_logging
 
 from celeryconfig import Settings
@@ -80,7 +81,7 @@ class Engine:
         self.decoder: Any = None  # worker.decode.StaticDecoder when static decoding is on
         # A fast (torch) image processor resizes and normalizes on the GPU, three times faster than on
         # the CPU for a batch of pages; a PIL one only runs on the CPU.
-        on_gpu = device.type == "cuda" and getattr(getattr(processor, "image_processor", None), "is_fast", False)
+        on_gpu = device.type == "cuda" and isinstance(getattr(processor, "image_processor", None), TorchvisionBackend)
         self._processor_kwargs: dict[str, Any] = {"device": str(device)} if on_gpu else {}
 
     def answer(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
