@@ -77,7 +77,8 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     from worker.images import fit_image
     from worker.prompts import collate
 
-    env = {"GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_DECODE": "static"}
+    env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch),
+           "GLYPHQ_DECODE": "static"}
     start = time.perf_counter()
     engine = load(Settings.from_env(env))
     load_s = time.perf_counter() - start
@@ -302,6 +303,7 @@ def main() -> int:
     ensure_preset(args.model_dir)
     jobs = job_list(max(args.jobs, args.inprocess_jobs))
     figures: dict = {"git_sha": args.git_sha, "max_batch": args.max_batch, "new_tokens": NEW_TOKENS,
+                     "decode_compile": os.environ.get("GLYPHQ_DECODE_COMPILE", "on"),
                      "sizes": [f"{w}x{h}" for w, h in SIZES]}
     figures.update(in_process(args, jobs))
     import gc

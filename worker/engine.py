@@ -5,8 +5,10 @@ Nothing here knows about Celery or Redis.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +167,9 @@ def load(settings: Settings) -> Engine:
     """Load ``settings.model`` (a hub id or a local path): bf16 on CUDA, float32 on CPU, in eval mode."""
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    static = settings.decode == "static" or (settings.decode == "auto" and device.type == "cuda")
+    compile_layers = static and settings.decode_compile == "on" and device.type == "cuda"
+    compiler = _import_compiler_meanwhile(settings.compile_cache_dir) if compile_layers else None
     start = time.perf_counter()
     hf_logging.disable_progress_bar()  # a progress bar per child clutters the worker log
     try:
@@ -177,20 +182,32 @@ def load(settings: Settings) -> Engine:
     model.eval()
     log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
     engine = Engine(model, processor, device, dtype, settings.model)
-    if settings.decode == "static" or (settings.decode == "auto" and device.type == "cuda"):
+    if static:
         from worker.decode import StaticDecoder
 
-        compile_layers = settings.decode_compile == "on" and device.type == "cuda"
-        if compile_layers:
-            if settings.compile_cache_dir:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
-            # Compile in this process: a worker child is a daemon, and a pool of compile workers is one
-            # more thing that can break in it. Only a cold cache pays for it.
-            os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+        if compiler is not None:
+            compiler.join()
         engine.decoder = StaticDecoder(model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
                                        max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id,
                                        compile_layers=compile_layers)
     return engine
+
+
+def _import_compiler_meanwhile(cache_dir: str) -> threading.Thread:
+    """Import torch's compiler (inductor, about 3 s) in a thread while the weights load.
+
+    It reads its settings from the environment when it is imported, so they are set first:
+    ``cache_dir`` (``GLYPHQ_COMPILE_CACHE_DIR``) and one compile thread.
+    """
+    if cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    # Compile in this process: a worker child is a daemon, and a pool of compile workers is one more
+    # thing that can break in it. Only a cold cache pays for it.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    thread = threading.Thread(target=importlib.import_module, args=("torch._inductor.compile_fx",),
+                              name="glyphq-import-compiler", daemon=True)
+    thread.start()
+    return thread
 
 
 def answer_within_memory(engine: Engine, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
