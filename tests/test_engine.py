@@ -109,6 +109,10 @@ def test_collate_pads_rows_on_the_left_and_concatenates_pixels():
     assert batch["input_ids"].tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]]
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert batch["pixel_values"].tolist() == [[0.0] * 4] * 2 + [[1.0] * 4] * 3
+    text_only = {"input_ids": torch.tensor([[9]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    mixed = collate([text_only, long], pad_id=0)
+    assert mixed["input_ids"].tolist() == [[0, 0, 0, 0, 9], [1, 2, 3, 4, 5]]
+    assert mixed["pixel_values"].shape == (3, 4), "only the prompt with an image brings pixels"
 
 
 def test_prefill_groups_keep_padding_small():

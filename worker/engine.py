@@ -81,8 +81,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self.image_token_id = getattr(processor, "image_token_id", None)
         self.decoder: Any = None  # worker.decode.StaticDecoder when static decoding is on
-        # A fast (torch) image processor resizes and normalizes on the GPU, three times faster than on
-        # the CPU for a batch of pages; a PIL one only runs on the CPU.
+        # A torch (torchvision) image processor can resize and normalize on the GPU: 0.12 s instead of
+        # 0.28 s for 32 pages on an H200. A PIL one runs on the CPU only.
         on_gpu = device.type == "cuda" and isinstance(getattr(processor, "image_processor", None), TorchvisionBackend)
         self._processor_kwargs: dict[str, Any] = {"device": str(device)} if on_gpu else {}
 

@@ -17,8 +17,8 @@ def collate(prompts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
     """
     longest = max(prompt["input_ids"].shape[1] for prompt in prompts)
     batch: dict[str, torch.Tensor] = {}
-    for key in prompts[0]:
-        tensors = [prompt[key] for prompt in prompts]
+    for key in dict.fromkeys(key for prompt in prompts for key in prompt):  # a prompt without images has no pixels
+        tensors = [prompt[key] for prompt in prompts if key in prompt]
         if key in ROW_PADDING:
             value = pad_id if ROW_PADDING[key] is None else ROW_PADDING[key]
             tensors = [torch.nn.functional.pad(t, (longest - t.shape[1], 0), value=value) for t in tensors]
