@@ -21,7 +21,6 @@ import io
 import json
 import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
 EXTRA_IMPORTS = ["", "torch._dynamo", "torch._inductor.compile_fx"]
 
 
@@ -96,15 +94,6 @@ def child(model_dir: str, profile_path: str | None) -> dict:
     return {"load_s": round(loaded - started, 2), "first_answer_b8_s": round(answered - loaded, 2)}
 
 
-def run(args: list[str], env: dict[str, str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr or done.stdout)[-1500:]}
-    return json.loads(lines[-1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
@@ -120,19 +109,19 @@ def main() -> int:
         print(json.dumps(child(args.model_dir, args.profile)))
         return 0
 
-    from bench.gpu_soak import ensure_preset
+    from bench.gpu_soak import ensure_preset, fresh_process
 
     ensure_preset(args.model_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"fork": [run(["--fork-probe", module], dict(os.environ)) for module in EXTRA_IMPORTS]}
+    figures: dict = {"fork": [fresh_process(__file__, ["--fork-probe", module]) for module in EXTRA_IMPORTS]}
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "GLYPHQ_COMPILE_CACHE_DIR": cache}
-        figures["child_cold_cache"] = run(["--child", "--model-dir", args.model_dir], env)
-        figures["child_warm_cache"] = run(["--child", "--model-dir", args.model_dir], env)
-        figures["child_warm_cache_profiled"] = run(
-            ["--child", "--model-dir", args.model_dir, "--profile", str(out / "child_profile.txt")], env)
-        figures["child_graphs_only"] = run(["--child", "--model-dir", args.model_dir],
+        env = {"GLYPHQ_COMPILE_CACHE_DIR": cache}
+        figures["child_cold_cache"] = fresh_process(__file__, ["--child", "--model-dir", args.model_dir], env)
+        figures["child_warm_cache"] = fresh_process(__file__, ["--child", "--model-dir", args.model_dir], env)
+        figures["child_warm_cache_profiled"] = fresh_process(
+            __file__, ["--child", "--model-dir", args.model_dir, "--profile", str(out / "child_profile.txt")], env)
+        figures["child_graphs_only"] = fresh_process(__file__, ["--child", "--model-dir", args.model_dir],
                                            {**env, "GLYPHQ_DECODE_COMPILE": "off"})
     (out / "child_start.json").write_text(json.dumps(figures, indent=2))
     print("\nA recycled child's start on glyph-9b")

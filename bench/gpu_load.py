@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def child(model_dir: str) -> dict:
@@ -65,7 +62,7 @@ def main() -> int:
         print(json.dumps(child(args.model_dir)))
         return 0
 
-    from bench.gpu_soak import ensure_preset
+    from bench.gpu_soak import ensure_preset, fresh_process
 
     ensure_preset(args.model_dir)
     sharded = args.model_dir.rstrip("/") + "-sharded"
@@ -75,14 +72,9 @@ def main() -> int:
                      "shards": len(list(Path(sharded).glob("model-*.safetensors")))}
     for name, directory in (("one_file", args.model_dir), ("shards", sharded)):
         for parallel in ("false", "true"):
-            env = {**os.environ, "HF_ENABLE_PARALLEL_LOADING": parallel}
-            runs = []
-            for _ in range(2):
-                done = subprocess.run([sys.executable, __file__, "--child", "--model-dir", directory], cwd=ROOT,
-                                      env=env, capture_output=True, text=True, timeout=600)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                runs.append(json.loads(lines[-1])["load_s"] if lines else (done.stderr or "no output")[-300:])
-            figures[f"{name}_parallel_{parallel}"] = runs
+            runs = [fresh_process(__file__, ["--child", "--model-dir", directory],
+                                  {"HF_ENABLE_PARALLEL_LOADING": parallel}) for _ in range(2)]
+            figures[f"{name}_parallel_{parallel}"] = [run.get("load_s", run.get("error")) for run in runs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "load.json").write_text(json.dumps(figures, indent=2))

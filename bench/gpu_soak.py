@@ -43,6 +43,19 @@ def ensure_preset(model_dir: str | Path) -> None:
                        cwd=ROOT)
 
 
+def fresh_process(script: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> dict:
+    """Run ``script`` with ``args`` in a new Python process; its last JSON line, or ``{"error": ...}``.
+
+    ``env`` is added to this process's environment.
+    """
+    done = subprocess.run([sys.executable, script, *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout or "no output")[-3000:]}
+    return dict(json.loads(lines[-1]))
+
+
 def collect(handles: list, budget_s: float, start: float, after_each=None) -> tuple[list, list[str]]:  # noqa: ANN001
     """Wait for each job's result in order until ``budget_s`` after ``start``: (results, failure messages).
 

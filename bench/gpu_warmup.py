@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.gpu_soak import ensure_preset, fresh_process  # noqa: E402
+
 NEW_TOKENS = 128
 
 
@@ -91,11 +91,7 @@ def child(model_dir: str) -> dict:
 
 
 def run_variant(model_dir: str, env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", "--model-dir", model_dir], cwd=ROOT,
-                         env={**os.environ, **env}, capture_output=True, text=True, timeout=1500)
-    if out.returncode != 0:
-        return {"error": out.stderr[-3000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return fresh_process(__file__, ["--child", "--model-dir", model_dir], env, timeout=1500)
 
 
 def main() -> int:
@@ -107,7 +103,6 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.model_dir)))
         return 0
-    from bench.gpu_soak import ensure_preset
 
     ensure_preset(args.model_dir)
     cache = tempfile.mkdtemp(prefix="glyphq-inductor-")
