@@ -70,6 +70,7 @@ class Settings:
     device: str = "auto"
     max_image_size: tuple[int, int] = (1280, 720)
     max_tasks_per_child: int = 100
+    recycle_overlap_s: int = 30
     max_batch: int = 16
     batch_delay_ms: int = 20
     decode: str = "auto"
@@ -138,6 +139,7 @@ class Settings:
             device=_str(env, "GLYPHQ_DEVICE", cls.device),
             max_image_size=parse_box(_str(env, "GLYPHQ_MAX_IMAGE_SIZE", "1280x720")),
             max_tasks_per_child=_int(env, "GLYPHQ_MAX_TASKS_PER_CHILD", cls.max_tasks_per_child, minimum=1),
+            recycle_overlap_s=_int(env, "GLYPHQ_RECYCLE_OVERLAP_S", cls.recycle_overlap_s, maximum=DAY_S),
             max_batch=max_batch,
             batch_delay_ms=_int(env, "GLYPHQ_BATCH_DELAY_MS", cls.batch_delay_ms, maximum=10_000),
             decode=_choice(env, "GLYPHQ_DECODE", cls.decode, ("auto", "static", "generate")),

@@ -22,7 +22,7 @@ The GPU host's Python has no cached bytecode for torch, so every fresh process w
 compiled. ``PYTHONPYCACHEPREFIX`` (default: a folder in the temp dir) gives the worker's children a
 bytecode cache, as an installed image has.
 
-Prints one table and writes ``h200.json`` into ``--out``.
+Prints one table and writes ``h200.json`` (and the worker's log, ``worker.log``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -231,7 +232,10 @@ def through_queue(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> di
     port = int(os.environ["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_DECODE": "static", "PYTHONUNBUFFERED": "1"}
     with redis_and_worker(port, env, "bench") as (_worker, log_path):
-        return _backlog(args, jobs, log_path)
+        figures = _backlog(args, jobs, log_path)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_path, Path(args.out) / "worker.log")  # for reading each recycle's timeline
+        return figures
 
 
 def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: Path) -> dict:
@@ -278,6 +282,7 @@ def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: 
         "worker_log_errors": [line for line in log_text.splitlines() if "ERROR" in line][:5],
         "child_load_lines": [line[:160] for line in log_text.splitlines() if "model ready" in line][:6],
         "capture_lines": [line[:160] for line in log_text.splitlines() if "decode graph" in line][:12],
+        "handover_lines": [line[:200] for line in log_text.splitlines() if "taking over" in line][:6],
     }
 
 
@@ -304,6 +309,7 @@ def main() -> int:
     jobs = job_list(max(args.jobs, args.inprocess_jobs))
     figures: dict = {"git_sha": args.git_sha, "max_batch": args.max_batch, "new_tokens": NEW_TOKENS,
                      "decode_compile": os.environ.get("GLYPHQ_DECODE_COMPILE", "on"),
+                     "recycle_overlap_s": int(os.environ.get("GLYPHQ_RECYCLE_OVERLAP_S", "30")),
                      "sizes": [f"{w}x{h}" for w, h in SIZES]}
     figures.update(in_process(args, jobs))
     import gc

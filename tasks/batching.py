@@ -29,6 +29,7 @@ from celery.worker.strategy import default as default_strategy
 from kombu.serialization import prepare_accept_content
 
 from celeryconfig import settings
+from tasks import handover
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Batcher:
         # Jobs the child may still take before it is replaced (GLYPHQ_MAX_TASKS_PER_CHILD); None: a new child.
         self.room: int | None = None
         self._wakeup: Any = None
+        self._sent: tuple[float, int] = (0.0, 0)  # when the running batch was sent, and its size
+        self._leaving: tuple[int, float] | None = None  # (pid, since) of a child that is being replaced
 
     def add(self, request: Any) -> None:
         """Take a request that Celery's strategy accepted (not revoked, not expired, no ETA)."""
@@ -68,7 +71,8 @@ class Batcher:
 
     def maybe_flush(self) -> None:
         """Send a batch when the child is idle and the batch is full or its stragglers' time is up."""
-        if self.running or not self.waiting or worker_state.should_stop or worker_state.should_terminate:
+        if (self.running or self._leaving or not self.waiting or worker_state.should_stop
+                or worker_state.should_terminate):
             return
         due = self.waiting[0].since + self.delay_s
         if len(self.waiting) >= self.max_batch or time.monotonic() >= due:
@@ -136,13 +140,46 @@ class Batcher:
             return
         for request in batch:
             request._apply_result = weakref.ref(result)  # lets `revoke --terminate` and cancel find it
+        self._sent = (time.monotonic(), len(batch))
         log.debug("sent a batch of %d job(s) to the pool", len(batch))
 
-    def finished(self, room: int | None) -> None:
-        """Called when the pool is done with a batch, whatever the outcome, with the child's room left."""
+    def finished(self, room: int | None, room_for_a_successor: bool = False, pid: int | None = None) -> None:
+        """Called when the pool is done with a batch, whatever the outcome, with the child's room left,
+        whether a second copy of the model would fit beside it now, and the child's pid."""
         self.running -= 1
         self.room = room or None  # 0: that child is being replaced, the next one starts empty
+        if room and room_for_a_successor:
+            self._maybe_start_successor(room)
+        if room == 0 and pid is not None:
+            self._leaving = (pid, time.monotonic())
+            self._until_gone()
         self.maybe_flush()
+
+    def _until_gone(self) -> None:
+        """Hold the next batch until the child that is leaving has been reaped, so it is not written to
+        a child that will never read it; it then goes to the next child as soon as that one is ready."""
+        if self._leaving is None:
+            return
+        pid, since = self._leaving
+        handover.reap(self.pool)
+        if pid in handover.child_pids(self.pool) and time.monotonic() - since < LEAVING_WAIT_S:
+            self.timer.call_after(LEAVING_POLL_S, self._until_gone)
+            return
+        self._leaving = None
+        self.maybe_flush()
+
+    def _maybe_start_successor(self, room: int) -> None:
+        """Start the child's successor once the jobs it has left take ``GLYPHQ_RECYCLE_OVERLAP_S`` or less,
+        at the pace of the batch that just ended (see ``tasks.handover``)."""
+        sent_at, jobs = self._sent
+        seconds_left = room * (time.monotonic() - sent_at) / max(1, jobs)
+        if seconds_left <= settings.recycle_overlap_s and not worker_state.should_stop:
+            handover.start_successor(self.pool)
+
+
+#: How often, and for how long at most, the batcher looks whether a leaving child has been reaped.
+LEAVING_POLL_S = 0.02
+LEAVING_WAIT_S = 30.0
 
 
 class _BatchCallbacks:
@@ -151,8 +188,10 @@ class _BatchCallbacks:
     def __init__(self, batcher: Batcher, batch: list[Any]) -> None:
         self.batcher = batcher
         self.batch = batch
+        self.pid: int | None = None
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
+        self.pid = pid
         for request in self.batch:
             request.on_accepted(pid, time_accepted)
 
@@ -160,13 +199,13 @@ class _BatchCallbacks:
         for request in self.batch:
             request.on_timeout(soft, timeout)
 
-    def on_success(self, returned: tuple[list[Any], int]) -> None:
-        outcomes, room = returned
+    def on_success(self, returned: tuple[list[Any], int, bool]) -> None:
+        outcomes, room, room_for_a_successor = returned
         try:
             for request, outcome in zip(self.batch, outcomes, strict=True):
                 request.on_success(outcome)
         finally:
-            self.batcher.finished(room)
+            self.batcher.finished(room, room_for_a_successor, self.pid)
 
     def on_failure(self, exc_info: Any) -> None:
         # The child died or hit the hard time limit: Celery decides per job (requeue when lost).
@@ -200,13 +239,13 @@ def _trace_args(request: Any) -> TraceArgs:
             request._content_encoding)
 
 
-def run_batch(batch: list[TraceArgs]) -> tuple[list[Any], int]:
+def run_batch(batch: list[TraceArgs]) -> tuple[list[Any], int, bool]:
     """In the pool child: answer every job of the batch at once, then let Celery trace each job.
 
     The jobs are answered together first (``worker.runtime.prepare``); Celery's tracer then runs
     each task body, which picks up its prepared result or failure, stores it, and fires the task
-    signals, exactly as for a job that ran alone. Returns Celery's per-job outcome tuples, and how
-    many more jobs this child takes before it is replaced.
+    signals, exactly as for a job that ran alone. Returns Celery's per-job outcome tuples, how many
+    more jobs this child takes before it is replaced, and whether its successor would fit beside it.
     """
     from tasks.answer import JOB_MESSAGE
     from tasks.app import app
@@ -226,7 +265,7 @@ def run_batch(batch: list[TraceArgs]) -> tuple[list[Any], int]:
                                      states.STARTED)
     runtime.prepare(jobs)
     try:
-        return [_trace(app, *args) for args in batch], runtime.room()
+        return [_trace(app, *args) for args in batch], runtime.room(), runtime.room_for_a_successor()
     finally:
         runtime.forget_prepared()
 

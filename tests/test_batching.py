@@ -150,6 +150,23 @@ def test_static_decoding_equals_generate(tiny_model):
     assert set(static.decoder.graphs) == {(1, 256), (4, 256)}, "batch and cache length are bucketed"
 
 
+def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):
+    """A successor captures its predecessor's decode steps before it takes jobs (``StaticDecoder.warm``)."""
+    plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
+    static = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "static",
+                                               "GLYPHQ_MAX_BATCH": "8", "GLYPHQ_DECODE_MAX_TOKENS": "1024"}))
+    assert static.decoder.warm(4, 256) and static.decoder.warm(1, 512)
+    assert not static.decoder.warm(3, 256), "not a bucket"
+    assert not static.decoder.warm(16, 256) and not static.decoder.warm(4, 2048), "larger than the cache"
+    assert set(static.decoder.graphs) == {(4, 256), (1, 512)}
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(size=(200 + 60 * i, 150 + 30 * i), seed=i)))],
+                      question=QUESTIONS[i], max_new_tokens=10 + 3 * i) for i in range(4)]
+    expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
+    assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
+    assert [r.token_ids for r in static.answer(jobs[:3], (1280, 720))] == expected[:3]
+    assert static.decoder.buckets_by_use() == [(4, 256), (1, 512)], "most used first"
+
+
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc"))
                     or not Path(sysconfig.get_paths()["include"], "Python.h").exists(),
                     reason="torch.compile on the CPU needs a C compiler and Python's headers")

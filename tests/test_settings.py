@@ -21,6 +21,7 @@ def test_defaults():
     assert s.model == "zai-org/Glyph"
     assert s.max_image_size == (1280, 720)
     assert s.history_turns == 3
+    assert s.recycle_overlap_s == 30
     assert s.visibility_timeout_s > s.time_limit_s > s.soft_time_limit_s
 
 
@@ -38,6 +39,7 @@ def test_result_backend_defaults_to_broker():
         ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_VISIBILITY_TIMEOUT": "100"}, "must be longer than GLYPHQ_TIME_LIMIT"),
         ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_VISIBILITY_TIMEOUT": "200"}, "GLYPHQ_TIME_LIMIT=100 times 2"),
         ({"GLYPHQ_MAX_BATCH": "0"}, "GLYPHQ_MAX_BATCH=0: must be at least 1"),
+        ({"GLYPHQ_RECYCLE_OVERLAP_S": "-5"}, "GLYPHQ_RECYCLE_OVERLAP_S=-5: must be at least 0"),
         ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_SOFT_TIME_LIMIT": "200"}, "must not exceed GLYPHQ_TIME_LIMIT"),
     ],
 )

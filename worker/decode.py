@@ -152,6 +152,7 @@ class _Graph:
     history: torch.Tensor  # (B, T) generated tokens
     graph: torch.cuda.CUDAGraph | None
     run: Any  # the step itself, for CPU (no graph)
+    uses: int = 0  # batches decoded with it
 
 
 class StaticDecoder:
@@ -188,6 +189,18 @@ class StaticDecoder:
         """The (batch, cache length) bucket for ``batch`` rows of up to ``total_len`` tokens."""
         return bucket(batch, self.max_batch), bucket(total_len, self.max_tokens, MIN_CACHE_LEN)
 
+    def buckets_by_use(self) -> list[tuple[int, int]]:
+        """The buckets with a captured step, most used first."""
+        return sorted(self.graphs, key=lambda shape: -self.graphs[shape].uses)
+
+    def warm(self, rows: int, length: int) -> bool:
+        """Capture (and compile) the step of one bucket ahead of traffic; False if it is not a bucket here."""
+        if (rows, length) != self.shape_for(rows, length) or not self.fits(rows, length):
+            return False
+        with torch.inference_mode():
+            self._graph(rows, length)
+        return True
+
     # -- the loop -------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -198,6 +211,7 @@ class StaticDecoder:
         prompt_len = int(lengths.max())
         rows, length = self.shape_for(batch, prompt_len + max_new_tokens)
         state = self._graph(rows, length)
+        state.uses += 1
         first, rope_deltas = self._prefill(prompts, state, prompt_len)
 
         state.history[:batch, 0] = first

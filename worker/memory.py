@@ -55,3 +55,20 @@ def gpu_guard_limit_mb(device: torch.device, configured_mb: int) -> float | None
     if configured_mb > 0:
         return float(configured_mb)
     return 0.9 * torch.cuda.get_device_properties(device).total_memory / MB
+
+
+#: Free GPU memory a successor needs, as a share of the most this child reserved in its last batch.
+SUCCESSOR_HEADROOM = 1.1
+
+
+def room_for_a_successor(device: torch.device) -> bool:
+    """Whether the next child could load beside this one now (see ``worker.runtime.init_child``).
+
+    The successor needs about what this child holds; this child still needs its peak. So the free
+    memory must exceed this child's peak reserved memory of the last batch, with some headroom.
+    Always True on the CPU.
+    """
+    if not cuda_in_use(device):
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    return bool(free > SUCCESSOR_HEADROOM * torch.cuda.max_memory_reserved(device))

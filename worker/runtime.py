@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 _serves_gpu = False
 _engine: Any = None  # worker.engine.Engine, imported lazily so the parent never loads a model
 _task_index = 0
+#: Set in the parent while it forks a successor (``tasks.handover``): the pid of the child it replaces.
+handover_from: int | None = None
+_published_buckets: list[list[int]] = []
 
 
 def preload_parent() -> None:
@@ -60,13 +63,19 @@ def serves_gpu() -> bool:
 
 
 def init_child() -> None:
-    """Load the model in a fresh child. If it cannot load, stop the whole worker: the jobs stay queued."""
+    """Load the model in a fresh child. If it cannot load, stop the whole worker: the jobs stay queued.
+
+    A successor (started while its predecessor still answers, see ``tasks.handover``) also captures
+    the decode steps its predecessor used, and returns (so billiard reports it ready) only once the
+    predecessor has left. Until then it takes no job, so one child answers at a time.
+    """
     global _engine, _task_index
     from worker import engine
 
     recycle.install()
     _task_index = 0
     start = time.perf_counter()
+    predecessor = handover_from
     try:
         _engine = engine.load(settings)
     except Exception:
@@ -74,15 +83,68 @@ def init_child() -> None:
                      exc_info=True)
         os.kill(os.getppid(), signal.SIGTERM)
         raise
+    load_s = time.perf_counter() - start
+    warmed, warm_s = _capture_predecessor_steps(predecessor) if predecessor is not None else (0, 0.0)
     # Everything alive now lives as long as the child; keep it out of every later collection.
     gc.collect()
     gc.freeze()
+    if predecessor is not None:
+        waited_s = _wait_for(predecessor, deadline=start + settings.model_load_timeout_s - ALIVE_MARGIN_S)
+        log.info("taking over from child %d: %d decode step(s) captured in %.1f s, then waited %.1f s for it "
+                 "to leave", predecessor, warmed, warm_s, waited_s)
     previous = status.read()
     status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
                    device_name=_device_name(_engine.device), task_index=0,
                    children=int(previous.get("children", 0)) + 1, gpu=_gpu_section(_engine.device))
-    log.info("model ready: %s on %s as %s, loaded in %.1f s", settings.model, _engine.device, _engine.dtype,
-             time.perf_counter() - start)
+    log.info("model ready: %s on %s as %s, loaded in %.1f s", settings.model, _engine.device, _engine.dtype, load_s)
+
+
+#: Seconds a successor keeps in hand before ``GLYPHQ_MODEL_LOAD_TIMEOUT``, after which Celery kills it.
+ALIVE_MARGIN_S = 10
+
+
+def _capture_predecessor_steps(predecessor: int) -> tuple[int, float]:
+    """In a successor: capture (and compile) the decode steps the predecessor used, most used first,
+    while it still answers. Returns how many and the seconds it took."""
+    started = time.perf_counter()
+    decoder = getattr(_engine, "decoder", None)
+    warmed = 0
+    for rows, length in status.read().get("decode_buckets") or []:
+        if decoder is None or not _alive(predecessor):
+            break
+        warmed += decoder.warm(int(rows), int(length))
+    return warmed, time.perf_counter() - started
+
+
+def _wait_for(predecessor: int, deadline: float) -> float:
+    """In a successor: wait until the predecessor has left; return the seconds waited. Past ``deadline``
+    (an idle queue keeps it alive) stop waiting: both take jobs until it leaves at its own count."""
+    started = time.perf_counter()
+    while _alive(predecessor):
+        if time.perf_counter() > deadline:
+            log.warning("child %d is still running; this child takes jobs too until it leaves", predecessor)
+            break
+        time.sleep(HANDOVER_POLL_S)
+    return time.perf_counter() - started
+
+
+HANDOVER_POLL_S = 0.005
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has left: it only waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:  # no /proc: a zombie counts as alive until the parent reaps it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state not in ("Z", "X")
 
 
 def _loaded_engine() -> Any:
@@ -119,6 +181,13 @@ def forget_prepared() -> None:
 def room() -> int:
     """How many more jobs this child answers before it is replaced (0 once a recycle is requested)."""
     return 0 if recycle.requested() else max(0, settings.max_tasks_per_child - _task_index)
+
+
+def room_for_a_successor() -> bool:
+    """Whether a successor could load beside this child now (GPU memory; always True on the CPU)."""
+    from worker import memory
+
+    return _engine is not None and memory.room_for_a_successor(_engine.device)
 
 
 def answer(raw_job: object, job_id: str) -> dict[str, Any]:
@@ -173,6 +242,7 @@ def answer_batch(jobs: list[tuple[str, object]]) -> dict[str, Any]:
         gpu = memory.gpu_stats(eng.device)
         _record_gpu_memory(eng.device, gpu)
         status.publish(task_index=_task_index, last_job_at=time.time(), gpu=_gpu_section(eng.device))
+        _publish_decode_buckets(eng)
         if _task_index >= settings.max_tasks_per_child:  # billiard replaces the child after this batch
             recycle.request("tasks", f"{_task_index} jobs (GLYPHQ_MAX_TASKS_PER_CHILD)")
     for fetched, result, history in answered:
@@ -285,6 +355,18 @@ def _record_gpu_memory(device: Any, gpu: dict[str, float] | None) -> None:
     limit = memory.gpu_guard_limit_mb(device, settings.gpu_guard_mb)
     if gpu is not None and limit is not None and gpu["reserved_mb"] > limit:
         recycle.request("gpu", f"GPU reserved {gpu['reserved_mb']:.0f} MB after cleanup > guard {limit:.0f} MB")
+
+
+def _publish_decode_buckets(eng: Any) -> None:
+    """Tell a successor which decode steps to capture before it takes over (most used first)."""
+    global _published_buckets
+    decoder = getattr(eng, "decoder", None)
+    if decoder is None:
+        return
+    buckets = [list(shape) for shape in decoder.buckets_by_use()]
+    if buckets != _published_buckets:
+        _published_buckets = buckets
+        status.publish(decode_buckets=buckets)
 
 
 def _device_name(device: Any) -> str:
