@@ -11,11 +11,13 @@
      ``--inprocess-jobs`` jobs of the backlog (decode, fit, processor and generate, as the worker does).
    - batched against alone: the tokens of 8 jobs answered together and one by one.
 3. Starts redis-server and a real ``celery -A tasks worker`` with ``GLYPHQ_MAX_BATCH=--max-batch`` and
-   recycling every ``--per-child`` jobs, enqueues ``--jobs`` page images of mixed sizes at once, and
-   waits for every result: ``backlog_tok_s``, ``queue_jobs_s``, the reserved GPU memory after cleanup
-   over the run, cleanup per job, and each recycle's downtime (the parent's log of the old child's
-   last result to the new child's first generate). ``queue_vs_inprocess_between_recycles`` leaves
-   out each child's start (downtime, compile and first graph capture): the queue's own overhead.
+   recycling every ``--per-child`` jobs, lets it answer one full batch (``first_child_warmup_s``: the
+   first child's compile and captures; the in-process figure also leaves them out), then enqueues
+   ``--jobs`` page images of mixed sizes at once and waits for every result: ``backlog_tok_s``,
+   ``queue_jobs_s``, the reserved GPU memory after cleanup over the run, cleanup per job, and each
+   recycle's downtime (the parent's log of the old child's last result to the new child's first
+   generate). ``queue_vs_inprocess_between_recycles`` leaves out each child's start (downtime, compile
+   and first graph capture): the queue's own overhead.
 
 The GPU host's Python has no cached bytecode for torch, so every fresh process would compile about
 600 of torch's source files (2 s) before it could compile a graph; a deployed image has them
@@ -211,13 +213,14 @@ def recycle_downtimes(log_text: str) -> list[float]:
 CHILD = re.compile(r"/(ForkPoolWorker-\d+)\]")
 
 
-def steady_jobs_s(log_text: str) -> float | None:
+def steady_jobs_s(log_text: str, since: float = 0.0) -> float | None:
     """Jobs per second of each child after its first batch (its compile and first graph capture), up to
-    its last job: the queue's speed between recycles."""
+    its last job, counting results logged after ``since`` (a time.time()): the queue's speed between
+    recycles."""
     stamps: dict[str, list[float]] = {}
     for line in log_text.splitlines():
         stamp, child = _stamp(line), CHILD.search(line)
-        if stamp is not None and child and "succeeded in" in line:
+        if stamp is not None and stamp >= since and child and "succeeded in" in line:
             stamps.setdefault(child.group(1), []).append(stamp)
     jobs, seconds = 0, 0.0
     for times in stamps.values():
@@ -249,8 +252,14 @@ def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: 
         if time.monotonic() > deadline:
             raise RuntimeError("the worker's model never loaded:\n" + log_path.read_text(errors="replace")[-3000:])
         time.sleep(0.2)
+    # Then one full batch, as the in-process figure answers one before its clock: the backlog finds the
+    # worker warm, and pays every recycle in full.
+    warmup_start = time.monotonic()
+    for handle in [submit(data, question, max_new_tokens=NEW_TOKENS) for data, question in jobs[: args.max_batch]]:
+        handle.result(timeout=args.budget_s)
+    first_child_warmup_s = time.monotonic() - warmup_start
     handles = [submit(data, question, max_new_tokens=NEW_TOKENS) for data, question in jobs]
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     results, failures = collect(handles, args.budget_s, start)
     wall = time.monotonic() - start
     store = Store(settings)
@@ -269,7 +278,8 @@ def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: 
         "backlog_tok_s": round(sum(r["tokens_out"] for r in results) / wall, 1),
         "batch_size_mean": round(sum(r["worker"]["batch_size"] for r in results) / max(1, len(results)), 2),
         "recycles": len({r["worker"]["pid"] for r in results}) - 1,
-        "queue_jobs_s_between_recycles": steady_jobs_s(log_text),
+        "queue_jobs_s_between_recycles": steady_jobs_s(log_text, since=started_at),
+        "first_child_warmup_s": round(first_child_warmup_s, 1),
         "recycle_downtime_s": max(downtimes, default=None),
         "recycle_downtimes_s": downtimes,
         "reserved_mb_min": min(reserved, default=None),

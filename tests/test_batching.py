@@ -165,6 +165,7 @@ def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):
     assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
     assert [r.token_ids for r in static.answer(jobs[:3], (1280, 720))] == expected[:3]
     assert static.decoder.buckets_by_use() == [(4, 256), (1, 512)], "most used first"
+    assert static.warm_up((320, 240)) > 0 and (2, 256) in static.decoder.graphs
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc"))

@@ -141,6 +141,15 @@ class Engine:
                                          pad_token_id=self.pad_id)
         return output[:, prompt_len:]
 
+    def warm_up(self, box: Box) -> float:
+        """Answer two blank pages of size ``box``, so the next real batch finds every kernel on the path
+        (processor, vision tower, prompt pass, decode) loaded; return the seconds it took."""
+        start = time.perf_counter()
+        page = Image.new("RGB", box, "white")
+        self.answer([EngineJob(images=[page], question="Warm-up.", max_new_tokens=2) for _ in range(2)], box)
+        self.cleanup()
+        return time.perf_counter() - start
+
     def _until_eos(self, ids: list[int]) -> list[int]:
         for i, token in enumerate(ids):
             if token in self.eos_ids:
