@@ -189,9 +189,11 @@ class StaticDecoder:
         """The (batch, cache length) bucket for ``batch`` rows of up to ``total_len`` tokens."""
         return bucket(batch, self.max_batch), bucket(total_len, self.max_tokens, MIN_CACHE_LEN)
 
-    def buckets_by_use(self) -> list[tuple[int, int]]:
-        """The buckets with a captured step, most used first."""
-        return sorted(self.graphs, key=lambda shape: -self.graphs[shape].uses)
+    def buckets_in_use(self) -> list[tuple[int, int]]:
+        """The buckets that decoded more than one batch, most used first: those worth capturing ahead.
+        (One batch is typically the small first one after a start, or a warm-up.)"""
+        used = [shape for shape, state in self.graphs.items() if state.uses > 1]
+        return sorted(used, key=lambda shape: -self.graphs[shape].uses)
 
     def warm(self, rows: int, length: int) -> bool:
         """Capture (and compile) the step of one bucket ahead of traffic; False if it is not a bucket here."""

@@ -363,12 +363,12 @@ def _record_gpu_memory(device: Any, gpu: dict[str, float] | None) -> None:
 
 
 def _publish_decode_buckets(eng: Any) -> None:
-    """Tell a successor which decode steps to capture before it takes over (most used first)."""
+    """Tell a successor which decode steps to capture before it takes over (see ``buckets_in_use``)."""
     global _published_buckets
     decoder = getattr(eng, "decoder", None)
     if decoder is None:
         return
-    buckets = [list(shape) for shape in decoder.buckets_by_use()]
+    buckets = [list(shape) for shape in decoder.buckets_in_use()]
     if buckets != _published_buckets:
         _published_buckets = buckets
         status.publish(decode_buckets=buckets)
