@@ -69,7 +69,7 @@ class Settings:
     model: str = "zai-org/Glyph"
     device: str = "auto"
     max_image_size: tuple[int, int] = (1280, 720)
-    max_tasks_per_child: int = 100
+    max_tasks_per_child: int = 1000
     recycle_overlap_s: int = 30
     max_batch: int = 16
     batch_delay_ms: int = 20

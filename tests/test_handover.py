@@ -14,8 +14,8 @@ from celeryconfig import settings
 from producer import submit
 from producer.store import Store
 
-TAKE_OVER = re.compile(r"taking over from child (\d+): \d+ decode step\(s\) captured and a warm-up batch "
-                       r"answered in [\d.]+ s, then waited ([\d.]+) s")
+TAKE_OVER = re.compile(r"taking over from child (\d+): \d+ decode step\(s\) captured[a-z -]* in [\d.]+ s, "
+                       r"then waited ([\d.]+) s")
 
 
 def _answer_all(count: int, tokens: int) -> list[dict]:

@@ -84,14 +84,13 @@ def init_child() -> None:
         os.kill(os.getppid(), signal.SIGTERM)
         raise
     load_s = time.perf_counter() - start
-    warmed, warm_s = _warm_up_for(predecessor) if predecessor is not None else (0, 0.0)
+    warmed = _warm_up_for(predecessor) if predecessor is not None else ""
     # Everything alive now lives as long as the child; keep it out of every later collection.
     gc.collect()
     gc.freeze()
     if predecessor is not None:
         waited_s = _wait_for(predecessor, deadline=start + settings.model_load_timeout_s - ALIVE_MARGIN_S)
-        log.info("taking over from child %d: %d decode step(s) captured and a warm-up batch answered in %.1f s, "
-                 "then waited %.1f s for it to leave", predecessor, warmed, warm_s, waited_s)
+        log.info("taking over from child %d: %s, then waited %.1f s for it to leave", predecessor, warmed, waited_s)
     previous = status.read()
     status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
                    device_name=_device_name(_engine.device), task_index=0,
@@ -103,9 +102,9 @@ def init_child() -> None:
 ALIVE_MARGIN_S = 10
 
 
-def _warm_up_for(predecessor: int) -> tuple[int, float]:
+def _warm_up_for(predecessor: int) -> str:
     """In a successor, while the predecessor still answers: capture (and compile) the decode steps it
-    used, most used first, then answer a small warm-up batch. Returns how many steps and the seconds."""
+    used, most used first, then answer a small warm-up batch. Returns what it did, for the log."""
     started = time.perf_counter()
     decoder = getattr(_engine, "decoder", None)
     warmed = 0
@@ -113,12 +112,15 @@ def _warm_up_for(predecessor: int) -> tuple[int, float]:
         if decoder is None or not _alive(predecessor):
             break
         warmed += decoder.warm(int(rows), int(length))
-    try:
-        _engine.warm_up(settings.max_image_size)
-    except Exception:  # the first real batch pays for it, as without a hand-over
-        log.warning("the warm-up batch failed", exc_info=True)
-        _engine.cleanup()
-    return warmed, time.perf_counter() - started
+    done = f"{warmed} decode step(s) captured"
+    if _alive(predecessor):  # else jobs are waiting: they warm this child up as well
+        try:
+            _engine.warm_up(settings.max_image_size)
+            done += " and a warm-up batch answered"
+        except Exception:  # the first real batch pays for it, as without a hand-over
+            log.warning("the warm-up batch failed", exc_info=True)
+            _engine.cleanup()
+    return f"{done} in {time.perf_counter() - started:.1f} s"
 
 
 def _wait_for(predecessor: int, deadline: float) -> float:
