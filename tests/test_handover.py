@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import png_bytes
+from conftest import png_bytes, wait_until
 
 from celeryconfig import settings
 from producer import submit
@@ -52,3 +52,19 @@ def test_without_overlap_the_next_child_starts_after_the_last_one_left(start_wor
     runs = _runs([r["worker"]["pid"] for r in results])
     assert len(runs) == len(set(runs)) == 2
     assert "taking over" not in worker.log()
+
+
+def test_successor_of_an_idle_child_stops_waiting_before_celery_would_kill_it(start_worker, endless_model):
+    """The queue goes quiet while a successor waits: before GLYPHQ_MODEL_LOAD_TIMEOUT it joins in, and
+    the two children share the jobs until the old one reaches its count and leaves."""
+    worker = start_worker(model=endless_model, max_tasks_per_child=6, max_batch=2, recycle_overlap_s=600,
+                          model_load_timeout=15)
+    first = _answer_all(2, tokens=8)
+    assert wait_until(lambda: "still running; this child takes jobs too" in worker.log(), 30), worker.log()[-2000:]
+    later = _answer_all(10, tokens=8)
+
+    old = first[0]["worker"]["pid"]
+    assert {r["worker"]["pid"] for r in later} - {old}, "the successor answered jobs"
+    assert sum(r["worker"]["pid"] == old for r in first + later) <= 6 + 1, "the old child left at its count"
+    assert "Timed out waiting for UP" not in worker.log()
+    assert worker.proc.poll() is None

@@ -89,7 +89,8 @@ def init_child() -> None:
     gc.collect()
     gc.freeze()
     if predecessor is not None:
-        waited_s = _wait_for(predecessor, deadline=start + settings.model_load_timeout_s - ALIVE_MARGIN_S)
+        limit_s = settings.model_load_timeout_s
+        waited_s = _wait_for(predecessor, deadline=start + limit_s - min(ALIVE_MARGIN_S, limit_s / 10))
         log.info("taking over from child %d: %s, then waited %.1f s for it to leave", predecessor, warmed, waited_s)
     previous = status.read()
     status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
@@ -98,7 +99,8 @@ def init_child() -> None:
     log.info("model ready: %s on %s as %s, loaded in %.1f s", settings.model, _engine.device, _engine.dtype, load_s)
 
 
-#: Seconds a successor keeps in hand before ``GLYPHQ_MODEL_LOAD_TIMEOUT``, after which Celery kills it.
+#: Seconds (at most a tenth of the limit) a successor keeps in hand before ``GLYPHQ_MODEL_LOAD_TIMEOUT``,
+#: after which Celery would kill it.
 ALIVE_MARGIN_S = 10
 
 
