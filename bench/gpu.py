@@ -296,6 +296,15 @@ def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: 
     }
 
 
+def set_queue_environment(args: argparse.Namespace) -> None:
+    """The settings the producer (this process) and the worker share, from ``--max-batch``,
+    ``--per-child`` and ``--jobs``; call before anything imports celeryconfig."""
+    os.environ.update({"GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GLYPHQ_METRICS_PORT": "0",
+                       "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child),
+                       "GLYPHQ_MAX_QUEUE": str(10 * args.jobs)})
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "glyphq-pycache"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -309,12 +318,7 @@ def main() -> int:
     parser.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
     parser.add_argument("--skip-queue", action="store_true")
     args = parser.parse_args()
-    # Before anything imports celeryconfig: the producer and the worker share these settings.
-    os.environ.update({"GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GLYPHQ_METRICS_PORT": "0",
-                       "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child),
-                       "GLYPHQ_MAX_QUEUE": str(10 * args.jobs)})
-    os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "glyphq-pycache"))
-
+    set_queue_environment(args)
     ensure_preset(args.model_dir)
     jobs = job_list(max(args.jobs, args.inprocess_jobs))
     figures: dict = {"git_sha": args.git_sha, "max_batch": args.max_batch, "new_tokens": NEW_TOKENS,

@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import job_list, through_queue  # noqa: E402
-from bench.gpu_soak import ensure_preset, free_port  # noqa: E402
+from bench.gpu import job_list, set_queue_environment, through_queue  # noqa: E402
+from bench.gpu_soak import ensure_preset  # noqa: E402
 
 KEYS = ["backlog_tok_s", "queue_jobs_s", "recycles", "recycle_downtime_s", "recycle_downtimes_s",
         "first_child_warmup_s", "jobs", "jobs_failed", "run_twice", "handover_lines"]
@@ -38,10 +37,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=240)
     parser.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
     args = parser.parse_args()
-    os.environ.update({"GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GLYPHQ_METRICS_PORT": "0",
-                       "GLYPHQ_MAX_BATCH": str(args.max_batch), "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child),
-                       "GLYPHQ_MAX_QUEUE": str(10 * args.jobs)})
-    os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "glyphq-pycache"))
+    set_queue_environment(args)
     ensure_preset(args.model_dir)
     jobs = job_list(args.jobs)
     out = Path(args.out)
