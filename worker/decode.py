@@ -209,12 +209,13 @@ class StaticDecoder:
     def generate(self, prompts: list[dict[str, Any]], max_new_tokens: int, eos_ids: set[int]) -> torch.Tensor:
         """Greedy tokens (B, n) after each prompt (processor outputs of one row each); rows stop at ``eos_ids``."""
         batch = len(prompts)
-        lengths = torch.tensor([prompt["input_ids"].shape[1] for prompt in prompts], device=self.device)
-        prompt_len = int(lengths.max())
+        prompt_lengths = [prompt["input_ids"].shape[1] for prompt in prompts]
+        lengths = torch.tensor(prompt_lengths, device=self.device)
+        prompt_len = max(prompt_lengths)
         rows, length = self.shape_for(batch, prompt_len + max_new_tokens)
         state = self._graph(rows, length)
         state.uses += 1
-        first, rope_deltas = self._prefill(prompts, state, prompt_len)
+        first, rope_deltas = self._prefill(prompts, prompt_lengths, state)
 
         state.history[:batch, 0] = first
         state.history[batch:, 0] = self.pad_id
@@ -241,15 +242,16 @@ class StaticDecoder:
                 break
         return state.history[:batch, :produced].clone()
 
-    def _prefill(self, prompts: list[dict[str, Any]], state: _Graph, prompt_len: int
+    def _prefill(self, prompts: list[dict[str, Any]], lengths: list[int], state: _Graph
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the prompts eagerly and put their keys and values into the static cache, each prompt ending
-        at slot ``prompt_len - 1``. Returns each row's first token and the model's rope offsets (or None).
+        """Run the prompts (of ``lengths`` tokens) eagerly and put their keys and values into the static
+        cache, each prompt ending at the slot of the longest one's last token. Returns each row's first
+        token and the model's rope offsets (or None).
 
         Prompts of similar length run together (:func:`prefill_groups`), so a batch of mixed page sizes
         does not spend its prefill on padding.
         """
-        batch = len(prompts)
+        batch, prompt_len = len(prompts), max(lengths)
         first = torch.empty(batch, dtype=torch.long, device=self.device)
         rope_deltas: torch.Tensor | None = None
         statics: list[Any] = list(state.cache.layers)
@@ -257,7 +259,7 @@ class StaticDecoder:
             static.keys[:batch, :, :prompt_len].zero_()
             static.values[:batch, :, :prompt_len].zero_()
             static.cumulative_length.fill_(prompt_len)
-        for group in prefill_groups([prompt["input_ids"].shape[1] for prompt in prompts]):
+        for group in prefill_groups(lengths):
             inputs = collate([prompts[i] for i in group], self.pad_id)
             rows = torch.tensor(group, device=self.device)
             group_first, group_deltas, prompt_cache = self._prefill_group(inputs)
