@@ -19,17 +19,17 @@ from billiard.pool import RUN
 log = logging.getLogger(__name__)
 
 
-def start_successor(task_pool: Any) -> int | None:
-    """Fork the next child of a one-process prefork pool now; return the pid of the child it will replace.
+def start_successor(task_pool: Any) -> None:
+    """Fork the next child of a one-process prefork pool now, to replace the one it has.
 
-    None when there is nothing to do: the pool is not a running one-process pool, or a successor is
-    already there. The pool keeps its size of one, so billiard forks nobody when the old child exits.
+    Nothing to do when the pool is not a running one-process pool, or a successor is already there.
+    The pool keeps its size of one, so billiard forks nobody when the old child exits.
     """
     from worker import runtime
 
     pool = getattr(task_pool, "_pool", None)
     if pool is None or getattr(pool, "_state", None) != RUN or pool._processes != 1 or len(pool._pool) != 1:
-        return None
+        return
     current = pool._pool[0]
     runtime.handover_from = current.pid  # the successor reads it after the fork
     pool._processes += 1
@@ -40,7 +40,6 @@ def start_successor(task_pool: Any) -> int | None:
         pool._processes -= 1
         runtime.handover_from = None
     log.info("started child %d to take over from child %d", successor.pid, current.pid)
-    return int(current.pid)
 
 
 def child_pids(task_pool: Any) -> set[int]:
