@@ -99,6 +99,8 @@ class Settings:
     max_new_tokens_limit: int = 2048
     default_priority: int = 5
     max_queue: int = 100_000
+    redis_reserve_pct: int = 10
+    allow_eviction: str = "off"
     metrics_port: int = 9808
     metrics_dir: str = ""
 
@@ -171,6 +173,8 @@ class Settings:
             max_new_tokens_limit=max_new_limit,
             default_priority=_int(env, "GLYPHQ_DEFAULT_PRIORITY", cls.default_priority, maximum=9),
             max_queue=_int(env, "GLYPHQ_MAX_QUEUE", cls.max_queue),
+            redis_reserve_pct=_int(env, "GLYPHQ_REDIS_RESERVE_PCT", cls.redis_reserve_pct, maximum=90),
+            allow_eviction=_choice(env, "GLYPHQ_ALLOW_EVICTION", cls.allow_eviction, ("on", "off")),
             metrics_port=_int(env, "GLYPHQ_METRICS_PORT", cls.metrics_port, maximum=65535),
             metrics_dir=_str(env, "GLYPHQ_METRICS_DIR", cls.metrics_dir),
         )

@@ -2,11 +2,13 @@
 
 from producer.documents import submit_document
 from producer.errors import (
+    BrokerFull,
     BrokerUnavailable,
     GlyphqError,
     InvalidJob,
     JobExpired,
     JobFailed,
+    JobLost,
     JobTimeout,
     QueueFull,
 )
@@ -21,8 +23,10 @@ __all__ = [
     "GlyphqError",
     "InvalidJob",
     "BrokerUnavailable",
+    "BrokerFull",
     "QueueFull",
     "JobExpired",
     "JobFailed",
+    "JobLost",
     "JobTimeout",
 ]

@@ -1,8 +1,10 @@
 """The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
 
 Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input), 3 not finished yet, 4 Redis
-unreachable, 5 the queue is full. ``health``: 0 healthy, 1 not. ``batch``: 0 every line done, 1 some line
-failed, bad or unfinished, 2 usage error, 4 Redis unreachable, 130 interrupted (rerun to resume).
+unreachable, 5 the queue is full, 6 Redis is full (maxmemory), 7 no such job (never submitted, expired or
+lost with Redis's data). ``health``: 0 healthy, 1 not. ``batch``: 0 every line done, 1 some line failed,
+bad or unfinished, 2 usage error, 4 Redis unreachable, 8 the results file cannot be written (a full disk),
+130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from typing import Any
 from celeryconfig import settings as default_settings
 from producer.errors import (
     BatchUsageError,
+    BrokerFull,
     BrokerUnavailable,
     InvalidJob,
     JobExpired,
     JobFailed,
+    JobLost,
     JobTimeout,
     QueueFull,
 )
 from producer.submit import Job, submit
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_NOT_READY, EXIT_UNAVAILABLE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4, 5
+EXIT_BROKER_FULL, EXIT_NO_SUCH_JOB = 6, 7
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -46,6 +51,9 @@ def _wait(job: Job, timeout: float | None) -> int:
     except JobTimeout:
         _print({"job_id": job.id, "state": job.state})
         return EXIT_NOT_READY
+    except JobLost as exc:
+        _print({"job_id": job.id, "state": "UNKNOWN", "error": str(exc)})
+        return EXIT_NO_SUCH_JOB
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -106,8 +114,9 @@ def cmd_result(args: argparse.Namespace) -> int:
     """Print a job's result, waiting for it with --wait."""
     job = Job(args.job_id)
     if not args.wait and not job.ready():
-        _print({"job_id": job.id, "state": job.state})
-        return EXIT_NOT_READY
+        state = job.state
+        _print({"job_id": job.id, "state": state})
+        return EXIT_NO_SUCH_JOB if state == "UNKNOWN" else EXIT_NOT_READY
     return _wait(job, args.timeout if args.wait else 10.0)
 
 
@@ -209,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a bad render config (worker.render.InvalidRenderConfig) for `glyphq render`
         print(f"glyphq: refused: render: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except BrokerFull as exc:
+        print(f"glyphq: {exc}", file=sys.stderr)
+        return EXIT_BROKER_FULL
     except BrokerUnavailable as exc:
         print(f"glyphq: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

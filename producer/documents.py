@@ -6,7 +6,6 @@ The text is stored as a blob; a Celery chain runs ``glyphq.render`` on queue ``r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -121,4 +120,4 @@ def submit_document(
                           expires=expires).set(task_id=job_id),
         ).apply_async()
 
-    return enqueue(cfg, "render", job_id, hashlib.sha256(data).hexdigest(), data, send)
+    return enqueue(cfg, "render", job_id, data, send)

@@ -24,6 +24,11 @@ class BrokerUnavailable(GlyphqError):
     """Raised when Redis cannot be reached, so the job was not enqueued."""
 
 
+class BrokerFull(GlyphqError):
+    """Raised when Redis is at its memory limit (or within ``GLYPHQ_REDIS_RESERVE_PCT`` of it), so the job
+    was not enqueued; the room left is kept for the workers that drain the queue."""
+
+
 class QueueFull(GlyphqError):
     """Raised when the queue already holds ``GLYPHQ_MAX_QUEUE`` jobs, so the new job was not enqueued."""
 
@@ -32,8 +37,17 @@ class JobExpired(GlyphqError):
     """Raised by ``Job.result`` when the job's deadline passed before it started; it never ran."""
 
 
+class JobLost(GlyphqError):
+    """Raised by ``Job.result`` when Redis holds no record of the job: never submitted, expired, or lost
+    with Redis's data. It will never finish; submit it again."""
+
+
 class BlobMissing(GlyphqError):
     """Raised when a job's blob (an image, a page or a document's text) has expired or was never stored."""
+
+
+class BlobCorrupt(GlyphqError):
+    """Raised when a blob's bytes do not hash to the sha256 in its key; the worker deletes the bad bytes."""
 
 
 class JobFailed(GlyphqError):

@@ -2,7 +2,8 @@
 
 Three checks, in order; a failed one skips the rest:
 
-1. ``broker``: Redis at ``GLYPHQ_BROKER_URL`` answers PING.
+1. ``broker``: Redis at ``GLYPHQ_BROKER_URL`` answers PING, and its ``maxmemory-policy`` cannot evict
+   glyphq's keys (``noeviction``, unless ``GLYPHQ_ALLOW_EVICTION=on``).
 2. ``worker``: at least one worker consuming the queue answers a ping over Celery's control channel.
 3. ``model``: for queue ``gpu``, at least one of those workers reports its model loaded (the ``glyphq``
    section of ``celery inspect stats``). Queue ``render`` loads no model; the check is skipped.
@@ -21,9 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import RedisError
+
 from celeryconfig import Settings
 from celeryconfig import settings as default_settings
-from producer.store import Store, broker_location
+from producer.store import SAFE_POLICY, Store, broker_location, memory_info
 
 #: Queues whose workers load a model; the ``model`` check applies to these only.
 MODEL_QUEUES = frozenset({"gpu"})
@@ -85,7 +88,12 @@ def check_health(queue: str = "gpu", timeout: float = DEFAULT_TIMEOUT_S, node: s
         report.error = f"broker: cannot reach Redis at {where}: {why}"
         report.elapsed_s = time.monotonic() - start
         return report
-    checks["broker"] = {"ok": True, "url": where}
+    checks["broker"] = {"ok": True, "url": where, **_memory_check(cfg)}
+    if checks["broker"]["ok"] is False:
+        report.error = f"broker: {checks['broker']['detail']}"
+        checks["worker"] = checks["model"] = _skipped("broker check failed")
+        report.elapsed_s = time.monotonic() - start
+        return report
     if broker_only:
         checks["worker"] = checks["model"] = _skipped("--broker-only")
         report.elapsed_s = time.monotonic() - start
@@ -106,6 +114,21 @@ def check_health(queue: str = "gpu", timeout: float = DEFAULT_TIMEOUT_S, node: s
         checks["worker"], checks["model"], report.error, report.workers = value
     report.elapsed_s = time.monotonic() - start
     return report
+
+
+def _memory_check(cfg: Settings) -> dict[str, Any]:
+    """Redis's memory use and eviction policy; not ok if the policy may evict glyphq's keys."""
+    try:
+        info = memory_info(Store(cfg).redis)
+    except RedisError as exc:
+        return {"maxmemory_policy": None, "detail": f"cannot read INFO memory: {exc}"}
+    if info is None:
+        return {"maxmemory_policy": None, "detail": "INFO not allowed: cannot check the maxmemory-policy"}
+    found: dict[str, Any] = {"maxmemory_policy": info.policy, "used_memory": info.used, "maxmemory": info.limit}
+    if info.evicts and cfg.allow_eviction != "on":
+        found.update(ok=False, detail=f"Redis's maxmemory-policy is {info.policy}, which can delete queued jobs "
+                                      f"and results; set it to {SAFE_POLICY} (or GLYPHQ_ALLOW_EVICTION=on)")
+    return found
 
 
 def _bounded(fn: Callable[[], Any], seconds: float) -> tuple[bool, Any, BaseException | None]:

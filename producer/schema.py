@@ -6,28 +6,50 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from celeryconfig import KEY_PREFIX, Settings
+from celeryconfig import Settings
 from producer.errors import InvalidJob
+from producer.store import Store, check_blob_key
 from producer.validation import check_identifier, check_max_new_tokens, check_question
 
 ANSWER_TASK = "glyphq.answer"
 ANSWER_PAGES_TASK = "glyphq.answer_pages"
 RENDER_TASK = "glyphq.render"
 MESSAGE_VERSION = 1
-_BLOB_KEY = re.compile(rf"^{KEY_PREFIX}blob:[0-9a-f]{{64}}$")
 
 
-def check_blob_key(field: str, key: object) -> str:
-    """``key`` if it is a ``glyphq:blob:<sha256>`` key; the worker reads nothing else, never a path."""
-    if not isinstance(key, str) or not _BLOB_KEY.match(key):
-        raise InvalidJob(field, f"must be a {KEY_PREFIX}blob:<sha256> key, got {key!r}")
-    return key
+#: A task id: a job id (see ``check_identifier``), or a document's render step ``<job id>.render``.
+_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}(\.render)?$")
+
+
+def check_task_id(task_id: object) -> str:
+    """``task_id`` if it could be a glyphq job id; it becomes part of Redis keys (claims, run counters)."""
+    if not isinstance(task_id, str) or not _TASK_ID.match(task_id):
+        raise InvalidJob("task_id", f"must be 1 to 128 characters of letters, digits and . _ : -, got {task_id!r}")
+    return task_id
+
+
+def document_text(store: Store, key: str, settings: Settings) -> str:
+    """A document's text from its blob, checked as ``submit_document`` checks it: UTF-8, within
+    ``GLYPHQ_MAX_DOCUMENT_CHARS``."""
+    data = store.require_blob("text_key", key, 4 * settings.max_document_chars)  # UTF-8: at most 4 bytes a char
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJob("text_key", f"blob {key} is not UTF-8 text: {exc}") from None
+    if len(text) > settings.max_document_chars:
+        raise InvalidJob("text_key", f"blob {key} holds {len(text)} characters; the limit is "
+                                     f"{settings.max_document_chars} (GLYPHQ_MAX_DOCUMENT_CHARS)")
+    return text
 
 
 def _check_int(field: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InvalidJob(field, f"must be a non-negative integer, got {value!r}")
     return value
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_time(field: str, value: object) -> float:
@@ -87,8 +109,8 @@ class JobMessage:
             raise InvalidJob("image_keys", f"must list 1 to {settings.max_pages} images (GLYPHQ_MAX_PAGES), "
                              f"got {len(keys) if isinstance(keys, list) else repr(keys)}")
         if not (isinstance(sizes, list) and len(sizes) == len(keys)
-                and all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in sizes)):
-            raise InvalidJob("image_sizes", f"must give [width, height] for each image, got {sizes!r}")
+                and all(isinstance(s, list) and len(s) == 2 and all(_positive_int(v) for v in s) for s in sizes)):
+            raise InvalidJob("image_sizes", f"must give [width, height] in pixels for each image, got {sizes!r}")
         text_key = data.get("text_key")
         render_s = data.get("render_s")
         return cls(

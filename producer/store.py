@@ -5,8 +5,11 @@ Every key starts with ``glyphq:`` and carries a TTL, so none grows without bound
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -15,15 +18,18 @@ import redis
 from redis.sentinel import Sentinel
 
 from celeryconfig import KEY_PREFIX, PRIORITY_LEVELS, Settings
-from producer.errors import BlobMissing, BrokerUnavailable
+from producer.errors import BlobCorrupt, BlobMissing, BrokerFull, BrokerUnavailable, InvalidJob
 
 log = logging.getLogger(__name__)
 
 CLAIM_TTL_S = 120
 
-# Drop this job's reference to a blob; delete the blob when no queued job refers to it any more.
+# Drop this job's reference to a blob; delete the blob when no queued job refers to it any more. A job
+# that holds no reference deletes nothing, so a message cannot delete a blob that is not its own.
 _RELEASE_BLOB = """
-redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
 if redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1], KEYS[2])
   return 1
@@ -32,9 +38,24 @@ return 0
 """
 
 
+_BLOB_KEY = re.compile(rf"^{KEY_PREFIX}blob:([0-9a-f]{{64}})$")
+
+
 def blob_key(sha256: str) -> str:
     """Key of the image bytes with this content hash."""
     return f"{KEY_PREFIX}blob:{sha256}"
+
+
+def is_blob_key(key: object) -> bool:
+    """True if ``key`` has the exact form ``glyphq:blob:<64 hex digits>``."""
+    return isinstance(key, str) and _BLOB_KEY.match(key) is not None
+
+
+def check_blob_key(field: str, key: object) -> str:
+    """``key`` if it is a ``glyphq:blob:<sha256>`` key; the worker reads nothing else, never a path."""
+    if not is_blob_key(key):
+        raise InvalidJob(field, f"must be a {KEY_PREFIX}blob:<sha256> key, got {key!r}")
+    return key  # type: ignore[return-value]
 
 
 def _refs_key(image_key: str) -> str:
@@ -117,32 +138,50 @@ class Store:
         """Forget a claim whose job never reached the queue."""
         self.redis.delete(job_key(job_id))
 
-    def put_blob(self, sha256: str, data: bytes, job_id: str) -> str:
-        """Store image bytes under their content address for ``job_id``; return the key."""
-        key = blob_key(sha256)
+    def put_blob(self, data: bytes, job_id: str) -> str:
+        """Store bytes under their content address for ``job_id``; return the key.
+
+        The bytes are always written, never only their TTL renewed: bytes already under the key that do
+        not match it are replaced, not kept alive. Equal bytes overwrite equal bytes, so concurrent
+        producers of one blob cannot disagree.
+        """
+        key = blob_key(hashlib.sha256(data).hexdigest())
         ttl = self.settings.blob_ttl_s
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(key, data, nx=True, ex=ttl)
-        pipe.expire(key, ttl)  # refresh: an older job may have stored it with less time left
+        pipe.set(key, data, ex=ttl)
         pipe.sadd(_refs_key(key), job_id)
         pipe.expire(_refs_key(key), ttl)
         pipe.execute()
         return key
 
-    def require_blob(self, key: str) -> bytes:
-        """The bytes under a blob key; ``BlobMissing`` if they expired or never existed."""
-        data = self.get_blob(key)
-        if data is None:
+    def require_blob(self, field: str, key: object, max_bytes: int) -> bytes:
+        """The bytes under a blob key named by a message's ``field``, checked before use.
+
+        Raises ``InvalidJob`` for a key that is not a blob key or bytes over ``max_bytes`` (read from
+        ``STRLEN``, so they are never fetched), ``BlobMissing`` if they expired or never existed, and
+        ``BlobCorrupt`` if they do not hash to the key, after deleting them so the next submit stores
+        good bytes.
+        """
+        key = check_blob_key(field, key)
+        size = int(self.redis.strlen(key))
+        if size > max_bytes:
+            raise InvalidJob(field, f"blob {key} is {size} bytes; the limit is {max_bytes}")
+        data = self.redis.get(key)
+        if not isinstance(data, bytes):
             raise BlobMissing(f"blob {key} is gone (expired after GLYPHQ_BLOB_TTL?)")
+        if hashlib.sha256(data).hexdigest() != key.rsplit(":", 1)[1]:
+            self.redis.delete(key)
+            raise BlobCorrupt(f"blob {key} holds bytes whose sha256 is not its key's; deleted it, submit again")
         return data
 
-    def get_blob(self, key: str) -> bytes | None:
-        """The bytes under a blob key, or None if it expired or never existed."""
-        value = self.redis.get(key)
-        return value if isinstance(value, bytes) else None
-
     def release_blob(self, key: str, job_id: str) -> bool:
-        """Drop ``job_id``'s reference to a blob; True if the blob itself was deleted."""
+        """Drop ``job_id``'s reference to a blob; True if the blob itself was deleted.
+
+        Only a ``glyphq:blob:<sha256>`` key that ``job_id`` holds is touched; any other key is left alone.
+        """
+        if not is_blob_key(key):
+            log.warning("not releasing %r for job %s: not a blob key", key, job_id)
+            return False
         return bool(self.redis.eval(_RELEASE_BLOB, 2, key, _refs_key(key), job_id))
 
     def count_run(self, job_id: str) -> int:
@@ -160,7 +199,10 @@ class Store:
         """The last ``limit`` turns of a session, oldest first, as ``{"question", "answer"}`` dicts."""
         if limit <= 0:
             return []
-        return [json.loads(t) for t in self.redis.lrange(session_key(session), -limit, -1)]
+        turns = [_turn(raw) for raw in self.redis.lrange(session_key(session), -limit, -1)]
+        if None in turns:
+            log.warning("session %s holds turns that are not glyphq's; leaving them out", session)
+        return [turn for turn in turns if turn is not None]
 
     def append_turn(self, session: str, question: str, answer: str) -> None:
         """Add a turn to a session, keeping only the last ``history_turns``."""
@@ -173,6 +215,22 @@ class Store:
         pipe.ltrim(key, -keep, -1)
         pipe.expire(key, self.settings.session_ttl_s)
         pipe.execute()
+
+
+#: The longest question or answer a stored turn may bring into a prompt.
+MAX_TURN_CHARS = 100_000
+
+
+def _turn(raw: bytes | str) -> dict[str, str] | None:
+    """A stored turn as ``{"question", "answer"}``, or None if the value is not one."""
+    try:
+        turn = json.loads(raw)
+    except ValueError:
+        return None
+    if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) and len(turn[k]) <= MAX_TURN_CHARS
+                                           for k in ("question", "answer"))):
+        return None
+    return {"question": turn["question"], "answer": turn["answer"]}
 
 
 def queue_depths(settings: Settings, queues: tuple[str, ...]) -> dict[str, int]:
@@ -200,3 +258,58 @@ def broker_location(url: str) -> str:
 def unavailable(settings: Settings, exc: Exception) -> BrokerUnavailable:
     """A ``BrokerUnavailable`` naming the broker without its password."""
     return BrokerUnavailable(f"cannot reach Redis at {broker_location(settings.broker_url)}: {exc}")
+
+
+def broker_error(settings: Settings, exc: BaseException) -> BrokerFull | BrokerUnavailable:
+    """What a Redis or kombu error means to a caller: ``BrokerFull`` if Redis refused a write because it is
+    at ``maxmemory``, else ``BrokerUnavailable``."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(cause):
+            return BrokerFull(f"Redis at {broker_location(settings.broker_url)} is at its memory limit "
+                              f"(maxmemory) and refuses writes; nothing was enqueued: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    return unavailable(settings, exc if isinstance(exc, Exception) else Exception(str(exc)))
+
+
+#: The only ``maxmemory-policy`` that never deletes a key by itself. Every glyphq key has a TTL, so the
+#: ``volatile-*`` policies can evict blobs, id claims and results as surely as ``allkeys-*`` can.
+SAFE_POLICY = "noeviction"
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """Redis's memory use, limit (0: none) and eviction policy, from ``INFO memory``."""
+
+    used: int
+    limit: int
+    policy: str
+
+    @property
+    def evicts(self) -> bool:
+        """True if Redis may delete keys on its own when it is full."""
+        return self.policy != SAFE_POLICY
+
+
+def memory_info(client: redis.Redis) -> MemoryInfo | None:
+    """Redis's memory figures, or None where ``INFO`` is not allowed (some managed services)."""
+    try:
+        info = client.info("memory")
+    except redis.exceptions.ResponseError:  # NOPERM, or INFO renamed away
+        return None
+    return MemoryInfo(used=int(info.get("used_memory", 0)), limit=int(info.get("maxmemory", 0)),
+                      policy=str(info.get("maxmemory_policy", "")))
+
+
+def check_memory_room(settings: Settings) -> None:
+    """Raise ``BrokerFull`` once Redis uses more than ``100 - GLYPHQ_REDIS_RESERVE_PCT`` percent of its
+    ``maxmemory``: the rest is kept for the workers, which need to write results and acks to drain."""
+    info = memory_info(settings_client(settings))
+    if info is None or not info.limit or not settings.redis_reserve_pct:
+        return
+    ceiling = info.limit * (100 - settings.redis_reserve_pct) // 100
+    if info.used > ceiling:
+        raise BrokerFull(
+            f"Redis at {broker_location(settings.broker_url)} uses {info.used} of its {info.limit} bytes "
+            f"(maxmemory); new jobs stop at {100 - settings.redis_reserve_pct}% so workers can drain the queue "
+            f"(GLYPHQ_REDIS_RESERVE_PCT={settings.redis_reserve_pct}); nothing was enqueued")

@@ -17,10 +17,10 @@ from kombu.exceptions import OperationalError
 
 from celeryconfig import PRIORITY_LEVELS, Settings
 from celeryconfig import settings as default_settings
-from producer.errors import JobExpired, JobFailed, JobTimeout, QueueFull
+from producer.errors import JobExpired, JobFailed, JobLost, JobTimeout, QueueFull
 from producer.images import ImageInput, check_image
 from producer.schema import ANSWER_TASK, JobMessage
-from producer.store import Store, queue_depths, unavailable
+from producer.store import Store, broker_error, check_memory_room, queue_depths
 from producer.validation import (
     check_deadline,
     check_identifier,
@@ -33,11 +33,18 @@ from tasks.app import app
 log = logging.getLogger(__name__)
 
 
+#: Every state ``Job.state`` returns (see README, "Job states").
+JOB_STATES = ("PENDING", "STARTED", "SUCCESS", "FAILURE", "EXPIRED", "REVOKED", "UNKNOWN")
+#: How often ``Job.result`` looks whether a job it waits for still exists.
+LOST_CHECK_S = 5.0
+
+
 class Job:
     """A handle on a submitted job: its ``id``, its ``state`` and, once done, its ``result()``."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, settings: Settings | None = None) -> None:
         self.id = job_id
+        self.settings = settings or default_settings
         self._async = AsyncResult(job_id, app=app)
 
     def __repr__(self) -> str:
@@ -45,42 +52,53 @@ class Job:
 
     @property
     def state(self) -> str:
-        """PENDING (queued), STARTED, SUCCESS, FAILURE, EXPIRED (its deadline passed before it started),
-        or UNKNOWN for an id never submitted (or whose records expired)."""
+        """One of ``JOB_STATES``: PENDING (queued), STARTED, SUCCESS, FAILURE, EXPIRED (its deadline passed
+        before it started), REVOKED (an operator revoked it), or UNKNOWN: Redis holds no record of it
+        (never submitted, expired, or lost with Redis's data); such a job never finishes."""
         try:
             state = str(self._async.state)
             if state == "REVOKED" and "expired" in str(self._async.result):
                 return "EXPIRED"
-            if state == "PENDING" and not Store(default_settings).job_exists(self.id):
+            if state == "PENDING" and not Store(self.settings).job_exists(self.id):
                 return "UNKNOWN"
         except (redis.RedisError, BackendError) as exc:
-            raise unavailable(default_settings, exc) from exc
-        return state
+            raise broker_error(self.settings, exc) from exc
+        return state if state in JOB_STATES else "STARTED"  # RETRY or a custom state: it is still running
 
     def ready(self) -> bool:
         """True once the job succeeded, failed or expired."""
         try:
             return bool(self._async.ready())
         except (redis.RedisError, BackendError) as exc:
-            raise unavailable(default_settings, exc) from exc
+            raise broker_error(self.settings, exc) from exc
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait up to ``timeout`` seconds and return the result dict.
+        """Wait up to ``timeout`` seconds (None: as long as the job exists) and return the result dict.
 
-        Raises ``JobTimeout`` if it is not done in time and ``JobFailed`` if the worker failed it.
+        Raises ``JobTimeout`` if it is not done in time, ``JobFailed`` if the worker failed it,
+        ``JobExpired`` if its deadline passed first, and ``JobLost`` if Redis holds no record of it.
         """
-        try:
-            value = self._async.get(timeout=timeout, propagate=False)
-            state, outcome = self._async.state, self._async.result
-        except CeleryTimeoutError:
-            raise JobTimeout(f"job {self.id} not finished after {timeout} s (state {self.state})") from None
-        except (redis.RedisError, BackendError) as exc:
-            raise unavailable(default_settings, exc) from exc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = LOST_CHECK_S if deadline is None else max(0.0, min(LOST_CHECK_S, deadline - time.monotonic()))
+            try:
+                value = self._async.get(timeout=wait, propagate=False)
+                state, outcome = self._async.state, self._async.result
+                break
+            except CeleryTimeoutError:
+                current = self.state
+                if current == "UNKNOWN":
+                    raise JobLost(f"job {self.id}: Redis holds no record of it (never submitted, expired, or "
+                                  "lost with Redis's data); it will not finish, submit it again") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobTimeout(f"job {self.id} not finished after {timeout} s (state {current})") from None
+            except (redis.RedisError, BackendError) as exc:
+                raise broker_error(self.settings, exc) from exc
         if state == "REVOKED" and "expired" in str(outcome):
             raise JobExpired(f"job {self.id} did not start before its deadline; it never ran")
         if state in ("FAILURE", "REVOKED"):
             raise JobFailed(self.id, type(outcome).__name__, str(outcome))
-        return value
+        return value  # type: ignore[no-any-return]
 
 
 def submit(
@@ -127,7 +145,7 @@ def submit(
         app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=job_id, queue="gpu",
                       priority=celery_priority(priority), kwargsrepr=message.summary(), expires=expires)
 
-    return enqueue(cfg, "gpu", job_id, checked.sha256, checked.data, send)
+    return enqueue(cfg, "gpu", job_id, checked.data, send)
 
 
 def expiry(deadline: float | None) -> datetime | None:
@@ -140,41 +158,51 @@ def celery_priority(priority: int) -> int:
     return PRIORITY_LEVELS - 1 - priority
 
 
-def enqueue(cfg: Settings, queue: str, job_id: str, sha256: str, data: bytes, send: Callable[[str], None]) -> Job:
-    """Claim ``job_id``, store ``data`` as its blob, then ``send(blob_key)``; undo both if sending fails.
+def enqueue(cfg: Settings, queue: str, job_id: str, data: bytes, send: Callable[[str], None]) -> Job:
+    """Claim ``job_id``, store ``data`` as its blob, then ``send(blob_key)``; undo both if anything fails.
 
     A ``job_id`` that is already claimed returns its ``Job`` without storing or sending anything. A
-    ``queue`` already holding ``max_queue`` jobs raises ``QueueFull`` (the check and the send are not
-    atomic, so concurrent producers may overshoot the limit by a few jobs).
+    ``queue`` already holding ``max_queue`` jobs raises ``QueueFull``, a Redis near its memory limit
+    ``BrokerFull`` (the check and the send are not atomic, so concurrent producers may overshoot the
+    limits by a few jobs). Whatever fails after the claim, the claim and the blob are taken back, so a
+    retry with the same id runs the job.
     """
     store = Store(cfg)
     try:
         if cfg.max_queue and queue_depths(cfg, (queue,))[queue] >= cfg.max_queue:
             raise QueueFull(f"queue {queue} holds {cfg.max_queue} or more jobs; the limit is {cfg.max_queue} "
                             "(GLYPHQ_MAX_QUEUE)")
+        check_memory_room(cfg)
         if not store.claim_job(job_id):
             log.info("job %s already submitted; not enqueuing it again", job_id)
-            return Job(job_id)
-        key = store.put_blob(sha256, data, job_id)
+            return Job(job_id, cfg)
     except redis.RedisError as exc:
-        raise unavailable(cfg, exc) from exc
+        raise broker_error(cfg, exc) from exc
+    key: str | None = None
     try:
+        key = store.put_blob(data, job_id)
         send(key)
-    except (OperationalError, redis.RedisError) as exc:
+    except BaseException as exc:  # an interrupt too: nothing may stay half-enqueued
         _undo(store, key, job_id)
-        raise unavailable(cfg, exc) from exc
+        if isinstance(exc, (OperationalError, redis.RedisError)):
+            raise broker_error(cfg, exc) from exc
+        raise
     try:
         store.confirm_job(job_id)
     except redis.RedisError:  # the job is queued; only its guard against a second submit is shorter
         log.warning("job %s is queued but its id claim could not be extended", job_id)
     log.debug("enqueued job %s", job_id)
-    return Job(job_id)
+    return Job(job_id, cfg)
 
 
-def _undo(store: Store, key: str, job_id: str) -> None:
-    """Best effort: forget the blob and the claim of a job that never reached the queue."""
+def _undo(store: Store, key: str | None, job_id: str) -> None:
+    """Best effort: forget the blob and the claim of a job that never reached the queue.
+
+    Both commands free memory, so Redis runs them even at its memory limit.
+    """
     try:
-        store.release_blob(key, job_id)
+        if key is not None:
+            store.release_blob(key, job_id)
         store.unclaim_job(job_id)
     except redis.RedisError:
         log.warning("could not clean up after job %s; its keys expire on their own", job_id)

@@ -43,8 +43,13 @@ def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(name=RENDER_TASK, bind=True)
 def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
     """Render a document into page blobs (queue ``render``, on CPU); the next task in the chain answers."""
+    from producer.errors import InvalidJob
+    from tasks.signals import render_owner
     from worker import pages
 
+    if render_owner(self.request.id, {"job_id": job_id}) is None:
+        raise InvalidJob("job_id", f"must name the job this render step belongs to ({self.request.id!r} "
+                                   f"is not '<job_id>.render'), got {job_id!r}")
     return pages.render_document(request, job_id, settings)
 
 

@@ -12,8 +12,10 @@ from celery import bootsteps, signals
 from redis.exceptions import RedisError
 
 from celeryconfig import settings
+from producer.errors import InvalidJob
 from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
-from producer.store import Store
+from producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
+from producer.validation import check_identifier
 from tasks.app import app
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
     """
     from worker import metrics, status
 
+    refuse_evicting_redis()
     status.create()
     metrics.serve(settings)
     queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
@@ -38,6 +41,35 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
 
         runtime.preload_parent()
         _reserve_a_batch(instance)
+
+
+#: The exit status of a worker that refuses to start on a Redis that may evict glyphq's keys.
+EXIT_EVICTING_REDIS = 3
+
+
+def refuse_evicting_redis() -> None:
+    """Stop the worker before it consumes anything if Redis may evict keys when it is full.
+
+    Evicted messages, blobs and id claims vanish without an error: jobs would be lost or run twice.
+    ``GLYPHQ_ALLOW_EVICTION=on`` turns the refusal into a warning at every start.
+    """
+    try:
+        info = memory_info(settings_client(settings))
+    except RedisError as exc:  # Redis not up yet: the worker's own connection retry waits for it
+        log.warning("could not read Redis's maxmemory-policy at start: %s", exc)
+        return
+    if info is None:
+        log.warning("Redis does not allow INFO; cannot check that its maxmemory-policy is %s", SAFE_POLICY)
+        return
+    if not info.evicts:
+        return
+    problem = (f"Redis's maxmemory-policy is {info.policy}: when Redis is full it deletes keys, and with them "
+               f"queued jobs, images and results. Set maxmemory-policy {SAFE_POLICY}")
+    if settings.allow_eviction == "on":
+        log.warning("%s (running anyway: GLYPHQ_ALLOW_EVICTION=on)", problem)
+        return
+    log.critical("%s, or GLYPHQ_ALLOW_EVICTION=on to run anyway. Not starting.", problem)
+    raise SystemExit(EXIT_EVICTING_REDIS)
 
 
 def _reserve_a_batch(worker: Any) -> None:
@@ -119,9 +151,10 @@ def _release_expired(sender: Any = None, request: Any = None, expired: bool = Fa
     metrics.job_finished(str(name), "expired" if expired else "revoked")
     kwargs = request.kwargs or {}
     _release(*finished_blobs(name, request.id, request.args or (), kwargs, "FAILURE"))
-    if name == RENDER_TASK and isinstance(kwargs.get("job_id"), str):
+    owner = render_owner(request.id, kwargs) if name == RENDER_TASK else None
+    if owner is not None:
         # The answer step of the chain is never sent: give the document job its final state here.
-        app.backend.mark_as_revoked(kwargs["job_id"], reason="expired" if expired else "revoked")
+        app.backend.mark_as_revoked(owner, reason="expired" if expired else "revoked")
 
 
 def _release(owner: str, keys: list[str]) -> None:
@@ -135,20 +168,39 @@ def _release(owner: str, keys: list[str]) -> None:
 
 def finished_blobs(name: str | None, task_id: str, args: Any, kwargs: dict[str, Any], state: str
                    ) -> tuple[str, list[str]]:
-    """(job id, blob keys) that a finished task no longer needs; a render that succeeded hands its on."""
+    """(job id, blob keys) that a finished task no longer needs; a render that succeeded hands its on.
+
+    The keys come from the message, so none is trusted: if any named key is not a blob key, none is
+    released. ``Store.release_blob`` then deletes a blob only if this job holds a reference to it.
+    """
     job = _dict(kwargs.get("job"))
+    owner, keys = task_id, []
     if name == ANSWER_TASK:
-        return task_id, [k for k in job.get("image_keys") or [] if isinstance(k, str)]
-    if name == ANSWER_PAGES_TASK:
-        rendered = _dict(args[0] if args else None)
-        keys = [*(rendered.get("page_keys") or []), job.get("text_key")]
-        return task_id, [k for k in keys if isinstance(k, str)]
-    if name == RENDER_TASK and state == "FAILURE":
-        request = _dict(kwargs.get("request"))
-        key, owner = request.get("text_key"), kwargs.get("job_id")
-        if isinstance(key, str) and isinstance(owner, str):
-            return owner, [key]
-    return task_id, []
+        keys = _list(job.get("image_keys"))
+    elif name == ANSWER_PAGES_TASK:
+        keys = [*_list(_dict(args[0] if args else None).get("page_keys")), job.get("text_key")]
+    elif name == RENDER_TASK and state == "FAILURE":
+        owner = render_owner(task_id, kwargs) or ""
+        keys = [_dict(kwargs.get("request")).get("text_key")] if owner else []
+    if not all(is_blob_key(key) for key in keys):
+        log.warning("job %s names keys that are not blobs; releasing none of them", task_id)
+        return owner, []
+    return owner, keys
+
+
+def render_owner(task_id: str, kwargs: dict[str, Any]) -> str | None:
+    """The document job a render task works for: its ``job_id`` argument, if the task is that job's
+    render step (id ``<job id>.render``), else None."""
+    job_id = kwargs.get("job_id")
+    try:
+        check_identifier("job_id", job_id)
+    except InvalidJob:
+        return None
+    return job_id if isinstance(job_id, str) and task_id == f"{job_id}.render" else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _dict(value: Any) -> dict[str, Any]:

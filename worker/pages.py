@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -11,7 +10,7 @@ from typing import Any
 
 from celeryconfig import Settings
 from producer.errors import InvalidJob
-from producer.schema import RenderRequest
+from producer.schema import RenderRequest, document_text
 from producer.store import Store
 from worker.render import InvalidRenderConfig, RenderConfig, png_bytes, render_pages
 
@@ -41,17 +40,17 @@ def render_document(raw_request: object, job_id: str, settings: Settings) -> dic
     request = RenderRequest.from_dict(raw_request)
     config = render_config(settings, request.render)
     store = Store(settings)
-    data = store.require_blob(request.text_key)
+    text = document_text(store, request.text_key, settings)
     start = time.perf_counter()
     try:
-        pages = render_pages(data.decode("utf-8"), config)
+        pages = render_pages(text, config)
     except InvalidRenderConfig as exc:
         raise InvalidJob("render", str(exc)) from None
     if len(pages) > settings.max_pages:
         raise InvalidJob("text", f"renders to {len(pages)} pages; the limit is {settings.max_pages} (GLYPHQ_MAX_PAGES)")
     encoded = [png_bytes(page) for page in pages]
     render_s = time.perf_counter() - start
-    keys = [store.put_blob(hashlib.sha256(png).hexdigest(), png, job_id) for png in encoded]
+    keys = [store.put_blob(png, job_id) for png in encoded]
     log.info("rendered %d chars into %d pages in %.2f s", request.text_chars, len(pages), render_s)
     return {
         "page_keys": keys,

@@ -19,7 +19,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from celeryconfig import settings
 from producer.errors import GlyphqError
 from producer.images import decode_checked_image
-from producer.schema import JobMessage
+from producer.schema import JobMessage, check_task_id, document_text
 from producer.store import Store
 from worker import metrics, recycle, status
 from worker.errors import ModelError, PoisonJob
@@ -266,6 +266,7 @@ def answer_batch(jobs: list[tuple[str, object]]) -> dict[str, Any]:
 
 def _fetch(eng: Any, store: Store, job_id: str, raw_job: object) -> _Fetched:
     """Check the job (poison guard, message) and fetch its images and text; raise what fails it."""
+    check_task_id(job_id)
     runs = store.count_run(job_id)
     if runs > settings.max_deliveries:
         raise PoisonJob(
@@ -274,10 +275,11 @@ def _fetch(eng: Any, store: Store, job_id: str, raw_job: object) -> _Fetched:
         )
     job = JobMessage.from_dict(raw_job, settings)
     start = time.perf_counter()
-    images = [decode_checked_image(store.require_blob(key), settings) for key in job.image_keys]
+    images = [decode_checked_image(store.require_blob("image_keys", key, settings.max_image_bytes), settings)
+              for key in job.image_keys]
     text_tokens = None
     if job.text_key is not None:
-        text_tokens = eng.count_text_tokens(store.require_blob(job.text_key).decode("utf-8"))
+        text_tokens = eng.count_text_tokens(document_text(store, job.text_key, settings))
     return _Fetched(job_id, job, images, text_tokens, time.perf_counter() - start, _task_index)
 
 
