@@ -41,6 +41,7 @@ from celeryconfig import Settings
 from celeryconfig import settings as default_settings
 from producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
 from producer.store import Store, unavailable
+from producer.submit import LOST_CHECK_S
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ BROKER_GRACE_S = 300.0
 BACKOFF_S = 2.0
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_OUTPUT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 4, 8, 130
 _BROKER_ERRORS = (BrokerUnavailable, redis.RedisError, OperationalError, ConnectionError, TimeoutError)
 
 
@@ -100,6 +101,7 @@ class Summary:
     in_flight: int = 0
     interrupted: bool = False
     broker_unavailable: bool = False
+    output_error: str | None = None
     elapsed: float = 0.0
     bad_lines: list[BadLine] = field(default_factory=list)
     timed_out_ids: list[str] = field(default_factory=list)
@@ -114,6 +116,8 @@ class Summary:
             return EXIT_INTERRUPTED
         if self.broker_unavailable:
             return EXIT_UNAVAILABLE
+        if self.output_error:
+            return EXIT_OUTPUT_ERROR
         return EXIT_OK if self.complete else EXIT_INCOMPLETE
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +127,7 @@ class Summary:
             "already_done": self.already_done, "previously_failed": self.previously_failed,
             "timed_out": self.timed_out, "not_submitted": self.not_submitted, "in_flight": self.in_flight,
             "interrupted": self.interrupted, "broker_unavailable": self.broker_unavailable,
+            "output_error": self.output_error,
             "elapsed": round(self.elapsed, 3),
             "bad_lines": [b.to_dict() for b in sorted(self.bad_lines, key=lambda b: b.line)],
             "timed_out_ids": self.timed_out_ids,
@@ -242,6 +247,7 @@ class _InFlight:
     item: Item
     job: Any  # producer.submit.Job
     since: float
+    checked: float = 0.0  # when it was last seen to exist in Redis
 
 
 class _Progress:
@@ -376,10 +382,14 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
         warn(f"resuming: {summary.already_done} of {summary.total} ids are already in {out}")
 
     bar = _Progress(len(todo), progress, err)
-    writer = ResultWriter(out)
+    try:
+        writer = ResultWriter(out)
+    except OSError as exc:
+        raise BatchUsageError(f"cannot open {out} for writing: {exc}") from None
     in_flight: dict[str, _InFlight] = {}
     queue = iter(todo)
     held: Item | None = None  # the next item to submit, kept back after QueueFull or a broker error
+    lost: list[Item] = []  # submitted, but Redis holds no record of them: submitted again
     resume_at = 0.0
     broker_down_since: float | None = None
     exhausted = False
@@ -430,7 +440,7 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
                 # Fill the window.
                 while (len(in_flight) < window and now >= resume_at and not stop.reason
                        and not summary.broker_unavailable):
-                    item = held
+                    item = held or (lost.pop(0) if lost else None)
                     if item is None:
                         item = next(queue, None)
                         if item is None:
@@ -452,7 +462,7 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
                         held = item
                         broker_error(exc)
                         break
-                    except GlyphqError as exc:  # QueueFull: wait for the queue to drain a little
+                    except GlyphqError as exc:  # QueueFull, BrokerFull: wait for the queue to drain a little
                         held = item
                         if resume_at <= now:
                             bar.message(f"glyphq batch: {exc}; waiting")
@@ -470,7 +480,7 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
                     broker_down_since = None
                     in_flight[item.job_id] = _InFlight(item, job, time.monotonic())
                     bar.update(summary, len(in_flight))
-                if exhausted and held is None and not in_flight:
+                if exhausted and held is None and not lost and not in_flight:
                     break
 
                 # Collect what has finished.
@@ -491,12 +501,22 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
                             bar.message(f"glyphq batch: {source}:{flight.item.line}: id {flight.item.id!r} not done "
                                         f"after {timeout:g} s (job {job_id} keeps its place; rerun to collect it)")
                             bar.update(summary, len(in_flight), step=1)
+                        elif time.monotonic() - flight.checked > LOST_CHECK_S:
+                            flight.checked = time.monotonic()
+                            if flight.job.state == "UNKNOWN":  # never queued, or lost with Redis's data
+                                del in_flight[job_id]
+                                lost.append(flight.item)
+                                bar.message(f"glyphq batch: {source}:{flight.item.line}: job {job_id} is not in "
+                                            "Redis (never queued, or lost with its data); submitting it again")
                     if broker_down_since is not None and held is None:
                         broker_down_since = None
                 except _BROKER_ERRORS as exc:
                     broker_error(exc)
                     time.sleep(BACKOFF_S)
                     continue
+                except OSError as exc:  # the results file cannot take another line: a full disk
+                    summary.output_error = f"cannot write to {out}: {exc}"
+                    break
                 if not progressed:
                     time.sleep(poll_s)
             summary.interrupted = stop.reason is not None
@@ -506,12 +526,14 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
         bar.close()
         writer.close()
         summary.in_flight = len(in_flight)
-        summary.not_submitted = (0 if exhausted else sum(1 for _ in queue)) + (1 if held is not None else 0)
+        summary.not_submitted = ((0 if exhausted else sum(1 for _ in queue)) + (1 if held is not None else 0)
+                                 + len(lost))
         summary.elapsed = time.monotonic() - start
 
-    if summary.interrupted or summary.broker_unavailable or summary.in_flight or summary.timed_out:
-        why = "interrupted" if summary.interrupted else (
-            "Redis unreachable" if summary.broker_unavailable else "some jobs not finished in time")
+    if summary.interrupted or summary.broker_unavailable or summary.output_error or summary.in_flight \
+            or summary.timed_out:
+        why = "interrupted" if summary.interrupted else ("Redis unreachable" if summary.broker_unavailable else (
+            summary.output_error or "some jobs not finished in time"))
         command = ["glyphq", "batch", str(source), "--out", str(out)]
         if job_prefix:
             command += ["--job-prefix", job_prefix]

@@ -26,11 +26,13 @@ def _empty_session_queue(redis_client) -> None:
 
 @pytest.fixture
 def fault_redis(tmp_path: Path) -> Iterator:
-    """Start redis-servers of this test's own: ``fault_redis(appendonly=True, password=None)``."""
+    """Start redis-servers of this test's own: ``fault_redis(appendonly=True, password=None, **options)``,
+    where ``options`` are more redis-server settings (``maxmemory="8mb"``)."""
     servers: list[FaultRedis] = []
 
-    def start(appendonly: bool = True, password: str | None = None) -> FaultRedis:
-        server = FaultRedis(tmp_path / f"redis-{len(servers)}", appendonly=appendonly, password=password)
+    def start(appendonly: bool = True, password: str | None = None, **options: str) -> FaultRedis:
+        server = FaultRedis(tmp_path / f"redis-{len(servers)}", appendonly=appendonly, password=password,
+                            options={name.replace("_", "-"): value for name, value in options.items()})
         servers.append(server)
         server.start()
         return server

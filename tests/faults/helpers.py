@@ -26,9 +26,12 @@ class FaultRedis:
     """A redis-server of one test's own, which the test may crash (SIGKILL) and start again on its port.
 
     Append-only persistence is on by default, with ``appendfsync everysec`` as in docker-compose.yml.
+    ``options`` are more redis-server settings, e.g. ``{"maxmemory": "8mb"}``.
     """
 
-    def __init__(self, directory: Path, appendonly: bool = True, password: str | None = None) -> None:
+    def __init__(self, directory: Path, appendonly: bool = True, password: str | None = None,
+                 options: dict[str, str] | None = None) -> None:
+        self.options = options or {}
         self.port = free_port()
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -47,6 +50,8 @@ class FaultRedis:
                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
         if self.password:
             cmd += ["--requirepass", self.password]
+        for name, value in self.options.items():
+            cmd += [f"--{name}", value]
         self._log = open(self.directory / "redis.log", "ab")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

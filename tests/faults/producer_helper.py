@@ -5,6 +5,7 @@ own redis-server runs this script with ``GLYPHQ_BROKER_URL`` (and any other ``GL
 its environment, exactly as a web backend would, and talks to it in JSON lines on stdin/stdout:
 
     {"op": "submit", "seed": 1, "question": "q", "max_new_tokens": 4}   -> {"ok": true, "job_id": ...}
+    ("size": [w, h] sets the image's size, "noise": true makes it random pixels, "job_id" names the job)
     {"op": "result", "job_id": "...", "timeout": 60}                      -> {"ok": true, "result": {...}}
     {"op": "state", "job_id": "..."}                                      -> {"ok": true, "state": "..."}
     {"op": "exit"}
@@ -34,6 +35,17 @@ def _png_bytes():
     return module.png_bytes
 
 
+def _noise_png(size: tuple[int, ...]) -> bytes:
+    import io
+    import os
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size[0], size[1]), os.urandom(size[0] * size[1] * 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def main() -> int:
     from producer import Job, JobFailed, submit
 
@@ -45,7 +57,9 @@ def main() -> int:
         if op == "submit":
             size = tuple(request.get("size", (64, 48)))
             key = (request.get("seed", 0), size[0], size[1])
-            if key not in images:
+            if request.get("noise"):  # incompressible: the PNG is about 3 bytes a pixel
+                images[key] = _noise_png(size)
+            elif key not in images:
                 images[key] = png_bytes(size, seed=key[0])
             job = submit(images[key], request.get("question", "What is this?"),
                          max_new_tokens=request.get("max_new_tokens", 4), job_id=request.get("job_id"))
