@@ -178,7 +178,8 @@ def finished_blobs(name: str | None, task_id: str, args: Any, kwargs: dict[str, 
     if name == ANSWER_TASK:
         keys = _list(job.get("image_keys"))
     elif name == ANSWER_PAGES_TASK:
-        keys = [*_list(_dict(args[0] if args else None).get("page_keys")), job.get("text_key")]
+        text_key = job.get("text_key")
+        keys = [*_list(_dict(args[0] if args else None).get("page_keys")), *([text_key] if text_key else [])]
     elif name == RENDER_TASK and state == "FAILURE":
         owner = render_owner(task_id, kwargs) or ""
         keys = [_dict(kwargs.get("request")).get("text_key")] if owner else []
