@@ -231,3 +231,31 @@ def test_sigint_stops_submitting_keeps_the_output_whole_and_rerun_resumes(long_w
     again = json.loads(rerun.stdout)
     assert again["already_done"] == summary["done"] and again["done"] == JOBS - summary["done"]
     _assert_every_id_once_and_ran_once(out, ids, prefix, redis_client)
+
+
+def test_a_full_disk_stops_the_batch_with_its_summary_and_the_rerun_resumes(start_worker, tmp_path, redis_client):
+    import resource
+
+    start_worker()
+    source = write_batch(tmp_path, [{"image": f"img{i % 3}.png", "question": f"Line {i}?", "max_new_tokens": 3}
+                                    for i in range(6)])
+    out = tmp_path / "results.jsonl"
+    # The results file may not grow past about one line: the next write fails as on a full disk.
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+    full = subprocess.run([GLYPHQ, "batch", str(source), "--out", str(out), "--window", "1", "--no-progress"],
+                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+                          preexec_fn=small_disk)
+    assert full.returncode == 8, (full.stdout, full.stderr)
+    summary = json.loads(full.stdout)
+    assert summary["output_error"] and "cannot write" in summary["output_error"]
+    assert summary["done"] < 6
+    assert "Resume with the same command" in full.stderr
+    assert "Traceback" not in full.stderr
+
+    rerun = batch(str(source), "--out", str(out), "--no-progress")
+    assert rerun.returncode == 0, rerun.stderr
+    lines = records(out)
+    assert sorted(r["id"] for r in lines) == [f"line-{i}" for i in range(1, 7)]
+    assert all(r["ok"] for r in lines)

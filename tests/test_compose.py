@@ -27,6 +27,7 @@ def test_redis_persists_and_has_healthcheck(compose):
     redis = compose["services"]["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command
+    assert "--maxmemory-policy noeviction" in command  # a full Redis refuses jobs, never drops queued ones
     assert any(v.endswith(":/data") for v in redis["volumes"])
     assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
 
