@@ -26,12 +26,15 @@ _STORED_FOR_ORIENTATION = {
 }
 
 
-def seen_picture() -> Image.Image:
-    """White, with a red block in the top-left corner and a blue one in the top-right corner."""
-    image = Image.new("RGB", SEEN_SIZE, WHITE)
+def seen_picture(size: tuple[int, int] = SEEN_SIZE) -> Image.Image:
+    """White, with a red block in the top-left corner and a blue one in the top-right corner.
+
+    Block edges fall on multiples of 8, so a JPEG keeps them sharp whichever way it is stored.
+    """
+    image = Image.new("RGB", size, WHITE)
     draw = ImageDraw.Draw(image)
     draw.rectangle([0, 0, 23, 15], fill=RED)
-    draw.rectangle([SEEN_SIZE[0] - 24, 0, SEEN_SIZE[0] - 1, 15], fill=BLUE)
+    draw.rectangle([size[0] - 24, 0, size[0] - 1, 15], fill=BLUE)
     return image
 
 
@@ -41,15 +44,18 @@ def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def phone_jpeg(orientation: int = 6, icc: bool = True) -> bytes:
-    """A camera JPEG: pixels stored as the sensor saw them, an EXIF Orientation tag, an sRGB ICC profile."""
-    picture = seen_picture()
+def phone_jpeg(orientation: int = 6, icc: bool = True, size: tuple[int, int] = SEEN_SIZE) -> bytes:
+    """A camera JPEG: pixels stored as the sensor saw them, an EXIF Orientation tag, an sRGB ICC profile.
+
+    ``size`` is the size a person sees; the file stores it turned as ``orientation`` says.
+    """
+    picture = seen_picture(size)
     turn = _STORED_FOR_ORIENTATION[orientation]
     stored = picture if turn is None else picture.transpose(turn)
     exif = Image.Exif()
     exif[0x0112] = orientation  # Orientation
     exif[0x010F] = "glyphq-test-phone"  # Make
-    options: dict[str, object] = {"exif": exif.tobytes(), "quality": 95}
+    options: dict[str, object] = {"exif": exif.tobytes(), "quality": 100, "subsampling": 0}
     if icc:
         options["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     return _encode(stored, "JPEG", **options)
