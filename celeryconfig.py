@@ -90,6 +90,7 @@ class Settings:
     session_ttl_s: int = DAY_S
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_aspect_ratio: int = 200
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
     max_question_chars: int = 2000
     max_document_chars: int = 1_000_000
@@ -161,6 +162,7 @@ class Settings:
             session_ttl_s=_int(env, "GLYPHQ_SESSION_TTL", cls.session_ttl_s, minimum=1),
             max_image_bytes=_int(env, "GLYPHQ_MAX_IMAGE_BYTES", cls.max_image_bytes, minimum=1),
             max_image_pixels=_int(env, "GLYPHQ_MAX_IMAGE_PIXELS", cls.max_image_pixels, minimum=1),
+            max_aspect_ratio=_int(env, "GLYPHQ_MAX_ASPECT_RATIO", cls.max_aspect_ratio, minimum=1),
             image_formats=tuple(f.strip().upper() for f in formats.split(",") if f.strip()),
             max_question_chars=_int(env, "GLYPHQ_MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1),
             max_document_chars=_int(env, "GLYPHQ_MAX_DOCUMENT_CHARS", cls.max_document_chars, minimum=1),

@@ -26,6 +26,7 @@ from producer.validation import (
     check_max_new_tokens,
     check_priority,
     check_question,
+    check_unicode_text,
 )
 from tasks.app import app
 
@@ -40,15 +41,13 @@ RENDER_KEYS = frozenset({
 
 
 def check_text(text: object, settings: Settings) -> str:
-    """The document text, if it is a non-empty string within ``max_document_chars``."""
+    """The document text, if it is UTF-8-encodable text with a visible character, within ``max_document_chars``."""
     if not isinstance(text, str):
         raise InvalidJob("text", f"must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise InvalidJob("text", "must not be empty")
     if len(text) > settings.max_document_chars:
         raise InvalidJob("text", f"is {len(text)} characters; the limit is {settings.max_document_chars} "
                                  "(GLYPHQ_MAX_DOCUMENT_CHARS)")
-    return text
+    return check_unicode_text("text", text)
 
 
 def check_render(render: object) -> dict[str, Any]:

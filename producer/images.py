@@ -13,13 +13,17 @@ from PIL import Image
 
 from celeryconfig import Settings
 from producer.errors import InvalidJob
+from producer.pixels import to_rgb
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 
 @dataclass(frozen=True)
 class CheckedImage:
-    """Image bytes that passed every check, with what the checks learned about them."""
+    """Image bytes that passed every check, with what the checks learned about them.
+
+    ``width`` and ``height`` are the size as a person sees it, after the EXIF orientation.
+    """
 
     data: bytes
     format: str
@@ -33,12 +37,13 @@ class CheckedImage:
 
 
 def read_image_bytes(image: ImageInput, settings: Settings) -> bytes:
-    """Return the encoded bytes of ``image``, refusing anything over ``max_image_bytes``."""
+    """Return the encoded bytes of ``image``, refusing anything over ``max_image_bytes``.
+
+    A PIL image is stored as a PNG of what a person sees (``producer.pixels.to_rgb``), so any mode works.
+    """
     limit = settings.max_image_bytes
     if isinstance(image, Image.Image):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        data = buffer.getvalue()
+        data = _png_bytes(image, settings)
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
     elif isinstance(image, (str, os.PathLike)):
@@ -58,40 +63,46 @@ def read_image_bytes(image: ImageInput, settings: Settings) -> bytes:
 
 
 def check_image_bytes(data: bytes, settings: Settings) -> CheckedImage:
-    """Check format and pixel count from the header, then decode fully; raise ``InvalidJob`` if any fails.
+    """Check format, pixel count and aspect ratio from the header, then decode and convert fully;
+    raise ``InvalidJob`` if any fails.
 
-    The pixel limit is checked before decoding, so a decompression bomb is refused after reading only
+    The size checks come before decoding, so a decompression bomb is refused after reading only
     its header.
     """
-    fmt, width, height, _ = _decode(data, settings, rgb=False)
-    return CheckedImage(data=data, format=fmt, width=width, height=height)
+    fmt, image = _decode(data, settings)
+    return CheckedImage(data=data, format=fmt, width=image.width, height=image.height)
 
 
 def decode_checked_image(data: bytes, settings: Settings) -> Image.Image:
-    """The same checks as ``check_image_bytes``, returning the image (first frame) as RGB, decoded once."""
-    image = _decode(data, settings, rgb=True)[3]
-    assert image is not None
-    return image
+    """The same checks as ``check_image_bytes``, returning the image (first frame) as a person sees it:
+    8-bit RGB, upright, transparency on white (see ``producer.pixels``), decoded once."""
+    return _decode(data, settings)[1]
 
 
-def _decode(data: bytes, settings: Settings, rgb: bool) -> tuple[str, int, int, Image.Image | None]:
+def check_dimensions(width: int, height: int, settings: Settings) -> None:
+    """Refuse more than ``max_image_pixels`` pixels, or a side over ``max_aspect_ratio`` times the other."""
+    if width * height > settings.max_image_pixels:
+        raise InvalidJob("image", f"is {width}x{height} = {width * height} pixels; the limit is "
+                                  f"{settings.max_image_pixels} (GLYPHQ_MAX_IMAGE_PIXELS)")
+    limit = settings.max_aspect_ratio
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side > limit * short_side:
+        raise InvalidJob("image", f"is {width}x{height}, an aspect ratio of {long_side / max(short_side, 1):.1f}:1; "
+                                  f"the limit is {limit}:1 (GLYPHQ_MAX_ASPECT_RATIO)")
+
+
+def _decode(data: bytes, settings: Settings) -> tuple[str, Image.Image]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt = (img.format or "").upper()
-                width, height = img.size
                 if fmt not in settings.image_formats:
                     allowed = ", ".join(settings.image_formats)
                     raise InvalidJob("image", f"format {fmt or 'unknown'} is not allowed; allowed: {allowed}")
-                if width * height > settings.max_image_pixels:
-                    raise InvalidJob(
-                        "image",
-                        f"is {width}x{height} = {width * height} pixels; the limit is "
-                        f"{settings.max_image_pixels} (GLYPHQ_MAX_IMAGE_PIXELS)",
-                    )
+                check_dimensions(*img.size, settings)
                 img.load()
-                return fmt, width, height, img.convert("RGB") if rgb else None
+                return fmt, to_rgb(img)
     except InvalidJob:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -102,6 +113,19 @@ def _decode(data: bytes, settings: Settings, rgb: bool) -> tuple[str, int, int, 
         ) from None
     except Exception as exc:  # damaged files make Pillow's decoders raise almost anything
         raise InvalidJob("image", f"cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def _png_bytes(image: Image.Image, settings: Settings) -> bytes:
+    """A PNG of ``image`` as a person sees it; PNG holds few of Pillow's modes, RGB it always holds."""
+    check_dimensions(*image.size, settings)
+    try:
+        buffer = io.BytesIO()
+        to_rgb(image).save(buffer, format="PNG")
+    except InvalidJob:
+        raise
+    except Exception as exc:  # an image whose file is gone or damaged fails as it loads
+        raise InvalidJob("image", f"cannot be read as a PIL image: {type(exc).__name__}: {exc}") from None
+    return buffer.getvalue()
 
 
 def check_image(image: ImageInput, settings: Settings) -> CheckedImage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from celeryconfig import PRIORITY_LEVELS, Settings
 from producer.errors import InvalidJob
@@ -10,19 +11,50 @@ from producer.errors import InvalidJob
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+#: Unicode categories that draw nothing: controls, format characters (zero-width space and joiners,
+#: the byte order mark, direction marks), separators (spaces, line and paragraph separators), and
+#: surrogates.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Cs"})
+#: Other code points that draw nothing on their own: the combining grapheme joiner, Hangul fillers,
+#: Khmer inherent vowels, Mongolian and other variation selectors, and the blank Braille pattern.
+_INVISIBLE_CHARS = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0, *range(0x180B, 0x1810),
+     *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]
+)
+
+
+def is_invisible(char: str) -> bool:
+    """Whether ``char`` draws nothing: a space, a control or format character, a filler or selector."""
+    return ord(char) in _INVISIBLE_CHARS or unicodedata.category(char) in _INVISIBLE_CATEGORIES
+
+
+def check_unicode_text(field: str, text: str) -> str:
+    """``text`` if it encodes as UTF-8 (no lone surrogate) and has a visible character; else ``InvalidJob``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidJob(field, f"cannot be encoded as UTF-8: a lone surrogate U+{ord(text[exc.start]):04X} "
+                                f"at character {exc.start}") from None
+    if not text.strip():
+        raise InvalidJob(field, "must not be empty")
+    if all(is_invisible(char) for char in text):
+        shown = next(char for char in text if not char.isspace())
+        raise InvalidJob(field, f"must not be empty: it holds only invisible characters, such as U+{ord(shown):04X}")
+    return text
+
+
 def check_question(question: object, settings: Settings) -> str:
-    """Return the question if it is a non-empty string within ``max_question_chars``."""
+    """Return the question if it is a string of UTF-8-encodable text with a visible character,
+    within ``max_question_chars``."""
     if not isinstance(question, str):
         raise InvalidJob("question", f"must be a string, got {type(question).__name__}")
-    if not question.strip():
-        raise InvalidJob("question", "must not be empty")
     if len(question) > settings.max_question_chars:
         raise InvalidJob(
             "question",
             f"is {len(question)} characters; the limit is {settings.max_question_chars} "
             "(GLYPHQ_MAX_QUESTION_CHARS)",
         )
-    return question
+    return check_unicode_text("question", question)
 
 
 def check_max_new_tokens(value: object, settings: Settings) -> int:

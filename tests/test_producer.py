@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -40,6 +41,15 @@ REFUSALS = [
     ({"question": ""}, "question: must not be empty"),
     ({"question": "   "}, "question: must not be empty"),
     ({"question": None}, "question: must be a string"),
+    ({"question": "What is \ud800 this?"},
+     "question: cannot be encoded as UTF-8: a lone surrogate U+D800 at character 8"),
+    ({"question": "\udc9f"}, "question: cannot be encoded as UTF-8: a lone surrogate U+DC9F at character 0"),
+    ({"question": "\u200b\u200d\ufeff"},
+     "question: must not be empty: it holds only invisible characters, such as U+200B"),
+    ({"question": " \u00a0\u2060\u3000\u180e\u3164\ufe0f\x00\t"},
+     "question: must not be empty: it holds only invisible characters, such as U+2060"),
+    ({"image": _bomb_png(10_000, 40)},
+     "image: is 10000x40, an aspect ratio of 250.0:1; the limit is 200:1 (GLYPHQ_MAX_ASPECT_RATIO)"),
     ({"question": "q" * 51}, "question: is 51 characters; the limit is 50 (GLYPHQ_MAX_QUESTION_CHARS)"),
     ({"max_new_tokens": 0}, "max_new_tokens: must be from 1 to 64"),
     ({"max_new_tokens": 65}, "max_new_tokens: must be from 1 to 64 (GLYPHQ_MAX_NEW_TOKENS_LIMIT), got 65"),
@@ -98,6 +108,26 @@ def test_accepts_path_bytes_and_pil(tmp_path, redis_client):
         job = submit(image, "What is this?")
         assert job.state == "PENDING"
     app.control.purge()
+
+
+def test_visible_question_with_invisible_characters_in_it_is_accepted(redis_client):
+    for question in ("What\u200bis the total?", "\ufeffTotal?", "\U0001f469\u200d\U0001f4bb\ufe0f?", "\u00e9"):
+        assert submit(png_bytes((64, 48)), question).state == "PENDING"
+    app.control.purge()
+
+
+@pytest.mark.parametrize(("question", "message"), [
+    ("\ud83d", "question: cannot be encoded as UTF-8: a lone surrogate U+D83D at character 0"),
+    ("\u200b\u2060", "question: must not be empty: it holds only invisible characters, such as U+200B"),
+])
+def test_worker_refuses_a_received_question_as_submit_does(question, message):
+    """``JobMessage.from_dict`` (the worker's check of a message) uses the same question check."""
+    from conftest import raw_job
+
+    from producer.schema import JobMessage
+
+    with pytest.raises(InvalidJob, match=re.escape(message)):
+        JobMessage.from_dict(raw_job("glyphq:blob:" + "0" * 64, question=question), Settings())
 
 
 def test_message_for_5mb_image_is_under_4kib(redis_client):
