@@ -2,10 +2,14 @@
 
 from producer.documents import submit_document
 from producer.errors import (
+    BatchUsageError,
+    BlobCorrupt,
+    BlobMissing,
     BrokerFull,
     BrokerUnavailable,
     GlyphqError,
     InvalidJob,
+    InvalidRenderConfig,
     JobExpired,
     JobFailed,
     JobLost,
@@ -22,6 +26,7 @@ __all__ = [
     "check_image",
     "GlyphqError",
     "InvalidJob",
+    "InvalidRenderConfig",
     "BrokerUnavailable",
     "BrokerFull",
     "QueueFull",
@@ -29,4 +34,7 @@ __all__ = [
     "JobFailed",
     "JobLost",
     "JobTimeout",
+    "BlobMissing",
+    "BlobCorrupt",
+    "BatchUsageError",
 ]

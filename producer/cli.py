@@ -2,14 +2,15 @@
 
 Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input), 3 not finished yet, 4 Redis
 unreachable, 5 the queue is full, 6 Redis is full (maxmemory), 7 no such job (never submitted, expired or
-lost with Redis's data). ``health``: 0 healthy, 1 not. ``batch``: 0 every line done, 1 some line failed,
-bad or unfinished, 2 usage error, 4 Redis unreachable, 8 the results file cannot be written (a full disk),
-130 interrupted (rerun to resume).
+lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
+``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error, 4 Redis unreachable,
+8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -21,13 +22,16 @@ from producer.errors import (
     BatchUsageError,
     BrokerFull,
     BrokerUnavailable,
+    GlyphqError,
     InvalidJob,
+    InvalidRenderConfig,
     JobExpired,
     JobFailed,
     JobLost,
     JobTimeout,
     QueueFull,
 )
+from producer.store import check_broker
 from producer.submit import Job, submit
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_NOT_READY, EXIT_UNAVAILABLE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4, 5
@@ -126,19 +130,17 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     report = check_health(args.queue, timeout=args.timeout, node=args.node, broker_only=args.broker_only)
     _print(report.to_dict())
-    return EXIT_OK if report.ok else EXIT_FAILED
+    if report.ok:
+        return EXIT_OK
+    return EXIT_UNAVAILABLE if report.broker_unreachable else EXIT_FAILED
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Run a JSON Lines file of jobs with a bounded window; resumable. Prints a summary."""
     from producer.batch import run_batch
 
-    try:
-        summary = run_batch(args.file, args.out, window=args.window, timeout=args.timeout,
-                            job_prefix=args.job_prefix, progress=not args.no_progress)
-    except BatchUsageError as exc:
-        print(f"glyphq batch: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+    summary = run_batch(args.file, args.out, window=args.window, timeout=args.timeout,
+                        job_prefix=args.job_prefix, progress=not args.no_progress)
     _print(summary.to_dict())
     return summary.exit_code()
 
@@ -153,10 +155,18 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline", type=float, help="seconds by which the job must start, or it never runs")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("glyphq")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``glyphq`` command."""
     parser = argparse.ArgumentParser(prog="glyphq", description="Submit image + question jobs and read results.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
+    parser.add_argument("--version", action="version", version=f"glyphq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="submit an image + question job")
@@ -206,27 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command that ends with one of glyphq's errors (the first match counts); any
+#: other glyphq error exits 1.
+EXIT_FOR_ERROR: tuple[tuple[type[GlyphqError], int], ...] = (
+    (InvalidJob, EXIT_REFUSED), (InvalidRenderConfig, EXIT_REFUSED), (BatchUsageError, EXIT_REFUSED),
+    (BrokerFull, EXIT_BROKER_FULL), (BrokerUnavailable, EXIT_UNAVAILABLE), (QueueFull, EXIT_QUEUE_FULL),
+    (JobLost, EXIT_NO_SUCH_JOB),
+)
+#: Commands that need Redis before anything else; they fail fast when it does not answer.
+NEEDS_BROKER = frozenset({"submit", "ask-doc", "status", "result"})
+BROKER_CHECK_TIMEOUT_S = 2.0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``glyphq`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if args.command in NEEDS_BROKER:
+            check_broker(default_settings, BROKER_CHECK_TIMEOUT_S)
         return int(args.func(args))
-    except InvalidJob as exc:
-        print(f"glyphq: refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except ValueError as exc:  # a bad render config (worker.render.InvalidRenderConfig) for `glyphq render`
-        print(f"glyphq: refused: render: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except BrokerFull as exc:
-        print(f"glyphq: {exc}", file=sys.stderr)
-        return EXIT_BROKER_FULL
-    except BrokerUnavailable as exc:
-        print(f"glyphq: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except QueueFull as exc:
-        print(f"glyphq: {exc}", file=sys.stderr)
-        return EXIT_QUEUE_FULL
+    except GlyphqError as exc:
+        _print({"ok": False, "error_type": type(exc).__name__, "error": str(exc)})
+        print(f"glyphq {args.command}: {exc}", file=sys.stderr)
+        return next((code for kind, code in EXIT_FOR_ERROR if isinstance(exc, kind)), EXIT_FAILED)
 
 
 if __name__ == "__main__":

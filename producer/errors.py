@@ -60,6 +60,10 @@ class JobFailed(GlyphqError):
         super().__init__(f"job {job_id} failed: {error_type}: {message}")
 
 
+class InvalidRenderConfig(GlyphqError, ValueError):
+    """Raised when a render config has an unknown key or a bad value; the message names it."""
+
+
 class BatchUsageError(GlyphqError):
     """Raised when a batch run cannot start: a missing input file, an output that is the input, a bad window."""
 

@@ -51,6 +51,11 @@ class HealthReport:
     def ok(self) -> bool:
         return self.error is None and all(c.get("ok") is not False for c in self.checks.values())
 
+    @property
+    def broker_unreachable(self) -> bool:
+        """True when Redis did not answer at all (as opposed to answering with a problem)."""
+        return self.checks["broker"].get("reachable") is False
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as ``glyphq health`` prints it."""
         return {"ok": self.ok, "queue": self.queue, "checks": self.checks, "error": self.error,
@@ -82,7 +87,7 @@ def check_health(queue: str = "gpu", timeout: float = DEFAULT_TIMEOUT_S, node: s
     finished, _, exc = _bounded(lambda: Store(cfg).redis.ping(), timeout + 2.0)
     if not finished or exc is not None:
         why = f"no answer to PING within {timeout + 2.0:.0f} s" if not finished else f"{type(exc).__name__}: {exc}"
-        checks["broker"] = {"ok": False, "url": where, "detail": why}
+        checks["broker"] = {"ok": False, "reachable": False, "url": where, "detail": why}
         checks["worker"] = _skipped("broker unreachable")
         checks["model"] = _skipped("broker unreachable")
         report.error = f"broker: cannot reach Redis at {where}: {why}"

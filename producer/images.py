@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from celeryconfig import Settings
 from producer.errors import InvalidJob
@@ -111,6 +111,9 @@ def _decode(data: bytes, settings: Settings) -> tuple[str, Image.Image]:
             f"refused as a decompression bomb; the limit is {settings.max_image_pixels} pixels "
             f"(GLYPHQ_MAX_IMAGE_PIXELS): {exc}",
         ) from None
+    except UnidentifiedImageError:  # its message is the repr of our buffer, which helps nobody
+        allowed = ", ".join(settings.image_formats)
+        raise InvalidJob("image", f"is not an image file of a known format; allowed: {allowed}") from None
     except Exception as exc:  # damaged files make Pillow's decoders raise almost anything
         raise InvalidJob("image", f"cannot be decoded: {type(exc).__name__}: {exc}") from None
 

@@ -260,6 +260,23 @@ def unavailable(settings: Settings, exc: Exception) -> BrokerUnavailable:
     return BrokerUnavailable(f"cannot reach Redis at {broker_location(settings.broker_url)}: {exc}")
 
 
+def check_broker(settings: Settings, timeout: float) -> None:
+    """Raise ``BrokerUnavailable`` unless Redis answers PING within about ``timeout`` seconds."""
+    url = settings.broker_url
+    try:
+        probe = (redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+                 if not url.startswith("sentinel://") else settings_client(settings))
+    except ValueError as exc:  # redis-py's word for a URL it cannot parse
+        raise BrokerUnavailable(f"GLYPHQ_BROKER_URL is not a Redis URL ({exc})") from None
+    try:
+        probe.ping()
+    except redis.RedisError as exc:
+        raise unavailable(settings, exc) from exc
+    finally:
+        if probe is not settings_client(settings):
+            probe.close()
+
+
 def broker_error(settings: Settings, exc: BaseException) -> BrokerFull | BrokerUnavailable:
     """What a Redis or kombu error means to a caller: ``BrokerFull`` if Redis refused a write because it is
     at ``maxmemory``, else ``BrokerUnavailable``."""

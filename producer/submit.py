@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -87,6 +88,8 @@ class Job:
                 break
             except CeleryTimeoutError:
                 current = self.state
+                if current == "UNKNOWN" or (deadline is not None and time.monotonic() >= deadline):
+                    self._stop_listening()
                 if current == "UNKNOWN":
                     raise JobLost(f"job {self.id}: Redis holds no record of it (never submitted, expired, or "
                                   "lost with Redis's data); it will not finish, submit it again") from None
@@ -99,6 +102,13 @@ class Job:
         if state in ("FAILURE", "REVOKED"):
             raise JobFailed(self.id, type(outcome).__name__, str(outcome))
         return value  # type: ignore[no-any-return]
+
+
+    def _stop_listening(self) -> None:
+        """Unsubscribe from the job's result now. Otherwise ``AsyncResult.__del__`` does it while Python
+        shuts down, when redis-py can no longer connect, and prints a traceback at exit."""
+        with contextlib.suppress(redis.RedisError, BackendError):
+            self._async.backend.remove_pending_result(self._async)
 
 
 def submit(

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import ROOT, png_bytes, raw_job
@@ -54,15 +55,19 @@ def test_refusals_exit_2_and_name_the_field(tmp_path):
     image = tmp_path / "page.png"
     image.write_bytes(png_bytes(seed=62))
     cases = [
-        (["submit", str(image), ""], "refused: question: must not be empty"),
-        (["submit", str(image), "q", "--priority", "12"], "refused: priority: must be an integer from 0 to 9"),
-        (["submit", str(tmp_path / "missing.png"), "q"], "refused: image: no such file"),
-        (["submit", str(image), "q", "--max-new-tokens", "99999"], "refused: max_new_tokens: must be from 1 to"),
+        (["submit", str(image), ""], "question: must not be empty"),
+        (["submit", str(image), "q", "--priority", "12"], "priority: must be an integer from 0 to 9"),
+        (["submit", str(tmp_path / "missing.png"), "q"], "image: no such file"),
+        (["submit", str(image), "q", "--max-new-tokens", "99999"], "max_new_tokens: must be from 1 to"),
+        (["submit", str(tmp_path / "page.txt"), "q"], "image: is not an image file of a known format"),
     ]
+    (tmp_path / "page.txt").write_text("not an image")
     for args, message in cases:
         out = run(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
-        assert message in out.stderr
+        assert message in out.stderr and "0x" not in out.stderr
+        error = out.stderr.split(": ", 1)[1].strip()  # "glyphq submit: <the error>"
+        assert json.loads(out.stdout) == {"ok": False, "error_type": "InvalidJob", "error": error}
 
 
 def test_failed_job_exits_1(start_worker):
@@ -85,3 +90,23 @@ def test_broker_down_exits_4(tmp_path):
                          timeout=120)
     assert out.returncode == 4, out.stderr
     assert "cannot reach Redis at 127.0.0.1:1" in out.stderr
+    assert json.loads(out.stdout)["error_type"] == "BrokerUnavailable"
+
+
+def test_every_command_fails_fast_and_in_one_line_when_redis_is_down():
+    env = {**os.environ, "GLYPHQ_BROKER_URL": "redis://127.0.0.1:1/0"}
+    for args in (["status", "x"], ["result", "x"], ["result", "x", "--wait"], ["health"]):
+        started = time.monotonic()
+        out = subprocess.run([GLYPHQ, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 4, (args, out.stdout, out.stderr)
+        assert time.monotonic() - started < 5, args
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 1, out.stderr
+        assert json.loads(out.stdout)["ok"] is False
+
+
+def test_version_and_an_unknown_job_id():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("glyphq ")
+    unknown = run("result", "no-such-job-ever")
+    assert unknown.returncode == 7, (unknown.stdout, unknown.stderr)
+    assert json.loads(unknown.stdout)["state"] == "UNKNOWN"

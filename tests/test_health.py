@@ -50,19 +50,19 @@ def test_no_worker_exits_1_naming_the_worker_check():
     assert report["checks"]["broker"]["ok"] is True and report["checks"]["worker"]["ok"] is None
 
 
-def test_broker_unreachable_exits_1_within_seconds():
+def test_broker_unreachable_exits_4_within_seconds():
     closed = f"redis://127.0.0.1:{free_port()}/0"
     code, report, elapsed = health("--timeout", "2", broker_url=closed)
-    assert code == 1, report
+    assert code == 4, report
     assert report["checks"]["broker"]["ok"] is False
     assert report["checks"]["worker"]["ok"] is None and report["checks"]["model"]["ok"] is None
     assert report["error"].startswith("broker: cannot reach Redis at 127.0.0.1:")
     assert elapsed < 15, f"took {elapsed:.1f} s"
     code, report, _ = health("--broker-only", broker_url=closed)
-    assert code == 1 and report["checks"]["broker"]["ok"] is False, report
+    assert code == 4 and report["checks"]["broker"]["ok"] is False, report
 
 
-def test_hung_broker_exits_1_within_seconds(tmp_path):
+def test_hung_broker_exits_4_within_seconds(tmp_path):
     """A Redis that accepts connections but never answers (SIGSTOP) must not hang the probe either."""
     server = RedisServer(tmp_path)
     server.start()
@@ -73,7 +73,7 @@ def test_hung_broker_exits_1_within_seconds(tmp_path):
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.stop()
-    assert code == 1, report
+    assert code == 4, report
     assert report["checks"]["broker"]["ok"] is False
     assert "no answer to PING" in report["checks"]["broker"]["detail"]
     assert elapsed < 20, f"took {elapsed:.1f} s"

@@ -32,6 +32,8 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import LayoutError, Paragraph, SimpleDocTemplate
 
+from producer.errors import InvalidRenderConfig
+
 __all__ = ["InvalidRenderConfig", "RenderConfig", "png_bytes", "render_pages"]
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,6 @@ _FONT_LOCK = threading.Lock()
 _BUILD_LOCK = threading.Lock()
 _PDFIUM_LOCK = threading.Lock()
 _FONTS: dict[str, TTFont] = {}
-
-
-class InvalidRenderConfig(ValueError):
-    """Raised when a render config has an unknown key or a bad value."""
 
 
 @dataclass(frozen=True)
