@@ -2,21 +2,52 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# On CPU machines this exact version is a CPU build; any other request downloads CUDA wheels.
-# A GPU host overrides it, e.g. `make install TORCH=torch`.
+# torch comes first, on its own, from TORCH_INDEX: by default PyTorch's CPU index, so a CPU machine gets the
+# CPU build (about 200 MB; PyPI's Linux wheel is the CUDA build, several GB). pip's own configuration
+# (find-links, other indexes) still applies: where the index cannot be reached, pip retries it for about
+# 15 s and then takes a torch it finds there, or fails rather than fetch a CUDA build.
+# A GPU host: `make install GPU=1` (PyPI's CUDA build of torch, torchvision for Glyph's processor), or
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 for another CUDA version.
+GPU ?= 0
+ifeq ($(GPU),1)
+TORCH ?= torch torchvision
+TORCH_INDEX ?=
+EXTRAS ?= worker,glyph,render,flower,examples,test
+else
 TORCH ?= torch==2.13.0
-EXTRAS ?= worker,render,test,flower,examples
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?= worker,render,flower,examples,test
+endif
+# Stamps named after what they installed: changing TORCH, TORCH_INDEX or EXTRAS installs again.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)|$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)|$(TORCH_INDEX)|$(EXTRAS)' | cksum | cut -d' ' -f1)
 
 .PHONY: install redis test lint demo samples clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(PY):
+	@echo "== creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+
+$(TORCH_STAMP): | $(PY)
+	@echo "== [1/2] installing $(TORCH) from $(or $(TORCH_INDEX),the default index) (the largest download)"
+	@if ls $(VENV)/.torch-* >/dev/null 2>&1; then \
+	  echo "== TORCH or TORCH_INDEX changed: replacing the installed torch"; \
+	  $(PY) -m pip uninstall -q -y torch torchvision; rm -f $(VENV)/.torch-*; fi
+ifneq ($(TORCH_INDEX),)
+	$(PY) -m pip install --no-deps --index-url "$(TORCH_INDEX)" $(TORCH)
+endif
+	$(PY) -m pip install $(TORCH)
 	touch $@
 
-install: $(VENV)/.installed
+$(STAMP): $(TORCH_STAMP) pyproject.toml constraints.txt
+	@echo "== [2/2] installing glyphq[$(EXTRAS)] and its dependencies (versions from constraints.txt)"
+	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed*
+	touch $@
+	@echo "== installed: $(TORCH) ($(or $(TORCH_INDEX),default index)), glyphq[$(EXTRAS)] in $(VENV)"
+
+install: $(STAMP)
 
 redis:
 	@command -v redis-server >/dev/null || scripts/install-redis.sh
