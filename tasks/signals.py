@@ -57,6 +57,14 @@ def _reserve_a_batch(worker: Any) -> None:
     consumer.initial_prefetch_count = max(1, int(worker.concurrency or 1)) * consumer.prefetch_multiplier
 
 
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    """In the worker's main process, as it stops: let another worker export the queue depth."""
+    from worker import metrics
+
+    metrics.stop()
+
+
 @signals.worker_process_init.connect
 def _load_in_child(**_: Any) -> None:
     """In each new child: load the model once (CUDA is first touched here, after the fork)."""
@@ -70,11 +78,11 @@ class GlyphqStats(bootsteps.StartStopStep):
     """Adds a ``glyphq`` section to ``celery inspect stats``, and so to Flower's worker page.
 
     It holds what the current child published: model, device, GPU memory allocated, reserved and
-    peak, the child's task index, and recycles so far.
+    peak, the child's task index, and recycles so far; and the port of this worker's ``/metrics``.
     """
 
     def info(self, worker: Any) -> dict[str, Any]:
-        from worker import status
+        from worker import metrics, status
 
         current = status.read()
         children = int(current.get("children", 0))
@@ -89,6 +97,7 @@ class GlyphqStats(bootsteps.StartStopStep):
             "task_index": current.get("task_index"),
             "recycles": max(0, children - 1),
             "recycles_by_reason": current.get("recycles_by_reason") or {},
+            "metrics_port": metrics.port(),
         }}
 
 
