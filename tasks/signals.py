@@ -19,6 +19,8 @@ from tasks.app import app
 log = logging.getLogger(__name__)
 
 GPU_QUEUE = "gpu"
+#: Exit status of a worker that stopped because a child could not load its model.
+MODEL_LOAD_FAILED_EXIT = 3
 
 
 @signals.celeryd_after_setup.connect
@@ -58,11 +60,21 @@ def _reserve_a_batch(worker: Any) -> None:
 
 
 @signals.worker_shutdown.connect
-def _on_worker_shutdown(**_: Any) -> None:
-    """In the worker's main process, as it stops: let another worker export the queue depth."""
-    from worker import metrics
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process, as it stops: let another worker export the queue depth, and when
+    a child could not load the model, exit with ``MODEL_LOAD_FAILED_EXIT`` so that a supervisor sees a
+    failure (the child stops the worker with SIGTERM, whose warm shutdown would exit 0).
+
+    ``sender`` is the ``WorkController``; ``celery worker`` exits with its ``exitcode`` once it stopped.
+    """
+    from worker import metrics, status
 
     metrics.stop()
+    failure = status.read().get("model_error")
+    if failure and sender is not None:
+        log.critical("stopping with exit code %d: the model could not be loaded (%s)", MODEL_LOAD_FAILED_EXIT,
+                     failure)
+        sender.exitcode = MODEL_LOAD_FAILED_EXIT
 
 
 @signals.worker_process_init.connect
