@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 # CPU build (about 200 MB; PyPI's Linux wheel is the CUDA build, several GB). pip's own configuration
 # (find-links, other indexes) still applies: where the index cannot be reached, pip retries it for about
 # 15 s and then takes a torch it finds there, or fails rather than fetch a CUDA build.
-# A GPU host: `make install GPU=1` (PyPI's CUDA build of torch, torchvision for Glyph's processor), or
+# A GPU host: `make install GPU=1` (PyPI's CUDA build of torch, plus the glyph extra), or add
 # TORCH_INDEX=https://download.pytorch.org/whl/cu128 for another CUDA version.
 GPU ?= 0
 ifeq ($(GPU),1)
-TORCH ?= torch torchvision
+TORCH ?= torch
 TORCH_INDEX ?=
 EXTRAS ?= worker,glyph,render,flower,examples,test
 else
@@ -18,9 +18,14 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= worker,render,flower,examples,test
 endif
+# The glyph extra's torchvision must match torch's build: it comes in the same step, from the same index.
+TORCH_PACKAGES := $(TORCH)$(if $(and $(findstring glyph,$(EXTRAS)),$(if $(findstring torchvision,$(TORCH)),,x)), torchvision)
+PYPI ?= https://pypi.org/simple
 # Stamps named after what they installed: changing TORCH, TORCH_INDEX or EXTRAS installs again.
-TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)|$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
-STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)|$(TORCH_INDEX)|$(EXTRAS)' | cksum | cut -d' ' -f1)
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH_PACKAGES)|$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_PACKAGES)|$(TORCH_INDEX)|$(EXTRAS)' | cksum | cut -d' ' -f1)
+# What step 1 installed, pinned for step 2, so that no extra can swap torch for another build.
+TORCH_PINS := $(VENV)/torch-pins.txt
 
 .PHONY: install redis test lint demo samples clean
 
@@ -30,22 +35,30 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(TORCH_STAMP): | $(PY)
-	@echo "== [1/2] installing $(TORCH) from $(or $(TORCH_INDEX),the default index) (the largest download)"
+	@echo "== [1/2] installing $(TORCH_PACKAGES) from $(or $(TORCH_INDEX),the default index) (the largest download)"
 	@if ls $(VENV)/.torch-* >/dev/null 2>&1; then \
-	  echo "== TORCH or TORCH_INDEX changed: replacing the installed torch"; \
+	  echo "== TORCH, TORCH_INDEX or the glyph extra changed: replacing the installed torch"; \
 	  $(PY) -m pip uninstall -q -y torch torchvision; rm -f $(VENV)/.torch-*; fi
-ifneq ($(TORCH_INDEX),)
-	$(PY) -m pip install --no-deps --index-url "$(TORCH_INDEX)" $(TORCH)
+ifeq ($(TORCH_INDEX),)
+	$(PY) -m pip install $(TORCH_PACKAGES)
+else ifeq ($(findstring torchvision,$(TORCH_PACKAGES)),)
+	$(PY) -m pip install --no-deps --index-url "$(TORCH_INDEX)" $(TORCH_PACKAGES)
+	$(PY) -m pip install $(TORCH_PACKAGES)
+else
+	$(PY) -m pip install --index-url "$(TORCH_INDEX)" --extra-index-url "$(PYPI)" $(TORCH_PACKAGES)
 endif
-	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip freeze | grep -E '^(torch|torchvision)==' > $(TORCH_PINS)
 	touch $@
 
-$(STAMP): $(TORCH_STAMP) pyproject.toml constraints.txt
+$(TORCH_PINS): | $(TORCH_STAMP)
+	$(PY) -m pip freeze | grep -E '^(torch|torchvision)==' > $@
+
+$(STAMP): $(TORCH_STAMP) $(TORCH_PINS) pyproject.toml constraints.txt
 	@echo "== [2/2] installing glyphq[$(EXTRAS)] and its dependencies (versions from constraints.txt)"
-	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -c constraints.txt -c $(TORCH_PINS) -e ".[$(EXTRAS)]"
 	rm -f $(VENV)/.installed*
 	touch $@
-	@echo "== installed: $(TORCH) ($(or $(TORCH_INDEX),default index)), glyphq[$(EXTRAS)] in $(VENV)"
+	@echo "== installed: $$(tr '\n' ' ' < $(TORCH_PINS))($(or $(TORCH_INDEX),default index)), glyphq[$(EXTRAS)] in $(VENV)"
 
 install: $(STAMP)
 
