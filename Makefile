@@ -2,21 +2,65 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# On CPU machines this exact version is a CPU build; any other request downloads CUDA wheels.
-# A GPU host overrides it, e.g. `make install TORCH=torch`.
+# torch comes first, on its own, from TORCH_INDEX: by default PyTorch's CPU index, so a CPU machine gets the
+# CPU build (about 200 MB; PyPI's Linux wheel is the CUDA build, several GB). pip's own configuration
+# (find-links, other indexes) still applies: where the index cannot be reached, pip retries it for about
+# 15 s and then takes a torch it finds there, or fails rather than fetch a CUDA build.
+# A GPU host: `make install GPU=1` (PyPI's CUDA build of torch, plus the glyph extra), or add
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 for another CUDA version.
+GPU ?= 0
+ifeq ($(GPU),1)
+TORCH ?= torch
+TORCH_INDEX ?=
+EXTRAS ?= worker,glyph,render,flower,examples,test
+else
 TORCH ?= torch==2.13.0
-EXTRAS ?= worker,render,test,flower,examples
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?= worker,render,flower,examples,test
+endif
+# The glyph extra's torchvision must match torch's build: it comes in the same step, from the same index.
+TORCH_PACKAGES := $(TORCH)$(if $(and $(findstring glyph,$(EXTRAS)),$(if $(findstring torchvision,$(TORCH)),,x)), torchvision)
+PYPI ?= https://pypi.org/simple
+# Stamps named after what they installed: changing TORCH, TORCH_INDEX or EXTRAS installs again.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH_PACKAGES)|$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_PACKAGES)|$(TORCH_INDEX)|$(EXTRAS)' | cksum | cut -d' ' -f1)
+# What step 1 installed, pinned for step 2, so that no extra can swap torch for another build.
+TORCH_PINS := $(VENV)/torch-pins.txt
 
 .PHONY: install redis test lint demo samples clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(PY):
+	@echo "== creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+
+$(TORCH_STAMP): | $(PY)
+	@echo "== [1/2] installing $(TORCH_PACKAGES) from $(or $(TORCH_INDEX),the default index) (the largest download)"
+	@if ls $(VENV)/.torch-* >/dev/null 2>&1; then \
+	  echo "== TORCH, TORCH_INDEX or the glyph extra changed: replacing the installed torch"; \
+	  $(PY) -m pip uninstall -q -y torch torchvision; rm -f $(VENV)/.torch-*; fi
+ifeq ($(TORCH_INDEX),)
+	$(PY) -m pip install $(TORCH_PACKAGES)
+else ifeq ($(findstring torchvision,$(TORCH_PACKAGES)),)
+	$(PY) -m pip install --no-deps --index-url "$(TORCH_INDEX)" $(TORCH_PACKAGES)
+	$(PY) -m pip install $(TORCH_PACKAGES)
+else
+	$(PY) -m pip install --index-url "$(TORCH_INDEX)" --extra-index-url "$(PYPI)" $(TORCH_PACKAGES)
+endif
+	$(PY) -m pip freeze | grep -E '^(torch|torchvision)==' > $(TORCH_PINS)
 	touch $@
 
-install: $(VENV)/.installed
+$(TORCH_PINS): | $(TORCH_STAMP)
+	$(PY) -m pip freeze | grep -E '^(torch|torchvision)==' > $@
+
+$(STAMP): $(TORCH_STAMP) $(TORCH_PINS) pyproject.toml constraints.txt
+	@echo "== [2/2] installing glyphq[$(EXTRAS)] and its dependencies (versions from constraints.txt)"
+	$(PY) -m pip install -c constraints.txt -c $(TORCH_PINS) -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed*
+	touch $@
+	@echo "== installed: $$(tr '\n' ' ' < $(TORCH_PINS))($(or $(TORCH_INDEX),default index)), glyphq[$(EXTRAS)] in $(VENV)"
+
+install: $(STAMP)
 
 redis:
 	@command -v redis-server >/dev/null || scripts/install-redis.sh

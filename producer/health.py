@@ -8,6 +8,9 @@ Three checks, in order; a failed one skips the rest:
 3. ``model``: for queue ``gpu``, at least one of those workers reports its model loaded (the ``glyphq``
    section of ``celery inspect stats``). Queue ``render`` loads no model; the check is skipped.
 
+The ``worker`` check also lists each answering worker's ``/metrics`` port (``metrics_ports``; null
+when it serves none), from the same stats.
+
 Every wait is bounded: the control connection retries at most once, each round of replies waits at most
 ``timeout`` seconds, and the whole Celery part runs under a hard deadline, so a broker that vanishes
 mid-check cannot make the command hang (Celery's own connection retry is unbounded in this app,
@@ -198,15 +201,18 @@ def _check_workers(queue: str, timeout: float, node: str | None
             detail = f"workers on queue {queue!r} did not answer ping within {timeout} s: {', '.join(consuming)}"
             return ({"ok": False, "detail": detail, "consuming": consuming},
                     _skipped("worker check failed"), f"worker: {detail}", [])
-        worker_check = {"ok": True, "workers": answering}
+        stats = inspect(answering).stats() or {}
+        sections = {name: (stats.get(name) or {}).get("glyphq") for name in answering}
+        worker_check = {"ok": True, "workers": answering,
+                        "metrics_ports": {name: s.get("metrics_port") if isinstance(s, dict) else None
+                                          for name, s in sections.items()}}
 
         if queue not in MODEL_QUEUES:
             return worker_check, _skipped(f"queue {queue!r} loads no model"), None, answering
 
-        stats = inspect(answering).stats() or {}
         models: dict[str, Any] = {}
         for name in answering:
-            section = (stats.get(name) or {}).get("glyphq")
+            section = sections[name]
             if isinstance(section, dict):
                 models[name] = {k: section.get(k) for k in
                                 ("model", "model_loaded", "device", "gpu", "task_index", "recycles")}

@@ -41,7 +41,6 @@ def read_image_bytes(image: ImageInput, settings: Settings) -> bytes:
 
     A PIL image is stored as a PNG of what a person sees (``producer.pixels.to_rgb``), so any mode works.
     """
-    limit = settings.max_image_bytes
     if isinstance(image, Image.Image):
         data = _png_bytes(image, settings)
     elif isinstance(image, (bytes, bytearray, memoryview)):
@@ -50,16 +49,23 @@ def read_image_bytes(image: ImageInput, settings: Settings) -> bytes:
         path = Path(image)
         if not path.is_file():
             raise InvalidJob("image", f"no such file: {path}")
-        if path.stat().st_size > limit:
-            raise InvalidJob("image", f"is {path.stat().st_size} bytes; the limit is {limit} (GLYPHQ_MAX_IMAGE_BYTES)")
+        check_image_size(path.stat().st_size, settings)
         data = path.read_bytes()
     else:
         raise InvalidJob("image", f"must be a path, bytes or a PIL image, got {type(image).__name__}")
-    if len(data) > limit:
-        raise InvalidJob("image", f"is {len(data)} bytes; the limit is {limit} (GLYPHQ_MAX_IMAGE_BYTES)")
+    check_image_size(len(data), settings)
     if not data:
         raise InvalidJob("image", "is empty")
     return data
+
+
+def check_image_size(size: int, settings: Settings) -> None:
+    """Refuse an encoded image of ``size`` bytes when it is over ``GLYPHQ_MAX_IMAGE_BYTES``.
+
+    A web backend calls it with an upload's size before reading the upload into memory.
+    """
+    if size > settings.max_image_bytes:
+        raise InvalidJob("image", f"is {size} bytes; the limit is {settings.max_image_bytes} (GLYPHQ_MAX_IMAGE_BYTES)")
 
 
 def check_image_bytes(data: bytes, settings: Settings) -> CheckedImage:

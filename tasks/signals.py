@@ -21,6 +21,8 @@ from tasks.app import app
 log = logging.getLogger(__name__)
 
 GPU_QUEUE = "gpu"
+#: Exit status of a worker that stopped because a child could not load its model.
+MODEL_LOAD_FAILED_EXIT = 3
 
 
 @signals.celeryd_after_setup.connect
@@ -44,7 +46,7 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
 
 
 #: The exit status of a worker that refuses to start on a Redis that may evict glyphq's keys.
-EXIT_EVICTING_REDIS = 3
+EXIT_EVICTING_REDIS = 4
 
 
 def refuse_evicting_redis() -> None:
@@ -89,6 +91,24 @@ def _reserve_a_batch(worker: Any) -> None:
     consumer.initial_prefetch_count = max(1, int(worker.concurrency or 1)) * consumer.prefetch_multiplier
 
 
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process, as it stops: let another worker export the queue depth, and when
+    a child could not load the model, exit with ``MODEL_LOAD_FAILED_EXIT`` so that a supervisor sees a
+    failure (the child stops the worker with SIGTERM, whose warm shutdown would exit 0).
+
+    ``sender`` is the ``WorkController``; ``celery worker`` exits with its ``exitcode`` once it stopped.
+    """
+    from worker import metrics, status
+
+    metrics.stop()
+    failure = status.read().get("model_error")
+    if failure and sender is not None:
+        log.critical("stopping with exit code %d: the model could not be loaded (%s)", MODEL_LOAD_FAILED_EXIT,
+                     failure)
+        sender.exitcode = MODEL_LOAD_FAILED_EXIT
+
+
 @signals.worker_process_init.connect
 def _load_in_child(**_: Any) -> None:
     """In each new child: load the model once (CUDA is first touched here, after the fork)."""
@@ -102,11 +122,11 @@ class GlyphqStats(bootsteps.StartStopStep):
     """Adds a ``glyphq`` section to ``celery inspect stats``, and so to Flower's worker page.
 
     It holds what the current child published: model, device, GPU memory allocated, reserved and
-    peak, the child's task index, and recycles so far.
+    peak, the child's task index, and recycles so far; and the port of this worker's ``/metrics``.
     """
 
     def info(self, worker: Any) -> dict[str, Any]:
-        from worker import status
+        from worker import metrics, status
 
         current = status.read()
         children = int(current.get("children", 0))
@@ -121,6 +141,7 @@ class GlyphqStats(bootsteps.StartStopStep):
             "task_index": current.get("task_index"),
             "recycles": max(0, children - 1),
             "recycles_by_reason": current.get("recycles_by_reason") or {},
+            "metrics_port": metrics.port(),
         }}
 
 

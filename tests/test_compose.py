@@ -1,13 +1,22 @@
-"""docker-compose.yml cannot run here (no Docker engine), so its structure is checked instead."""
+"""docker-compose.yml and the Dockerfile. There is no Docker engine here, and the base image cannot be
+pulled, so nothing is built or started: a real compose implementation (``docker-compose config``,
+Debian's package) validates the file, and the rest is checked from the files themselves.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+GLYPHQ_SERVICES = ("worker", "worker-gpu1", "render", "flower")
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +61,97 @@ def test_render_worker_consumes_the_render_queue(compose):
     assert "deploy" not in compose["services"]["render"], "the render worker needs no GPU"
 
 
-def test_flower_requires_basic_auth_from_env(compose):
+def test_flower_alone_requires_basic_auth(compose, tmp_path):
     flower = compose["services"]["flower"]
-    assert flower["command"][:4] == ["celery", "-A", "tasks", "flower"]
-    auth = flower["environment"]["FLOWER_BASIC_AUTH"]
-    assert auth.startswith("${FLOWER_BASIC_AUTH:?"), "compose must refuse to start Flower without auth"
-    assert "--persistent=True" in flower["command"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] is None, "passed on from the caller's environment"
+    for name, service in compose["services"].items():
+        text = yaml.safe_dump(service)
+        assert ":?" not in text, f"{name}: a required variable would block every compose command"
+    # Flower's own command refuses to start without a login (run up to the check, never to Flower).
+    assert flower["command"][:2] == ["sh", "-c"]
+    script = flower["command"][2].replace("$$", "$")
+    assert script.endswith("exec celery -A tasks flower --port=5555 --persistent=True --db=/data/flower.db")
+    for value in (None, ""):
+        env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+        if value is not None:
+            env["FLOWER_BASIC_AUTH"] = value
+        done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30,
+                              cwd=tmp_path)
+        assert done.returncode == 78 and "set FLOWER_BASIC_AUTH=user:password" in done.stderr, done
+
+
+DOCKER_COMPOSE = shutil.which("docker-compose")
+
+
+@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose not installed (apt-get install docker-compose)")
+def test_compose_config_accepts_the_file_with_and_without_flower_auth(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "GLYPHQ_MODEL")}
+    plain = subprocess.run([str(DOCKER_COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config"], env=env,
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    resolved = yaml.safe_load(plain.stdout)
+    assert set(resolved["services"]) == {"redis", *GLYPHQ_SERVICES}
+    assert resolved["services"]["worker"]["environment"]["GLYPHQ_MODEL"] == "zai-org/Glyph"
+    env["FLOWER_BASIC_AUTH"] = "admin:change-me"
+    with_auth = subprocess.run([str(DOCKER_COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config"], env=env,
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert with_auth.returncode == 0, with_auth.stderr
+    assert yaml.safe_load(with_auth.stdout)["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] == \
+        "admin:change-me"
+
+
+def test_one_image_for_every_glyphq_service(compose):
+    for name in GLYPHQ_SERVICES:
+        service = compose["services"][name]
+        assert (service["image"], service["build"]) == ("glyphq:latest", "."), name
+
+
+def _dockerfile_paths(verb: str) -> set[str]:
+    """The absolute paths a ``mkdir -p`` or ``chown`` of the Dockerfile names."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    pattern = r"mkdir -p ([^&\n]+)" if verb == "mkdir" else r"chown \S+ ([^&\n]+)"
+    return {word for match in re.findall(pattern, text) for word in match.split() if word.startswith("/")}
+
+
+def test_image_creates_and_owns_every_path_a_service_writes(compose):
+    written = set()
+    for name in GLYPHQ_SERVICES:
+        service = compose["services"][name]
+        written |= {volume.split(":")[1] for volume in service.get("volumes", [])}
+        env = service.get("environment") or {}
+        written |= {env[k] for k in ("HF_HOME", "GLYPHQ_COMPILE_CACHE_DIR", "GLYPHQ_METRICS_DIR") if k in env}
+        for word in " ".join(service["command"]).split():
+            if word.startswith("--db="):
+                written.add(os.path.dirname(word.removeprefix("--db=")))
+    assert {"/hf-cache", "/compile-cache", "/data"} <= written
+    assert written <= _dockerfile_paths("mkdir"), written - _dockerfile_paths("mkdir")
+    assert written <= _dockerfile_paths("chown"), written - _dockerfile_paths("chown")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.index("chown") < dockerfile.index("USER glyphq")
+
+
+def _dockerignored(name: str) -> bool:
+    """Whether ``.dockerignore`` keeps the top-level entry ``name`` out (Docker's rule: the last match wins)."""
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        if fnmatch.fnmatch(name, line.lstrip("!").rstrip("/")):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_sends_only_what_the_image_copies():
+    copied = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied |= set(line.split()[1:-1])
+    assert {"pyproject.toml", "LICENSE", "producer", "tasks", "worker"} <= copied
+    assert not [name for name in copied if _dockerignored(name)]
+    for name in (".venv", ".demo", ".git", "tests", "bench", "samples", "models"):
+        assert _dockerignored(name), name
 
 
 def test_dockerfile_installs_worker_and_flower():

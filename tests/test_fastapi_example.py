@@ -89,15 +89,31 @@ def test_post_then_poll_until_answered(server, start_worker):
 
 
 def test_refused_job_is_422_with_glyphqs_message(server):
-    empty = post_job(server, png_bytes(seed=71), "   ")
-    assert empty.status_code == 422
-    assert empty.json()["detail"] == "question: must not be empty"
+    for blank in ("", "   "):
+        empty = post_job(server, png_bytes(seed=71), blank)
+        assert empty.status_code == 422, empty.text
+        assert empty.json() == {"detail": "question: must not be empty", "error_type": "InvalidJob"}
+    no_question = httpx.post(f"{server.url}/jobs", files={"image": ("page.png", png_bytes(seed=71), "image/png")},
+                             timeout=30)
+    assert no_question.status_code == 422 and no_question.json()["detail"] == "question: must not be empty"
+    no_image = httpx.post(f"{server.url}/jobs", data={"question": "Where is the image?"}, timeout=30)
+    assert no_image.status_code == 422 and no_image.json()["detail"].startswith("image: is required")
 
     corrupt = post_job(server, b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "Readable?")
     assert corrupt.status_code == 422 and corrupt.json()["detail"].startswith("image: cannot be decoded")
 
     tokens = post_job(server, png_bytes(seed=72), "Too long", max_new_tokens=10**6)
     assert tokens.status_code == 422 and tokens.json()["detail"].startswith("max_new_tokens: must be from 1 to")
+
+
+def test_oversized_upload_is_413_with_its_real_size(server):
+    from celeryconfig import settings
+
+    size = settings.max_image_bytes + 5 * 1024 * 1024
+    response = post_job(server, b"\x89PNG" + b"\x00" * (size - 4), "Too big?")
+    assert response.status_code == 413, response.text
+    assert response.json()["detail"] == (f"image: is {size} bytes; the limit is {settings.max_image_bytes} "
+                                         "(GLYPHQ_MAX_IMAGE_BYTES)")
 
 
 def test_unknown_job_is_404_and_the_server_never_loads_torch(server):
@@ -107,12 +123,17 @@ def test_unknown_job_is_404_and_the_server_never_loads_torch(server):
     assert "libtorch" not in maps
 
 
-def test_unreachable_redis_is_503(tmp_path):
+def test_unreachable_redis_is_a_fast_503(tmp_path):
     down = Server(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "uvicorn-down.log")
     try:
-        response = post_job(down, png_bytes(seed=73), "Anyone there?")
-        assert response.status_code == 503, response.text
-        assert "cannot reach Redis" in response.json()["detail"]
-        assert httpx.get(f"{down.url}/jobs/some-job", timeout=30).status_code == 503
+        for request in (lambda: post_job(down, png_bytes(seed=73), "Anyone there?"),
+                        lambda: httpx.get(f"{down.url}/jobs/some-job", timeout=30)):
+            started = time.monotonic()
+            response = request()
+            elapsed = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert "cannot reach Redis" in response.json()["detail"]
+            assert response.json()["error_type"] == "BrokerUnavailable" and response.headers["Retry-After"]
+            assert elapsed < 1.5, f"503 after {elapsed:.1f} s"
     finally:
         down.stop()

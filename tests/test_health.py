@@ -85,7 +85,8 @@ def test_gpu_worker_with_its_model_loaded_exits_0(start_worker, tiny_model):
     code, report, _ = health("--timeout", "2")
     assert code == 0, report
     assert report["ok"] is True and report["error"] is None
-    assert report["checks"]["worker"] == {"ok": True, "workers": [name]}
+    # GLYPHQ_METRICS_PORT=0 in the tests' workers: no /metrics, so no port.
+    assert report["checks"]["worker"] == {"ok": True, "workers": [name], "metrics_ports": {name: None}}
     model = report["checks"]["model"]
     assert model["ok"] is True and model["loaded_on"] == [name]
     assert model["workers"][name]["model"] == str(tiny_model)

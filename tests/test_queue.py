@@ -16,6 +16,7 @@ from producer import Job, JobFailed, submit
 from producer.schema import ANSWER_TASK
 from producer.store import Store, blob_key
 from tasks.app import app
+from tasks.signals import MODEL_LOAD_FAILED_EXIT
 
 RESULT_FIELDS = {"answer", "model", "tokens_in", "tokens_out", "image_size", "image_size_used", "timings",
                  "gpu", "worker"}
@@ -187,6 +188,9 @@ def test_model_that_cannot_load_stops_the_worker_and_keeps_jobs(start_worker, tm
     except Exception:
         pytest.fail(f"worker still running after its model failed to load:\n{worker.log()[-2000:]}")
     assert "failed to load; stopping the worker, queued jobs stay queued" in worker.log()
+    # A supervisor (systemd, Docker, Kubernetes) sees a failure, not a clean stop.
+    assert worker.proc.returncode == MODEL_LOAD_FAILED_EXIT != 0, worker.log()[-2000:]
+    assert f"exit code {MODEL_LOAD_FAILED_EXIT}: the model could not be loaded" in worker.log()
     assert job.state == "PENDING"
     assert Store(settings).runs(job.id) == 0
     start_worker()

@@ -2,8 +2,15 @@
 
 Children write their samples with prometheus-client's multiprocess mode into a folder that the main
 process makes before forking; the main process serves the sum of all of them, dead children's
-included, plus the queue depths it reads from Redis at scrape time. Call ``serve`` in the main
-process before this module's metrics are used anywhere.
+included. Call ``serve`` in the main process before this module's metrics are used anywhere.
+
+- Each worker serves on the first free port from ``GLYPHQ_METRICS_PORT`` (up to ``PORT_RANGE`` ports
+  on), so several workers on one host never clash; ``port()`` says which (``inspect stats`` shows it).
+- Every family exists from the start, at zero for every known label value, so dashboards and alerts
+  see a series before the first job, recycle or failure.
+- ``glyphq_queue_depth`` is read from Redis at scrape time by one worker only: the one holding a
+  short lease in Redis (taken at scrape, renewed at each scrape, released at shutdown), so a
+  ``sum()`` over workers counts each waiting job once.
 """
 
 from __future__ import annotations
@@ -11,23 +18,73 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 from celeryconfig import Settings
+from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 
 log = logging.getLogger(__name__)
 
 QUEUES = ("gpu", "render")
+#: Label values every worker exports from the start (at zero until they happen).
+TASKS = (ANSWER_TASK, ANSWER_PAGES_TASK, RENDER_TASK)
+JOB_STATES = ("success", "failure", "expired", "revoked")
+RECYCLE_REASONS = ("tasks", "rss", "gpu")
+#: Ports tried from ``GLYPHQ_METRICS_PORT`` on; the first one free is this worker's.
+PORT_RANGE = 16
+#: Redis key naming the worker that exports the queue depth, and how long its lease lasts unrenewed
+#: (longer than Prometheus's default scrape interval of one minute).
+QUEUE_DEPTH_LEASE_KEY = "glyphq:metrics:queue-depth-exporter"
+QUEUE_DEPTH_LEASE_S = 120
 
 _TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
+_port: int | None = None
+_queue_depth: QueueDepthCollector | None = None
 
-def serve(settings: Settings) -> None:
-    """In the worker's main process: prepare multiprocess mode and serve ``/metrics`` on the port."""
-    directory = settings.metrics_dir or tempfile.mkdtemp(prefix="glyphq-metrics-")
+
+def serve(settings: Settings) -> int | None:
+    """In the worker's main process: prepare multiprocess mode, create every family at zero, and serve
+    ``/metrics`` on the first free port from ``GLYPHQ_METRICS_PORT``. Returns that port, or None when
+    metrics are off (port 0) or no port in the range is free."""
+    global _port, _queue_depth
+    if not settings.metrics_port:
+        _use_directory(settings.metrics_dir or tempfile.mkdtemp(prefix="glyphq-metrics-"))
+        return None
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    private_dir = "" if settings.metrics_dir else tempfile.mkdtemp(prefix="glyphq-metrics-")
+    last = min(65535, settings.metrics_port + PORT_RANGE - 1)
+    for port in range(settings.metrics_port, last + 1):
+        # A shared GLYPHQ_METRICS_DIR gets one folder per port: each worker sums its own children only.
+        directory = private_dir or os.path.join(settings.metrics_dir, f"port-{port}")
+        os.makedirs(directory, exist_ok=True)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        collector = QueueDepthCollector(settings, owner=f"{socket.gethostname()}:{port}:{os.getpid()}")
+        registry.register(collector)
+        try:
+            start_http_server(port, registry=registry)
+        except OSError as exc:
+            log.debug("metrics port %s is taken: %s", port, exc)
+            continue
+        _use_directory(directory)
+        _port, _queue_depth = port, collector
+        log.info("serving Prometheus metrics on :%s/metrics", port)
+        return port
+    log.warning("no free metrics port from %s to %s (GLYPHQ_METRICS_PORT); metrics are not served",
+                settings.metrics_port, last)
+    _use_directory(private_dir or tempfile.mkdtemp(prefix="glyphq-metrics-"))
+    return None
+
+
+def _use_directory(directory: str) -> None:
+    """Make ``directory`` the multiprocess folder of this worker and its children, and create every family."""
     os.makedirs(directory, exist_ok=True)
     for stale in glob.glob(os.path.join(directory, "*.db")):  # a previous worker's samples are not ours
         os.remove(stale)
@@ -37,40 +94,85 @@ def serve(settings: Settings) -> None:
     from prometheus_client import values
 
     values.ValueClass = values.get_value_class()
-    if not settings.metrics_port:
-        return
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
+    _create_families()
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
-    registry.register(QueueDepthCollector(settings))
-    try:
-        start_http_server(settings.metrics_port, registry=registry)
-    except OSError as exc:
-        log.warning("cannot serve metrics on port %s: %s", settings.metrics_port, exc)
-        return
-    log.info("serving Prometheus metrics on :%s/metrics", settings.metrics_port)
+
+def _create_families() -> None:
+    """Create every metric and every known label value at zero; children inherit them and count on."""
+    for task in TASKS:
+        for state in JOB_STATES:
+            metric("jobs").labels(task=task, state=state)
+    for reason in RECYCLE_REASONS:
+        metric("recycles").labels(reason=reason)
+    for name in ("queue_wait", "preprocess", "generate", "tokens", "batch_size"):
+        metric(name)
+    gpu_memory(0, 0)
+
+
+def port() -> int | None:
+    """The port this worker serves ``/metrics`` on (None: not served)."""
+    return _port
+
+
+def stop() -> None:
+    """At worker shutdown: hand the queue-depth lease back, so another worker exports it at once."""
+    if _queue_depth is not None:
+        _queue_depth.release()
 
 
 class QueueDepthCollector:
-    """``glyphq_queue_depth{queue}``: messages waiting, summed over Redis's priority sub-queues."""
+    """``glyphq_queue_depth{queue}``: messages waiting, summed over Redis's priority sub-queues.
 
-    def __init__(self, settings: Settings) -> None:
+    Only the worker holding the lease in Redis exports it; the others leave the family out.
+    """
+
+    def __init__(self, settings: Settings, owner: str) -> None:
         self.settings = settings
+        self.owner = owner
+        self._redis: Any = None
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         from producer.store import queue_depths
 
-        family = GaugeMetricFamily("glyphq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
         try:
-            for queue, depth in queue_depths(self.settings, QUEUES).items():
-                family.add_metric([queue], depth)
+            if not self._hold_lease():
+                return
+            depths = queue_depths(self.settings, QUEUES)
         except Exception as exc:  # a scrape must not fail because Redis is briefly away
             log.warning("queue depth unavailable: %s", exc)
+            return
+        family = GaugeMetricFamily("glyphq_queue_depth", "Jobs waiting in the queue", labels=["queue"])
+        for queue in QUEUES:
+            family.add_metric([queue], depths.get(queue, 0))
         yield family
+
+    def _client(self) -> Any:
+        if self._redis is None:
+            from producer.store import settings_client
+
+            self._redis = settings_client(self.settings)
+        return self._redis
+
+    def _hold_lease(self) -> bool:
+        """Take the lease if it is free, renew it if it is ours; False while another worker holds it."""
+        client = self._client()
+        if client.set(QUEUE_DEPTH_LEASE_KEY, self.owner, nx=True, ex=QUEUE_DEPTH_LEASE_S):
+            return True
+        if client.get(QUEUE_DEPTH_LEASE_KEY) == self.owner.encode():
+            client.expire(QUEUE_DEPTH_LEASE_KEY, QUEUE_DEPTH_LEASE_S)
+            return True
+        return False
+
+    def release(self) -> None:
+        """Delete the lease if this worker holds it."""
+        try:
+            client = self._client()
+            if client.get(QUEUE_DEPTH_LEASE_KEY) == self.owner.encode():
+                client.delete(QUEUE_DEPTH_LEASE_KEY)
+        except Exception as exc:  # it expires on its own
+            log.warning("could not release the queue-depth lease: %s", exc)
 
 
 def _metrics() -> dict[str, Any]:

@@ -78,9 +78,11 @@ def init_child() -> None:
     predecessor = handover_from
     try:
         _engine = engine.load(settings)
-    except Exception:
+    except Exception as exc:
         log.critical("model %r failed to load; stopping the worker, queued jobs stay queued", settings.model,
                      exc_info=True)
+        # The parent reads this as it stops, and exits non-zero (tasks.signals).
+        status.publish(model_error=f"{settings.model}: {type(exc).__name__}: {exc}"[:2000])
         os.kill(os.getppid(), signal.SIGTERM)
         raise
     load_s = time.perf_counter() - start

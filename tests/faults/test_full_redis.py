@@ -16,6 +16,7 @@ from conftest import ROOT, WorkerProcess, png_bytes, queued_messages, wait_until
 from PIL import Image
 
 from faults.helpers import tail
+from tasks.signals import EXIT_EVICTING_REDIS
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 #: Random pixels, so the PNG is about 270 KB: a few dozen fill a Redis of a few MB.
@@ -137,7 +138,7 @@ def test_a_redis_that_evicts_keys_is_refused_by_the_worker_and_by_health(fault_r
     if policy == "allkeys-lru":  # one worker start is enough to show the refusal
         worker = worker_on(server, tiny_model, tmp_path / "worker.log")
         try:
-            assert worker.proc.wait(90) == 3, tail(worker)
+            assert worker.proc.wait(90) == EXIT_EVICTING_REDIS, tail(worker)
             assert f"maxmemory-policy is {policy}" in worker.log()
         finally:
             worker.stop()
