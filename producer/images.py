@@ -119,7 +119,8 @@ def _decode(data: bytes, settings: Settings) -> tuple[str, Image.Image]:
         ) from None
     except UnidentifiedImageError:  # its message is the repr of our buffer, which helps nobody
         allowed = ", ".join(settings.image_formats)
-        raise InvalidJob("image", f"is not an image file of a known format; allowed: {allowed}") from None
+        raise InvalidJob("image", f"cannot be decoded: not an image file of a known format (allowed: {allowed})"
+                         ) from None
     except Exception as exc:  # damaged files make Pillow's decoders raise almost anything
         raise InvalidJob("image", f"cannot be decoded: {type(exc).__name__}: {exc}") from None
 

@@ -59,7 +59,7 @@ def test_refusals_exit_2_and_name_the_field(tmp_path):
         (["submit", str(image), "q", "--priority", "12"], "priority: must be an integer from 0 to 9"),
         (["submit", str(tmp_path / "missing.png"), "q"], "image: no such file"),
         (["submit", str(image), "q", "--max-new-tokens", "99999"], "max_new_tokens: must be from 1 to"),
-        (["submit", str(tmp_path / "page.txt"), "q"], "image: is not an image file of a known format"),
+        (["submit", str(tmp_path / "page.txt"), "q"], "image: cannot be decoded: not an image file"),
     ]
     (tmp_path / "page.txt").write_text("not an image")
     for args, message in cases:

@@ -63,7 +63,7 @@ def test_metrics_while_jobs_run_and_across_recycles(start_worker, redis_client):
     port = free_port()
     start_worker(metrics_port=port, max_tasks_per_child=2)
     jobs = [submit(png_bytes(seed=90 + i), "metrics", max_new_tokens=3) for i in range(4)]
-    key = blob_key("12" * 32)
+    key = blob_key(hashlib.sha256(b"not an image").hexdigest())
     redis_client.set(key, b"not an image", ex=600)
     bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu")
     during = _scrape(port)  # while the queue is still being worked

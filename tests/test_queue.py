@@ -62,7 +62,7 @@ def test_corrupt_image_reaching_worker_fails_cleanly(start_worker, redis_client)
     worker = start_worker()
     # Bypass submit's checks, as a buggy or hostile producer would.
     garbage = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
-    key = blob_key("ab" * 32)
+    key = blob_key(hashlib.sha256(garbage).hexdigest())  # its true address: only the decode can fail
     redis_client.set(key, garbage, ex=600)
     bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key, (10, 10))}, queue="gpu")
     with pytest.raises(JobFailed, match="image: cannot be decoded") as info:
