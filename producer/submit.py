@@ -103,7 +103,6 @@ class Job:
             raise JobFailed(self.id, type(outcome).__name__, str(outcome))
         return value  # type: ignore[no-any-return]
 
-
     def _stop_listening(self) -> None:
         """Unsubscribe from the job's result now. Otherwise ``AsyncResult.__del__`` does it while Python
         shuts down, when redis-py can no longer connect, and prints a traceback at exit."""
