@@ -2,8 +2,9 @@
 
 Plain ``generate`` launches a few thousand small kernels per decode step from Python and waits on the
 GPU every step; on a 10B model the GPU mostly idles. Here the prompt is prefilled eagerly, copied into
-a preallocated cache, and then every decode step (embedding, all layers, lm_head, argmax, and the
-bookkeeping for the next step) is one ``CUDAGraph.replay()``. The host looks at the tokens only every
+a preallocated cache, and then every decode step (embedding, all layers, lm_head, the choice of the
+next token with its repetition penalty and thinking budget (``worker.logits``), and the bookkeeping
+for the next step) is one ``CUDAGraph.replay()``. The host looks at the tokens only every
 ``CHECK_EVERY`` steps, to stop once every row has ended.
 
 Shapes are bucketed so steady traffic reuses a few graphs: the batch is padded to a power of two (up
@@ -30,7 +31,9 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from worker.logits import DecodeRules
 from worker.prompts import collate
+from worker.reasoning import ReasoningIds
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,7 @@ class _Graph:
     valid: torch.Tensor  # (B, L) bool: cache slots a row may attend to (its padding is False)
     step: torch.Tensor  # () index into ``history`` of the token being produced
     history: torch.Tensor  # (B, T) generated tokens
+    rules: DecodeRules  # repetition penalty and thinking budget, per row
     graph: torch.cuda.CUDAGraph | None
     run: Any  # the step itself, for CPU (no graph)
     uses: int = 0  # batches decoded with it
@@ -164,7 +168,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model: Any, max_batch: int, max_tokens: int, max_new_tokens: int, pad_id: int,
-                 compile_layers: bool = False) -> None:
+                 compile_layers: bool = False, repetition_penalty: float = 1.0,
+                 reasoning: ReasoningIds | None = None) -> None:
         self.model = model
         self.device = model.device
         self.use_graphs = self.device.type == "cuda"
@@ -173,6 +178,9 @@ class StaticDecoder:
         self.max_tokens = max_tokens
         self.max_new_tokens = max_new_tokens
         self.pad_id = pad_id
+        self.repetition_penalty = repetition_penalty
+        self.reasoning = reasoning
+        self.vocab = model.get_output_embeddings().weight.shape[0]
         model.set_attn_implementation(ATTENTION)
         self.cache = self._allocate(max_batch, max_tokens)
         self.graphs: dict[tuple[int, int], _Graph] = {}
@@ -206,8 +214,10 @@ class StaticDecoder:
     # -- the loop -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, prompts: list[dict[str, Any]], max_new_tokens: int, eos_ids: set[int]) -> torch.Tensor:
-        """Greedy tokens (B, n) after each prompt (processor outputs of one row each); rows stop at ``eos_ids``."""
+    def generate(self, prompts: list[dict[str, Any]], max_new_tokens: int, eos_ids: set[int],
+                 budgets: list[int | None] | None = None) -> torch.Tensor:
+        """Greedy tokens (B, n) after each prompt (processor outputs of one row each); rows stop at ``eos_ids``.
+        ``budgets`` are the rows' thinking budgets (None: none), see ``worker.logits``."""
         batch = len(prompts)
         prompt_lengths = [prompt["input_ids"].shape[1] for prompt in prompts]
         lengths = torch.tensor(prompt_lengths, device=self.device)
@@ -215,6 +225,7 @@ class StaticDecoder:
         rows, length = self.shape_for(batch, prompt_len + max_new_tokens)
         state = self._graph(rows, length)
         state.uses += 1
+        state.rules.start([prompt["input_ids"][0] for prompt in prompts], budgets or [None] * batch)
         first, rope_deltas = self._prefill(prompts, prompt_lengths, state)
 
         state.history[:batch, 0] = first
@@ -246,13 +257,13 @@ class StaticDecoder:
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the prompts (of ``lengths`` tokens) eagerly and put their keys and values into the static
         cache, each prompt ending at the slot of the longest one's last token. Returns each row's first
-        token and the model's rope offsets (or None).
+        token (chosen by ``state.rules``) and the model's rope offsets (or None).
 
         Prompts of similar length run together (:func:`prefill_groups`), so a batch of mixed page sizes
         does not spend its prefill on padding.
         """
         batch, prompt_len = len(prompts), max(lengths)
-        first = torch.empty(batch, dtype=torch.long, device=self.device)
+        last_logits = torch.zeros((state.tokens.shape[0], self.vocab), dtype=torch.float32, device=self.device)
         rope_deltas: torch.Tensor | None = None
         statics: list[Any] = list(state.cache.layers)
         for static in statics:  # slots left of a shorter prompt are padding: make them zeros, not stale values
@@ -262,8 +273,8 @@ class StaticDecoder:
         for group in prefill_groups(lengths):
             inputs = collate([prompts[i] for i in group], self.pad_id)
             rows = torch.tensor(group, device=self.device)
-            group_first, group_deltas, prompt_cache = self._prefill_group(inputs)
-            first[rows] = group_first
+            group_logits, group_deltas, prompt_cache = self._prefill_group(inputs)
+            last_logits[rows] = group_logits.float()
             if group_deltas is not None:
                 if rope_deltas is None:
                     rope_deltas = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
@@ -275,10 +286,10 @@ class StaticDecoder:
             for static, dynamic in zip(statics, list[Any](prompt_cache.layers), strict=True):
                 static.keys[:, :, since:prompt_len].index_copy_(0, rows, dynamic.keys.masked_fill(padding, 0))
                 static.values[:, :, since:prompt_len].index_copy_(0, rows, dynamic.values.masked_fill(padding, 0))
-        return first, rope_deltas
+        return state.rules.choose(last_logits, 0)[:batch], rope_deltas
 
     def _prefill_group(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """One eager prompt pass over a left-padded batch: first tokens, rope offsets (or None), the cache."""
+        """One eager prompt pass over a left-padded batch: last logits, rope offsets (or None), the cache."""
         kwargs = dict(inputs)
         wrapper: Any = getattr(self.model, "model", None)
         keeps_offsets = getattr(wrapper, "rope_deltas", "absent") != "absent"
@@ -291,7 +302,7 @@ class StaticDecoder:
         with torch.compiler.set_stance("force_eager"):  # compiled layers are for the decode steps only
             out = self.model(**kwargs, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
         deltas = wrapper.rope_deltas if keeps_offsets else None
-        return out.logits[:, -1].argmax(dim=-1), deltas, prompt_cache
+        return out.logits[:, -1], deltas, prompt_cache
 
     # -- graphs ---------------------------------------------------------------------------------
 
@@ -345,6 +356,7 @@ class StaticDecoder:
         history = torch.full((rows, self.max_new_tokens + 1), self.pad_id, dtype=torch.long, device=device)
         slots = torch.arange(length, device=device)
         written = cache.layers[0].cumulative_length
+        rules = DecodeRules(rows, self.vocab, device, self.repetition_penalty, self.reasoning)
 
         in_order = cache.update if self.compiled else None
 
@@ -354,7 +366,7 @@ class StaticDecoder:
             attend = (valid & (slots <= written))[:, None, None, :]
             out = self.model(input_ids=tokens, position_ids=positions, attention_mask=attend,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
-            chosen = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            chosen = rules.choose(out.logits[:, -1], step)[:, None]
             history.index_copy_(1, step.view(1), chosen)
             tokens.copy_(chosen)
             positions.add_(1)
@@ -371,7 +383,7 @@ class StaticDecoder:
         if self.use_graphs:
             graph = self._capture(run)
             cache.reset()
-        state = _Graph(cache, tokens, positions, valid, step, history, graph, run)
+        state = _Graph(cache, tokens, positions, valid, step, history, rules, graph, run)
         self.graphs[(rows, length)] = state
         if self.compiled:
             # Compiling leaves many long-lived objects; keep them out of each job's gc.collect(), as the
