@@ -7,12 +7,12 @@
 2. In this process, ``worker.engine.load`` at default settings, then three static decoders side by
    side on the same weights: ``old`` (greedy argmax, as at 8db4e12), ``budget`` (the thinking budget's
    ops, penalty 1.0) and ``new`` (the engine's own: penalty 1.1 and budget, the defaults). For each,
-   at batch 1 and the default batch, over the cache bucket of the old default (256 new tokens after a
-   1280x720 page: 2,048 slots) and of the new one (8,192: 16,384 slots), and the full cache for the
-   new decoder: one decode step's milliseconds, timed over 128 replays of its CUDA graph, best of 3
-   interleaved rounds.
-3. GPU memory: weights, the static cache at the defaults, the peak of a batch of 16 one-page jobs and
-   of one 40-page document, and whether two children (a hand-over) fit on the card.
+   at batch 1 and the default batch, over the cache bucket a default job starts in (room for 512 new
+   tokens after a 1280x720 page: 2,048 slots, also the old default's bucket) and the one it ends in
+   after 8,192 new tokens (16,384 slots), and the full cache for the new decoder: one decode step's
+   milliseconds, timed over 128 replays of its CUDA graph, best of 3 interleaved rounds.
+3. First, in that engine alone: GPU memory: weights, the static cache at the defaults, the peak of a
+   batch of 16 one-page jobs and of one 40-page document, and whether two children (a hand-over) fit.
 4. A real redis-server and ``celery -A tasks worker`` at default settings: a warm-up batch, then
    ``--jobs`` page jobs of 1,024 new tokens with no thinking budget and the same again with the
    default one (768 for 1,024 new tokens). Random weights never close their reasoning, so every
@@ -102,40 +102,12 @@ def in_process(args: argparse.Namespace, figures: dict) -> None:
     prompts = [engine.process(job, [image])]
     figures["prompt_tokens"] = prompts[0]["input_ids"].shape[1]
 
-    side = {"max_batch": settings.max_batch, "max_tokens": 16384, "max_new_tokens": settings.max_new_tokens_limit,
-            "pad_id": engine.pad_id, "compile_layers": engine.decoder.compiled}
-    decoders = {"old": StaticDecoder(engine.model, **side),
-                "budget": StaticDecoder(engine.model, **side, reasoning=engine.reasoning),
-                "new": engine.decoder}
-    start = time.perf_counter()
-    step_ms(engine.decoder, prompts, 1, 8)  # compiles the layers for batch 1
-    figures["first_compile_s"] = round(time.perf_counter() - start, 1)
-    cases = [(name, rows, tokens) for name in decoders for rows in (1, settings.max_batch)
-             for tokens in (OLD_DEFAULT_NEW_TOKENS, settings.default_max_new_tokens)]
-    cases.append(("new", settings.max_batch, None))  # the whole cache: the longest document
-    best: dict[str, float] = {}
-    for _round in range(3):
-        for name, rows, tokens in cases:
-            key = f"{name}_b{rows}_" + (f"new{tokens}" if tokens else "full_cache")
-            best[key] = min(best.get(key, 1e9), step_ms(decoders[name], prompts, rows, tokens))
-    figures["step_ms"] = {key: round(value, 3) for key, value in best.items()}
+    # Memory first, in this engine alone: weights, the default cache, a batch's peak.
     b = settings.max_batch
-    new = settings.default_max_new_tokens
-    figures["decode_ms_per_step_b1"] = figures["step_ms"][f"new_b1_new{new}"]
-    figures[f"decode_ms_per_step_b{b}"] = figures["step_ms"][f"new_b{b}_new{new}"]
-    for rows in (1, b):
-        on, off = best[f"new_b{rows}_new{new}"], best[f"budget_b{rows}_new{new}"]
-        figures[f"penalty_cost_pct_b{rows}"] = round((on - off) / off * 100, 2)
-        old = best[f"old_b{rows}_new{new}"]
-        figures[f"budget_cost_pct_b{rows}"] = round((off - old) / old * 100, 2)
-    print("steps:", json.dumps(figures["step_ms"]), flush=True)
-    del decoders["old"], decoders["budget"]
-    gc.collect()
-    torch.cuda.empty_cache()
-
-    # Memory: a full batch of one-page jobs, and the longest document the defaults allow.
     memory.reset_peak(engine.device)
+    start = time.perf_counter()
     engine.answer([EngineJob([image], "What is the total?", 16) for _ in range(b)], settings.max_image_size)
+    figures["first_batch_s"] = round(time.perf_counter() - start, 1)  # compiles the layers, captures
     figures["peak_gb_batch_of_pages"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
     engine.cleanup()
     a4 = Image.new("RGB", (595, 842), "white")
@@ -154,6 +126,38 @@ def in_process(args: argparse.Namespace, figures: dict) -> None:
     figures["two_children_gb"] = round(2 * child, 1)
     figures["two_children_fit"] = 2 * child < figures["gpu_total_gb"]
     figures["room_for_a_successor"] = memory.room_for_a_successor(engine.device)
+
+    side = {"max_batch": settings.max_batch, "max_tokens": 16384, "max_new_tokens": settings.max_new_tokens_limit,
+            "pad_id": engine.pad_id, "compile_layers": engine.decoder.compiled}
+    decoders = {"old": StaticDecoder(engine.model, **side),
+                "budget": StaticDecoder(engine.model, **side, reasoning=engine.reasoning),
+                "new": engine.decoder}
+    step_ms(engine.decoder, prompts, 1, 8)  # compiles the layers for batch 1
+    cases = [(name, rows, tokens) for name in decoders for rows in (1, settings.max_batch)
+             for tokens in (OLD_DEFAULT_NEW_TOKENS, settings.default_max_new_tokens)]
+    cases.append(("new", settings.max_batch, None))  # the whole cache: the longest document
+    best: dict[str, float] = {}
+    for _round in range(3):
+        for name, rows, tokens in cases:
+            key = f"{name}_b{rows}_" + (f"new{tokens}" if tokens else "full_cache")
+            best[key] = min(best.get(key, 1e9), step_ms(decoders[name], prompts, rows, tokens))
+    figures["step_ms"] = {key: round(value, 3) for key, value in best.items()}
+    figures["cache_slots"] = {f"new{tokens}": engine.decoder.shape_for(1, figures["prompt_tokens"] + tokens)[1]
+                              for tokens in (OLD_DEFAULT_NEW_TOKENS, settings.default_max_new_tokens)}
+    figures["start_cache_slots"] = engine.decoder.lengths_for(figures["prompt_tokens"], settings.default_max_new_tokens)
+    # A default job starts in the short bucket (room for START_NEW_TOKENS) and grows: its first
+    # tokens cost the short step, tokens past ~8k the long one.
+    short, long = f"new{OLD_DEFAULT_NEW_TOKENS}", f"new{settings.default_max_new_tokens}"
+    figures["decode_ms_per_step_b1"] = figures["step_ms"][f"new_b1_{short}"]
+    figures[f"decode_ms_per_step_b{b}"] = figures["step_ms"][f"new_b{b}_{short}"]
+    figures["decode_ms_per_step_b1_long_bucket"] = figures["step_ms"][f"new_b1_{long}"]
+    figures[f"decode_ms_per_step_b{b}_long_bucket"] = figures["step_ms"][f"new_b{b}_{long}"]
+    for rows in (1, b):
+        for label in (short, long):
+            on, off, old = (best[f"{name}_b{rows}_{label}"] for name in ("new", "budget", "old"))
+            figures[f"penalty_cost_pct_b{rows}_{label}"] = round((on - off) / off * 100, 2)
+            figures[f"budget_cost_pct_b{rows}_{label}"] = round((off - old) / old * 100, 2)
+    print("steps:", json.dumps(figures["step_ms"]), flush=True)
 
 
 def through_queue(args: argparse.Namespace, figures: dict) -> None:
@@ -219,8 +223,10 @@ def main() -> int:
             through_queue(args, figures)
     finally:
         (out / "h200_glyph.json").write_text(json.dumps(figures, indent=2))
-    keys = ["decode_ms_per_step_b1", f"decode_ms_per_step_b{figures.get('max_batch')}", "penalty_cost_pct_b1",
-            f"penalty_cost_pct_b{figures.get('max_batch')}", "budget_cost_pct_b1", "static_cache_gb", "weights_gb",
+    b = figures.get("max_batch")
+    keys = ["decode_ms_per_step_b1", f"decode_ms_per_step_b{b}", "decode_ms_per_step_b1_long_bucket",
+            f"decode_ms_per_step_b{b}_long_bucket", "penalty_cost_pct_b1_new256", f"penalty_cost_pct_b{b}_new256",
+            "penalty_cost_pct_b1_new8192", f"penalty_cost_pct_b{b}_new8192", "static_cache_gb", "weights_gb",
             "peak_gb_batch_of_pages", "peak_gb_document", "two_children_gb", "gpu_total_gb", "two_children_fit"]
     print("\nGlyph's decoding on the H200 (glyph-9b, bf16, default settings)")
     for key in keys:

@@ -167,6 +167,24 @@ def test_repetition_penalty_same_in_static_and_generate(tiny_model):
     assert [r.token_ids for r in unpenalized.answer(jobs, (1280, 720))] != expected
 
 
+def test_static_decoding_grows_into_longer_buckets(endless_model, monkeypatch):
+    """A batch starts in a short cache bucket and moves to longer ones as it grows, with generate's tokens."""
+    from worker import decode
+
+    monkeypatch.setattr(decode, "START_NEW_TOKENS", 16)
+    env = {"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "2", "GLYPHQ_DECODE_MAX_TOKENS": "1024"}
+    plain = load(settings.__class__.from_env({**env, "GLYPHQ_DECODE": "generate"}))
+    static = load(settings.__class__.from_env({**env, "GLYPHQ_DECODE": "static"}))
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(seed=40 + i)))], question=QUESTIONS[i],
+                      max_new_tokens=300) for i in range(2)]
+    prompt_len = max(r.tokens_in for r in plain.answer(jobs, (1280, 720)))
+    assert static.decoder.lengths_for(prompt_len, 300) == [256, 512]
+    expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
+    assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
+    assert [len(ids) for ids in expected] == [300, 300]
+    assert {(2, 256), (2, 512)} <= set(static.decoder.graphs)
+
+
 def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):
     """A successor captures its predecessor's decode steps before it takes jobs (``StaticDecoder.warm``)."""
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))

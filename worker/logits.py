@@ -51,6 +51,13 @@ class DecodeRules:
         self.closed.zero_()
         self.forced.zero_()
 
+    def copy_(self, other: DecodeRules) -> None:
+        """Take over ``other``'s state (same rows and vocabulary), as a batch moves to a longer bucket."""
+        if self.seen is not None and other.seen is not None:
+            self.seen.copy_(other.seen)
+        for mine, theirs in ((self.budget, other.budget), (self.closed, other.closed), (self.forced, other.forced)):
+            mine.copy_(theirs)
+
     def choose(self, logits: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
         """Each row's next token (rows,), given its logits (rows, vocab) for new token number ``index``."""
         scores = logits.float()
