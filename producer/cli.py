@@ -1,8 +1,10 @@
 """The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
 
 Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input), 3 not finished yet, 4 Redis
-unreachable, 5 the queue is full. ``health``: 0 healthy, 1 not. ``batch``: 0 every line done, 1 some line
-failed, bad or unfinished, 2 usage error, 4 Redis unreachable, 130 interrupted (rerun to resume).
+unreachable, 5 the queue is full. ``health``: 0 healthy, 1 not. ``check-model``: 0 the parser knows
+the model's format (or it has none), 1 it has reasoning tags the parser does not recognise. ``batch``: 0
+every line done, 1 some line failed, bad or unfinished, 2 usage error, 4 Redis unreachable, 130
+interrupted (rerun to resume).
 """
 
 from __future__ import annotations
