@@ -1,9 +1,9 @@
 """``glyphq batch``: run a JSON Lines file of image + question jobs through the queue, resumably.
 
 Each input line is an object ``{"image": path, "question": str, "id"?: str|int, "max_new_tokens"?: int,
-"priority"?: int}``; image paths are relative to the input file's folder. At most ``window`` jobs are in
-flight at once. Results are appended to the output as they finish, one JSON object per line, written
-with a single ``write`` and fsync'd, so a kill leaves whole lines only:
+"priority"?: int, "thinking_budget"?: int}``; image paths are relative to the input file's folder. At
+most ``window`` jobs are in flight at once. Results are appended to the output as they finish, one
+JSON object per line, written with a single ``write`` and fsync'd, so a kill leaves whole lines only:
 
     {"id": ..., "job_id": ..., "line": N, "ok": true, "result": {...}}
     {"id": ..., "job_id": ..., "line": N, "ok": false, "error_type": ..., "error": ...}
@@ -46,7 +46,7 @@ from producer.submit import LOST_CHECK_S
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 32
-FIELDS = ("image", "question", "id", "max_new_tokens", "priority")
+FIELDS = ("image", "question", "id", "max_new_tokens", "priority", "thinking_budget")
 #: How long the broker may stay unreachable mid-batch before the batch stops (exit 4); rerun to go on.
 BROKER_GRACE_S = 300.0
 #: Pause before submitting again after QueueFull or a broker error.
@@ -70,6 +70,7 @@ class Item:
     question: Any
     max_new_tokens: Any = None
     priority: Any = None
+    thinking_budget: Any = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
         item_id = str(raw_id)
     return Item(line=number, id=item_id, job_id=job_id_for(prefix, item_id), image=base / image,
                 question=data["question"], max_new_tokens=data.get("max_new_tokens"),
-                priority=data.get("priority"))
+                priority=data.get("priority"), thinking_budget=data.get("thinking_budget"))
 
 
 _RECORD_START = b'{"id":'
@@ -449,7 +450,8 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
                     try:
                         with stop.protected():
                             job = submit(item.image, item.question, max_new_tokens=item.max_new_tokens,
-                                         priority=item.priority, job_id=item.job_id, settings=cfg)
+                                         thinking_budget=item.thinking_budget, priority=item.priority,
+                                         job_id=item.job_id, settings=cfg)
                     except InvalidJob as exc:
                         held = None
                         bad = BadLine(item.line, str(exc))

@@ -3,8 +3,9 @@
 Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input), 3 not finished yet, 4 Redis
 unreachable, 5 the queue is full, 6 Redis is full (maxmemory), 7 no such job (never submitted, expired or
 lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
-``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error, 4 Redis unreachable,
-8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
+``check-model``: 0 the parser knows the model's format (or it has none), 1 it has reasoning tags the parser
+does not recognise. ``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error,
+4 Redis unreachable, 8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _wait(job: Job, timeout: float | None) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit one image + question job; with --wait, print its result."""
     job = submit(args.image, args.question, max_new_tokens=args.max_new_tokens, priority=args.priority,
-                 session=args.session, job_id=args.job_id, deadline=args.deadline)
+                 session=args.session, job_id=args.job_id, deadline=args.deadline,
+                 thinking_budget=args.thinking_budget)
     if args.wait:
         return _wait(job, args.timeout)
     _print({"job_id": job.id, "state": job.state})
@@ -76,7 +78,8 @@ def cmd_ask_doc(args: argparse.Namespace) -> int:
 
     text = _read_text(args.file)
     job = submit_document(text, args.question, render=args.render_config, max_new_tokens=args.max_new_tokens,
-                          priority=args.priority, session=args.session, job_id=args.job_id, deadline=args.deadline)
+                          priority=args.priority, session=args.session, job_id=args.job_id, deadline=args.deadline,
+                          thinking_budget=args.thinking_budget)
     if args.wait:
         return _wait(job, args.timeout)
     _print({"job_id": job.id, "state": job.state})
@@ -135,6 +138,24 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_UNAVAILABLE if report.broker_unreachable else EXIT_FAILED
 
 
+def cmd_check_model(args: argparse.Namespace) -> int:
+    """Print how glyphq will talk to a model: its chat template, end and reasoning tokens, eos set,
+    pixel limits, and whether the answer parser knows its format. Loads no weights."""
+    try:
+        from worker.check import check_model
+    except ImportError as exc:  # a producer install has no transformers
+        message = f"needs the worker extra (pip install 'glyphq[worker]'): {exc}"
+        _print({"ok": False, "error_type": "ImportError", "error": message})
+        print(f"glyphq check-model: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        report = check_model(args.model)
+    except (OSError, ValueError) as exc:  # no such model, or files transformers cannot read
+        raise InvalidJob("model", f"cannot read {args.model!r}: {exc}") from None
+    _print(report)
+    return EXIT_OK if report["parser"]["recognised"] or report["format"] == "plain" else EXIT_FAILED
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     """Run a JSON Lines file of jobs with a bounded window; resumable. Prints a summary."""
     from producer.batch import run_batch
@@ -151,6 +172,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent)")
     p.add_argument("--session", help="make the job a turn of this conversation")
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--thinking-budget", type=int,
+                   help="new tokens of reasoning before the model must answer (0: none; GLYPHQ_THINKING_BUDGET)")
     p.add_argument("--job-id", help="your own id; submitting the same id again runs it once")
     p.add_argument("--deadline", type=float, help="seconds by which the job must start, or it never runs")
 
@@ -205,8 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-only", action="store_true", help="check only that Redis answers")
     p.set_defaults(func=cmd_health)
 
+    p = sub.add_parser("check-model", help="check a downloaded model's template and tokens (loads no weights)")
+    p.add_argument("model", help="hub id (from the local cache) or local path, as GLYPHQ_MODEL")
+    p.set_defaults(func=cmd_check_model)
+
     p = sub.add_parser("batch", help="run a JSON Lines file of jobs, resumably; results go to --out")
-    p.add_argument("file", help='JSON Lines: {"image": path, "question": ..., "id"?, "max_new_tokens"?, "priority"?}')
+    p.add_argument("file", help='JSON Lines: {"image": path, "question": ..., "id"?, "max_new_tokens"?, "priority"?, '
+                                '"thinking_budget"?}')
     p.add_argument("--out", required=True, help="results file (JSON Lines, appended; ids already in it are skipped)")
     p.add_argument("--window", type=int, default=32, help="most jobs in flight at once (default 32)")
     p.add_argument("--timeout", type=float, help="most seconds to wait for one job (default: no limit)")

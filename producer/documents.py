@@ -26,6 +26,7 @@ from producer.validation import (
     check_max_new_tokens,
     check_priority,
     check_question,
+    check_thinking_budget,
     check_unicode_text,
 )
 from tasks.app import app
@@ -83,6 +84,7 @@ def submit_document(
     *,
     render: Mapping[str, Any] | str | Path | None = None,
     max_new_tokens: int | None = None,
+    thinking_budget: int | None = None,
     priority: int | None = None,
     session: str | None = None,
     job_id: str | None = None,
@@ -92,8 +94,9 @@ def submit_document(
     """Enqueue a question about a long text; it is rendered into pages on the ``render`` queue first.
 
     ``render`` overrides Glyph's rendering settings (its ``config_en.json`` keys, e.g. ``{"dpi": 96}``),
-    as a mapping or a JSON file. The result adds ``pages``, ``text_tokens``, ``vision_tokens`` and
-    ``compression`` (text tokens per vision token) to the fields of an image job. A text that renders
+    as a mapping or a JSON file. ``thinking_budget`` is as in ``submit``. The result adds ``pages``,
+    ``text_tokens``, ``vision_tokens`` and ``compression`` (text tokens per vision token) to the fields
+    of an image job. A text that renders
     to more than ``GLYPHQ_MAX_PAGES`` pages fails with ``InvalidJob``.
     """
     cfg = settings or default_settings
@@ -101,6 +104,7 @@ def submit_document(
     question = check_question(question, cfg)
     overrides = check_render(render)
     max_new_tokens = check_max_new_tokens(max_new_tokens, cfg)
+    thinking_budget = check_thinking_budget(thinking_budget, max_new_tokens, cfg)
     priority = check_priority(priority, cfg)
     session = check_identifier("session", session)
     job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
@@ -110,7 +114,8 @@ def submit_document(
     def send(key: str) -> None:
         request = RenderRequest(text_key=key, text_chars=len(text), render=overrides)
         job = JobMessage(image_keys=(), image_sizes=(), image_bytes=0, question=question,
-                         max_new_tokens=max_new_tokens, session=session, submitted_at=time.time(), text_key=key)
+                         max_new_tokens=max_new_tokens, session=session, submitted_at=time.time(), text_key=key,
+                         thinking_budget=thinking_budget)
         chain(
             app.signature(RENDER_TASK, kwargs={"request": request.to_dict(), "job_id": job_id}, queue="render",
                           priority=celery_priority(priority), expires=expires).set(task_id=f"{job_id}.render"),

@@ -9,7 +9,7 @@ from typing import Any
 from celeryconfig import Settings
 from producer.errors import InvalidJob
 from producer.store import Store, check_blob_key
-from producer.validation import check_identifier, check_max_new_tokens, check_question
+from producer.validation import check_identifier, check_max_new_tokens, check_question, check_thinking_budget
 
 ANSWER_TASK = "glyphq.answer"
 ANSWER_PAGES_TASK = "glyphq.answer_pages"
@@ -76,6 +76,7 @@ class JobMessage:
     submitted_at: float
     text_key: str | None = None  # a document's text, kept to count its tokens
     render_s: float | None = None
+    thinking_budget: int = 0  # new tokens of reasoning before the answer is due; 0: no budget
     version: int = MESSAGE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,12 +114,14 @@ class JobMessage:
             raise InvalidJob("image_sizes", f"must give [width, height] in pixels for each image, got {sizes!r}")
         text_key = data.get("text_key")
         render_s = data.get("render_s")
+        max_new_tokens = check_max_new_tokens(data.get("max_new_tokens"), settings)
         return cls(
             image_keys=tuple(check_blob_key("image_keys", k) for k in keys),
             image_sizes=tuple((s[0], s[1]) for s in sizes),
             image_bytes=_check_int("image_bytes", data.get("image_bytes")),
             question=check_question(data.get("question"), settings),
-            max_new_tokens=check_max_new_tokens(data.get("max_new_tokens"), settings),
+            max_new_tokens=max_new_tokens,
+            thinking_budget=check_thinking_budget(data.get("thinking_budget"), max_new_tokens, settings),
             session=check_identifier("session", data.get("session")),
             submitted_at=_check_time("submitted_at", data.get("submitted_at")),
             text_key=None if text_key is None else check_blob_key("text_key", text_key),

@@ -28,6 +28,7 @@ from producer.validation import (
     check_max_new_tokens,
     check_priority,
     check_question,
+    check_thinking_budget,
 )
 from tasks.app import app
 
@@ -115,6 +116,7 @@ def submit(
     question: str,
     *,
     max_new_tokens: int | None = None,
+    thinking_budget: int | None = None,
     priority: int | None = None,
     session: str | None = None,
     job_id: str | None = None,
@@ -124,7 +126,9 @@ def submit(
     """Enqueue an image + question job for the GPU worker and return its ``Job``.
 
     ``image`` is a path, encoded bytes or a PIL image. ``priority`` runs from 0 to 9 (9 most urgent).
-    ``session`` makes the job a turn in a stored conversation. Submitting an existing ``job_id``
+    ``session`` makes the job a turn in a stored conversation. A reasoning model (Glyph) that has
+    written ``thinking_budget`` new tokens without ending its reasoning is made to answer (0: no
+    budget; default ``GLYPHQ_THINKING_BUDGET``). Submitting an existing ``job_id``
     again returns the same job without enqueuing it twice. A job not started within ``deadline``
     seconds never runs; its state becomes EXPIRED.
 
@@ -135,6 +139,7 @@ def submit(
     cfg = settings or default_settings
     question = check_question(question, cfg)
     max_new_tokens = check_max_new_tokens(max_new_tokens, cfg)
+    thinking_budget = check_thinking_budget(thinking_budget, max_new_tokens, cfg)
     priority = check_priority(priority, cfg)
     session = check_identifier("session", session)
     job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
@@ -150,6 +155,7 @@ def submit(
             max_new_tokens=max_new_tokens,
             session=session,
             submitted_at=time.time(),
+            thinking_budget=thinking_budget,
         )
         app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=job_id, queue="gpu",
                       priority=celery_priority(priority), kwargsrepr=message.summary(), expires=expires)

@@ -101,3 +101,20 @@ def check_deadline(value: object) -> float | None:
         raise InvalidJob("deadline", f"must be seconds from now, more than 0 and at most {MAX_DEADLINE_S}, "
                                      f"got {value!r}")
     return float(value)
+
+
+def check_thinking_budget(value: object, max_new_tokens: int, settings: Settings) -> int:
+    """A job's thinking budget in new tokens (0: none), checked against its ``max_new_tokens``.
+
+    None means ``GLYPHQ_THINKING_BUDGET``; when that leaves no room for an answer within the job's
+    ``max_new_tokens``, the budget is three quarters of them instead.
+    """
+    if value is None:
+        default = settings.thinking_budget
+        return default if default < max_new_tokens else max_new_tokens * 3 // 4
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidJob("thinking_budget", f"must be a non-negative integer (0: no budget), got {value!r}")
+    if value >= max_new_tokens:
+        raise InvalidJob("thinking_budget", f"must be less than max_new_tokens ({max_new_tokens}), which leaves "
+                                            f"room for the answer, or 0 for no budget; got {value}")
+    return value

@@ -77,6 +77,9 @@ def pytest_configure(config: pytest.Config) -> None:
     _session_redis.start()
     os.environ["GLYPHQ_BROKER_URL"] = _session_redis.url
     os.environ.pop("GLYPHQ_RESULT_BACKEND", None)
+    # The tiny random models rarely end a turn: keep the answers of jobs that set no max_new_tokens
+    # short (the default, 8,192, is sized for Glyph's reasoning). Tests of the defaults read Settings.from_env({}).
+    os.environ.setdefault("GLYPHQ_DEFAULT_MAX_NEW_TOKENS", "256")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -150,6 +150,41 @@ def test_static_decoding_equals_generate(tiny_model):
     assert set(static.decoder.graphs) == {(1, 256), (4, 256)}, "batch and cache length are bucketed"
 
 
+def test_repetition_penalty_same_in_static_and_generate(tiny_model):
+    """GLYPHQ_REPETITION_PENALTY changes what the model writes, and the static decoder (its step as the
+    CUDA graph runs it) writes the same tokens as generate, batched and alone."""
+    env = {"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_MAX_BATCH": "4", "GLYPHQ_DECODE_MAX_TOKENS": "512",
+           "GLYPHQ_REPETITION_PENALTY": "1.3"}
+    plain = load(settings.__class__.from_env({**env, "GLYPHQ_DECODE": "generate"}))
+    static = load(settings.__class__.from_env({**env, "GLYPHQ_DECODE": "static"}))
+    unpenalized = load(settings.__class__.from_env({**env, "GLYPHQ_DECODE": "generate",
+                                                    "GLYPHQ_REPETITION_PENALTY": "1.0"}))
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(size=(200 + 60 * i, 150 + 30 * i), seed=30 + i)))],
+                      question=QUESTIONS[i], max_new_tokens=24) for i in range(3)]
+    expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
+    assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
+    assert [static.answer([job], (1280, 720))[0].token_ids for job in jobs] == expected
+    assert [r.token_ids for r in unpenalized.answer(jobs, (1280, 720))] != expected
+
+
+def test_static_decoding_grows_into_longer_buckets(endless_model, monkeypatch):
+    """A batch starts in a short cache bucket and moves to longer ones as it grows, with generate's tokens."""
+    from worker import decode
+
+    monkeypatch.setattr(decode, "START_NEW_TOKENS", 16)
+    env = {"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "2", "GLYPHQ_DECODE_MAX_TOKENS": "1024"}
+    plain = load(settings.__class__.from_env({**env, "GLYPHQ_DECODE": "generate"}))
+    static = load(settings.__class__.from_env({**env, "GLYPHQ_DECODE": "static"}))
+    jobs = [EngineJob(images=[Image.open(io.BytesIO(png_bytes(seed=40 + i)))], question=QUESTIONS[i],
+                      max_new_tokens=300) for i in range(2)]
+    prompt_len = max(r.tokens_in for r in plain.answer(jobs, (1280, 720)))
+    assert static.decoder.lengths_for(prompt_len, 300) == [256, 512]
+    expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
+    assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
+    assert [len(ids) for ids in expected] == [300, 300]
+    assert {(2, 256), (2, 512)} <= set(static.decoder.graphs)
+
+
 def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):
     """A successor captures its predecessor's decode steps before it takes jobs (``StaticDecoder.warm``)."""
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
@@ -186,7 +221,8 @@ def test_compiled_static_decoding_equals_generate(tiny_model):
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
     compiled = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
     compiled.decoder = StaticDecoder(compiled.model, max_batch=4, max_tokens=512, max_new_tokens=64,
-                                     pad_id=compiled.pad_id, compile_layers=True)
+                                     pad_id=compiled.pad_id, compile_layers=True,
+                                     repetition_penalty=compiled.repetition_penalty)
     assert compiled.decoder.compiled
     torch._dynamo.reset()
     counters.clear()

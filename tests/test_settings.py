@@ -41,6 +41,8 @@ def test_result_backend_defaults_to_broker():
         ({"GLYPHQ_MAX_BATCH": "0"}, "GLYPHQ_MAX_BATCH=0: must be at least 1"),
         ({"GLYPHQ_RECYCLE_OVERLAP_S": "-5"}, "GLYPHQ_RECYCLE_OVERLAP_S=-5: must be at least 0"),
         ({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_SOFT_TIME_LIMIT": "200"}, "must not exceed GLYPHQ_TIME_LIMIT"),
+        ({"GLYPHQ_REPETITION_PENALTY": "0.9"}, "GLYPHQ_REPETITION_PENALTY=0.9: must be from 1.0 to 2.0"),
+        ({"GLYPHQ_REPETITION_PENALTY": "strong"}, "GLYPHQ_REPETITION_PENALTY='strong': expected a number"),
     ],
 )
 def test_bad_values_are_refused(env, message):

@@ -15,14 +15,15 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.utils import logging as hf_logging
 
 from celeryconfig import Settings
-from worker import memory
+from worker import memory, reasoning
 from worker.errors import ModelError
 from worker.images import Box, fit_image, processor_min_side, smaller_box
+from worker.logits import DecodeRules, RulesProcessor
 from worker.prompts import collate
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class EngineJob:
     question: str
     max_new_tokens: int
     history: list[dict[str, str]] = field(default_factory=list)
+    thinking_budget: int | None = None  # new tokens of reasoning before </think> is fed (worker.logits)
+    document: bool = False  # the images are a rendered document's pages
 
 
 @dataclass
@@ -51,16 +54,31 @@ class EngineResult:
     generate_s: float
     batch_size: int = 1
     token_ids: list[int] = field(default_factory=list)
+    reasoning: str | None = None
+    finish_reason: str = "stop"  # "stop": the model ended its turn; "length": max_new_tokens cut it
+    thinking_tokens: int = 0
+    thinking_budget_hit: bool = False
 
 
-def build_messages(question: str, history: list[dict[str, str]], images: int = 1) -> list[dict[str, Any]]:
-    """Chat messages for the processor's template: earlier turns as text, then the images and question."""
+#: How a document question is put after its pages, after the pattern of Glyph's LongBench prompts.
+DOCUMENT_PROMPT = ("The document is shown in the images above.\n\nAnswer the question about the document.\n\n"
+                   "Question: {question}")
+
+
+def build_messages(question: str, history: list[dict[str, str]], images: int = 1,
+                   document: bool = False) -> list[dict[str, Any]]:
+    """Chat messages for the processor's template: earlier turns as text, then the images and question.
+
+    An earlier answer is a plain string: GLM-4.1V's template prints an assistant's content as it is, so
+    a list of parts would reach the prompt as its Python repr. A document's pages come first, then
+    its question (``DOCUMENT_PROMPT``).
+    """
     messages: list[dict[str, Any]] = []
     for turn in history:
         messages.append({"role": "user", "content": [{"type": "text", "text": turn["question"]}]})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
+        messages.append({"role": "assistant", "content": turn["answer"]})
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
-    content.append({"type": "text", "text": question})
+    content.append({"type": "text", "text": DOCUMENT_PROMPT.format(question=question) if document else question})
     messages.append({"role": "user", "content": content})
     return messages
 
@@ -68,16 +86,20 @@ def build_messages(question: str, history: list[dict[str, str]], images: int = 1
 class Engine:
     """A loaded model and processor that answer batches of image + question jobs."""
 
-    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype, name: str) -> None:
+    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype, name: str,
+                 repetition_penalty: float = 1.0) -> None:
         self.model = model
         self.processor = processor
         self.device = device
         self.dtype = dtype
         self.name = name
+        self.repetition_penalty = repetition_penalty
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        vocab = tokenizer.get_vocab()
+        #: The model's <think>/</think>/<answer> ids, or None for a model that does not reason in tags.
+        self.reasoning = reasoning.reasoning_ids(vocab)
+        self.eos_ids = stop_ids(model.generation_config.eos_token_id, vocab, self.reasoning is not None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self.image_token_id = getattr(processor, "image_token_id", None)
         self.min_side = processor_min_side(processor)  # no side of a fitted image is shorter
@@ -96,10 +118,14 @@ class Engine:
         preprocess_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        generated = self.generate(prompts, max(job.max_new_tokens for job in jobs))
-        new_tokens = [self._until_eos(row.tolist())[: job.max_new_tokens]
-                      for row, job in zip(generated, jobs, strict=True)]
-        answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        budgets = [job.thinking_budget for job in jobs] if self.reasoning is not None else None
+        generated = self.generate(prompts, max(job.max_new_tokens for job in jobs), budgets)
+        rows = [row.tolist()[: job.max_new_tokens] for row, job in zip(generated, jobs, strict=True)]
+        new_tokens = [self._until_eos(row) for row in rows]
+        # A reasoning model's tags are added tokens that are not special: decode keeping them, then split.
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=self.reasoning is None)
+        parsed = [reasoning.parse(text) if self.reasoning is not None else reasoning.Parsed(text.strip(), None)
+                  for text in texts]
         tokens_in = [prompt["input_ids"].shape[1] for prompt in prompts]
         vision = [int((prompt["input_ids"] == self.image_token_id).sum()) if self.image_token_id is not None else 0
                   for prompt in prompts]
@@ -107,7 +133,11 @@ class Engine:
         share = 1.0 / len(jobs)
         return [
             EngineResult(
-                answer=text.strip(),
+                answer=split.answer,
+                reasoning=split.reasoning,
+                finish_reason="stop" if len(ids) < len(row) else "length",
+                thinking_tokens=reasoning.thinking_tokens(ids, self.reasoning),
+                thinking_budget_hit=reasoning.budget_cut_in(ids, job.thinking_budget, self.reasoning),
                 tokens_in=int(n_in),
                 tokens_out=len(ids),
                 vision_tokens=int(n_vision),
@@ -117,30 +147,39 @@ class Engine:
                 batch_size=len(jobs),
                 token_ids=ids,
             )
-            for text, n_in, n_vision, ids, images in zip(answers, tokens_in, vision, new_tokens, fitted, strict=True)
+            for split, n_in, n_vision, ids, row, images, job in zip(parsed, tokens_in, vision, new_tokens, rows, fitted,
+                                                                     jobs, strict=True)
         ]
 
     def process(self, job: EngineJob, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """The processor's tensors for one job's prompt (a batch of one), on the model's device."""
-        text = self.processor.apply_chat_template(build_messages(job.question, job.history, len(images)),
-                                                  add_generation_prompt=True, tokenize=False)
+        messages = build_messages(job.question, job.history, len(images), job.document)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt = self.processor(text=[text], images=images or None, return_tensors="pt",
                                 **self._processor_kwargs).to(self.device)
         if "pixel_values" in prompt:
             prompt["pixel_values"] = prompt["pixel_values"].to(self.dtype)
         return dict(prompt)
 
-    def generate(self, prompts: list[dict[str, torch.Tensor]], max_new_tokens: int) -> torch.Tensor:
-        """Greedy new tokens (batch, n) for one processed prompt per row (``processor`` output, batch 1):
+    def generate(self, prompts: list[dict[str, torch.Tensor]], max_new_tokens: int,
+                 budgets: list[int | None] | None = None) -> torch.Tensor:
+        """Greedy new tokens (batch, n) for one processed prompt per row (``processor`` output, batch 1),
+        with the repetition penalty and each row's thinking budget (``budgets``, None: none):
         static decoding when it is on and the batch fits its cache, else ``model.generate``."""
         prompt_len = max(prompt["input_ids"].shape[1] for prompt in prompts)
         if self.decoder is not None and self.decoder.fits(len(prompts), prompt_len + max_new_tokens):
-            return self.decoder.generate(prompts, max_new_tokens, self.eos_ids)  # type: ignore[no-any-return]
+            return self.decoder.generate(prompts, max_new_tokens, self.eos_ids, budgets)  # type: ignore[no-any-return]
         inputs = collate(prompts, self.pad_id)
+        rules = DecodeRules(len(prompts), self.model.get_output_embeddings().weight.shape[0], self.device,
+                            self.repetition_penalty, self.reasoning)
+        rules.start([prompt["input_ids"][0] for prompt in prompts], budgets or [None] * len(prompts))
         # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the static cache only.
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+            # The penalty is applied by RulesProcessor, exactly as in the static decoder, never twice.
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=self.pad_id)
+                                         pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None,
+                                         repetition_penalty=1.0,
+                                         logits_processor=LogitsProcessorList([RulesProcessor(rules, prompt_len)]))
         return output[:, prompt_len:]
 
     def warm_up(self, box: Box) -> float:
@@ -165,6 +204,13 @@ class Engine:
     def cleanup(self) -> float:
         """Free what the last call left behind; return the seconds it took."""
         return memory.cleanup(self.device)
+
+
+def stop_ids(eos: int | list[int] | None, vocab: dict[str, int], reasons: bool) -> set[int]:
+    """The ids a row stops at: ``generation_config``'s eos, plus, for a model that reasons in tags
+    (GLM-4.1V, Glyph), its turn-ending tokens looked up by name (``worker.reasoning.END_TOKENS``)."""
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | reasoning.end_ids(vocab) if reasons else ids
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -192,7 +238,7 @@ def load(settings: Settings) -> Engine:
         raise ModelError(f"cannot load model {settings.model!r}: {exc}") from exc
     model.eval()
     log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
-    engine = Engine(model, processor, device, dtype, settings.model)
+    engine = Engine(model, processor, device, dtype, settings.model, settings.repetition_penalty)
     if static:
         from worker.decode import StaticDecoder
 
@@ -200,7 +246,8 @@ def load(settings: Settings) -> Engine:
             compiler.join()
         engine.decoder = StaticDecoder(model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
                                        max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id,
-                                       compile_layers=compile_layers)
+                                       compile_layers=compile_layers, repetition_penalty=settings.repetition_penalty,
+                                       reasoning=engine.reasoning)
     return engine
 
 

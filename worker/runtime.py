@@ -307,7 +307,9 @@ def _answer_isolated(eng: Any, batch: list[_Fetched], histories: list[list[dict[
     from worker.engine import EngineJob, answer_within_memory
 
     engine_jobs = [EngineJob(images=f.images, question=f.job.question, max_new_tokens=f.job.max_new_tokens,
-                             history=history) for f, history in zip(batch, histories, strict=True)]
+                             history=history, thinking_budget=f.job.thinking_budget or None,
+                             document=f.job.text_key is not None)
+                   for f, history in zip(batch, histories, strict=True)]
     try:
         return list(answer_within_memory(eng, engine_jobs, settings.max_image_size))
     except SoftTimeLimitExceeded as exc:
@@ -333,6 +335,10 @@ def _output(fetched: _Fetched, result: Any, history: list[dict[str, str]], start
     output: dict[str, Any] = {
         "job_id": fetched.job_id,
         "answer": result.answer,
+        "reasoning": result.reasoning,
+        "finish_reason": result.finish_reason,
+        "thinking_tokens": result.thinking_tokens,
+        "thinking_budget_hit": result.thinking_budget_hit,
         "model": settings.model,
         "tokens_in": result.tokens_in,
         "tokens_out": result.tokens_out,

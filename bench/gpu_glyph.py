@@ -1,0 +1,240 @@
+"""Glyph's decoding on the H200: repetition penalty, thinking budget and the new budgets, in one go.
+
+    python3 bench/gpu_glyph.py --out DIR [--model-dir /tmp/glyph-9b] [--jobs 32] [--git-sha SHA]
+
+1. Builds the ``glyph-9b`` preset (GLM-4.1V-9B config, random weights, the GLM tokenizer with its
+   reasoning tags) if missing.
+2. In this process, ``worker.engine.load`` at default settings, then three static decoders side by
+   side on the same weights: ``old`` (greedy argmax, as at 8db4e12), ``budget`` (the thinking budget's
+   ops, penalty 1.0) and ``new`` (the engine's own: penalty 1.1 and budget, the defaults). For each,
+   at batch 1 and the default batch, over the cache bucket a default job starts in (room for 512 new
+   tokens after a 1280x720 page: 2,048 slots, also the old default's bucket) and the one it ends in
+   after 8,192 new tokens (16,384 slots), and the full cache for the new decoder: one decode step's
+   milliseconds, timed over 128 replays of its CUDA graph, best of 3 interleaved rounds.
+3. First, in that engine alone: GPU memory: weights, the static cache at the defaults, the peak of a
+   batch of 16 one-page jobs and of one 40-page document, and whether two children (a hand-over) fit.
+4. A real redis-server and ``celery -A tasks worker`` at default settings: a warm-up batch, then
+   ``--jobs`` page jobs of 1,024 new tokens with no thinking budget and the same again with the
+   default one (768 for 1,024 new tokens). Random weights never close their reasoning, so every
+   budgeted job is fed ``</think><answer>`` at token 768.
+
+Prints one table and writes ``h200_glyph.json`` (and ``worker.log``) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu import page  # noqa: E402
+from bench.gpu_soak import collect, ensure_preset, free_port, redis_and_worker  # noqa: E402
+
+STEPS = 128
+QUEUE_NEW_TOKENS = 1024
+OLD_DEFAULT_NEW_TOKENS = 256
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_ms(decoder, prompts: list, rows: int, new_tokens: int | None) -> float:  # noqa: ANN001
+    """One decode step's ms for ``rows`` copies of the prompt in the bucket of ``new_tokens`` new tokens
+    after it, or (None) in the whole cache, as a document of ``GLYPHQ_MAX_PAGES`` pages has it."""
+    import torch
+
+    batch = (prompts * rows)[:rows]
+    with torch.inference_mode():
+        if new_tokens is None:  # a step's work does not depend on the values in the cache
+            state = decoder._graph(rows, decoder.max_tokens)
+            state.step.fill_(1)
+        else:
+            every_token = set(range(decoder.vocab))  # every row ends at once: prefill, 16 steps, captured graph
+            decoder.generate(batch, new_tokens, every_token, [6144] * rows)
+            state = decoder.graphs[decoder.shape_for(rows, batch[0]["input_ids"].shape[1] + new_tokens)]
+        sync()
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            state.graph.replay() if state.graph is not None else state.run()
+        sync()
+    return (time.perf_counter() - start) / STEPS * 1000
+
+
+def in_process(args: argparse.Namespace, figures: dict) -> None:
+    import torch
+    from PIL import Image
+
+    from celeryconfig import Settings
+    from worker import memory
+    from worker.decode import StaticDecoder
+    from worker.engine import EngineJob, load
+
+    settings = Settings.from_env({**os.environ, "GLYPHQ_MODEL": args.model_dir})
+    engine = load(settings)
+    sync()
+    cache = engine.decoder.cache
+    figures.update(
+        max_batch=settings.max_batch, decode_max_tokens=settings.decode_max_tokens,
+        default_max_new_tokens=settings.default_max_new_tokens, thinking_budget=settings.thinking_budget,
+        repetition_penalty=settings.repetition_penalty,
+        weights_gb=round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9, 2),
+        static_cache_gb=round(sum(t.numel() * t.element_size() for layer in cache.layers
+                                  for t in (layer.keys, layer.values)) / 1e9, 2),
+        kv_bytes_per_token=sum(t[0, :, 0].numel() * t.element_size() for layer in cache.layers
+                               for t in (layer.keys, layer.values)),
+        allocated_gb_after_load=round(torch.cuda.memory_allocated() / 1e9, 2),
+        gpu_total_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
+        eos_ids=sorted(engine.eos_ids), reasoning_ids=str(engine.reasoning))
+    image = Image.open(__import__("io").BytesIO(page((1280, 720), 0))).convert("RGB")
+    job = EngineJob([image], "What is the total on this invoice?", 8)
+    prompts = [engine.process(job, [image])]
+    figures["prompt_tokens"] = prompts[0]["input_ids"].shape[1]
+
+    # Memory first, in this engine alone: weights, the default cache, a batch's peak.
+    b = settings.max_batch
+    memory.reset_peak(engine.device)
+    start = time.perf_counter()
+    engine.answer([EngineJob([image], "What is the total?", 16) for _ in range(b)], settings.max_image_size)
+    figures["first_batch_s"] = round(time.perf_counter() - start, 1)  # compiles the layers, captures
+    figures["peak_gb_batch_of_pages"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+    engine.cleanup()
+    a4 = Image.new("RGB", (595, 842), "white")
+    memory.reset_peak(engine.device)
+    start = time.perf_counter()
+    (doc,) = engine.answer([EngineJob([a4] * settings.max_pages, "Who signed?", 16, document=True)],
+                           settings.max_image_size)
+    figures["document_pages"] = settings.max_pages
+    figures["document_tokens_in"] = doc.tokens_in
+    figures["document_vision_tokens_per_page"] = round(doc.vision_tokens / settings.max_pages, 1)
+    figures["document_answer_s"] = round(time.perf_counter() - start, 2)
+    figures["peak_gb_document"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+    engine.cleanup()
+    child = max(figures["peak_gb_batch_of_pages"], figures["peak_gb_document"])
+    figures["reserved_gb_after_cleanup"] = round(torch.cuda.memory_reserved() / 1e9, 2)
+    figures["two_children_gb"] = round(2 * child, 1)
+    figures["two_children_fit"] = 2 * child < figures["gpu_total_gb"]
+    figures["room_for_a_successor"] = memory.room_for_a_successor(engine.device)
+
+    side = {"max_batch": settings.max_batch, "max_tokens": 16384, "max_new_tokens": settings.max_new_tokens_limit,
+            "pad_id": engine.pad_id, "compile_layers": engine.decoder.compiled}
+    decoders = {"old": StaticDecoder(engine.model, **side),
+                "budget": StaticDecoder(engine.model, **side, reasoning=engine.reasoning),
+                "new": engine.decoder}
+    step_ms(engine.decoder, prompts, 1, 8)  # compiles the layers for batch 1
+    cases = [(name, rows, tokens) for name in decoders for rows in (1, settings.max_batch)
+             for tokens in (OLD_DEFAULT_NEW_TOKENS, settings.default_max_new_tokens)]
+    cases.append(("new", settings.max_batch, None))  # the whole cache: the longest document
+    best: dict[str, float] = {}
+    for _round in range(3):
+        for name, rows, tokens in cases:
+            key = f"{name}_b{rows}_" + (f"new{tokens}" if tokens else "full_cache")
+            best[key] = min(best.get(key, 1e9), step_ms(decoders[name], prompts, rows, tokens))
+    figures["step_ms"] = {key: round(value, 3) for key, value in best.items()}
+    figures["cache_slots"] = {f"new{tokens}": engine.decoder.shape_for(1, figures["prompt_tokens"] + tokens)[1]
+                              for tokens in (OLD_DEFAULT_NEW_TOKENS, settings.default_max_new_tokens)}
+    figures["start_cache_slots"] = engine.decoder.lengths_for(figures["prompt_tokens"], settings.default_max_new_tokens)
+    # A default job starts in the short bucket (room for START_NEW_TOKENS) and grows: its first
+    # tokens cost the short step, tokens past ~8k the long one.
+    short, long = f"new{OLD_DEFAULT_NEW_TOKENS}", f"new{settings.default_max_new_tokens}"
+    figures["decode_ms_per_step_b1"] = figures["step_ms"][f"new_b1_{short}"]
+    figures[f"decode_ms_per_step_b{b}"] = figures["step_ms"][f"new_b{b}_{short}"]
+    figures["decode_ms_per_step_b1_long_bucket"] = figures["step_ms"][f"new_b1_{long}"]
+    figures[f"decode_ms_per_step_b{b}_long_bucket"] = figures["step_ms"][f"new_b{b}_{long}"]
+    for rows in (1, b):
+        for label in (short, long):
+            on, off, old = (best[f"{name}_b{rows}_{label}"] for name in ("new", "budget", "old"))
+            figures[f"penalty_cost_pct_b{rows}_{label}"] = round((on - off) / off * 100, 2)
+            figures[f"budget_cost_pct_b{rows}_{label}"] = round((off - old) / old * 100, 2)
+    print("steps:", json.dumps(figures["step_ms"]), flush=True)
+
+
+def through_queue(args: argparse.Namespace, figures: dict) -> None:
+    from producer import submit
+
+    port = int(os.environ["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
+    env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1"}
+    data = [page((1280, 720), seed) for seed in range(8)]
+    with redis_and_worker(port, env, "glyph") as (_worker, log_path):
+        try:
+            start = time.monotonic()
+            warm = [submit(data[i % 8], f"Warm-up {i}?", max_new_tokens=QUEUE_NEW_TOKENS) for i in range(16)]
+            collect(warm, args.budget_s, start)
+            figures["queue_warmup_s"] = round(time.monotonic() - start, 1)
+            for label, budget in (("no_budget", 0), ("default_budget", None)):
+                handles = [submit(data[i % 8], f"What is the total on invoice {i}?", max_new_tokens=QUEUE_NEW_TOKENS,
+                                  thinking_budget=budget) for i in range(args.jobs)]
+                start = time.monotonic()
+                results, failures = collect(handles, args.budget_s, start)
+                wall = time.monotonic() - start
+                figures[f"queue_{label}"] = {
+                    "jobs": len(results), "failed": len(failures), "wall_s": round(wall, 1),
+                    "jobs_s": round(len(results) / wall, 3),
+                    "tok_s": round(sum(r["tokens_out"] for r in results) / wall, 1),
+                    "batch_size_mean": round(sum(r["worker"]["batch_size"] for r in results) / max(1, len(results)), 2),
+                    "thinking_budget_hit": sum(r["thinking_budget_hit"] for r in results),
+                    "thinking_tokens": sorted({r["thinking_tokens"] for r in results}),
+                    "finish_reasons": sorted({r["finish_reason"] for r in results}),
+                    "failures_sample": failures[:2],
+                }
+                if results:
+                    sample = dict(results[0])
+                    sample["reasoning"] = (sample["reasoning"] or "")[:80] + "..."
+                    figures[f"queue_{label}_sample"] = sample
+                print(label, json.dumps(figures[f"queue_{label}"]), flush=True)
+        finally:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log_path, Path(args.out) / "worker.log")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", default="/tmp/glyph-9b")
+    parser.add_argument("--jobs", type=int, default=32)
+    parser.add_argument("--budget-s", type=float, default=200)
+    parser.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
+    parser.add_argument("--skip-queue", action="store_true")
+    args = parser.parse_args()
+    os.environ.update({"GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GLYPHQ_METRICS_PORT": "0"})
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "glyphq-pycache"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    ensure_preset(args.model_dir)
+    figures: dict = {"git_sha": args.git_sha, "build_s": round(time.perf_counter() - start, 1)}
+    try:
+        in_process(args, figures)
+        gc.collect()
+        __import__("torch").cuda.empty_cache()
+        print("in-process:", json.dumps(figures), flush=True)
+        if not args.skip_queue:
+            through_queue(args, figures)
+    finally:
+        (out / "h200_glyph.json").write_text(json.dumps(figures, indent=2))
+    b = figures.get("max_batch")
+    keys = ["decode_ms_per_step_b1", f"decode_ms_per_step_b{b}", "decode_ms_per_step_b1_long_bucket",
+            f"decode_ms_per_step_b{b}_long_bucket", "penalty_cost_pct_b1_new256", f"penalty_cost_pct_b{b}_new256",
+            "penalty_cost_pct_b1_new8192", f"penalty_cost_pct_b{b}_new8192", "static_cache_gb", "weights_gb",
+            "peak_gb_batch_of_pages", "peak_gb_document", "two_children_gb", "gpu_total_gb", "two_children_fit"]
+    print("\nGlyph's decoding on the H200 (glyph-9b, bf16, default settings)")
+    for key in keys:
+        print(f"  {key:<28} {figures.get(key)}")
+    for label in ("no_budget", "default_budget"):
+        print(f"  queue_{label:<22} {figures.get(f'queue_{label}')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
