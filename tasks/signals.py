@@ -25,6 +25,14 @@ GPU_QUEUE = "gpu"
 MODEL_LOAD_FAILED_EXIT = 3
 
 
+@signals.worker_init.connect
+def _fix_kombu(**_: Any) -> None:
+    """Only in a worker, never in a producer that imports ``tasks``: see ``tasks.broker_fix``."""
+    from tasks import broker_fix
+
+    broker_fix.apply()
+
+
 @signals.celeryd_after_setup.connect
 def _prepare_parent(instance: Any = None, **_: Any) -> None:
     """In the worker's main process, before the pool forks: the shared status page, the metrics
