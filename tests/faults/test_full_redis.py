@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import ROOT, WorkerProcess, png_bytes, queued_messages, wait_until
 from PIL import Image
+from test_fastapi_example import Server
 
 from faults.helpers import tail
 from tasks.signals import EXIT_EVICTING_REDIS
@@ -56,7 +58,7 @@ def fill(producer, limit: int = 400) -> tuple[list[str], dict]:
 
 
 def test_submits_stop_short_of_maxmemory_and_a_worker_then_drains_the_backlog(
-        fault_redis, producer_process, tiny_model, tmp_path):
+        fault_redis, producer_process, tiny_model, tmp_path, monkeypatch):
     server = fault_redis(appendonly=False, maxmemory="16mb", maxmemory_policy="noeviction")
     producer = producer_process(broker_url=server.url, redis_reserve_pct=50)
     accepted, refusal = fill(producer)
@@ -75,6 +77,19 @@ def test_submits_stop_short_of_maxmemory_and_a_worker_then_drains_the_backlog(
     assert refused and refused[0].returncode == 6, [(c.returncode, c.stderr) for c in codes]
     assert "maxmemory" in refused[0].stderr
     accepted += [json.loads(c.stdout)["job_id"] for c in codes if c.returncode == 0]
+    # The example web app answers 503 with a Retry-After, not a 500.
+    for name, value in RESERVE.items():
+        monkeypatch.setenv(name, value)
+    web = Server(server.url, tmp_path / "uvicorn.log")
+    try:
+        posts = [httpx.post(f"{web.url}/jobs", files={"image": ("big.png", big.read_bytes(), "image/png")},
+                            data={"question": "Full?"}, timeout=30) for _ in range(4)]
+    finally:
+        web.stop()
+    full = [r for r in posts if r.status_code != 202]
+    assert full and full[0].status_code == 503, [(r.status_code, r.text) for r in posts]
+    assert full[0].json()["error_type"] == "BrokerFull" and full[0].headers["Retry-After"] == "30"
+    accepted += [r.json()["job_id"] for r in posts if r.status_code == 202]
     image = tmp_path / "page.png"
     image.write_bytes(png_bytes(seed=7))
 
