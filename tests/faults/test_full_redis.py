@@ -3,12 +3,14 @@ leaves nothing half-done, and never waits on a job that no longer exists."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -34,11 +36,40 @@ def _noise_png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def worker_on(server, tiny_model: Path, log: Path, **settings: str) -> WorkerProcess:
+def worker_on(server, tiny_model: Path, log: Path) -> WorkerProcess:
     env = {**os.environ, "GLYPHQ_BROKER_URL": server.url, "GLYPHQ_MODEL": str(tiny_model),
            "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
-    env.update({f"GLYPHQ_{k.upper()}": v for k, v in settings.items()})
     return WorkerProcess(env, log)
+
+
+@contextlib.contextmanager
+def ready_worker(server, tiny_model: Path, log: Path) -> Iterator[WorkerProcess]:
+    """A worker on ``server`` that has loaded its model; stopped at the end."""
+    worker = worker_on(server, tiny_model, log)
+    try:
+        worker.wait_ready(timeout=120)
+        yield worker
+    finally:
+        worker.stop()
+
+
+@contextlib.contextmanager
+def batch_of(server, folder: Path, lines: int) -> Iterator[subprocess.Popen[str]]:
+    """``glyphq batch`` of ``lines`` small jobs against ``server``, in the background; killed if it has not
+    finished by the end. Its results go to ``folder/results.jsonl``."""
+    (folder / "page.png").write_bytes(png_bytes(seed=7))
+    jobs = folder / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"image": "page.png", "question": f"Line {i}?", "max_new_tokens": 3}) + "\n"
+                            for i in range(lines)))
+    env = {**os.environ, "GLYPHQ_BROKER_URL": server.url, **RESERVE}
+    batch = subprocess.Popen([GLYPHQ, "batch", str(jobs), "--out", str(folder / "results.jsonl"), "--no-progress"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield batch
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+            batch.communicate()
 
 
 def glyphq(server, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -90,35 +121,17 @@ def test_submits_stop_short_of_maxmemory_and_a_worker_then_drains_the_backlog(
     assert full and full[0].status_code == 503, [(r.status_code, r.text) for r in posts]
     assert full[0].json()["error_type"] == "BrokerFull" and full[0].headers["Retry-After"] == "30"
     accepted += [r.json()["job_id"] for r in posts if r.status_code == 202]
-    image = tmp_path / "page.png"
-    image.write_bytes(png_bytes(seed=7))
 
     # A batch started now backs off on BrokerFull, and finishes once a worker has drained the queue.
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps({"image": "page.png", "question": f"Line {i}?", "max_new_tokens": 3}) + "\n"
-                            for i in range(4)))
-    out = tmp_path / "results.jsonl"
-    env = {**os.environ, "GLYPHQ_BROKER_URL": server.url, **RESERVE}
-    batch = subprocess.Popen([GLYPHQ, "batch", str(jobs), "--out", str(out), "--no-progress"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with batch_of(server, tmp_path, 4) as batch:
         time.sleep(3)
         assert batch.poll() is None, batch.communicate()
-        assert not out.exists() or out.read_text() == ""
-
-        worker = worker_on(server, tiny_model, tmp_path / "worker.log")
-        try:
-            worker.wait_ready(timeout=120)
+        assert not (tmp_path / "results.jsonl").exists() or (tmp_path / "results.jsonl").read_text() == ""
+        with ready_worker(server, tiny_model, tmp_path / "worker.log") as worker:
             for job_id in accepted:
                 reply = producer.call("result", job_id=job_id, timeout=120, wait=150)
                 assert reply["ok"], (reply, tail(worker))
             stdout, stderr = batch.communicate(timeout=120)
-        finally:
-            worker.stop()
-    finally:
-        if batch.poll() is None:
-            batch.kill()
-            batch.communicate()
     assert batch.returncode == 0, (stdout, stderr)
     assert json.loads(stdout)["done"] == 4
     assert "waiting" in stderr  # it said why it paused
@@ -169,16 +182,7 @@ def test_jobs_lost_with_redis_data_resolve_to_unknown_and_result_raises(fault_re
     lost = producer.submit(seed=1)
     assert producer.call("state", job_id=lost)["state"] == "PENDING"
 
-    page = tmp_path / "page.png"
-    page.write_bytes(png_bytes(seed=3))
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps({"image": "page.png", "question": f"Q{i}?", "max_new_tokens": 3}) + "\n"
-                            for i in range(3)))
-    out = tmp_path / "results.jsonl"
-    env = {**os.environ, "GLYPHQ_BROKER_URL": server.url}
-    batch = subprocess.Popen([GLYPHQ, "batch", str(jobs), "--out", str(out), "--no-progress"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with batch_of(server, tmp_path, 3) as batch:
         client = server.client()
         assert wait_until(lambda: len(queued_messages(client)) == 4, timeout=30)
         server.restart()  # kill -9 and start empty
@@ -194,16 +198,8 @@ def test_jobs_lost_with_redis_data_resolve_to_unknown_and_result_raises(fault_re
 
         # The batch notices its jobs are gone and submits them again; a worker then answers them.
         assert wait_until(lambda: len(queued_messages(client)) == 3, timeout=40)
-        worker = worker_on(server, tiny_model, tmp_path / "worker.log")
-        try:
-            worker.wait_ready(timeout=120)
+        with ready_worker(server, tiny_model, tmp_path / "worker.log"):
             stdout, stderr = batch.communicate(timeout=120)
-        finally:
-            worker.stop()
-    finally:
-        if batch.poll() is None:
-            batch.kill()
-            batch.communicate()
     assert batch.returncode == 0, (stdout, stderr)
     assert json.loads(stdout)["done"] == 3
     assert "submitting it again" in stderr
