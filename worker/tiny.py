@@ -119,52 +119,38 @@ def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
 
 def build_llava_tiny(out: Path) -> None:
     """The CPU test model: LLaVA (CLIP 32x32 vision tower, 2-layer Llama), about 1 MB."""
+    tokenizer = build_tokenizer(["<image>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"])
+    _save_llava_body(out, tokenizer, "<image>", [tokenizer.eos_token_id, _token_id(tokenizer, "<|end|>")],
+                     _LLAVA_TEMPLATE)
+
+
+def build_glyph_tiny(out: Path) -> None:
+    """Glyph's tokenizer interface and chat template on the CPU test model's LLaVA body (no torchvision)."""
+    tokenizer = build_glm_tokenizer()
+    _save_llava_body(out, tokenizer, "<|image|>", glm_eos_ids(tokenizer), _GLM4V_TEMPLATE)
+
+
+def _save_llava_body(out: Path, tokenizer: Any, image_token: str, eos_ids: list[int], template: str) -> None:
+    """Save a random LLaVA of the CPU test size (CLIP 32x32 vision tower, 2-layer Llama) with ``tokenizer``."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = build_tokenizer(["<image>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"])
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=8)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=_token_id(tokenizer, "<image>"),
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=_token_id(tokenizer, image_token),
                          vision_feature_select_strategy="default", vision_feature_layer=-1)
     model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
+    model.generation_config.eos_token_id = eos_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # CLIP adds a CLS embedding that the "default" strategy drops: 16 patches -> 16 image tokens.
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                num_additional_image_tokens=1, vision_feature_select_strategy="default",
-                               chat_template=_LLAVA_TEMPLATE)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-
-
-def build_glyph_tiny(out: Path) -> None:
-    """Glyph's tokenizer interface and chat template on the CPU test model's LLaVA body (no torchvision)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tokenizer = build_glm_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=_token_id(tokenizer, "<|image|>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = glm_eos_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                               num_additional_image_tokens=1, vision_feature_select_strategy="default",
-                               chat_template=_GLM4V_TEMPLATE, image_token="<|image|>")
+                               chat_template=template, image_token=image_token)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
