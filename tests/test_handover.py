@@ -39,7 +39,10 @@ def test_next_child_loads_while_the_current_one_answers(start_worker, endless_mo
     assert len(runs) == len(set(runs)) == 3, f"one child at a time, 10 jobs each: {runs}"
     assert [r["worker"]["task_index"] for r in results] == list(range(1, 11)) * 3
     takeovers = TAKE_OVER.findall(worker.log())
-    assert [int(pid) for pid, _ in takeovers] == runs[:2], "each successor took over from the child before it"
+    # The third child starts its own successor near its count too; that one may take over by now.
+    taken_from = [int(pid) for pid, _ in takeovers]
+    assert taken_from[:2] == runs[:2] and taken_from[2:] in ([], runs[2:]), \
+        f"each successor took over from the child before it: {taken_from} after {runs}"
     # A successor was ready while its predecessor still had batches to answer, and waited for it.
     assert any(float(waited) > 0 for _, waited in takeovers), takeovers
     assert worker.proc.poll() is None
