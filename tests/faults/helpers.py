@@ -13,11 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
-from conftest import ROOT, free_port
+from conftest import ROOT, WorkerProcess, free_port
 
 HELPER = Path(__file__).resolve().with_name("producer_helper.py")
 
@@ -81,6 +82,19 @@ class FaultRedis:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=10,
                            socket_connect_timeout=5)
+
+
+@contextlib.contextmanager
+def ready_worker(broker_url: str, model: Path, log: Path, **settings: str | int) -> Iterator[WorkerProcess]:
+    """A worker on ``broker_url`` with extra ``GLYPHQ_*`` settings, once its model is loaded; stopped at the end."""
+    env = {**os.environ, "GLYPHQ_BROKER_URL": broker_url, "GLYPHQ_MODEL": str(model), "GLYPHQ_METRICS_PORT": "0",
+           "PYTHONUNBUFFERED": "1", **{f"GLYPHQ_{k.upper()}": str(v) for k, v in settings.items()}}
+    worker = WorkerProcess(env, log)
+    try:
+        worker.wait_ready(timeout=120)
+        yield worker
+    finally:
+        worker.stop()
 
 
 class ProducerProcess:

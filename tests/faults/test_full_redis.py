@@ -19,7 +19,7 @@ from conftest import ROOT, WorkerProcess, png_bytes, queued_messages, wait_until
 from PIL import Image
 from test_fastapi_example import Server
 
-from faults.helpers import tail
+from faults.helpers import ready_worker, tail
 from tasks.signals import EXIT_EVICTING_REDIS
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
@@ -40,17 +40,6 @@ def worker_on(server, tiny_model: Path, log: Path) -> WorkerProcess:
     env = {**os.environ, "GLYPHQ_BROKER_URL": server.url, "GLYPHQ_MODEL": str(tiny_model),
            "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
     return WorkerProcess(env, log)
-
-
-@contextlib.contextmanager
-def ready_worker(server, tiny_model: Path, log: Path) -> Iterator[WorkerProcess]:
-    """A worker on ``server`` that has loaded its model; stopped at the end."""
-    worker = worker_on(server, tiny_model, log)
-    try:
-        worker.wait_ready(timeout=120)
-        yield worker
-    finally:
-        worker.stop()
 
 
 @contextlib.contextmanager
@@ -127,7 +116,7 @@ def test_submits_stop_short_of_maxmemory_and_a_worker_then_drains_the_backlog(
         time.sleep(3)
         assert batch.poll() is None, batch.communicate()
         assert not (tmp_path / "results.jsonl").exists() or (tmp_path / "results.jsonl").read_text() == ""
-        with ready_worker(server, tiny_model, tmp_path / "worker.log") as worker:
+        with ready_worker(server.url, tiny_model, tmp_path / "worker.log") as worker:
             for job_id in accepted:
                 reply = producer.call("result", job_id=job_id, timeout=120, wait=150)
                 assert reply["ok"], (reply, tail(worker))
@@ -198,7 +187,7 @@ def test_jobs_lost_with_redis_data_resolve_to_unknown_and_result_raises(fault_re
 
         # The batch notices its jobs are gone and submits them again; a worker then answers them.
         assert wait_until(lambda: len(queued_messages(client)) == 3, timeout=40)
-        with ready_worker(server, tiny_model, tmp_path / "worker.log"):
+        with ready_worker(server.url, tiny_model, tmp_path / "worker.log"):
             stdout, stderr = batch.communicate(timeout=120)
     assert batch.returncode == 0, (stdout, stderr)
     assert json.loads(stdout)["done"] == 3

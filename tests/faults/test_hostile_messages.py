@@ -15,7 +15,7 @@ import pytest
 from conftest import WorkerProcess, png_bytes, raw_job
 from PIL import Image
 
-from faults.helpers import tail
+from faults.helpers import ready_worker, tail
 from producer import Job, JobFailed, submit
 from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK
 from producer.store import blob_key
@@ -27,14 +27,10 @@ WORKER_MAX_IMAGE_BYTES = 150_000
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_url: str) -> Iterator[WorkerProcess]:
-    env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model), "PYTHONUNBUFFERED": "1",
-           "GLYPHQ_METRICS_PORT": "0", "GLYPHQ_MAX_IMAGE_BYTES": str(WORKER_MAX_IMAGE_BYTES)}
-    process = WorkerProcess(env, tmp_path_factory.mktemp("hostile") / "worker.log")
-    try:
-        process.wait_ready()
+    """One worker with a small byte limit, shared by the tests of this module."""
+    log = tmp_path_factory.mktemp("hostile") / "worker.log"
+    with ready_worker(redis_url, tiny_model, log, max_image_bytes=WORKER_MAX_IMAGE_BYTES) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def send(job: dict, task_id: str | None = None, name: str = ANSWER_TASK, args: tuple = ()) -> Job:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from conftest import WorkerProcess, png_bytes, queued_messages, raw_job
 from PIL import Image, ImageDraw
 
 from celeryconfig import settings
-from faults.helpers import runs, tail
+from faults.helpers import ready_worker, runs, tail
 from producer import InvalidJob, Job, JobFailed, submit
 from producer.images import decode_checked_image
 from producer.schema import ANSWER_TASK
@@ -32,14 +31,9 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_url: str) -> Iterator[WorkerProcess]:
     """One worker shared by the tests of this module."""
-    env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model), "PYTHONUNBUFFERED": "1",
-           "GLYPHQ_METRICS_PORT": "0", "GLYPHQ_MAX_BATCH": str(BATCH), "GLYPHQ_BATCH_DELAY_MS": "1000"}
-    process = WorkerProcess(env, tmp_path_factory.mktemp("intake") / "worker.log")
-    try:
-        process.wait_ready()
+    log = tmp_path_factory.mktemp("intake") / "worker.log"
+    with ready_worker(redis_url, tiny_model, log, max_batch=BATCH, batch_delay_ms=1000) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:

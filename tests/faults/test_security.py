@@ -4,7 +4,6 @@ what a producer gets back for a job that Celery revoked."""
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import redis
 from conftest import WorkerProcess, png_bytes, raw_job, wait_until
 
 from celeryconfig import settings
-from faults.helpers import pending_task_ids, rational_strip_offsets_tiff, runs, tail
+from faults.helpers import pending_task_ids, rational_strip_offsets_tiff, ready_worker, runs, tail
 from producer import GlyphqError, Job, JobFailed, submit
 from producer.schema import ANSWER_TASK
 from producer.store import blob_key
@@ -35,13 +34,8 @@ class _TouchOnUnpickle:
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_url: str) -> Iterator[WorkerProcess]:
     """One worker with the default settings, shared by the tests of this module."""
-    env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model), "PYTHONUNBUFFERED": "1"}
-    process = WorkerProcess(env, tmp_path_factory.mktemp("security") / "worker.log")
-    try:
-        process.wait_ready()
+    with ready_worker(redis_url, tiny_model, tmp_path_factory.mktemp("security") / "worker.log") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
