@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WorkerProcess, png_bytes, raw_job
+from conftest import WorkerProcess, png_bytes, raw_job, wait_until
 from PIL import Image
 
 from faults.helpers import ready_worker, tail
@@ -55,9 +55,14 @@ def still_answers(worker: WorkerProcess, seed: int) -> None:
 def test_a_message_naming_keys_that_are_not_its_blobs_fails_and_deletes_nothing(worker, redis_client):
     victim_blob = submit(png_bytes((64, 48), seed=801), "Queued elsewhere?", max_new_tokens=4)
     victim_key = blob_key(hashlib.sha256(png_bytes((64, 48), seed=801)).hexdigest())
-    victim_blob.result(timeout=60)  # its blob is released once done; store one that another job holds
-    redis_client.set(victim_key, png_bytes((64, 48), seed=801), ex=600)
-    redis_client.sadd(f"{victim_key}:refs", "someone-else")
+    victim_blob.result(timeout=60)
+    # The worker releases a job's blob just after storing its result: wait for that, then plant one that
+    # another job holds, in one transaction, so that the release cannot fall between its two writes.
+    assert wait_until(lambda: not redis_client.exists(victim_key, f"{victim_key}:refs")), "blob never released"
+    with redis_client.pipeline(transaction=True) as plant:
+        plant.set(victim_key, png_bytes((64, 48), seed=801), ex=600)
+        plant.sadd(f"{victim_key}:refs", "someone-else")
+        plant.execute()
     bystanders = {
         "glyphq:render:4": lambda: redis_client.rpush("glyphq:render:4", b"queued document job"),
         "glyphq:session:kept": lambda: redis_client.rpush("glyphq:session:kept", json.dumps({"q": 1})),
