@@ -10,7 +10,7 @@ RUN useradd --create-home --uid "$GLYPHQ_UID" --user-group glyphq \
     && chown glyphq:glyphq /hf-cache /compile-cache /data
 
 WORKDIR /app
-COPY pyproject.toml constraints.txt README.md LICENSE celeryconfig.py ./
+COPY pyproject.toml constraints.txt README.md LICENSE __init__.py celeryconfig.py ./
 COPY producer ./producer
 COPY tasks ./tasks
 COPY worker ./worker
@@ -24,4 +24,4 @@ ENV HF_HOME=/hf-cache \
     PYTHONUNBUFFERED=1
 VOLUME ["/hf-cache", "/compile-cache", "/data"]
 EXPOSE 9808 5555
-CMD ["celery", "-A", "tasks", "worker", "-l", "info"]
+CMD ["celery", "-A", "glyphq.tasks", "worker", "-l", "info"]

@@ -65,8 +65,10 @@ install: $(STAMP)
 redis:
 	@command -v redis-server >/dev/null || scripts/install-redis.sh
 
+# mypy finds the checkout as the package glyphq through this link (pyproject.toml: mypy_path).
 lint: install
 	$(PY) -m ruff check .
+	mkdir -p $(VENV)/mypy-path && ln -sfn "$(CURDIR)" $(VENV)/mypy-path/glyphq
 	$(PY) -m mypy
 
 test: install redis lint

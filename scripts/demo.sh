@@ -56,21 +56,21 @@ if [ -z "${GLYPHQ_MODEL:-}" ]; then
   export GLYPHQ_MODEL=$DEMO_DIR/tiny-model
   if [ ! -f "$GLYPHQ_MODEL/config.json" ]; then
     say "building the tiny random-weight model in $GLYPHQ_MODEL"
-    "$PY" -m worker.tiny "$GLYPHQ_MODEL"
+    "$PY" -m glyphq.worker.tiny "$GLYPHQ_MODEL"
   fi
   say "GLYPHQ_MODEL is unset: using the tiny model. Its weights are random, so its answers are random words."
 fi
 
 say "starting the worker (log: $DEMO_DIR/worker.log)"
-setsid "$VENV/bin/celery" -A tasks worker -l info -n "demo@%h" >"$DEMO_DIR/worker.log" 2>&1 &
+setsid "$VENV/bin/celery" -A glyphq.tasks worker -l info -n "demo@%h" >"$DEMO_DIR/worker.log" 2>&1 &
 worker_pid=$!
 started+=($worker_pid)
 say "starting the render worker (log: $DEMO_DIR/render.log)"
-setsid "$VENV/bin/celery" -A tasks worker -Q render -c 2 -l info -n "demo-render@%h" >"$DEMO_DIR/render.log" 2>&1 &
+setsid "$VENV/bin/celery" -A glyphq.tasks worker -Q render -c 2 -l info -n "demo-render@%h" >"$DEMO_DIR/render.log" 2>&1 &
 render_pid=$!
 started+=($render_pid)
 FLOWER_PORT=$(free_port "${FLOWER_PORT:-5555}")
-setsid "$VENV/bin/celery" -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" >"$DEMO_DIR/flower.log" 2>&1 &
+setsid "$VENV/bin/celery" -A glyphq.tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" >"$DEMO_DIR/flower.log" 2>&1 &
 started+=($!)
 
 # Ready means the worker's own health check passes: it answers on its queue and, on queue gpu, its
