@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -48,6 +49,7 @@ Image.new("RGB", (64, 48), "white").save(image, format="PNG")
 result = submit(image.getvalue(), "What is shown?", max_new_tokens=4).result(timeout=120)
 print(json.dumps({
     "answer": result["answer"],
+    "worker_pid": result["worker"]["pid"],
     "glyphq": glyphq.producer.__file__,
     "tasks": tasks.__file__,
     "user_task": tasks.add.name,
@@ -86,22 +88,34 @@ def test_the_wheel_holds_one_top_level_package(installed_wheel):
     assert not [name for name in names if name.startswith(("glyphq/tests/", "glyphq/bench/"))]
 
 
-def test_a_backend_with_its_own_tasks_and_celeryconfig_submits_jobs(installed_wheel, start_worker, tmp_path,
+def test_a_backend_with_its_own_tasks_and_celeryconfig_submits_jobs(installed_wheel, tiny_model, tmp_path,
                                                                      redis_url):
+    """The backend and a worker both run from the wheel, in a folder with the tutorial's two files."""
+    import psutil
+
     _, site = installed_wheel
-    start_worker()
     project = tmp_path / "backend"
     project.mkdir()
     user_broker = redis_url.rsplit("/", 1)[0] + "/5"
     (project / "tasks.py").write_text(USER_TASKS)
     (project / "celeryconfig.py").write_text(f"broker_url = {user_broker!r}\nresult_backend = {user_broker!r}\n")
     (project / "backend.py").write_text(USER_BACKEND)
-    env = {**os.environ, "PYTHONPATH": str(site), "GLYPHQ_BROKER_URL": redis_url}
-    out = subprocess.run([sys.executable, "backend.py"], cwd=project, env=env, capture_output=True, text=True,
-                         timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(site), "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
+           "GLYPHQ_METRICS_PORT": "0"}
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-n",
+                                   "wheel@%h", "--without-mingle", "--without-gossip"],
+                                  cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out = subprocess.run([sys.executable, "backend.py"], cwd=project, env=env, capture_output=True, text=True,
+                             timeout=180)
+        children = {child.pid for child in psutil.Process(worker.pid).children()}
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    assert out.returncode == 0, out.stderr[-3000:] + (tmp_path / "worker.log").read_text(errors="replace")[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["answer"], seen
+    assert seen["answer"] and seen["worker_pid"] in children, (seen, children)
     assert Path(seen["glyphq"]).is_relative_to(site), "glyphq came from the installed wheel"
     assert Path(seen["tasks"]).parent == project and seen["user_task"] == "tasks.add"
     assert seen["user_broker"] == user_broker, "the backend's own celeryconfig is untouched"
