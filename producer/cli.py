@@ -31,6 +31,7 @@ from producer.errors import (
     JobLost,
     JobTimeout,
     QueueFull,
+    ServeUsageError,
 )
 from producer.store import check_broker
 from producer.submit import Job, submit
@@ -166,6 +167,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return summary.exit_code()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible HTTP gateway until stopped."""
+    try:
+        from producer.gateway import serve
+    except ImportError as exc:  # fastapi/uvicorn are the gateway extra
+        raise ServeUsageError(f"needs the gateway extra (pip install 'glyphq[gateway]'): {exc}") from None
+    serve(args.host, args.port)
+    return EXIT_OK
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the answer and print the result")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
@@ -241,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-prefix", help="job ids are PREFIX-<id> (default: derived from the input and output paths)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("serve", help="serve the OpenAI chat completions API over HTTP (needs glyphq[gateway])")
+    p.add_argument("--host", help="address to listen on (default GLYPHQ_GATEWAY_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default GLYPHQ_GATEWAY_PORT, 8000)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -248,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: other glyphq error exits 1.
 EXIT_FOR_ERROR: tuple[tuple[type[GlyphqError], int], ...] = (
     (InvalidJob, EXIT_REFUSED), (InvalidRenderConfig, EXIT_REFUSED), (BatchUsageError, EXIT_REFUSED),
+    (ServeUsageError, EXIT_REFUSED),
     (BrokerFull, EXIT_BROKER_FULL), (BrokerUnavailable, EXIT_UNAVAILABLE), (QueueFull, EXIT_QUEUE_FULL),
     (JobLost, EXIT_NO_SUCH_JOB),
 )
