@@ -13,6 +13,9 @@ Ids: a line's ``"id"`` (a string or an integer, written back as a string), else 
 10 hex digits of a hash of the input and output paths, so a rerun of the same command gives every line
 the same job id. ``submit`` enqueues a job id once, so a rerun re-attaches to jobs already queued,
 running or finished instead of running them twice; ids already in the output are skipped.
+
+An OpenAI Batch file (``{"custom_id", "method", "url", "body"}`` lines) is read as well, detected per
+file, and gets OpenAI Batch output lines (``producer.batch_openai``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from kombu.exceptions import OperationalError
 
 from celeryconfig import Settings
 from celeryconfig import settings as default_settings
+from producer import batch_openai
 from producer.errors import BatchUsageError, BrokerUnavailable
 from producer.store import Store, unavailable
 
@@ -64,6 +68,25 @@ class Item:
     max_new_tokens: Any = None
     priority: Any = None
     thinking_budget: Any = None
+    offset: int | None = None  # an OpenAI Batch line: where it starts in the input; its body is read at submit
+
+    def job_args(self, cfg: Settings) -> tuple[Path | bytes, Any, dict[str, Any]]:
+        """(image, question, other ``submit`` arguments); an OpenAI line's body is read and checked now."""
+        if self.offset is None:
+            return self.image, self.question, {"max_new_tokens": self.max_new_tokens, "priority": self.priority,
+                                               "thinking_budget": self.thinking_budget}
+        with self.image.open("rb") as handle:
+            handle.seek(self.offset)
+            raw = handle.readline()
+        return batch_openai.job_args(raw, cfg)
+
+    def record(self, outcome: dict[str, Any]) -> dict[str, Any]:
+        """The output line of this item: glyphq's own, or an OpenAI Batch output line."""
+        if self.offset is None:
+            return {"id": self.id, "job_id": self.job_id, "line": self.line, **outcome}
+        if outcome["ok"]:
+            return batch_openai.success(self.id, self.job_id, outcome["result"])
+        return batch_openai.failure(self.id, self.job_id, outcome["error_type"], outcome["error"])
 
 
 @dataclass(frozen=True)
@@ -144,12 +167,16 @@ def parse_lines(path: Path, prefix: str) -> Iterator[Item | BadLine]:
     """Every non-blank line of the input as an ``Item`` or a ``BadLine`` (bad JSON, bad fields, duplicate id)."""
     base = path.parent
     seen: dict[str, int] = {}
+    openai = batch_openai.is_openai_file(path)
+    offset = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
             try:
-                item = _parse_line(raw, number, base, prefix)
+                item = _parse_openai_line(raw, number, start, path, prefix) if openai else \
+                    _parse_line(raw, number, base, prefix)
             except ValueError as exc:
                 yield BadLine(number, str(exc))
                 continue
@@ -188,6 +215,16 @@ def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
                 priority=data.get("priority"), thinking_budget=data.get("thinking_budget"))
 
 
+def _parse_openai_line(raw: bytes, number: int, offset: int, path: Path, prefix: str) -> Item:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    custom_id = batch_openai.check_envelope(data)
+    return Item(line=number, id=custom_id, job_id=job_id_for(prefix, custom_id), image=path, question=None,
+                offset=offset)
+
+
 _RECORD_START = b'{"id":'
 
 
@@ -206,7 +243,11 @@ def read_finished(path: Path, warn: Callable[[str], None]) -> dict[str, bool]:
             continue
         try:
             record = json.loads(raw)
-            finished[str(record["id"])] = bool(record["ok"])
+            if "custom_id" in record:
+                done, ok = batch_openai.finished(record)
+                finished[done] = ok
+            else:
+                finished[str(record["id"])] = bool(record["ok"])
         except (ValueError, KeyError, TypeError):
             raise BatchUsageError(f"{path} is not a results file of glyphq batch (line {number}); "
                                   "choose another --out") from None

@@ -184,10 +184,9 @@ class Runner:
         from producer.submit import submit
 
         try:
+            image, question, fields = item.job_args(self.cfg)
             with self.stop.protected():
-                job = submit(item.image, item.question, max_new_tokens=item.max_new_tokens,
-                             thinking_budget=item.thinking_budget, priority=item.priority,
-                             job_id=item.job_id, settings=self.cfg)
+                job = submit(image, question, job_id=item.job_id, settings=self.cfg, **fields)
         except InvalidJob as exc:
             self._skip(item, str(exc))
             return True
@@ -290,7 +289,7 @@ class Runner:
 
     def _write(self, entry: InFlight, record: dict[str, Any], ok: bool) -> None:
         item = entry.item
-        self.writer.write({"id": item.id, "job_id": item.job_id, "line": item.line, **record})
+        self.writer.write(item.record(record))
         if ok:
             self.summary.done += 1
         else:

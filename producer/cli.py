@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="run a JSON Lines file of jobs, resumably; results go to --out")
     p.add_argument("file", help='JSON Lines: {"image": path, "question": ..., "id"?, "max_new_tokens"?, "priority"?, '
-                                '"thinking_budget"?}')
+                                '"thinking_budget"?}, or an OpenAI Batch file ({"custom_id", "method", "url", "body"})')
     p.add_argument("--out", required=True, help="results file (JSON Lines, appended; ids already in it are skipped)")
     p.add_argument("--window", type=int, default=32, help="most jobs in flight at once (default 32)")
     p.add_argument("--timeout", type=float, help="most seconds to wait for one job (default: no limit)")
