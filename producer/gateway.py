@@ -48,8 +48,9 @@ JOB_HEADER = "X-Glyphq-Job-Id"
 HEALTH_TIMEOUT_S = 0.5
 #: Seconds between SSE comments that keep a streamed answer's connection open while its job waits.
 KEEPALIVE_S = 10.0
-#: Polling a job for its result: the first pause, and the longest one it grows to.
-POLL_FIRST_S, POLL_MAX_S = 0.005, 0.2
+#: Polling a job for its result: each pause is ``POLL_SHARE`` of the time waited so far, within these
+#: bounds, so a result is seen at most about 5% late (a 0.3 s job: 15 ms; a 10 s job: 250 ms).
+POLL_MIN_S, POLL_MAX_S, POLL_SHARE = 0.005, 0.25, 0.05
 #: Retry-After (seconds) of each refusal that a later try may not meet.
 RETRY_AFTER = {QueueFull: "10", BrokerFull: "30", BrokerUnavailable: "5", JobLost: "5"}
 #: Room in a request body besides the image: the JSON around it, escaped text (up to 12 bytes a
@@ -154,8 +155,8 @@ def _job_id(request: Request) -> str | None:
 
 async def wait_result(job: Job, timeout: float) -> dict[str, Any]:
     """The job's result once it is ready, polling without holding a thread; ``JobTimeout`` past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    pause, checked = POLL_FIRST_S, time.monotonic()
+    start = checked = time.monotonic()
+    deadline = start + timeout
     while not await run_in_threadpool(job.ready):
         now = time.monotonic()
         if now >= deadline:
@@ -164,8 +165,7 @@ async def wait_result(job: Job, timeout: float) -> dict[str, Any]:
             checked = now
             if await run_in_threadpool(lambda: job.state) == "UNKNOWN":
                 raise JobLost(f"job {job.id}: Redis holds no record of it (lost with Redis's data); submit it again")
-        await asyncio.sleep(pause)
-        pause = min(POLL_MAX_S, pause * 2)
+        await asyncio.sleep(min(POLL_MAX_S, max(POLL_MIN_S, POLL_SHARE * (now - start))))
     return await run_in_threadpool(job.result, 10.0)
 
 
