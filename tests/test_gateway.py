@@ -148,6 +148,14 @@ def test_a_conversation_carries_its_earlier_turns_and_system_text(gateway, model
         time.sleep(0.1)
     assert body["completion"]["usage"]["prompt_tokens"] == turn.usage.prompt_tokens
 
+    # A retry with the same Idempotency-Key re-attaches to the job instead of queuing it again.
+    retry = httpx.post(f"{gateway.url}/v1/jobs", json={"messages": history, "max_tokens": 64, "priority": 9},
+                       headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "order-17"}, timeout=30)
+    again = httpx.post(f"{gateway.url}/v1/jobs", json={"messages": history, "max_tokens": 64, "priority": 9},
+                       headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "order-17"}, timeout=30)
+    assert retry.status_code == again.status_code == 202 and retry.json()["id"] == again.json()["id"]
+    assert retry.json()["id"] != job_id
+
 
 def test_a_streamed_completion_is_a_correct_event_stream(gateway, model):
     client = gateway.client()
