@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -166,7 +167,17 @@ async def wait_result(job: Job, timeout: float) -> dict[str, Any]:
             if await run_in_threadpool(lambda: job.state) == "UNKNOWN":
                 raise JobLost(f"job {job.id}: Redis holds no record of it (lost with Redis's data); submit it again")
         await asyncio.sleep(min(POLL_MAX_S, max(POLL_MIN_S, POLL_SHARE * (now - start))))
-    return await run_in_threadpool(job.result, 10.0)
+    return await run_in_threadpool(_ready_result, job)
+
+
+#: Celery's Redis result consumer keeps one pub/sub connection per process, which is not meant to be
+#: driven from several threads at once; reading a result that is already stored takes a moment.
+_RESULT_LOCK = threading.Lock()
+
+
+def _ready_result(job: Job) -> dict[str, Any]:
+    with _RESULT_LOCK:
+        return job.result(timeout=10.0)
 
 
 def _timeout(job: Job, timeout: float) -> JobTimeout:
@@ -336,7 +347,7 @@ def job_status(job_id: str, cfg: Settings) -> dict[str, Any]:
     body: dict[str, Any] = {"id": job_id, "object": "glyphq.job", "state": state}
     if state in ("SUCCESS", "FAILURE", "EXPIRED", "REVOKED"):
         try:
-            body["completion"] = chat.completion(job.result(timeout=10), job_id)
+            body["completion"] = chat.completion(_ready_result(job), job_id)
         except (JobFailed, JobExpired) as exc:
             status, kind, code, param, _ = _describe(exc)
             body["error"] = chat.error_body(str(exc), kind, param, code, status=status)["error"]

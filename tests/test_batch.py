@@ -163,9 +163,13 @@ def _assert_every_id_once_and_ran_once(out: Path, ids: list[str], prefix: str, r
 
 @pytest.fixture
 def long_worker(start_worker, endless_model, monkeypatch):
-    """A worker on the endless model; one torch thread, so the batch process next to it cannot stall it."""
+    """A worker on the endless model; one torch thread, so the batch process next to it cannot stall it.
+
+    Batches of two at most, so results arrive a pair at a time: on an idle machine a batch of eight finished
+    together, and a kill meant to land between results came after all of them.
+    """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return start_worker(model=endless_model)
+    return start_worker(model=endless_model, max_batch=2)
 
 
 def test_sigkill_halfway_then_rerun_runs_each_job_once(long_worker, tmp_path, redis_client):
