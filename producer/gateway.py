@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -244,92 +245,133 @@ def _route(request: Request) -> str:
     return str(getattr(route, "path", "other"))
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every handler of one app reads: its settings, keys, metrics and body limit."""
+
+    cfg: Settings
+    keys: Keys
+    metrics: Metrics
+    limit: int
+
+
+def _context(request: Request) -> _Context:
+    return request.app.state.glyphq  # type: ignore[no-any-return]
+
+
+async def _count(request: Request, call_next: Any) -> Response:
+    start = time.perf_counter()
+    response: Response = await call_next(request)
+    metrics, route = _context(request).metrics, _route(request)
+    metrics.requests.labels(route, str(response.status_code)).inc()
+    metrics.seconds.labels(route).observe(time.perf_counter() - start)
+    return response
+
+
+async def _glyphq_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GlyphqError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = "not_found" if exc.status_code == 404 else None
+    return JSONResponse(chat.error_body(str(exc.detail), "invalid_request_error", None, code),
+                        status_code=exc.status_code)
+
+
+def _authorized(request: Request) -> _Context:
+    ctx = _context(request)
+    ctx.keys.check(request.headers.get("authorization"))
+    return ctx
+
+
+async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequest]:
+    """Check the key and the body, then submit the job; raises what refuses it."""
+    ctx = _authorized(request)
+    cfg = ctx.cfg
+    body = await read_json(request, ctx.limit)
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is not None and model != cfg.model:
+        raise RequestRefused(404, f"model {model!r} is not served here; the workers serve "
+                                  f"{cfg.model!r} (GLYPHQ_MODEL), or omit model", "model_not_found", "model")
+    parsed = await run_in_threadpool(chat.parse_request, body, cfg)
+    if parsed.stream and not streamable:
+        raise InvalidJob("stream", "is not allowed here: GET /v1/jobs/{id} gives the result")
+    # Celery retries a send to an unreachable Redis for seconds; a PING first answers 503 at once.
+    await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
+    job = await run_in_threadpool(lambda: submit(parsed.image, parsed.question, job_id=_job_id(request),
+                                                 settings=cfg, **parsed.submit_kwargs()))
+    return job, parsed
+
+
+async def chat_completions(request: Request) -> Response:
+    """``POST /v1/chat/completions``: the completion once answered, or its SSE stream."""
+    job, parsed = await _queue(request, streamable=True)
+    ctx = _context(request)
+    limit = ctx.cfg.gateway_timeout_s
+    timeout = min(float(parsed.timeout or limit), limit)
+    headers = {JOB_HEADER: job.id, "X-Request-Id": job.id}
+    if parsed.stream:
+        return StreamingResponse(stream_answer(job, parsed, ctx.cfg, timeout), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+    ctx.metrics.waiting.inc()
+    try:
+        result = await wait_result(job, timeout)
+    finally:
+        ctx.metrics.waiting.dec()
+    return JSONResponse(chat.completion(result, job.id), headers=headers)
+
+
+async def create_job(request: Request) -> JSONResponse:
+    """``POST /v1/jobs``: queue the request, answer 202 at once."""
+    job, _ = await _queue(request, streamable=False)
+    return JSONResponse({"id": job.id, "object": "glyphq.job", "state": "PENDING"}, status_code=202,
+                        headers={JOB_HEADER: job.id})
+
+
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    """``GET /v1/jobs/{id}``."""
+    return await run_in_threadpool(job_status, job_id, _authorized(request).cfg)
+
+
+async def models(request: Request) -> dict[str, Any]:
+    """``GET /v1/models``: the model the workers serve."""
+    model = _authorized(request).cfg.model
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "glyphq"}]}
+
+
+async def health(request: Request) -> JSONResponse:
+    """``GET /health``: 200 while Redis answers PING; needs no key."""
+    cfg = _context(request).cfg
+    try:
+        await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
+    except BrokerUnavailable as exc:
+        return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+    return JSONResponse({"status": "ok", "model": cfg.model})
+
+
+async def metrics_text(request: Request) -> Response:
+    """``GET /metrics``: the gateway's Prometheus metrics."""
+    return Response(_authorized(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+ROUTES = (("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/jobs", create_job),
+          ("GET", "/v1/jobs/{job_id}", get_job), ("GET", "/v1/models", models), ("GET", "/health", health),
+          ("GET", "/metrics", metrics_text))
+
+
 def create_app(cfg: Settings | None = None) -> FastAPI:
     """The gateway's FastAPI app, reading ``cfg`` (default: the environment's settings)."""
     cfg = cfg or default_settings
-    keys, metrics, limit = Keys(cfg.api_keys), Metrics(), body_limit(cfg)
     app = FastAPI(title="glyphq", summary="OpenAI chat completions answered by glyphq's queue of VLM workers.",
                   docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        response: Response = await call_next(request)
-        route = _route(request)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.seconds.labels(route).observe(time.perf_counter() - start)
-        return response
-
-    @app.exception_handler(GlyphqError)
-    async def glyphq_error(request: Request, exc: GlyphqError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(chat.error_body(str(exc.detail), "invalid_request_error", None, code),
-                            status_code=exc.status_code)
-
-    async def job_from(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequest]:
-        keys.check(request.headers.get("authorization"))
-        body = await read_json(request, limit)
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and model != cfg.model:
-            raise RequestRefused(404, f"model {model!r} is not served here; the workers serve "
-                                      f"{cfg.model!r} (GLYPHQ_MODEL), or omit model", "model_not_found", "model")
-        parsed = await run_in_threadpool(chat.parse_request, body, cfg)
-        if parsed.stream and not streamable:
-            raise InvalidJob("stream", "is not allowed here: GET /v1/jobs/{id} gives the result")
-        # Celery retries a send to an unreachable Redis for seconds; a PING first answers 503 at once.
-        await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
-        job = await run_in_threadpool(lambda: submit(parsed.image, parsed.question, job_id=_job_id(request),
-                                                     settings=cfg, **parsed.submit_kwargs()))
-        return job, parsed
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        job, parsed = await job_from(request, streamable=True)
-        timeout = min(float(parsed.timeout or cfg.gateway_timeout_s), cfg.gateway_timeout_s)
-        headers = {JOB_HEADER: job.id, "X-Request-Id": job.id}
-        if parsed.stream:
-            return StreamingResponse(stream_answer(job, parsed, cfg, timeout), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
-        metrics.waiting.inc()
-        try:
-            result = await wait_result(job, timeout)
-        finally:
-            metrics.waiting.dec()
-        return JSONResponse(chat.completion(result, job.id), headers=headers)
-
-    @app.post("/v1/jobs", status_code=202)
-    async def create_job(request: Request) -> JSONResponse:
-        job, _ = await job_from(request, streamable=False)
-        return JSONResponse({"id": job.id, "object": "glyphq.job", "state": "PENDING"}, status_code=202,
-                            headers={JOB_HEADER: job.id})
-
-    @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-        keys.check(request.headers.get("authorization"))
-        return await run_in_threadpool(job_status, job_id, cfg)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        keys.check(request.headers.get("authorization"))
-        return {"object": "list", "data": [{"id": cfg.model, "object": "model", "created": 0, "owned_by": "glyphq"}]}
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        try:
-            await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
-        except BrokerUnavailable as exc:
-            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ok", "model": cfg.model})
-
-    @app.get("/metrics")
-    async def metrics_text(request: Request) -> Response:
-        keys.check(request.headers.get("authorization"))
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
+    app.state.glyphq = _Context(cfg, Keys(cfg.api_keys), Metrics(), body_limit(cfg))
+    app.middleware("http")(_count)
+    app.add_exception_handler(GlyphqError, _glyphq_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for method, path, handler in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
     return app
 
 
