@@ -6,6 +6,7 @@ lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other
 ``check-model``: 0 the parser knows the model's format (or it has none), 1 it has reasoning tags the parser
 does not recognise. ``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error,
 4 Redis unreachable, 8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
+``serve``: runs until stopped; 2 when it cannot start (beyond localhost without GLYPHQ_API_KEYS, no gateway extra).
 """
 
 from __future__ import annotations
