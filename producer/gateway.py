@@ -92,7 +92,8 @@ def _describe(exc: GlyphqError) -> tuple[int, str, str | None, str | None, dict[
         return 503, "server_error", code, None, {}
     if isinstance(exc, (JobTimeout, JobExpired)):
         code = "timeout" if isinstance(exc, JobTimeout) else "deadline_expired"
-        return 504, "server_error", code, None, {"job_id": getattr(exc, "job_id", None)}
+        job_id = getattr(exc, "job_id", None)
+        return 504, "server_error", code, None, {"job_id": job_id} if job_id else {}
     if isinstance(exc, JobFailed):
         if exc.error_type == "InvalidJob":
             return 400, "invalid_request_error", exc.error_type, None, {"job_id": exc.job_id}
@@ -178,7 +179,11 @@ _RESULT_LOCK = threading.Lock()
 
 def _ready_result(job: Job) -> dict[str, Any]:
     with _RESULT_LOCK:
-        return job.result(timeout=10.0)
+        try:
+            return job.result(timeout=10.0)
+        except JobExpired as exc:
+            exc.job_id = job.id  # type: ignore[attr-defined]  # the 504 names the job
+            raise
 
 
 def _timeout(job: Job, timeout: float) -> JobTimeout:

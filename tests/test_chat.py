@@ -104,3 +104,29 @@ def test_results_become_completion_chunks_and_usage():
     plain = chat.stream_chunks({**result, "reasoning": None}, "j1", 7, include_usage=False)
     assert [c["choices"][0]["delta"] for c in plain] == [{"content": "ten"}, {}]
     assert all("usage" not in c for c in plain)
+
+
+def test_every_glyphq_error_has_its_status_and_openai_shape():
+    import json
+
+    from producer.errors import BrokerFull, BrokerUnavailable, JobExpired, JobFailed, JobLost, QueueFull
+    from producer.gateway import _timeout, error_response
+    from producer.submit import Job
+
+    cases = [(InvalidJob("max_new_tokens", "too many"), 400, None, None),
+             (QueueFull("full"), 429, "queue_full", "10"), (BrokerFull("full"), 503, "broker_full", "30"),
+             (BrokerUnavailable("down"), 503, "broker_unavailable", "5"), (JobLost("gone"), 503, "job_lost", "5"),
+             (JobFailed("j1", "ModelError", "oom twice"), 500, "ModelError", None),
+             (JobFailed("j1", "InvalidJob", "image: bad"), 400, "InvalidJob", None),
+             (JobExpired("late"), 504, "deadline_expired", None), (_timeout(Job("j2"), 3), 504, "timeout", None)]
+    for exc, status, code, retry_after in cases:
+        response = error_response(exc)
+        body = json.loads(response.body)["error"]
+        assert (response.status_code, body["code"], response.headers.get("retry-after")) == \
+            (status, code, retry_after), exc
+        assert body["message"] == str(exc) and {"message", "type", "param", "code"} <= set(body)
+    expired = JobExpired("late")
+    expired.job_id = "j3"
+    assert error_response(expired).headers["x-glyphq-job-id"] == "j3"
+    timed_out = error_response(_timeout(Job("j2"), 3))
+    assert timed_out.headers["x-glyphq-job-id"] == "j2" and json.loads(timed_out.body)["error"]["job_id"] == "j2"
