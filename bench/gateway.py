@@ -74,7 +74,7 @@ def via_gateway(client, model: str, image: bytes, question: str, tokens: int) ->
 
 
 def in_process(image: bytes, question: str, tokens: int) -> tuple[float, dict]:
-    from producer import submit
+    from glyphq.producer import submit
 
     start = time.perf_counter()
     result = submit(image, question, max_new_tokens=tokens).result(timeout=600)
@@ -120,7 +120,7 @@ def main() -> int:
     parser.add_argument("--submit-intake", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.submit_intake:  # the child process of the intake figure: print submit's requests/s
-        from producer import submit
+        from glyphq.producer import submit
 
         image = page((896, 504), 5)
         print(rate(lambda i: submit(image, "Enqueue only?", max_new_tokens=16), args.submit_intake, args.clients))
@@ -129,13 +129,13 @@ def main() -> int:
     os.environ.update({"GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0", "GLYPHQ_METRICS_PORT": "0",
                        "GLYPHQ_DEVICE": "cpu", "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1"})
     if not (Path(args.model_dir) / "config.json").exists():
-        from worker.tiny import build
+        from glyphq.worker.tiny import build
 
         build(Path(args.model_dir))
     import httpx
     import openai
 
-    from producer import submit
+    from glyphq.producer import submit
 
     with redis_and_worker(redis_port, dict(os.environ), "gatewaybench") as (_worker, log_path):
         deadline = time.monotonic() + 120

@@ -36,11 +36,11 @@ from typing import IO, Any
 import redis
 from kombu.exceptions import OperationalError
 
-from celeryconfig import Settings
-from celeryconfig import settings as default_settings
-from producer import batch_openai
-from producer.errors import BatchUsageError, BrokerUnavailable
-from producer.store import Store, unavailable
+from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer import batch_openai
+from glyphq.producer.errors import BatchUsageError, BrokerUnavailable
+from glyphq.producer.store import Store, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
     start = time.monotonic()
     summary = Summary(input=str(source), output=str(out), job_prefix=prefix)
     todo = _plan(source, out, prefix, summary, lambda text: _warn(err, text))
-    from producer.batch_runner import Progress, Runner
+    from glyphq.producer.batch_runner import Progress, Runner
 
     Runner(cfg, source, out, summary, todo, window, timeout, Progress(len(todo), progress, err), poll_s).run()
     summary.elapsed = time.monotonic() - start

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from celeryconfig import Settings
-from producer import chat
-from producer.errors import InvalidJob
+from glyphq.celeryconfig import Settings
+from glyphq.producer import chat
+from glyphq.producer.errors import InvalidJob
 
 FIELDS = ("custom_id", "method", "url", "body")
 URL = "/v1/chat/completions"

@@ -16,10 +16,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from celeryconfig import Settings
-from producer.batch import BACKOFF_S, BROKER_ERRORS, BROKER_GRACE_S, BadLine, Item, ResultWriter, Summary
-from producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
-from producer.submit import LOST_CHECK_S
+from glyphq.celeryconfig import Settings
+from glyphq.producer.batch import BACKOFF_S, BROKER_ERRORS, BROKER_GRACE_S, BadLine, Item, ResultWriter, Summary
+from glyphq.producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
+from glyphq.producer.submit import LOST_CHECK_S
 
 
 @dataclass
@@ -181,7 +181,7 @@ class Runner:
 
     def _submit(self, item: Item) -> bool:
         """Submit one item; False when submitting must pause (full queue or Redis, Redis unreachable)."""
-        from producer.submit import submit
+        from glyphq.producer.submit import submit
 
         try:
             image, question, fields = item.job_args(self.cfg)

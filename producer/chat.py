@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from celeryconfig import Settings
-from producer.errors import InvalidJob
-from producer.validation import check_question
+from glyphq.celeryconfig import Settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.validation import check_question
 
 #: Fields of a chat completion request that glyphq honours (``priority``, ``thinking_budget`` and
 #: ``deadline`` are its own), and those it accepts and ignores because they change nothing here.

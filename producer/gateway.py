@@ -24,10 +24,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from celeryconfig import Settings
-from celeryconfig import settings as default_settings
-from producer import chat
-from producer.errors import (
+from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer import chat
+from glyphq.producer.errors import (
     BrokerFull,
     BrokerUnavailable,
     GlyphqError,
@@ -39,9 +39,9 @@ from producer.errors import (
     QueueFull,
     RequestRefused,
 )
-from producer.store import check_broker
-from producer.submit import LOST_CHECK_S, Job, submit
-from producer.validation import check_identifier
+from glyphq.producer.store import check_broker
+from glyphq.producer.submit import LOST_CHECK_S, Job, submit
+from glyphq.producer.validation import check_identifier
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def check_bind(host: str, cfg: Settings) -> None:
     """Refuse to listen beyond localhost without API keys, unless ``GLYPHQ_GATEWAY_ALLOW_NO_KEYS=on``."""
     if cfg.api_keys or cfg.gateway_allow_no_keys == "on" or host in ("127.0.0.1", "localhost", "::1"):
         return
-    from producer.errors import ServeUsageError
+    from glyphq.producer.errors import ServeUsageError
 
     raise ServeUsageError(f"refusing to listen on {host} without API keys: set GLYPHQ_API_KEYS, or "
                           "GLYPHQ_GATEWAY_ALLOW_NO_KEYS=on behind a proxy that authenticates")

@@ -7,11 +7,11 @@ import base64
 import pytest
 from conftest import png_bytes
 
-from celeryconfig import Settings
-from producer import chat
-from producer.errors import InvalidJob
-from producer.schema import JobMessage
-from producer.validation import check_history
+from glyphq.celeryconfig import Settings
+from glyphq.producer import chat
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.schema import JobMessage
+from glyphq.producer.validation import check_history
 
 CFG = Settings.from_env({})
 
@@ -109,9 +109,9 @@ def test_results_become_completion_chunks_and_usage():
 def test_every_glyphq_error_has_its_status_and_openai_shape():
     import json
 
-    from producer.errors import BrokerFull, BrokerUnavailable, JobExpired, JobFailed, JobLost, QueueFull
-    from producer.gateway import _timeout, error_response
-    from producer.submit import Job
+    from glyphq.producer.errors import BrokerFull, BrokerUnavailable, JobExpired, JobFailed, JobLost, QueueFull
+    from glyphq.producer.gateway import _timeout, error_response
+    from glyphq.producer.submit import Job
 
     cases = [(InvalidJob("max_new_tokens", "too many"), 400, None, None),
              (QueueFull("full"), 429, "queue_full", "10"), (BrokerFull("full"), 503, "broker_full", "30"),

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, free_port, png_bytes
 from faults.helpers import ready_worker
 
-from worker.tiny import build, script
+from glyphq.worker.tiny import build, script
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 KEY = "test-key-0123456789abcdef"
@@ -209,8 +209,8 @@ def test_keys_body_limit_health_metrics_and_no_torch(gateway, model):
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
 
-    from celeryconfig import settings
-    from producer.gateway import body_limit
+    from glyphq.celeryconfig import settings
+    from glyphq.producer.gateway import body_limit
 
     huge = b"x" * (body_limit(settings) + 1)
     too_big = httpx.post(f"{gateway.url}/v1/chat/completions", content=huge,
