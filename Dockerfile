@@ -1,4 +1,4 @@
-# One image for every service of docker-compose.yml: GPU workers, the render worker and Flower.
+# One image for every service of docker-compose.yml: GPU workers, the render worker, Flower and the gateway.
 # The base image brings CUDA, torch and torchvision (GLM-4V's processor needs it).
 FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
@@ -14,7 +14,7 @@ COPY pyproject.toml constraints.txt README.md LICENSE __init__.py celeryconfig.p
 COPY producer ./producer
 COPY tasks ./tasks
 COPY worker ./worker
-RUN pip install --no-cache-dir -c constraints.txt '.[worker,render,flower]'
+RUN pip install --no-cache-dir -c constraints.txt '.[worker,render,flower,gateway]'
 
 USER glyphq
 # HF_HOME: model downloads; GLYPHQ_COMPILE_CACHE_DIR: kernels compiled for static decoding;
@@ -23,5 +23,5 @@ ENV HF_HOME=/hf-cache \
     GLYPHQ_COMPILE_CACHE_DIR=/compile-cache \
     PYTHONUNBUFFERED=1
 VOLUME ["/hf-cache", "/compile-cache", "/data"]
-EXPOSE 9808 5555
+EXPOSE 9808 5555 8000
 CMD ["celery", "-A", "glyphq.tasks", "worker", "-l", "info"]

@@ -12,11 +12,11 @@ GPU ?= 0
 ifeq ($(GPU),1)
 TORCH ?= torch
 TORCH_INDEX ?=
-EXTRAS ?= worker,glyph,render,flower,examples,test
+EXTRAS ?= worker,glyph,render,flower,gateway,test
 else
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= worker,render,flower,examples,test
+EXTRAS ?= worker,render,flower,gateway,test
 endif
 # The glyph extra's torchvision must match torch's build: it comes in the same step, from the same index.
 TORCH_PACKAGES := $(TORCH)$(if $(and $(findstring glyph,$(EXTRAS)),$(if $(findstring torchvision,$(TORCH)),,x)), torchvision)

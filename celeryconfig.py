@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DAY_S = 24 * 3600
 
@@ -59,6 +59,15 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
+def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """``GLYPHQ_API_KEYS``: comma-separated bearer tokens the gateway accepts; each at least 16 characters."""
+    keys = tuple(k.strip() for k in env.get("GLYPHQ_API_KEYS", "").split(",") if k.strip())
+    short = [k for k in keys if len(k) < 16]
+    if short:
+        raise SettingsError(f"GLYPHQ_API_KEYS: {len(short)} key(s) shorter than 16 characters; use long random keys")
+    return keys
+
+
 def parse_box(text: str, name: str = "GLYPHQ_MAX_IMAGE_SIZE") -> tuple[int, int]:
     """Parse ``"1280x720"`` into ``(1280, 720)``."""
     parts = text.lower().replace("×", "x").split("x")
@@ -100,6 +109,7 @@ class Settings:
     max_memory_per_child_mb: int = 16384
     gpu_guard_mb: int = 0
     history_turns: int = 3
+    max_history_chars: int = 16_000
     # 8,192 new tokens at the longest step measured on an H200 (batch 16 over the whole static cache,
     # 15.8 ms) take 130 s, plus the prompt pass of 16 documents of 40 pages (about 2 s each).
     soft_time_limit_s: int = 300
@@ -131,6 +141,11 @@ class Settings:
     allow_eviction: str = "off"
     metrics_port: int = 9808
     metrics_dir: str = ""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: kept out of logs
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    gateway_timeout_s: int = 600
+    gateway_allow_no_keys: str = "off"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -183,6 +198,7 @@ class Settings:
             max_memory_per_child_mb=_int(env, "GLYPHQ_MAX_MEMORY_PER_CHILD_MB", cls.max_memory_per_child_mb),
             gpu_guard_mb=_int(env, "GLYPHQ_GPU_GUARD_MB", cls.gpu_guard_mb),
             history_turns=_int(env, "GLYPHQ_HISTORY_TURNS", cls.history_turns),
+            max_history_chars=_int(env, "GLYPHQ_MAX_HISTORY_CHARS", cls.max_history_chars),
             soft_time_limit_s=soft_limit,
             time_limit_s=time_limit,
             visibility_timeout_s=visibility,
@@ -212,6 +228,12 @@ class Settings:
             allow_eviction=_choice(env, "GLYPHQ_ALLOW_EVICTION", cls.allow_eviction, ("on", "off")),
             metrics_port=_int(env, "GLYPHQ_METRICS_PORT", cls.metrics_port, maximum=65535),
             metrics_dir=_str(env, "GLYPHQ_METRICS_DIR", cls.metrics_dir),
+            api_keys=_api_keys(env),
+            gateway_host=_str(env, "GLYPHQ_GATEWAY_HOST", cls.gateway_host),
+            gateway_port=_int(env, "GLYPHQ_GATEWAY_PORT", cls.gateway_port, minimum=1, maximum=65535),
+            gateway_timeout_s=_int(env, "GLYPHQ_GATEWAY_TIMEOUT", cls.gateway_timeout_s, minimum=1),
+            gateway_allow_no_keys=_choice(env, "GLYPHQ_GATEWAY_ALLOW_NO_KEYS", cls.gateway_allow_no_keys,
+                                          ("on", "off")),
         )
 
 

@@ -13,25 +13,24 @@ Ids: a line's ``"id"`` (a string or an integer, written back as a string), else 
 10 hex digits of a hash of the input and output paths, so a rerun of the same command gives every line
 the same job id. ``submit`` enqueues a job id once, so a rerun re-attaches to jobs already queued,
 running or finished instead of running them twice; ids already in the output are skipped.
+
+An OpenAI Batch file (``{"custom_id", "method", "url", "body"}`` lines) is read as well, detected per
+file, and gets OpenAI Batch output lines (``producer.batch_openai``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shlex
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 import redis
@@ -39,9 +38,9 @@ from kombu.exceptions import OperationalError
 
 from glyphq.celeryconfig import Settings
 from glyphq.celeryconfig import settings as default_settings
-from glyphq.producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
+from glyphq.producer import batch_openai
+from glyphq.producer.errors import BatchUsageError, BrokerUnavailable
 from glyphq.producer.store import Store, unavailable
-from glyphq.producer.submit import LOST_CHECK_S
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +53,7 @@ BACKOFF_S = 2.0
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_OUTPUT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 4, 8, 130
-_BROKER_ERRORS = (BrokerUnavailable, redis.RedisError, OperationalError, ConnectionError, TimeoutError)
-
-
+BROKER_ERRORS = (BrokerUnavailable, redis.RedisError, OperationalError, ConnectionError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -71,6 +68,25 @@ class Item:
     max_new_tokens: Any = None
     priority: Any = None
     thinking_budget: Any = None
+    offset: int | None = None  # an OpenAI Batch line: where it starts in the input; its body is read at submit
+
+    def job_args(self, cfg: Settings) -> tuple[Path | bytes, Any, dict[str, Any]]:
+        """(image, question, other ``submit`` arguments); an OpenAI line's body is read and checked now."""
+        if self.offset is None:
+            return self.image, self.question, {"max_new_tokens": self.max_new_tokens, "priority": self.priority,
+                                               "thinking_budget": self.thinking_budget}
+        with self.image.open("rb") as handle:
+            handle.seek(self.offset)
+            raw = handle.readline()
+        return batch_openai.job_args(raw, cfg)
+
+    def record(self, outcome: dict[str, Any]) -> dict[str, Any]:
+        """The output line of this item: glyphq's own, or an OpenAI Batch output line."""
+        if self.offset is None:
+            return {"id": self.id, "job_id": self.job_id, "line": self.line, **outcome}
+        if outcome["ok"]:
+            return batch_openai.success(self.id, self.job_id, outcome["result"])
+        return batch_openai.failure(self.id, self.job_id, outcome["error_type"], outcome["error"])
 
 
 @dataclass(frozen=True)
@@ -151,12 +167,16 @@ def parse_lines(path: Path, prefix: str) -> Iterator[Item | BadLine]:
     """Every non-blank line of the input as an ``Item`` or a ``BadLine`` (bad JSON, bad fields, duplicate id)."""
     base = path.parent
     seen: dict[str, int] = {}
+    openai = batch_openai.is_openai_file(path)
+    offset = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
             try:
-                item = _parse_line(raw, number, base, prefix)
+                item = _parse_openai_line(raw, number, start, path, prefix) if openai else \
+                    _parse_line(raw, number, base, prefix)
             except ValueError as exc:
                 yield BadLine(number, str(exc))
                 continue
@@ -195,6 +215,16 @@ def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
                 priority=data.get("priority"), thinking_budget=data.get("thinking_budget"))
 
 
+def _parse_openai_line(raw: bytes, number: int, offset: int, path: Path, prefix: str) -> Item:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    custom_id = batch_openai.check_envelope(data)
+    return Item(line=number, id=custom_id, job_id=job_id_for(prefix, custom_id), image=path, question=None,
+                offset=offset)
+
+
 _RECORD_START = b'{"id":'
 
 
@@ -213,7 +243,11 @@ def read_finished(path: Path, warn: Callable[[str], None]) -> dict[str, bool]:
             continue
         try:
             record = json.loads(raw)
-            finished[str(record["id"])] = bool(record["ok"])
+            if "custom_id" in record:
+                done, ok = batch_openai.finished(record)
+                finished[done] = ok
+            else:
+                finished[str(record["id"])] = bool(record["ok"])
         except (ValueError, KeyError, TypeError):
             raise BatchUsageError(f"{path} is not a results file of glyphq batch (line {number}); "
                                   "choose another --out") from None
@@ -243,87 +277,6 @@ class ResultWriter:
         os.close(self.fd)
 
 
-@dataclass
-class _InFlight:
-    item: Item
-    job: Any  # producer.submit.Job
-    since: float
-    checked: float = 0.0  # when it was last seen to exist in Redis
-
-
-class _Progress:
-    """A tqdm bar on stderr with done, failed, bad and in-flight counts (tqdm adds rate and ETA)."""
-
-    def __init__(self, total: int, enabled: bool, stream: IO[str]) -> None:
-        self.stream = stream
-        self.bar: Any = None
-        if enabled:
-            from tqdm import tqdm
-
-            tty = hasattr(stream, "isatty") and stream.isatty()
-            self.bar = tqdm(total=total, file=stream, unit="job", dynamic_ncols=True, mininterval=0.2 if tty else 10,
-                            ascii=not tty, smoothing=0.05)
-
-    def update(self, summary: Summary, in_flight: int, step: int = 0) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(done=summary.done, failed=summary.failed, bad=summary.skipped_bad,
-                                 in_flight=in_flight, refresh=False)
-            self.bar.update(step)
-
-    def message(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _StopFlag:
-    """Set by the first SIGINT/SIGTERM; a second SIGINT raises KeyboardInterrupt, but never inside ``submit``.
-
-    ``submit`` claims the job id, stores the blob and then sends the message; stopping between the
-    claim and the send would leave a claimed id that a rerun re-attaches to and waits on forever.
-    """
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.forced = False
-        self._critical = False
-        self._saved: dict[int, Any] = {}
-
-    @contextlib.contextmanager
-    def protected(self) -> Iterator[None]:
-        """Delay a second Ctrl-C until the block is done."""
-        self._critical = True
-        try:
-            yield
-        finally:
-            self._critical = False
-        if self.forced:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
-            self.forced = True
-            if not self._critical:
-                raise KeyboardInterrupt
-            return
-        self.reason = signal.Signals(signum).name
-
-
 def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
               window: int = DEFAULT_WINDOW, timeout: float | None = None, job_prefix: str | None = None,
               progress: bool = True, stderr: IO[str] | None = None, poll_s: float = 0.2,
@@ -335,11 +288,30 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
     Raises ``BatchUsageError`` for a batch that cannot start and ``BrokerUnavailable`` when Redis
     cannot be reached at the start.
     """
-    from glyphq.producer.submit import submit
-
     cfg = settings or default_settings
     err = stderr or sys.stderr
     source, out = Path(input_path), Path(output_path)
+    prefix = _check_usage(source, out, window, timeout, job_prefix)
+    _check_reachable(cfg)
+    start = time.monotonic()
+    summary = Summary(input=str(source), output=str(out), job_prefix=prefix)
+    todo = _plan(source, out, prefix, summary, lambda text: _warn(err, text))
+    from glyphq.producer.batch_runner import Progress, Runner
+
+    Runner(cfg, source, out, summary, todo, window, timeout, Progress(len(todo), progress, err), poll_s).run()
+    summary.elapsed = time.monotonic() - start
+    if summary.interrupted or summary.broker_unavailable or summary.output_error or summary.in_flight \
+            or summary.timed_out:
+        _warn(err, _resume_hint(summary, source, out, job_prefix))
+    return summary
+
+
+def _warn(stream: IO[str], text: str) -> None:
+    print(f"glyphq batch: {text}", file=stream, flush=True)
+
+
+def _check_usage(source: Path, out: Path, window: int, timeout: float | None, job_prefix: str | None) -> str:
+    """The job prefix of a batch that can start; ``BatchUsageError`` naming what stops it otherwise."""
     if window < 1:
         raise BatchUsageError(f"--window must be at least 1, got {window}")
     if timeout is not None and timeout <= 0:
@@ -353,17 +325,18 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
     prefix = job_prefix or default_job_prefix(source, out)
     if not _SAFE_ID.match(prefix) or len(prefix) > 24:
         raise BatchUsageError(f"--job-prefix must be 1-24 of A-Z a-z 0-9 . _ : -, got {prefix!r}")
+    return prefix
+
+
+def _check_reachable(cfg: Settings) -> None:
     try:
         Store(cfg).redis.ping()
     except redis.RedisError as exc:
         raise unavailable(cfg, exc) from exc
 
-    start = time.monotonic()
-    summary = Summary(input=str(source), output=str(out), job_prefix=prefix)
 
-    def warn(text: str) -> None:
-        print(f"glyphq batch: {text}", file=err, flush=True)
-
+def _plan(source: Path, out: Path, prefix: str, summary: Summary, warn: Callable[[str], None]) -> list[Item]:
+    """The items still to run: every good line whose id is not in the output yet. Counts the rest."""
     finished = read_finished(out, warn)
     entries = list(parse_lines(source, prefix))
     summary.total = len(entries)
@@ -381,166 +354,17 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
     summary.skipped_bad = len(summary.bad_lines)
     if summary.already_done:
         warn(f"resuming: {summary.already_done} of {summary.total} ids are already in {out}")
+    return todo
 
-    bar = _Progress(len(todo), progress, err)
-    try:
-        writer = ResultWriter(out)
-    except OSError as exc:
-        raise BatchUsageError(f"cannot open {out} for writing: {exc}") from None
-    in_flight: dict[str, _InFlight] = {}
-    queue = iter(todo)
-    held: Item | None = None  # the next item to submit, kept back after QueueFull or a broker error
-    lost: list[Item] = []  # submitted, but Redis holds no record of them: submitted again
-    resume_at = 0.0
-    broker_down_since: float | None = None
-    exhausted = False
 
-    def broker_error(exc: BaseException) -> None:
-        nonlocal broker_down_since, resume_at
-        now = time.monotonic()
-        if broker_down_since is None:
-            broker_down_since = now
-            bar.message(f"glyphq batch: Redis unreachable ({exc}); retrying for up to {BROKER_GRACE_S:.0f} s")
-        resume_at = now + BACKOFF_S
-        if now - broker_down_since > BROKER_GRACE_S:
-            summary.broker_unavailable = True
-
-    def write(entry: _InFlight, record: dict[str, Any], ok: bool) -> None:
-        writer.write({"id": entry.item.id, "job_id": entry.item.job_id, "line": entry.item.line, **record})
-        if ok:
-            summary.done += 1
-        else:
-            summary.failed += 1
-            bar.message(f"glyphq batch: {source}:{entry.item.line}: id {entry.item.id!r} failed: "
-                        f"{record['error_type']}: {record['error']}")
-
-    def collect(entry: _InFlight) -> bool:
-        """Write the result of a job that is ready; False if it was not ready after all."""
-        try:
-            result = entry.job.result(timeout=10)
-        except JobFailed as exc:
-            write(entry, {"ok": False, "error_type": exc.error_type, "error": exc.message}, ok=False)
-            return True
-        except JobTimeout:
-            return False
-        except GlyphqError as exc:
-            if isinstance(exc, BrokerUnavailable):
-                raise
-            write(entry, {"ok": False, "error_type": type(exc).__name__, "error": str(exc)}, ok=False)
-            return True
-        if isinstance(result, dict):
-            write(entry, {"ok": True, "result": result}, ok=True)
-        else:  # e.g. a revoked job, whose "result" is the revoking exception
-            write(entry, {"ok": False, "error_type": str(entry.job.state), "error": str(result)}, ok=False)
-        return True
-
-    try:
-        with _StopFlag() as stop:
-            while not (stop.reason or summary.broker_unavailable):
-                now = time.monotonic()
-                # Fill the window.
-                while (len(in_flight) < window and now >= resume_at and not stop.reason
-                       and not summary.broker_unavailable):
-                    item = held or (lost.pop(0) if lost else None)
-                    if item is None:
-                        item = next(queue, None)
-                        if item is None:
-                            exhausted = True
-                            break
-                    try:
-                        with stop.protected():
-                            job = submit(item.image, item.question, max_new_tokens=item.max_new_tokens,
-                                         thinking_budget=item.thinking_budget, priority=item.priority,
-                                         job_id=item.job_id, settings=cfg)
-                    except InvalidJob as exc:
-                        held = None
-                        bad = BadLine(item.line, str(exc))
-                        summary.bad_lines.append(bad)
-                        summary.skipped_bad += 1
-                        bar.message(f"glyphq batch: {source}:{bad.line}: skipped: {bad.error}")
-                        bar.update(summary, len(in_flight), step=1)
-                        continue
-                    except _BROKER_ERRORS as exc:
-                        held = item
-                        broker_error(exc)
-                        break
-                    except GlyphqError as exc:  # QueueFull, BrokerFull: wait for the queue to drain a little
-                        held = item
-                        if resume_at <= now:
-                            bar.message(f"glyphq batch: {exc}; waiting")
-                        resume_at = now + BACKOFF_S
-                        break
-                    except (OSError, ValueError) as exc:  # an unreadable image file, a NUL in a path...
-                        held = None
-                        bad = BadLine(item.line, f"image: cannot read {str(item.image)!r}: {exc}")
-                        summary.bad_lines.append(bad)
-                        summary.skipped_bad += 1
-                        bar.message(f"glyphq batch: {source}:{bad.line}: skipped: {bad.error}")
-                        bar.update(summary, len(in_flight), step=1)
-                        continue
-                    held = None
-                    broker_down_since = None
-                    in_flight[item.job_id] = _InFlight(item, job, time.monotonic())
-                    bar.update(summary, len(in_flight))
-                if exhausted and held is None and not lost and not in_flight:
-                    break
-
-                # Collect what has finished.
-                progressed = False
-                try:
-                    for job_id, flight in list(in_flight.items()):
-                        if stop.reason:
-                            break
-                        if flight.job.ready():
-                            if collect(flight):
-                                del in_flight[job_id]
-                                progressed = True
-                                bar.update(summary, len(in_flight), step=1)
-                        elif timeout is not None and time.monotonic() - flight.since > timeout:
-                            del in_flight[job_id]
-                            summary.timed_out += 1
-                            summary.timed_out_ids.append(flight.item.id)
-                            bar.message(f"glyphq batch: {source}:{flight.item.line}: id {flight.item.id!r} not done "
-                                        f"after {timeout:g} s (job {job_id} keeps its place; rerun to collect it)")
-                            bar.update(summary, len(in_flight), step=1)
-                        elif time.monotonic() - flight.checked > LOST_CHECK_S:
-                            flight.checked = time.monotonic()
-                            if flight.job.state == "UNKNOWN":  # never queued, or lost with Redis's data
-                                del in_flight[job_id]
-                                lost.append(flight.item)
-                                bar.message(f"glyphq batch: {source}:{flight.item.line}: job {job_id} is not in "
-                                            "Redis (never queued, or lost with its data); submitting it again")
-                    if broker_down_since is not None and held is None:
-                        broker_down_since = None
-                except _BROKER_ERRORS as exc:
-                    broker_error(exc)
-                    time.sleep(BACKOFF_S)
-                    continue
-                except OSError as exc:  # the results file cannot take another line: a full disk
-                    summary.output_error = f"cannot write to {out}: {exc}"
-                    break
-                if not progressed:
-                    time.sleep(poll_s)
-            summary.interrupted = stop.reason is not None
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once; every line written so far is whole
-        summary.interrupted = True
-    finally:
-        bar.close()
-        writer.close()
-        summary.in_flight = len(in_flight)
-        summary.not_submitted = ((0 if exhausted else sum(1 for _ in queue)) + (1 if held is not None else 0)
-                                 + len(lost))
-        summary.elapsed = time.monotonic() - start
-
-    if summary.interrupted or summary.broker_unavailable or summary.output_error or summary.in_flight \
-            or summary.timed_out:
-        why = "interrupted" if summary.interrupted else ("Redis unreachable" if summary.broker_unavailable else (
-            summary.output_error or "some jobs not finished in time"))
-        command = ["glyphq", "batch", str(source), "--out", str(out)]
-        if job_prefix:
-            command += ["--job-prefix", job_prefix]
-        warn(f"{why}: {summary.in_flight + summary.timed_out} job(s) still queued or running keep their place "
-             f"and {summary.not_submitted} line(s) were not submitted. Resume with the same command; it skips "
-             f"the {summary.done + summary.failed + summary.already_done} ids already in {out} and re-attaches "
-             f"to the queued jobs:\n  {shlex.join(command)}")
-    return summary
+def _resume_hint(summary: Summary, source: Path, out: Path, job_prefix: str | None) -> str:
+    """Why the batch stopped early, what is left, and the command that resumes it."""
+    why = "interrupted" if summary.interrupted else ("Redis unreachable" if summary.broker_unavailable else (
+        summary.output_error or "some jobs not finished in time"))
+    command = ["glyphq", "batch", str(source), "--out", str(out)]
+    if job_prefix:
+        command += ["--job-prefix", job_prefix]
+    return (f"{why}: {summary.in_flight + summary.timed_out} job(s) still queued or running keep their place "
+            f"and {summary.not_submitted} line(s) were not submitted. Resume with the same command; it skips "
+            f"the {summary.done + summary.failed + summary.already_done} ids already in {out} and re-attaches "
+            f"to the queued jobs:\n  {shlex.join(command)}")

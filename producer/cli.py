@@ -6,6 +6,7 @@ lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other
 ``check-model``: 0 the parser knows the model's format (or it has none), 1 it has reasoning tags the parser
 does not recognise. ``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error,
 4 Redis unreachable, 8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
+``serve``: runs until stopped; 2 when it cannot start (beyond localhost without GLYPHQ_API_KEYS, no gateway extra).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from glyphq.producer.errors import (
     JobLost,
     JobTimeout,
     QueueFull,
+    ServeUsageError,
 )
 from glyphq.producer.store import check_broker
 from glyphq.producer.submit import Job, submit
@@ -166,6 +168,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return summary.exit_code()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible HTTP gateway until stopped."""
+    try:
+        from glyphq.producer.gateway import serve
+    except ImportError as exc:  # fastapi/uvicorn are the gateway extra
+        raise ServeUsageError(f"needs the gateway extra (pip install 'glyphq[gateway]'): {exc}") from None
+    serve(args.host, args.port)
+    return EXIT_OK
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the answer and print the result")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
@@ -234,13 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="run a JSON Lines file of jobs, resumably; results go to --out")
     p.add_argument("file", help='JSON Lines: {"image": path, "question": ..., "id"?, "max_new_tokens"?, "priority"?, '
-                                '"thinking_budget"?}')
+                                '"thinking_budget"?}, or an OpenAI Batch file ({"custom_id", "method", "url", "body"})')
     p.add_argument("--out", required=True, help="results file (JSON Lines, appended; ids already in it are skipped)")
     p.add_argument("--window", type=int, default=32, help="most jobs in flight at once (default 32)")
     p.add_argument("--timeout", type=float, help="most seconds to wait for one job (default: no limit)")
     p.add_argument("--job-prefix", help="job ids are PREFIX-<id> (default: derived from the input and output paths)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("serve", help="serve the OpenAI chat completions API over HTTP (needs glyphq[gateway])")
+    p.add_argument("--host", help="address to listen on (default GLYPHQ_GATEWAY_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default GLYPHQ_GATEWAY_PORT, 8000)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -248,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: other glyphq error exits 1.
 EXIT_FOR_ERROR: tuple[tuple[type[GlyphqError], int], ...] = (
     (InvalidJob, EXIT_REFUSED), (InvalidRenderConfig, EXIT_REFUSED), (BatchUsageError, EXIT_REFUSED),
+    (ServeUsageError, EXIT_REFUSED),
     (BrokerFull, EXIT_BROKER_FULL), (BrokerUnavailable, EXIT_UNAVAILABLE), (QueueFull, EXIT_QUEUE_FULL),
     (JobLost, EXIT_NO_SUCH_JOB),
 )

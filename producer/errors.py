@@ -70,3 +70,18 @@ class BatchUsageError(GlyphqError):
 
 class JobTimeout(GlyphqError, TimeoutError):
     """Raised by ``Job.result`` when the job has not finished within the given timeout."""
+
+
+class RequestRefused(GlyphqError):
+    """Raised by the HTTP gateway when a request is refused before it becomes a job (no or a wrong API key,
+    a body over its limit, a model the workers do not serve, an unknown job); carries the HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+
+class ServeUsageError(GlyphqError):
+    """Raised when ``glyphq serve`` cannot start: for one, it would listen beyond localhost without API keys."""

@@ -9,7 +9,13 @@ from typing import Any
 from glyphq.celeryconfig import Settings
 from glyphq.producer.errors import InvalidJob
 from glyphq.producer.store import Store, check_blob_key
-from glyphq.producer.validation import check_identifier, check_max_new_tokens, check_question, check_thinking_budget
+from glyphq.producer.validation import (
+    check_history,
+    check_identifier,
+    check_max_new_tokens,
+    check_question,
+    check_thinking_budget,
+)
 
 ANSWER_TASK = "glyphq.answer"
 ANSWER_PAGES_TASK = "glyphq.answer_pages"
@@ -77,6 +83,7 @@ class JobMessage:
     text_key: str | None = None  # a document's text, kept to count its tokens
     render_s: float | None = None
     thinking_budget: int = 0  # new tokens of reasoning before the answer is due; 0: no budget
+    history: tuple[dict[str, str], ...] = ()  # earlier turns the job carries itself (not a session's)
     version: int = MESSAGE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +91,7 @@ class JobMessage:
         data = asdict(self)
         data["image_keys"] = list(self.image_keys)
         data["image_sizes"] = [list(size) for size in self.image_sizes]
+        data["history"] = [dict(turn) for turn in self.history]
         return data
 
     def summary(self) -> str:
@@ -115,6 +123,7 @@ class JobMessage:
         text_key = data.get("text_key")
         render_s = data.get("render_s")
         max_new_tokens = check_max_new_tokens(data.get("max_new_tokens"), settings)
+        session = check_identifier("session", data.get("session"))
         return cls(
             image_keys=tuple(check_blob_key("image_keys", k) for k in keys),
             image_sizes=tuple((s[0], s[1]) for s in sizes),
@@ -122,7 +131,8 @@ class JobMessage:
             question=check_question(data.get("question"), settings),
             max_new_tokens=max_new_tokens,
             thinking_budget=check_thinking_budget(data.get("thinking_budget"), max_new_tokens, settings),
-            session=check_identifier("session", data.get("session")),
+            session=session,
+            history=check_history(data.get("history"), session, settings),
             submitted_at=_check_time("submitted_at", data.get("submitted_at")),
             text_key=None if text_key is None else check_blob_key("text_key", text_key),
             render_s=None if render_s is None else _check_time("render_s", render_s),

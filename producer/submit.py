@@ -24,6 +24,7 @@ from glyphq.producer.schema import ANSWER_TASK, JobMessage
 from glyphq.producer.store import Store, broker_error, check_memory_room, queue_depths
 from glyphq.producer.validation import (
     check_deadline,
+    check_history,
     check_identifier,
     check_max_new_tokens,
     check_priority,
@@ -121,6 +122,7 @@ def submit(
     session: str | None = None,
     job_id: str | None = None,
     deadline: float | None = None,
+    history: list[dict[str, str]] | None = None,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue an image + question job for the GPU worker and return its ``Job``.
@@ -130,7 +132,8 @@ def submit(
     written ``thinking_budget`` new tokens without ending its reasoning is made to answer (0: no
     budget; default ``GLYPHQ_THINKING_BUDGET``). Submitting an existing ``job_id``
     again returns the same job without enqueuing it twice. A job not started within ``deadline``
-    seconds never runs; its state becomes EXPIRED.
+    seconds never runs; its state becomes EXPIRED. ``history`` gives earlier turns with the job itself,
+    as ``[{"question", "answer"}, ...]`` (at most ``GLYPHQ_HISTORY_TURNS``), instead of a stored session.
 
     Every field is checked before Redis is touched; a refusal raises ``InvalidJob`` naming the
     field and the limit. ``QueueFull`` means the queue holds ``GLYPHQ_MAX_QUEUE`` jobs already and
@@ -142,6 +145,7 @@ def submit(
     thinking_budget = check_thinking_budget(thinking_budget, max_new_tokens, cfg)
     priority = check_priority(priority, cfg)
     session = check_identifier("session", session)
+    turns = check_history(history, session, cfg)
     job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
     expires = expiry(check_deadline(deadline))
     checked = check_image(image, cfg)
@@ -156,6 +160,7 @@ def submit(
             session=session,
             submitted_at=time.time(),
             thinking_budget=thinking_budget,
+            history=turns,
         )
         app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=job_id, queue="gpu",
                       priority=celery_priority(priority), kwargsrepr=message.summary(), expires=expires)

@@ -90,6 +90,38 @@ def check_identifier(field: str, value: object) -> str | None:
     return value
 
 
+def check_history(value: object, session: str | None, settings: Settings) -> tuple[dict[str, str], ...]:
+    """Earlier turns a job carries itself: at most ``history_turns`` of ``{"question", "answer"}``, their
+    text within ``max_history_chars`` in all. A job has either a history or a session, not both."""
+    if value is None or value == () or value == []:
+        return ()
+    if session is not None:
+        raise InvalidJob("history", "cannot be combined with session: the session keeps its own turns")
+    if not isinstance(value, (list, tuple)):
+        raise InvalidJob("history", f"must be a list of turns, got {type(value).__name__}")
+    if len(value) > settings.history_turns:
+        raise InvalidJob("history", f"holds {len(value)} turns; the limit is {settings.history_turns} "
+                                    "(GLYPHQ_HISTORY_TURNS)")
+    turns: list[dict[str, str]] = []
+    for number, turn in enumerate(value):
+        if not isinstance(turn, dict) or set(turn) != {"question", "answer"}:
+            raise InvalidJob(f"history[{number}]", f"must be an object with question and answer, got {turn!r:.80}")
+        question, answer = turn["question"], turn["answer"]
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise InvalidJob(f"history[{number}]", "question and answer must be strings")
+        for name, text in (("question", question), ("answer", answer)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidJob(f"history[{number}].{name}", "cannot be encoded as UTF-8 (a lone surrogate)") from None
+        turns.append({"question": question, "answer": answer})
+    chars = sum(len(t["question"]) + len(t["answer"]) for t in turns)
+    if chars > settings.max_history_chars:
+        raise InvalidJob("history", f"is {chars} characters; the limit is {settings.max_history_chars} "
+                                    "(GLYPHQ_MAX_HISTORY_CHARS)")
+    return tuple(turns)
+
+
 MAX_DEADLINE_S = 30 * 24 * 3600
 
 

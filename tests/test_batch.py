@@ -163,9 +163,13 @@ def _assert_every_id_once_and_ran_once(out: Path, ids: list[str], prefix: str, r
 
 @pytest.fixture
 def long_worker(start_worker, endless_model, monkeypatch):
-    """A worker on the endless model; one torch thread, so the batch process next to it cannot stall it."""
+    """A worker on the endless model; one torch thread, so the batch process next to it cannot stall it.
+
+    Batches of two at most, so results arrive a pair at a time: on an idle machine a batch of eight finished
+    together, and a kill meant to land between results came after all of them.
+    """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return start_worker(model=endless_model)
+    return start_worker(model=endless_model, max_batch=2)
 
 
 def test_sigkill_halfway_then_rerun_runs_each_job_once(long_worker, tmp_path, redis_client):
@@ -259,3 +263,57 @@ def test_a_full_disk_stops_the_batch_with_its_summary_and_the_rerun_resumes(star
     lines = records(out)
     assert sorted(r["id"] for r in lines) == [f"line-{i}" for i in range(1, 7)]
     assert all(r["ok"] for r in lines)
+
+
+def _openai_batch(tmp_path: Path, jobs: int, tokens: int) -> tuple[Path, list[str]]:
+    import base64
+
+    ids = [f"req-{i}" for i in range(jobs)]
+    lines = []
+    for i, custom_id in enumerate(ids):
+        url = "data:image/png;base64," + base64.b64encode(png_bytes(seed=200 + i % 3)).decode()
+        lines.append({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"max_tokens": tokens, "messages": [
+                          {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                       {"type": "text", "text": f"Read page {i}"}]}]}})
+    lines.append({"custom_id": "fetch", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": [
+                      {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}})
+    return write_batch(tmp_path, lines, images=0), ids
+
+
+def test_openai_batch_file_killed_halfway_resumes_with_openai_output_lines(long_worker, tmp_path, redis_client):
+    jobs, tokens = 6, 200
+    source, ids = _openai_batch(tmp_path, jobs, tokens)
+    out = tmp_path / "output.jsonl"
+    prefix = default_job_prefix(source, out)
+    proc = start_batch(str(source), "--out", str(out), "--window", str(jobs))
+    try:
+        assert wait_until(lambda: line_count(out) >= 2 or proc.poll() is not None, timeout=90, interval=0.1)
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+    written = records(out)
+    assert 2 <= len(written) < jobs, f"{len(written)} results before the kill; the kill came too late"
+
+    rerun = batch(str(source), "--out", str(out), timeout=180)
+    assert rerun.returncode == 1, rerun.stderr  # the http(s) line is bad
+    summary = json.loads(rerun.stdout)
+    assert summary["already_done"] == len(written) and summary["done"] == jobs - len(written)
+    assert [b["line"] for b in summary["bad_lines"]] == [jobs + 1]
+    assert "glyphq fetches nothing" in summary["bad_lines"][0]["error"]
+
+    got = records(out)
+    assert Counter(r["custom_id"] for r in got) == Counter(ids), "a request is missing or written twice"
+    for record in got:
+        job_id = f"{prefix}-{record['custom_id']}"
+        assert list(record) == ["id", "custom_id", "response", "error"] and record["error"] is None
+        assert record["id"] == f"batch_req_{job_id}"
+        response = record["response"]
+        assert response["status_code"] == 200 and response["request_id"] == job_id
+        body = response["body"]
+        assert body["object"] == "chat.completion" and body["id"] == f"chatcmpl-{job_id}"
+        assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == tokens
+        assert redis_client.get(runs_key(job_id)) == b"1", "a job ran more than once"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GLYPHQ_SERVICES = ("worker", "worker-gpu1", "render", "flower")
+GLYPHQ_SERVICES = ("worker", "worker-gpu1", "render", "flower", "gateway")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ DOCKER_COMPOSE = shutil.which("docker-compose")
 
 @pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose not installed (apt-get install docker-compose)")
 def test_compose_config_accepts_the_file_with_and_without_flower_auth(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "GLYPHQ_MODEL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "GLYPHQ_MODEL", "GLYPHQ_API_KEYS")}
     plain = subprocess.run([str(DOCKER_COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config"], env=env,
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
@@ -154,9 +154,9 @@ def test_dockerignore_sends_only_what_the_image_copies():
         assert _dockerignored(name), name
 
 
-def test_dockerfile_installs_worker_and_flower():
+def test_dockerfile_installs_worker_flower_and_gateway():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "'.[worker,render,flower]'" in dockerfile
+    assert "'.[worker,render,flower,gateway]'" in dockerfile
     assert "USER glyphq" in dockerfile
 
 
@@ -204,3 +204,16 @@ def test_healthchecks_run_glyphq_health_for_each_node(compose):
     assert flower.command == "health" and flower.broker_only
     assert "/healthcheck" in services["flower"]["healthcheck"]["test"][1]
     assert services["worker"]["healthcheck"]["start_period"] in ("900s", "15m")
+
+
+def test_gateway_listens_wide_with_keys_from_the_environment_and_a_health_probe(compose):
+    from glyphq.producer.cli import build_parser
+
+    gateway = compose["services"]["gateway"]
+    args = build_parser().parse_args(gateway["command"][1:])
+    assert gateway["command"][0] == "glyphq" and (args.command, args.host, args.port) == ("serve", "0.0.0.0", 8000)
+    assert gateway["environment"]["GLYPHQ_API_KEYS"] is None, "passed on from the caller's environment"
+    assert gateway["ports"] == ["8000:8000"] and "deploy" not in gateway, "the gateway needs no GPU"
+    test = gateway["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"] and "http://127.0.0.1:8000/health" in test[-1]
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"

@@ -239,8 +239,8 @@ def answer_batch(jobs: list[tuple[str, object]]) -> dict[str, Any]:
     answered: list[tuple[_Fetched, Any, list[dict[str, str]]]] = []
     try:
         for turn in _session_turns(ready):
-            histories = [store.session_turns(f.job.session, settings.history_turns) if f.job.session else []
-                         for f in turn]
+            histories = [store.session_turns(f.job.session, settings.history_turns) if f.job.session
+                         else [dict(t) for t in f.job.history] for f in turn]
             results = _answer_isolated(eng, turn, histories)
             for fetched, result, history in zip(turn, results, histories, strict=True):
                 if fetched.job.session and not isinstance(result, BaseException):

@@ -1,0 +1,268 @@
+"""``glyphq serve`` through the real ``openai`` client (and LangChain's), a real worker and redis-server.
+
+One gateway and one worker on the Glyph-like stand-in serve the whole module; a second gateway on an
+empty Redis database, where no worker listens, shows a full queue and a wait that times out.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import ROOT, free_port, png_bytes
+from faults.helpers import ready_worker
+
+from glyphq.worker.tiny import build, script
+
+GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
+KEY = "test-key-0123456789abcdef"
+#: The stand-in reasons in four words, then answers "ten" in GLM-4.1V's wrapper.
+ANSWERS = "<|assistant|> <think> read the total line </think> <answer> <|begin_of_box|> ten <|end_of_box|> </answer>"
+
+
+class Gateway:
+    """``glyphq serve`` in a subprocess on a free port."""
+
+    def __init__(self, log: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **{f"GLYPHQ_{k.upper()}": v for k, v in settings.items()}}
+        self._log = open(log, "wb")  # noqa: SIM115  (closed in stop)
+        self.clients: list[openai.OpenAI] = []
+        self.proc = subprocess.Popen([GLYPHQ, "serve", "--port", str(self.port)], cwd=ROOT, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503):
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"glyphq serve did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        self.clients.append(openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60))
+        return self.clients[-1]
+
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = build(tmp_path_factory.mktemp("answering"), "glyph-tiny")
+    script(out, ANSWERS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gateway(model: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    folder = tmp_path_factory.mktemp("gateway")
+    with ready_worker(redis_url, model, folder / "worker.log"):
+        server = Gateway(folder / "serve.log", broker_url=redis_url, model=str(model), api_keys=KEY)
+        yield server
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def idle(model: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway without keys (so localhost only) on a Redis database no worker reads; its queue holds 2 jobs."""
+    server = Gateway(tmp_path_factory.mktemp("idle") / "serve.log", broker_url=redis_url[:-1] + "5",
+                     model=str(model), max_queue="2")
+    yield server
+    server.stop()
+
+
+def data_url(seed: int) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(seed=seed)).decode()
+
+
+def ask(question: str, seed: int = 1, url: str | None = None) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url or data_url(seed)}},
+                                         {"type": "text", "text": question}]}]
+
+
+def test_chat_completion_with_a_data_url_image_and_its_reasoning_apart(gateway, model):
+    client = gateway.client()
+    assert [m.id for m in client.models.list().data] == [str(model)]
+    raw = client.chat.completions.with_raw_response.create(model=str(model), messages=ask("What is the total?"),
+                                                           max_tokens=64)
+    job_id = raw.headers["x-glyphq-job-id"]
+    reply = raw.parse()
+    assert reply.id == f"chatcmpl-{job_id}" and reply._request_id == job_id
+    message = reply.choices[0].message
+    assert message.content == "ten", "the answer alone"
+    assert message.reasoning == "read the total line" and message.reasoning_content == message.reasoning
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 10 and reply.usage.completion_tokens_details.reasoning_tokens == 6
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 10
+
+    # The same job without waiting: its result stays readable under its id.
+    later = httpx.get(f"{gateway.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert later.status_code == 200 and later.json()["state"] == "SUCCESS"
+    assert later.json()["completion"]["choices"][0]["message"]["content"] == "ten"
+
+
+def test_a_conversation_carries_its_earlier_turns_and_system_text(gateway, model):
+    client = gateway.client()
+    alone = client.chat.completions.create(model=str(model), messages=ask("And the date?", seed=2), max_tokens=64)
+    history = [*ask("What is the total?", seed=2), {"role": "assistant", "content": "ten"},
+               {"role": "user", "content": "And the date?"}]
+    turn = client.chat.completions.create(model=str(model), messages=history, max_tokens=64)
+    with_system = client.chat.completions.create(
+        model=str(model), messages=[{"role": "system", "content": "Answer briefly."}, *history], max_tokens=64)
+    assert turn.choices[0].message.content == "ten"
+    # The earlier turn and the system text reach the prompt: "What is the total?" + "ten" + the template's
+    # role tokens; then "Answer briefly." before the question.
+    assert turn.usage.prompt_tokens > alone.usage.prompt_tokens + 4
+    assert with_system.usage.prompt_tokens > turn.usage.prompt_tokens
+
+    jobs = httpx.post(f"{gateway.url}/v1/jobs", json={"messages": history, "max_tokens": 64, "priority": 9},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert jobs.status_code == 202 and jobs.json()["state"] == "PENDING"
+    job_id = jobs.json()["id"]
+    deadline = time.monotonic() + 60
+    while (body := httpx.get(f"{gateway.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"},
+                             timeout=30).json())["state"] != "SUCCESS" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert body["completion"]["usage"]["prompt_tokens"] == turn.usage.prompt_tokens
+
+    # A retry with the same Idempotency-Key re-attaches to the job instead of queuing it again.
+    retry = httpx.post(f"{gateway.url}/v1/jobs", json={"messages": history, "max_tokens": 64, "priority": 9},
+                       headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "order-17"}, timeout=30)
+    again = httpx.post(f"{gateway.url}/v1/jobs", json={"messages": history, "max_tokens": 64, "priority": 9},
+                       headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "order-17"}, timeout=30)
+    assert retry.status_code == again.status_code == 202 and retry.json()["id"] == again.json()["id"]
+    assert retry.json()["id"] != job_id
+
+
+def test_a_streamed_completion_is_a_correct_event_stream(gateway, model):
+    client = gateway.client()
+    chunks = list(client.chat.completions.create(model=str(model), messages=ask("Stream it?", seed=3), max_tokens=64,
+                                                  stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "ten"
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == "read the total line"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 10
+
+    raw = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": ask("Raw?", seed=3), "stream": True,
+                                                                  "max_tokens": 64},
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream") and raw.headers["x-glyphq-job-id"]
+    events = [block for block in raw.text.split("\n\n") if block]
+    assert all(block.startswith("data: ") for block in events)
+    assert events[-1] == "data: [DONE]"
+    assert all("usage" not in json.loads(block[6:]) for block in events[:-1]), "usage only when asked"
+
+
+def test_refusals_are_400s_in_openais_error_shape(gateway, model):
+    client = gateway.client()
+    cases = [
+        (ask("Fetch it?", url="https://example.com/page.png"), {}, "glyphq fetches nothing",
+         "messages[0].content[0].image_url.url"),
+        (ask("Corrupt?", url="data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()),
+         {}, "image: cannot be decoded", "image"),
+        (ask("Warm?"), {"temperature": 0.7}, "the workers decode greedily", "temperature"),
+        ([{"role": "user", "content": "No image here"}], {}, "no image", "messages"),
+        (ask("Long?"), {"max_tokens": 10**6}, "max_new_tokens: must be from 1 to", "max_new_tokens"),
+    ]
+    for messages, extra, text, param in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=str(model), messages=messages, **extra)
+        assert refused.value.status_code == 400
+        assert text in refused.value.message and refused.value.body["param"] == param, refused.value.body
+        assert refused.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4o", messages=ask("Which model?"))
+    assert unknown.value.body["code"] == "model_not_found"
+
+
+def test_keys_body_limit_health_metrics_and_no_torch(gateway, model):
+    with pytest.raises(openai.AuthenticationError) as denied:
+        gateway.client("wrong-key-0123456789abcdef").chat.completions.create(model=str(model), messages=ask("Who?"))
+    assert denied.value.status_code == 401 and denied.value.body["code"] == "invalid_api_key"
+    missing = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": ask("No key?")}, timeout=30)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
+
+    from glyphq.celeryconfig import settings
+    from glyphq.producer.gateway import body_limit
+
+    huge = b"x" * (body_limit(settings) + 1)
+    too_big = httpx.post(f"{gateway.url}/v1/chat/completions", content=huge,
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "body_too_large"
+
+    assert httpx.get(f"{gateway.url}/health", timeout=10).json()["status"] == "ok"
+    assert httpx.get(f"{gateway.url}/metrics", timeout=10).status_code == 401
+    text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    assert 'glyphq_gateway_requests_total{route="/v1/chat/completions",status="401"}' in text
+    assert "libtorch" not in Path(f"/proc/{gateway.proc.pid}/maps").read_text()
+
+
+def test_full_queue_is_429_with_retry_after_and_a_long_wait_is_504_with_the_job_id(idle, model):
+    client = idle.client("no-key-needed-on-localhost")
+    with pytest.raises(openai.APIStatusError) as waited:
+        client.chat.completions.create(model=str(model), messages=ask("Anyone?", seed=4), extra_body={"timeout": 0.5})
+    assert waited.value.status_code == 504
+    job_id = waited.value.body["job_id"]
+    assert waited.value.response.headers["x-glyphq-job-id"] == job_id and f"/v1/jobs/{job_id}" in waited.value.message
+    assert httpx.get(f"{idle.url}/v1/jobs/{job_id}", timeout=10).json()["state"] == "PENDING"
+
+    queued = httpx.post(f"{idle.url}/v1/jobs", json={"messages": ask("Second?", seed=5)}, timeout=30)
+    assert queued.status_code == 202
+    with pytest.raises(openai.RateLimitError) as full:
+        client.chat.completions.create(model=str(model), messages=ask("Third?", seed=6))
+    assert full.value.status_code == 429 and full.value.response.headers["retry-after"]
+    assert "GLYPHQ_MAX_QUEUE" in full.value.message and full.value.body["code"] == "queue_full"
+
+
+def test_unreachable_redis_is_a_fast_503_and_wide_binds_need_keys(model, tmp_path):
+    down = Gateway(tmp_path / "down.log", broker_url=f"redis://127.0.0.1:{free_port()}/0", model=str(model))
+    try:
+        started = time.monotonic()
+        response = httpx.post(f"{down.url}/v1/chat/completions", json={"messages": ask("Up?")}, timeout=30)
+        assert response.status_code == 503 and response.headers["retry-after"], response.text
+        assert "cannot reach Redis" in response.json()["error"]["message"]
+        assert time.monotonic() - started < 1.5
+        assert httpx.get(f"{down.url}/health", timeout=10).status_code == 503
+    finally:
+        down.stop()
+    wide = subprocess.run([GLYPHQ, "serve", "--host", "0.0.0.0", "--port", str(free_port())], cwd=ROOT,
+                          env={**os.environ, "GLYPHQ_API_KEYS": ""}, capture_output=True, text=True, timeout=60)
+    assert wide.returncode == 2 and "without API keys" in wide.stderr
+
+
+def test_langchains_openai_client(gateway, model):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    with httpx.Client(timeout=60) as http:
+        llm = langchain_openai.ChatOpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, model=str(model), max_tokens=64,
+                                          max_retries=0, http_client=http)
+        reply = llm.invoke([("user", [{"type": "image_url", "image_url": {"url": data_url(7)}},
+                                      {"type": "text", "text": "What is the total?"}])])
+    assert reply.content == "ten"
+    assert reply.usage_metadata["output_tokens"] == 10
