@@ -17,15 +17,14 @@ from __future__ import annotations
 import logging
 import os
 
-import billiard.pool
-
 from celeryconfig import settings
+from tasks import private
 from worker import metrics, status
 
 log = logging.getLogger(__name__)
 
 _requested: str | None = None
-_real_mem_rss = billiard.pool.mem_rss
+_real_mem_rss = private.billiard_mem_rss()
 _OVER_ANY_LIMIT_KB = 2**62
 
 
@@ -49,7 +48,7 @@ def _mem_rss() -> int:
 
 def install() -> None:
     """Route billiard's post-task memory check through this module (call once in each child)."""
-    billiard.pool.mem_rss = _mem_rss
+    private.install_mem_rss(_mem_rss)
 
 
 def request(reason: str, detail: str) -> None:
