@@ -6,7 +6,7 @@ The path of one job, start to end:
    tasks the strategy here passes every ready request to the worker's :class:`Scheduler`.
 2. The scheduler starts the pool job :func:`tasks.serve.serve` on the child if none is running, and
    hands the request over through the channel (``tasks.channel``), most urgent first, then oldest,
-   keeping at most ``GLYPHQ_MAX_BATCH`` jobs waiting in the child beyond its running slots.
+   at most ``reserved_jobs(GLYPHQ_MAX_BATCH)`` at a time (all the worker reserves).
 3. The child runs it in its running batch and reports "started" (the scheduler calls Celery's
    ``Request.on_accepted``: task-started for Flower, the job is active in ``inspect active``) and,
    once its result is stored, "succeeded" or "failed" with its runtime: the scheduler acknowledges
@@ -50,9 +50,11 @@ _EPOCHS = itertools.count(1)
 
 
 def reserved_jobs(max_batch: int) -> int:
-    """How many messages a GPU worker reserves from Redis: its ``max_batch`` running slots, and as many
-    waiting, so that a slot that frees is filled at once."""
-    return 2 * max_batch
+    """How many messages a GPU worker reserves from Redis: one per slot of its running batch, and a
+    quarter more waiting in the child, so that a slot that frees is filled without a round trip to
+    Redis. Every reserved job is handed to the child, which admits the most urgent first; a job still
+    in Redis comes next in Redis's priority order as soon as one ends."""
+    return max_batch + max_batch // 4
 
 
 @dataclass

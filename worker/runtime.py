@@ -196,7 +196,7 @@ def fetch(eng: Any, job_id: str, raw_job: object) -> _Fetched:
     global _task_index
     _task_index += 1
     if _task_index == 1:  # the end of a recycle as an operator sees it: this child is answering now
-        log.info("first job of this child starts")
+        log.info("first generate of this child starts")
     return _fetch(eng, Store(settings), job_id, raw_job)
 
 
