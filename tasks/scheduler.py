@@ -23,6 +23,7 @@ The scheduler lives in the main process and runs on its event loop, so it needs 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -31,8 +32,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from billiard.exceptions import WorkerLostError
 from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
 
 from celeryconfig import settings
 from tasks import channel as channels
@@ -223,10 +224,8 @@ class Scheduler:
             handed.timed_out = True
             handed.request.on_timeout(False, settings.time_limit_s)
         log.error("killing child %d: %d job(s) past the hard time limit", self.pid, len(late))
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def _until_gone(self) -> None:
         """Hold the next jobs until the child that is leaving has been reaped, so none is handed to a

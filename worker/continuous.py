@@ -164,8 +164,8 @@ class Continuous:
         free = [slot for slot in range(self.decoder.max_batch) if slot not in self.rows][:len(group)]
         now, started = time.time(), time.perf_counter()
         try:
-            self.decoder.admit([Admission(slot, w.prompt, w.job.thinking_budget if self.engine.reasoning else None)
-                                for slot, w in zip(free, group, strict=True)])  # type: ignore[arg-type]
+            self.decoder.admit([Admission(slot, w.prompt or {}, w.job.thinking_budget if self.engine.reasoning else None)
+                                for slot, w in zip(free, group, strict=True)])
         except Exception as exc:
             for slot in free:
                 self.decoder.release(slot)

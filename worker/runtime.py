@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 

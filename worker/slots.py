@@ -227,7 +227,7 @@ class SlotDecoder:
             mine.batch_size, mine.num_heads = rows, full.num_heads
             mine.k_head_dim, mine.v_head_dim = full.k_head_dim, full.v_head_dim
         writes = _RowWrites(views, self.columns[:rows])
-        view.update = torch.compiler.disable(writes) if self.compiled else writes  # type: ignore[method-assign]
+        view.update = torch.compiler.disable(writes) if self.compiled else writes  # type: ignore[method-assign,assignment]
         return view, writes
 
     def _step(self, rows: int, length: int) -> _Step:
