@@ -91,7 +91,7 @@ class Settings:
     max_image_size: tuple[int, int] = (1280, 720)
     max_tasks_per_child: int = 1000
     recycle_overlap_s: int = 30
-    max_batch: int = 16
+    max_batch: int = 64
     decode: str = "auto"
     decode_max_tokens: int = 40 * A4_PAGE_TOKENS + PROMPT_TOKENS + 8192  # max_pages pages + prompt + new tokens
     decode_compile: str = "on"

@@ -132,15 +132,16 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     prompt = engine.process(EngineJob([page], "What is the total?", 8), [page])
     length = prompt["input_ids"].shape[1] + 512
     steps: dict[str, float] = {}
-    for rows in (1, 16, settings.max_batch):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for rows in sorted({1, min(16, settings.max_batch), settings.max_batch}):
         decoder.admit([Admission(slot, prompt) for slot in range(rows)])
         decoder.decode(rows, length, 4)
         best = 1e9
         for _ in range(3):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             decoder.decode(rows, length, 64)
-            torch.cuda.synchronize()
+            sync()
             best = min(best, (time.perf_counter() - t) / 64 * 1000)
         steps[f"b{rows}"] = round(best, 3)
         for slot in range(rows):
@@ -164,7 +165,8 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     import gc
 
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # -- through a worker -------------------------------------------------------------------------------

@@ -164,8 +164,9 @@ class Continuous:
         free = [slot for slot in range(self.decoder.max_batch) if slot not in self.rows][:len(group)]
         now, started = time.time(), time.perf_counter()
         try:
-            self.decoder.admit([Admission(slot, w.prompt or {}, w.job.thinking_budget if self.engine.reasoning else None)
-                                for slot, w in zip(free, group, strict=True)])
+            budgets = [w.job.thinking_budget if self.engine.reasoning else None for w in group]
+            self.decoder.admit([Admission(slot, w.prompt or {}, budget)
+                                for slot, w, budget in zip(free, group, budgets, strict=True)])
         except Exception as exc:
             for slot in free:
                 self.decoder.release(slot)
