@@ -255,7 +255,9 @@ def _worker_workloads(args, label, figures, detail, jobs, submit) -> None:  # no
 
     thread = threading.Thread(target=send_probes, daemon=True)
     thread.start()
-    results, failures = collect(handles, args.budget_s, started)
+    finished_at: list[float] = []
+    results, failures = collect(handles, args.budget_s, started,
+                                after_each=lambda done: finished_at.append(time.monotonic() - started))
     wall = time.monotonic() - started
     thread.join()
     latencies = [latency_s(handle, sent) for sent, handle in probes]
@@ -265,6 +267,7 @@ def _worker_workloads(args, label, figures, detail, jobs, submit) -> None:  # no
                               "jobs_s": round(len(results) / wall, 3),
                               "useful_tok_s": round(sum(r["tokens_out"] for r in results) / wall, 1),
                               "urgent_latencies_s": [round(x, 3) for x in latencies],
+                              "first_90pct_jobs_s": _first_90(finished_at, len(handles)),
                               "runs_max": max(runs) if runs else None, "failures_sample": failures[:2]}
     print(label, "mix:", json.dumps(detail[f"{label}_mix"]), flush=True)
     if label == "queue":
@@ -275,6 +278,8 @@ def _worker_workloads(args, label, figures, detail, jobs, submit) -> None:  # no
         figures["mix_static_jobs_s"] = detail[f"{label}_mix"]["jobs_s"]
         detail["static_urgent_latency_p99_s"] = p99(latencies)
 
+    if label == "static" and args.static_mix_only:
+        return
     variance = variance_jobs()
     handles = [_submit(submit, job) for job in variance]
     started = time.monotonic()
@@ -312,6 +317,15 @@ def _worker_workloads(args, label, figures, detail, jobs, submit) -> None:  # no
         print("soak:", json.dumps(detail["soak"]), flush=True)
 
 
+def _first_90(finished_at: list[float], count: int) -> float | None:
+    """Jobs per second until 90% of the backlog was answered (results are collected in submit order,
+    so this is when the 90%-th job in that order had its result): the rate before the longest tail."""
+    target = int(0.9 * count)
+    if len(finished_at) < target or target == 0:
+        return None
+    return round(target / max(finished_at[:target]), 3)
+
+
 def write(out: Path, figures: dict, detail: dict) -> None:
     if figures.get("mix_jobs_s") and detail.get("inprocess_mix"):
         figures["queue_vs_inprocess_mix"] = round(figures["mix_jobs_s"] / detail["inprocess_mix"]["jobs_s"], 3)
@@ -329,6 +343,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=480)
     parser.add_argument("--trickle-s", type=float, default=40)
     parser.add_argument("--soak", type=int, default=0)
+    parser.add_argument("--static-mix-only", action="store_true", help="the static path runs the backlog only")
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
     parser.add_argument("--merge", default="", help="an earlier h200_mix_detail.json/h200_mix.json folder to add to")

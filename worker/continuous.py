@@ -63,6 +63,8 @@ class _Row:
     vision_tokens: int
     started: float
     produced: int = 1
+    tokens: list[int] = field(default_factory=list)  # new tokens so far, the first one from the prefill
+    checked: int = 0  # how many of them were looked at for a stop token
 
 
 @dataclass
@@ -165,8 +167,8 @@ class Continuous:
         now, started = time.time(), time.perf_counter()
         try:
             budgets = [w.job.thinking_budget if self.engine.reasoning else None for w in group]
-            self.decoder.admit([Admission(slot, w.prompt or {}, budget)
-                                for slot, w, budget in zip(free, group, budgets, strict=True)])
+            first = self.decoder.admit([Admission(slot, w.prompt or {}, budget)
+                                        for slot, w, budget in zip(free, group, budgets, strict=True)])
         except Exception as exc:
             for slot in free:
                 self.decoder.release(slot)
@@ -178,7 +180,7 @@ class Continuous:
             ids = prompt["input_ids"]
             vision = int((ids == self.engine.image_token_id).sum()) if self.engine.image_token_id is not None else 0
             waiting.preprocess_s += prefill_s / len(group)
-            self.rows[slot] = _Row(waiting, slot, int(ids.shape[1]), vision, now)
+            self.rows[slot] = _Row(waiting, slot, int(ids.shape[1]), vision, now, tokens=[first[group.index(waiting)]])
             waiting.prompt = None  # the cache holds it now
         return []
 
@@ -208,22 +210,22 @@ class Continuous:
     def _decode(self) -> list[Finished]:
         rows = max(self.rows) + 1
         steps = min([CHECK_EVERY] + [row.waiting.job.max_new_tokens - row.produced for row in self.rows.values()])
-        finished: list[Finished] = []
+        started = time.perf_counter()
         if steps > 0:
             length = max(row.tokens_in + row.produced for row in self.rows.values()) + steps
-            started = time.perf_counter()
             self.decoder.decode(rows, length, steps)
+            latest = self.decoder.latest(rows, steps)
             for row in self.rows.values():
+                row.tokens += latest[row.slot]
                 row.produced += steps
-            histories = self.decoder.histories(rows, max(row.produced for row in self.rows.values()))
-            share = (time.perf_counter() - started) / len(self.rows)
-        else:
-            histories, share = self.decoder.histories(rows, max(row.produced for row in self.rows.values())), 0.0
+        share = (time.perf_counter() - started) / len(self.rows)
         now = time.monotonic()
+        finished: list[Finished] = []
         for slot, row in list(self.rows.items()):
             row.waiting.generate_s += share
-            ids = histories[slot][:row.produced]
-            stop = next((i for i, token in enumerate(ids) if token in self.engine.eos_ids), None)
+            ids = row.tokens[:row.produced]
+            stop = next((i for i in range(row.checked, len(ids)) if ids[i] in self.engine.eos_ids), None)
+            row.checked = len(ids)  # tokens of earlier chunks were looked at then
             deadline = row.waiting.deadline
             if stop is None and row.produced < row.waiting.job.max_new_tokens:
                 if deadline is None or now < deadline:

@@ -173,9 +173,11 @@ class SlotDecoder:
         """The first ``count`` new tokens of the row in ``slot``."""
         return [int(t) for t in self.history[slot, :count].tolist()]
 
-    def histories(self, rows: int, count: int) -> list[list[int]]:
-        """The first ``count`` new tokens of slots ``[0, rows)`` (one device-to-host copy)."""
-        return [[int(t) for t in row] for row in self.history[:rows, :count].tolist()]
+    def latest(self, rows: int, steps: int) -> list[list[int]]:
+        """The last ``steps`` new tokens of each of slots ``[0, rows)`` (one small device-to-host copy)."""
+        since = (self.step[:rows] - steps).clamp(min=0)[:, None]
+        index = (since + torch.arange(steps, device=self.device)[None, :]).clamp(max=self.max_new_tokens)
+        return [[int(t) for t in row] for row in torch.gather(self.history[:rows], 1, index).tolist()]
 
     @torch.inference_mode()
     def decode(self, rows: int, length: int, steps: int) -> None:
