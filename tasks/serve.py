@@ -91,13 +91,14 @@ class Server:
             for message in self.channel.receive(self.epoch, wait):
                 self._order += 1
                 self.queued.append(_Job(message, self._order))
-            self._admit()
+            if runtime.room() > 0:  # else this child is being replaced: what it has not started goes back
+                self._admit()
             if self.running.busy:
                 idle_since = None
                 for finished in self.running.step():
                     self._finish(finished.key, finished.outcome)
                 continue
-            if self.queued:
+            if self.queued and runtime.room() > 0:
                 continue
             runtime.after_batch(self.engine)
             if runtime.room() == 0:

@@ -82,6 +82,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("GLYPHQ_DEFAULT_MAX_NEW_TOKENS", "256")
     # The slots' cache is GLYPHQ_MAX_BATCH rows of this many tokens: the tiny models' prompts are short.
     os.environ.setdefault("GLYPHQ_DECODE_MAX_TOKENS", "4096")
+    # One torch thread in every worker the tests start: on a shared CPU, spinning OpenMP threads make
+    # each decode step of the tiny model twenty times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -32,9 +32,7 @@ SLOTS = 4
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory, endless_model: Path, redis_url: str) -> Iterator[WorkerProcess]:
     env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(endless_model),
-           "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1", "GLYPHQ_MAX_BATCH": str(SLOTS),
-           # One thread: on a shared CPU, spinning OpenMP threads slow each decode step twenty-fold.
-           "OMP_NUM_THREADS": "1"}
+           "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1", "GLYPHQ_MAX_BATCH": str(SLOTS)}
     process = WorkerProcess(env, tmp_path_factory.mktemp("continuous") / "worker.log")
     try:
         process.wait_ready(timeout=120)

@@ -208,7 +208,7 @@ class Continuous:
     # -- decoding -------------------------------------------------------------------------------
 
     def _decode(self) -> list[Finished]:
-        rows = max(self.rows) + 1
+        rows, active = max(self.rows) + 1, len(self.rows)
         steps = min([CHECK_EVERY] + [row.waiting.job.max_new_tokens - row.produced for row in self.rows.values()])
         started = time.perf_counter()
         if steps > 0:
@@ -232,13 +232,13 @@ class Continuous:
                     continue
                 outcome: Any = DeadlinePassed(f"still answering after {row.produced} new tokens at its time limit")
             else:
-                outcome = self._result(row, ids[:stop] if stop is not None else ids, stop is not None)
+                outcome = self._result(row, ids[:stop] if stop is not None else ids, stop is not None, active)
             del self.rows[slot]
             self.decoder.release(slot)
             finished.append(Finished(row.waiting.key, outcome, row.started))
         return finished
 
-    def _result(self, row: _Row, ids: list[int], stopped: bool) -> Any:
+    def _result(self, row: _Row, ids: list[int], stopped: bool, active: int) -> Any:
         from worker.engine import EngineResult
 
         engine, job = self.engine, row.waiting.job
@@ -251,7 +251,7 @@ class Continuous:
             tokens_in=row.tokens_in, tokens_out=len(ids), vision_tokens=row.vision_tokens,
             image_sizes_used=[image.size for image in row.waiting.fitted],
             preprocess_s=row.waiting.preprocess_s, generate_s=row.waiting.generate_s,
-            batch_size=len(self.rows) + 1, token_ids=ids,
+            batch_size=active, token_ids=ids,
         )
 
 

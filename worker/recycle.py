@@ -46,6 +46,12 @@ def _mem_rss() -> int:
     return _OVER_ANY_LIMIT_KB if _requested is not None else current_rss_kb()
 
 
+def check_memory() -> None:
+    """Ask for a recycle now if this child's resident memory is over ``GLYPHQ_MAX_MEMORY_PER_CHILD_MB``
+    (a serving child checks after each job, billiard only after each pool job)."""
+    _mem_rss()
+
+
 def install() -> None:
     """Route billiard's post-task memory check through this module (call once in each child)."""
     private.install_mem_rss(_mem_rss)

@@ -228,6 +228,7 @@ def output(fetched: _Fetched, result: Any, turns: list[dict[str, str]], started:
 def after_job() -> None:
     """After each job ended: publish the task count; ask for a recycle at ``GLYPHQ_MAX_TASKS_PER_CHILD``."""
     status.publish(task_index=_task_index, last_job_at=time.time())
+    recycle.check_memory()
     if _task_index >= settings.max_tasks_per_child:
         recycle.request("tasks", f"{_task_index} jobs (GLYPHQ_MAX_TASKS_PER_CHILD)")
 
