@@ -176,6 +176,7 @@ class Server:
                 runtime.record_turn(job.fetched, outcome)
                 app.backend.mark_as_done(job.id, result, request=job.context())
                 metrics.job_answered(result)
+                metrics.batch_answered(int(result["worker"]["batch_size"]))
                 log.info("Task %s[%s] succeeded in %.3fs: %d tokens", name, job.id, runtime_s, result["tokens_out"])
             else:
                 app.backend.mark_as_failure(job.id, outcome, request=job.context())

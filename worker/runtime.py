@@ -18,7 +18,7 @@ from producer.images import decode_checked_image
 from producer.schema import JobMessage, check_task_id, document_text
 from producer.store import Store
 from worker import metrics, recycle, status
-from worker.errors import PoisonJob
+from worker.errors import ModelError, PoisonJob
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ def init_child() -> None:
     predecessor = handover_from
     try:
         _engine = engine.load(settings)
+        if _engine.slots is None:
+            raise ModelError("GLYPHQ_DECODE=generate is for answering in process; a worker decodes in slots "
+                             "(GLYPHQ_DECODE=auto)")
     except Exception as exc:
         log.critical("model %r failed to load; stopping the worker, queued jobs stay queued", settings.model,
                      exc_info=True)
