@@ -52,6 +52,10 @@ class _Job:
         return str(self.message.get("id"))
 
     @property
+    def redelivered(self) -> bool:
+        return bool((self.message.get("delivery_info") or {}).get("redelivered"))
+
+    @property
     def priority(self) -> int:
         priority = self.message.get("priority")
         return priority if isinstance(priority, int) else 9
@@ -80,6 +84,7 @@ class Server:
         self.running = Continuous(self.engine, settings.max_image_size)
         self.queued: list[_Job] = []
         self.sessions: set[str] = set()
+        self.alone: _Job | None = None  # a redelivered job running by itself
         self._order = 0
 
     def run(self) -> dict[str, Any]:
@@ -111,17 +116,26 @@ class Server:
                 "unsent": self.channel.unsent()}
 
     def _admit(self) -> None:
-        """Start queued jobs while the running batch has free slots (most urgent, then oldest)."""
+        """Start queued jobs while the running batch has free slots (most urgent, then oldest).
+
+        A redelivered job (its last run died with its child) runs alone, so a job that kills its
+        child takes the jobs beside it down once at most, not on every delivery.
+        """
         self.queued.sort(key=lambda job: (job.priority, job.order))
         for job in list(self.queued):
-            if self.running.free_slots <= len(self.running.waiting):
+            if self.running.free_slots <= len(self.running.waiting) or self.alone:
                 return
+            if job.redelivered and self.running.busy:
+                continue
             session = (job.message.get("kwargs") or {}).get("job", {})
             session = session.get("session") if isinstance(session, dict) else None
             if isinstance(session, str) and session in self.sessions:
                 continue  # the turn before it is still running: it needs that answer in its history
             self.queued.remove(job)
             self._start(job, session if isinstance(session, str) else None)
+            if job.redelivered and job.fetched is not None:
+                self.alone = job
+                return
 
     def _start(self, job: _Job, session: str | None) -> None:
         from tasks.answer import JOB_MESSAGE
@@ -169,6 +183,8 @@ class Server:
         session = job.fetched.job.session if job.fetched is not None else None
         if session:
             self.sessions.discard(session)
+        if self.alone is job:
+            self.alone = None
         ok = not isinstance(outcome, BaseException)
         try:
             if ok:
