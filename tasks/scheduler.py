@@ -121,6 +121,11 @@ class Scheduler:
             self.room = self.room_left() - 1
             self.channel.hand_over(self.epoch, _message(request))
 
+    def drain(self) -> None:
+        """The worker is stopping: tell the child to start no new job (what it has not started comes back)."""
+        if self.serving:
+            self.channel.hand_over(self.epoch, {"control": "drain"})
+
     def room_left(self) -> int:
         return settings.max_tasks_per_child if self.room is None else self.room
 
@@ -310,6 +315,12 @@ class _Current:
     """The worker's one scheduler (the main process has one consumer at a time)."""
 
     scheduler: Scheduler | None = None
+
+
+def drain() -> None:
+    """On a warm shutdown: the child finishes the jobs it runs and starts none of those still waiting."""
+    if _Current.scheduler is not None:
+        _Current.scheduler.drain()
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:

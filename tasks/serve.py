@@ -85,6 +85,7 @@ class Server:
         self.queued: list[_Job] = []
         self.sessions: set[str] = set()
         self.alone: _Job | None = None  # a redelivered job running by itself
+        self.draining = False  # the worker is stopping: start nothing more
         self._order = 0
 
     def run(self) -> dict[str, Any]:
@@ -94,19 +95,23 @@ class Server:
         while True:
             wait = 0.0 if self.running.busy else (POLL_S if self.queued else IDLE_S)
             for message in self.channel.receive(self.epoch, wait):
+                if message.get("control") == "drain":
+                    self.draining = True
+                    continue
                 self._order += 1
                 self.queued.append(_Job(message, self._order))
-            if runtime.room() > 0:  # else this child is being replaced: what it has not started goes back
+            # Else this child is being replaced, or the worker is stopping: what it has not started goes back.
+            if runtime.room() > 0 and not self.draining:
                 self._admit()
             if self.running.busy:
                 idle_since = None
                 for finished in self.running.step():
                     self._finish(finished.key, finished.outcome)
                 continue
-            if self.queued and runtime.room() > 0:
+            if self.queued and runtime.room() > 0 and not self.draining:
                 continue
             runtime.after_batch(self.engine)
-            if runtime.room() == 0:
+            if runtime.room() == 0 or self.draining:
                 break
             now = time.monotonic()
             idle_since = idle_since or now

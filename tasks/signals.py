@@ -102,6 +102,14 @@ def _reserve(worker: Any) -> None:
     consumer.initial_prefetch_count = max(1, int(worker.concurrency or 1)) * consumer.prefetch_multiplier
 
 
+@signals.worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    """In the worker's main process, as a shutdown begins: the GPU child starts no new job."""
+    from tasks import scheduler
+
+    scheduler.drain()
+
+
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     """In the worker's main process, as it stops: let another worker export the queue depth, and when
