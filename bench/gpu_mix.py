@@ -103,10 +103,10 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     import torch
     from PIL import Image
 
-    from celeryconfig import Settings
-    from worker.continuous import Continuous
-    from worker.engine import EngineJob, load
-    from worker.slots import Admission
+    from glyphq.celeryconfig import Settings
+    from glyphq.worker.continuous import Continuous
+    from glyphq.worker.engine import EngineJob, load
+    from glyphq.worker.slots import Admission
 
     settings = Settings.from_env({**os.environ, "GLYPHQ_MODEL": args.model_dir})
     started = time.perf_counter()
@@ -173,7 +173,7 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
 
 @contextmanager
 def redis_and_worker(tree: Path, env: dict[str, str], name: str) -> Iterator[Path]:
-    """A redis-server on the broker's port and ``celery -A tasks worker`` run from ``tree``; yields its log."""
+    """A redis-server on the broker's port and ``celery -A glyphq.tasks worker`` run from ``tree``; yields its log."""
     port = int(env["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
     workdir = Path(tempfile.mkdtemp(prefix=f"glyphq-{name}-"))
     redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
@@ -181,7 +181,7 @@ def redis_and_worker(tree: Path, env: dict[str, str], name: str) -> Iterator[Pat
     time.sleep(0.5)
     log_path = workdir / "worker.log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n",
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-l", "info", "-n",
                                    f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=tree, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -199,7 +199,7 @@ def redis_and_worker(tree: Path, env: dict[str, str], name: str) -> Iterator[Pat
 def run_worker_phase(args: argparse.Namespace, label: str, tree: Path, figures: dict, detail: dict,
                      jobs: list[dict]) -> None:
     """Backlog with probes, the variance set, the trickle, on the worker of ``tree``."""
-    from producer import submit
+    from glyphq.producer import submit
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{tree}:{os.environ.get('PYTHONPATH', '')}"}
@@ -220,7 +220,7 @@ def latency_s(handle, sent: float) -> float:  # noqa: ANN001
     """Seconds from ``sent`` (time.time() at submit) to the moment the job's result was stored."""
     from datetime import timezone
 
-    from tasks.app import app
+    from glyphq.tasks.app import app
 
     handle.result(timeout=300)
     done = app.AsyncResult(handle.id).date_done
@@ -235,8 +235,8 @@ def _submit(submit, job: dict, priority: int | None = None, tokens: int | None =
 
 
 def _worker_workloads(args, label, figures, detail, jobs, submit) -> None:  # noqa: ANN001
-    from celeryconfig import settings
-    from producer.store import Store
+    from glyphq.celeryconfig import settings
+    from glyphq.producer.store import Store
 
     started = time.monotonic()
     warm = [_submit(submit, job, tokens=64) for job in jobs[:32]]

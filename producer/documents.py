@@ -15,12 +15,12 @@ from typing import Any
 
 from celery import chain
 
-from celeryconfig import Settings
-from celeryconfig import settings as default_settings
-from producer.errors import InvalidJob
-from producer.schema import ANSWER_PAGES_TASK, RENDER_TASK, JobMessage, RenderRequest
-from producer.submit import Job, celery_priority, enqueue, expiry
-from producer.validation import (
+from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.schema import ANSWER_PAGES_TASK, RENDER_TASK, JobMessage, RenderRequest
+from glyphq.producer.submit import Job, celery_priority, enqueue, expiry
+from glyphq.producer.validation import (
     check_deadline,
     check_identifier,
     check_max_new_tokens,
@@ -29,7 +29,7 @@ from producer.validation import (
     check_thinking_budget,
     check_unicode_text,
 )
-from tasks.app import app
+from glyphq.tasks.app import app
 
 #: Render settings a job may set, as in Glyph's config_en.json. ``font-path`` is not among them: the
 #: worker never opens a path a producer sent. Operators set it in GLYPHQ_RENDER_CONFIG.

@@ -27,9 +27,9 @@ from typing import Any
 
 from redis import RedisError
 
-from celeryconfig import Settings
-from celeryconfig import settings as default_settings
-from producer.store import SAFE_POLICY, Store, broker_location, memory_info
+from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.store import SAFE_POLICY, Store, broker_location, memory_info
 
 #: Queues whose workers load a model; the ``model`` check applies to these only.
 MODEL_QUEUES = frozenset({"gpu"})
@@ -163,7 +163,7 @@ def _bounded(fn: Callable[[], Any], seconds: float) -> tuple[bool, Any, BaseExce
 
 def _control_connection(timeout: float) -> Any:
     """A broker connection for control commands that gives up after one retry instead of retrying forever."""
-    from tasks.app import app
+    from glyphq.tasks.app import app
 
     return app.connection_for_write(
         connect_timeout=timeout,
@@ -177,7 +177,7 @@ def _control_connection(timeout: float) -> Any:
 def _check_workers(queue: str, timeout: float, node: str | None
                    ) -> tuple[dict[str, Any], dict[str, Any], str | None, list[str]]:
     """(worker check, model check, error or None, names of the answering workers on ``queue``)."""
-    from tasks.app import app
+    from glyphq.tasks.app import app
 
     destination = [node] if node else None
     with _control_connection(timeout) as conn:

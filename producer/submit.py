@@ -16,13 +16,13 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from celeryconfig import PRIORITY_LEVELS, Settings
-from celeryconfig import settings as default_settings
-from producer.errors import JobExpired, JobFailed, JobLost, JobTimeout, QueueFull
-from producer.images import ImageInput, check_image
-from producer.schema import ANSWER_TASK, JobMessage
-from producer.store import Store, broker_error, check_memory_room, queue_depths
-from producer.validation import (
+from glyphq.celeryconfig import PRIORITY_LEVELS, Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.errors import JobExpired, JobFailed, JobLost, JobTimeout, QueueFull
+from glyphq.producer.images import ImageInput, check_image
+from glyphq.producer.schema import ANSWER_TASK, JobMessage
+from glyphq.producer.store import Store, broker_error, check_memory_room, queue_depths
+from glyphq.producer.validation import (
     check_deadline,
     check_identifier,
     check_max_new_tokens,
@@ -30,7 +30,7 @@ from producer.validation import (
     check_question,
     check_thinking_budget,
 )
-from tasks.app import app
+from glyphq.tasks.app import app
 
 log = logging.getLogger(__name__)
 

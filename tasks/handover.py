@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks import private
+from glyphq.tasks import private
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def start_successor(task_pool: Any) -> None:
 
     Nothing to do when the pool is not a running one-process pool, or a successor is already there.
     """
-    from worker import runtime
+    from glyphq.worker import runtime
 
     def before(pid: int) -> None:
         runtime.handover_from = pid  # the successor reads it after the fork

@@ -35,9 +35,9 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 
-from celeryconfig import settings
-from tasks import channel as channels
-from tasks import handover, private
+from glyphq.celeryconfig import settings
+from glyphq.tasks import channel as channels
+from glyphq.tasks import handover, private
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Scheduler:
         return settings.max_tasks_per_child if self.room is None else self.room
 
     def _serve(self) -> None:
-        from tasks.serve import serve
+        from glyphq.tasks.serve import serve
 
         if self.room_left() <= 0:
             return

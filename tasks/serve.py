@@ -24,9 +24,9 @@ from typing import Any
 from celery import states
 from celery.app.task import Context
 
-from celeryconfig import settings
-from tasks.app import app
-from tasks.channel import Channel
+from glyphq.celeryconfig import settings
+from glyphq.tasks.app import app
+from glyphq.tasks.channel import Channel
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class Server:
     """The child's side of one serving epoch."""
 
     def __init__(self, channel: Channel, epoch: int, room: int) -> None:
-        from worker import runtime
-        from worker.continuous import Continuous
+        from glyphq.worker import runtime
+        from glyphq.worker.continuous import Continuous
 
         self.channel = channel
         self.epoch = epoch
@@ -89,7 +89,7 @@ class Server:
         self._order = 0
 
     def run(self) -> dict[str, Any]:
-        from worker import runtime
+        from glyphq.worker import runtime
 
         idle_since: float | None = None
         while True:
@@ -143,8 +143,8 @@ class Server:
                 return
 
     def _start(self, job: _Job, session: str | None) -> None:
-        from tasks.answer import JOB_MESSAGE
-        from worker import runtime
+        from glyphq.tasks.answer import JOB_MESSAGE
+        from glyphq.worker import runtime
 
         if (job.message.get("delivery_info") or {}).get("redelivered") and self._succeeded(job.id):
             self.channel.report({"id": job.id, "event": "duplicate"})  # worker_deduplicate_successful_tasks
@@ -175,9 +175,9 @@ class Server:
 
     def _finish(self, job: _Job, outcome: Any) -> None:
         """Store the job's result or failure, release what it held, and report it to the main process."""
-        from tasks.signals import release_finished
-        from worker import metrics, runtime
-        from worker.continuous import DeadlinePassed
+        from glyphq.tasks.signals import release_finished
+        from glyphq.worker import metrics, runtime
+        from glyphq.worker.continuous import DeadlinePassed
 
         if isinstance(outcome, DeadlinePassed):
             from billiard.exceptions import SoftTimeLimitExceeded
@@ -218,7 +218,7 @@ class Server:
 
 def serve(epoch: int, room: int) -> dict[str, Any]:
     """The pool job: serve the jobs handed to ``epoch`` (at most ``room``) until idle or done."""
-    from tasks import channel
+    from glyphq.tasks import channel
 
     found = channel.current()
     if found is None:

@@ -14,10 +14,10 @@ import pytest
 from conftest import png_bytes
 from PIL import Image
 
-from celeryconfig import settings
-from worker.continuous import Continuous
-from worker.decode import prefill_groups
-from worker.engine import EngineJob, load
+from glyphq.celeryconfig import settings
+from glyphq.worker.continuous import Continuous
+from glyphq.worker.decode import prefill_groups
+from glyphq.worker.engine import EngineJob, load
 
 QUESTIONS = ["What is this?", "Describe the picture in a few words please", "Colour?", "Is there text on it"]
 
@@ -132,7 +132,7 @@ def test_compiled_static_decoding_equals_generate(tiny_model):
     import torch
     from torch._dynamo.utils import counters
 
-    from worker.slots import SlotDecoder
+    from glyphq.worker.slots import SlotDecoder
 
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
     compiled = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))

@@ -19,12 +19,12 @@ import pytest
 from conftest import WorkerProcess, png_bytes, raw_job, wait_until
 from PIL import Image
 
-from celeryconfig import Settings, settings
-from producer import submit
-from producer.schema import ANSWER_TASK
-from producer.store import Store, blob_key
-from tasks.app import app
-from worker.engine import EngineJob, load
+from glyphq.celeryconfig import Settings, settings
+from glyphq.producer import submit
+from glyphq.producer.schema import ANSWER_TASK
+from glyphq.producer.store import Store, blob_key
+from glyphq.tasks.app import app
+from glyphq.worker.engine import EngineJob, load
 
 SLOTS = 4
 

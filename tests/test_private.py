@@ -15,7 +15,7 @@ from celery.worker import state
 from celery.worker import strategy as celery_strategy
 from kombu.transport import redis as kombu_redis
 
-from tasks import private
+from glyphq.tasks import private
 
 
 def test_versions_are_the_tested_ones():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import celeryconfig
-from celeryconfig import Settings, SettingsError, parse_box
+import glyphq.celeryconfig
+from glyphq.celeryconfig import Settings, SettingsError, parse_box
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_celery_settings(monkeypatch):
 
 
 def test_celery_app_uses_celeryconfig():
-    from tasks.app import app
+    from glyphq.tasks.app import app
 
     assert app.conf.accept_content == ["json"]
     assert app.conf.task_acks_late is True

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from worker import reasoning
-from worker.decode import CHECK_EVERY, prefill_groups
-from worker.errors import ModelError, WorkerError
-from worker.images import Box, fit_image, smaller_box
-from worker.slots import Admission
+from glyphq.worker import reasoning
+from glyphq.worker.decode import CHECK_EVERY, prefill_groups
+from glyphq.worker.errors import ModelError, WorkerError
+from glyphq.worker.images import Box, fit_image, smaller_box
+from glyphq.worker.slots import Admission
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Continuous:
         return finished
 
     def _result(self, row: _Row, ids: list[int], stopped: bool, active: int) -> Any:
-        from worker.engine import EngineResult
+        from glyphq.worker.engine import EngineResult
 
         engine, job = self.engine, row.waiting.job
         text = engine.processor.batch_decode([ids], skip_special_tokens=engine.reasoning is None)[0]
@@ -256,7 +256,7 @@ class Continuous:
 
 
 def _as_failure(exc: BaseException) -> BaseException:
-    from producer.errors import GlyphqError
+    from glyphq.producer.errors import GlyphqError
 
     traceback.clear_frames(exc.__traceback__)
     if isinstance(exc, GlyphqError):

@@ -23,8 +23,8 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
-from celeryconfig import Settings
-from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
+from glyphq.celeryconfig import Settings
+from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class QueueDepthCollector:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from producer.store import queue_depths
+        from glyphq.producer.store import queue_depths
 
         try:
             if not self._hold_lease():
@@ -150,7 +150,7 @@ class QueueDepthCollector:
 
     def _client(self) -> Any:
         if self._redis is None:
-            from producer.store import settings_client
+            from glyphq.producer.store import settings_client
 
             self._redis = settings_client(self.settings)
         return self._redis

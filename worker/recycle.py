@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import os
 
-from celeryconfig import settings
-from tasks import private
-from worker import metrics, status
+from glyphq.celeryconfig import settings
+from glyphq.tasks import private
+from glyphq.worker import metrics, status
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from celeryconfig import settings
-from producer.images import decode_checked_image
-from producer.schema import JobMessage, check_task_id, document_text
-from producer.store import Store
-from worker import metrics, recycle, status
-from worker.errors import ModelError, PoisonJob
+from glyphq.celeryconfig import settings
+from glyphq.producer.images import decode_checked_image
+from glyphq.producer.schema import JobMessage, check_task_id, document_text
+from glyphq.producer.store import Store
+from glyphq.worker import metrics, recycle, status
+from glyphq.worker.errors import ModelError, PoisonJob
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def preload_modules() -> None:
     """
     import transformers  # noqa: F401
 
-    from worker import decode, engine  # noqa: F401  (the Auto classes, the static-decoding attention)
+    from glyphq.worker import decode, engine  # noqa: F401  (the Auto classes, the static-decoding attention)
 
 
 def serves_gpu() -> bool:
@@ -66,7 +66,7 @@ def init_child() -> None:
     predecessor has left. Until then it takes no job, so one child answers at a time.
     """
     global _engine, _task_index
-    from worker import engine
+    from glyphq.worker import engine
 
     recycle.install()
     _task_index = 0
@@ -187,7 +187,7 @@ def room() -> int:
 
 def room_for_a_successor() -> bool:
     """Whether a successor could load beside this child now (GPU memory; always True on the CPU)."""
-    from worker import memory
+    from glyphq.worker import memory
 
     return _engine is not None and memory.room_for_a_successor(_engine.device)
 
@@ -210,7 +210,7 @@ def history(fetched: _Fetched) -> list[dict[str, str]]:
 
 def engine_job(fetched: _Fetched, turns: list[dict[str, str]]) -> Any:
     """The ``EngineJob`` of a fetched job."""
-    from worker.engine import EngineJob
+    from glyphq.worker.engine import EngineJob
 
     job = fetched.job
     return EngineJob(images=fetched.images, question=job.question, max_new_tokens=job.max_new_tokens, history=turns,
@@ -242,7 +242,7 @@ _last_gpu: dict[str, float] | None = None
 def after_batch(eng: Any) -> float:
     """Once nothing is running: free what the batch left, check the GPU guard, publish GPU memory and
     the decode steps in use. Returns the seconds the cleanup took."""
-    from worker import memory
+    from glyphq.worker import memory
 
     global _last_gpu
     cleanup_s = float(eng.cleanup())
@@ -327,7 +327,7 @@ def _output(fetched: _Fetched, result: Any, history: list[dict[str, str]], start
 
 def _record_gpu_memory(device: Any, gpu: dict[str, float] | None) -> None:
     """After cleanup: set the GPU memory gauges, and ask for a recycle when the GPU guard is crossed."""
-    from worker import memory
+    from glyphq.worker import memory
 
     if gpu is not None:
         metrics.gpu_memory(memory.allocated_bytes(device), gpu["reserved_mb"] * memory.MB)
@@ -356,7 +356,7 @@ def _device_name(device: Any) -> str:
 
 def _gpu_section(device: Any) -> dict[str, float] | None:
     """Allocated, reserved and peak GPU memory in MB, for the worker status; None on CPU."""
-    from worker import memory
+    from glyphq.worker import memory
 
     stats = memory.gpu_stats(device)
     if stats is None:

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from worker.decode import ATTENTION, MIN_CACHE_LEN, _compile_decoder_layers, _without_layer_index, bucket
-from worker.logits import DecodeRules
-from worker.prompts import collate
-from worker.reasoning import ReasoningIds
+from glyphq.worker.decode import ATTENTION, MIN_CACHE_LEN, _compile_decoder_layers, _without_layer_index, bucket
+from glyphq.worker.logits import DecodeRules
+from glyphq.worker.prompts import collate
+from glyphq.worker.reasoning import ReasoningIds
 
 log = logging.getLogger(__name__)
 
