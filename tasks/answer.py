@@ -14,7 +14,7 @@ from glyphq.celeryconfig import settings
 from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from glyphq.tasks.app import app
 
-SCHEDULING_STRATEGY = "tasks.scheduler:strategy"
+SCHEDULING_STRATEGY = "glyphq.tasks.scheduler:strategy"
 
 
 def image_job(job: dict[str, Any]) -> dict[str, Any]:
