@@ -83,7 +83,7 @@ samples: install
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache
 
-# Soak: 2,000 jobs through a real redis-server and worker on the tiny model (about 5 minutes on 2 cores);
+# Soak: 20,000 jobs through a real redis-server and worker on the tiny model (about an hour on 2 cores);
 # prints the figures and writes bench/results/soak.json. Not part of `make test` (marker `slow`).
 .PHONY: soak
 soak: install redis

@@ -100,8 +100,7 @@ class Settings:
     max_image_size: tuple[int, int] = (1280, 720)
     max_tasks_per_child: int = 1000
     recycle_overlap_s: int = 30
-    max_batch: int = 16
-    batch_delay_ms: int = 20
+    max_batch: int = 64
     decode: str = "auto"
     decode_max_tokens: int = 40 * A4_PAGE_TOKENS + PROMPT_TOKENS + 8192  # max_pages pages + prompt + new tokens
     decode_compile: str = "on"
@@ -190,7 +189,6 @@ class Settings:
             max_tasks_per_child=_int(env, "GLYPHQ_MAX_TASKS_PER_CHILD", cls.max_tasks_per_child, minimum=1),
             recycle_overlap_s=_int(env, "GLYPHQ_RECYCLE_OVERLAP_S", cls.recycle_overlap_s, maximum=DAY_S),
             max_batch=max_batch,
-            batch_delay_ms=_int(env, "GLYPHQ_BATCH_DELAY_MS", cls.batch_delay_ms, maximum=10_000),
             decode=_choice(env, "GLYPHQ_DECODE", cls.decode, ("auto", "static", "generate")),
             decode_max_tokens=decode_max_tokens,
             decode_compile=_choice(env, "GLYPHQ_DECODE_COMPILE", cls.decode_compile, ("on", "off")),

@@ -8,7 +8,7 @@ blobs and sessions have expired (after ``--ttl`` seconds) Redis holds as many ke
 Everything it needs it starts itself: a redis-server on a free port, the tiny model (``python -m
 worker.tiny``) and ``celery -A glyphq.tasks worker``. The producer is this process, with the same settings.
 
-Run from the repository root:  python -m bench.soak [--jobs 2000]
+Run from the repository root:  python -m bench.soak [--jobs 20000]
 Prints one table and writes bench/results/soak.json. Exits 1 when a check fails.
 """
 
@@ -141,7 +141,7 @@ def run_jobs(count: int, first_seed: int, in_flight: int, max_new_tokens: int, c
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2000, help="jobs after the warm-up (default 2000)")
+    parser.add_argument("--jobs", type=int, default=20000, help="jobs after the warm-up (default 20000)")
     parser.add_argument("--warmup", type=int, default=100, help="jobs before memory is measured (default 100)")
     parser.add_argument("--max-tasks-per-child", type=int, default=50, help="GLYPHQ_MAX_TASKS_PER_CHILD (50)")
     parser.add_argument("--ttl", type=int, default=60,
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies else None,
         "parent_rss_mb_after_warmup": rss_base,
+        "parent_rss_mb_at_end": rss[-1] if rss else None,
         "parent_rss_mb_min": min(rss, default=None),
         "parent_rss_mb_max": max(rss, default=None),
         "parent_rss_change_max": round(max(abs(v - rss_base) for v in rss) / rss_base, 4) if rss else None,

@@ -1,7 +1,8 @@
 """The ``glyphq.*`` tasks: thin shells over the worker modules, which do the work in the worker child.
 
-The two GPU tasks use the batching strategy (``tasks.batching``): jobs that are waiting together are
-answered in one batched generate, and each task body then returns its own job's result.
+The two GPU tasks use the scheduling strategy (``tasks.scheduler``): a GPU worker never runs their
+bodies, it hands each job to its child's running batch (``tasks.serve``). The bodies answer a job
+alone, for a caller that runs a task in process (``task.apply()``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from glyphq.celeryconfig import settings
 from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from glyphq.tasks.app import app
 
-BATCHING_STRATEGY = "glyphq.tasks.batching:strategy"
+SCHEDULING_STRATEGY = "glyphq.tasks.scheduler:strategy"
 
 
 def image_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -32,12 +33,12 @@ def pages_job(rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 JOB_MESSAGE: dict[str, Callable[..., dict[str, Any]]] = {ANSWER_TASK: image_job, ANSWER_PAGES_TASK: pages_job}
 
 
-@app.task(name=ANSWER_TASK, bind=True, Strategy=BATCHING_STRATEGY)
+@app.task(name=ANSWER_TASK, bind=True, Strategy=SCHEDULING_STRATEGY)
 def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Answer one image + question job and return the result dict (see README, "Results")."""
     from glyphq.worker import runtime  # torch lives only in the worker child, never in producers
 
-    return runtime.answer(image_job(job), job_id=self.request.id)
+    return runtime.answer_alone(image_job(job), job_id=self.request.id)
 
 
 @app.task(name=RENDER_TASK, bind=True)
@@ -53,9 +54,9 @@ def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
     return pages.render_document(request, job_id, settings)
 
 
-@app.task(name=ANSWER_PAGES_TASK, bind=True, Strategy=BATCHING_STRATEGY)
+@app.task(name=ANSWER_PAGES_TASK, bind=True, Strategy=SCHEDULING_STRATEGY)
 def answer_pages(self: Any, rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """Answer a question over the pages that ``glyphq.render`` produced, all in one prompt, in order."""
     from glyphq.worker import runtime
 
-    return runtime.answer(pages_job(rendered, job), job_id=self.request.id)
+    return runtime.answer_alone(pages_job(rendered, job), job_id=self.request.id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from billiard.pool import RUN
+from glyphq.tasks import private
 
 log = logging.getLogger(__name__)
 
@@ -23,37 +23,27 @@ def start_successor(task_pool: Any) -> None:
     """Fork the next child of a one-process prefork pool now, to replace the one it has.
 
     Nothing to do when the pool is not a running one-process pool, or a successor is already there.
-    The pool keeps its size of one, so billiard forks nobody when the old child exits.
     """
     from glyphq.worker import runtime
 
-    pool = getattr(task_pool, "_pool", None)
-    if pool is None or getattr(pool, "_state", None) != RUN or pool._processes != 1 or len(pool._pool) != 1:
-        return
-    current = pool._pool[0]
-    runtime.handover_from = current.pid  # the successor reads it after the fork
-    pool._processes += 1
-    try:
-        pool.on_grow(1)  # a spare set of pipes for the successor (AsynPool keeps one per process)
-        successor = pool._create_worker_process(pool._avail_index())
-    finally:
-        pool._processes -= 1
+    def before(pid: int) -> None:
+        runtime.handover_from = pid  # the successor reads it after the fork
+
+    def after() -> None:
         runtime.handover_from = None
-    log.info("started child %d to take over from child %d", successor.pid, current.pid)
+
+    current = private.child_pids(task_pool)
+    successor = private.fork_successor(task_pool, before, after)
+    if successor is not None:
+        log.info("started child %d to take over from child %s", successor, ", ".join(map(str, sorted(current))))
 
 
 def child_pids(task_pool: Any) -> set[int]:
     """The pids of the pool's child processes (billiard has not yet reaped the ones missing here)."""
-    pool = getattr(task_pool, "_pool", None)
-    return {int(process.pid) for process in getattr(pool, "_pool", None) or [] if process.pid}
+    return private.child_pids(task_pool)
 
 
 def reap(task_pool: Any) -> None:
-    """Let billiard clean up after exited children now.
-
-    It notices an exit through a pipe that sometimes stays silent, and then only at its 5-second
-    maintenance timer (celery#9588): a recycle would wait that long for no reason.
-    """
-    maintain = getattr(task_pool, "maintain_pool", None)
-    if maintain is not None:
-        maintain()
+    """Let billiard clean up after exited children now (celery#9588: it may notice an exit only at its
+    5-second maintenance timer, and a recycle would wait that long for no reason)."""
+    private.reap(task_pool)

@@ -16,6 +16,7 @@ from glyphq.producer.errors import InvalidJob
 from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from glyphq.producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
 from glyphq.producer.validation import check_identifier
+from glyphq.tasks import channel
 from glyphq.tasks.app import app
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,10 @@ MODEL_LOAD_FAILED_EXIT = 3
 
 @signals.worker_init.connect
 def _fix_kombu(**_: Any) -> None:
-    """Only in a worker, never in a producer that imports ``tasks``: see ``tasks.broker_fix``."""
-    from glyphq.tasks import broker_fix
+    """Only in a worker, never in a producer that imports ``tasks``: see ``tasks.private``."""
+    from glyphq.tasks import private
 
-    broker_fix.apply()
+    private.fix_kombu_close()
 
 
 @signals.celeryd_after_setup.connect
@@ -44,13 +45,14 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
 
     refuse_evicting_redis()
     status.create()
+    channel.create()
     metrics.serve(settings)
     queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
     if GPU_QUEUE in queues:
         from glyphq.worker import runtime
 
         runtime.preload_parent()
-        _reserve_a_batch(instance)
+        _reserve(instance)
 
 
 #: The exit status of a worker that refuses to start on a Redis that may evict glyphq's keys.
@@ -82,21 +84,30 @@ def refuse_evicting_redis() -> None:
     raise SystemExit(EXIT_EVICTING_REDIS)
 
 
-def _reserve_a_batch(worker: Any) -> None:
-    """Let a GPU worker reserve two batches (``2 * GLYPHQ_MAX_BATCH`` messages) per child.
+def _reserve(worker: Any) -> None:
+    """Let a GPU worker reserve ``reserved_jobs(GLYPHQ_MAX_BATCH)`` messages (see ``tasks.scheduler``).
 
-    One batch runs while the next one is already waiting in the worker. With room for one batch
-    only, the messages of the next could be fetched only after the running batch was acknowledged,
-    one by one, and a batch would leave after ``GLYPHQ_BATCH_DELAY_MS`` with whatever had arrived.
-
+    The child runs up to ``GLYPHQ_MAX_BATCH`` jobs at once; as many more wait in the worker, so a
+    freed slot is filled at once, without a round trip to Redis. Celery's own prefetch counts
+    messages per child (``worker_prefetch_multiplier``), so with one child it is set to that number.
     The consumer exists by now but has not set its prefetch (QoS) yet. A render worker keeps Celery's
     prefetch of one per child, so long renders spread over the render workers.
     """
+    from glyphq.tasks.scheduler import reserved_jobs
+
     consumer = getattr(worker, "consumer", None)
-    if consumer is None or settings.max_batch == 1:
+    if consumer is None:
         return
-    consumer.prefetch_multiplier = 2 * settings.max_batch
+    consumer.prefetch_multiplier = reserved_jobs(settings.max_batch)
     consumer.initial_prefetch_count = max(1, int(worker.concurrency or 1)) * consumer.prefetch_multiplier
+
+
+@signals.worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    """In the worker's main process, as a shutdown begins: the GPU child starts no new job."""
+    from glyphq.tasks import scheduler
+
+    scheduler.drain()
 
 
 @signals.worker_shutdown.connect
@@ -184,6 +195,11 @@ def _release_expired(sender: Any = None, request: Any = None, expired: bool = Fa
     if owner is not None:
         # The answer step of the chain is never sent: give the document job its final state here.
         app.backend.mark_as_revoked(owner, reason="expired" if expired else "revoked")
+
+
+def release_finished(name: str | None, task_id: str, args: Any, kwargs: dict[str, Any], state: str) -> None:
+    """Drop a finished job's hold on its blobs (``tasks.serve`` calls it once the outcome is stored)."""
+    _release(*finished_blobs(name, task_id, args, kwargs, state))
 
 
 def _release(owner: str, keys: list[str]) -> None:

@@ -103,15 +103,33 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self.image_token_id = getattr(processor, "image_token_id", None)
         self.min_side = processor_min_side(processor)  # no side of a fitted image is shorter
-        self.decoder: Any = None  # worker.decode.StaticDecoder when static decoding is on
+        self.slots: Any = None  # worker.slots.SlotDecoder: the worker decodes in slots
+        self.decoder: Any = None  # the same, under the name the hand-over warms its steps through
         # A torch (torchvision) image processor can resize and normalize on the GPU: 0.12 s instead of
         # 0.28 s for 32 pages on an H200. A PIL one runs on the CPU only.
         on_gpu = device.type == "cuda" and isinstance(getattr(processor, "image_processor", None), TorchvisionBackend)
         self._processor_kwargs: dict[str, Any] = {"device": str(device)} if on_gpu else {}
 
     def answer(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
-        """Answer ``jobs`` in one greedy batched generate; every image (page) is fitted into ``box`` on its own
-        (``worker.images.fit_size``)."""
+        """Answer ``jobs`` together, greedily; every image (page) is fitted into ``box`` on its own
+        (``worker.images.fit_size``). With slots (the default) the jobs run through the same
+        iteration-level scheduler as in the worker (``worker.continuous``), else in one ``generate``.
+        Raises the first job's failure."""
+        if self.slots is not None:
+            from glyphq.worker.continuous import Continuous
+
+            running = Continuous(self, box)
+            for index, job in enumerate(jobs):
+                running.add(index, job)
+            outcomes = {f.key: f.outcome for f in running.run()}
+            for index in range(len(jobs)):
+                if isinstance(outcomes[index], BaseException):
+                    raise outcomes[index]
+            return [outcomes[index] for index in range(len(jobs))]
+        return self.answer_with_generate(jobs, box)
+
+    def answer_with_generate(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
+        """Answer ``jobs`` in one greedy batched ``model.generate`` (the reference the slots are checked against)."""
         start = time.perf_counter()
         fitted = [[fit_image(image, box, self.min_side) for image in job.images] for job in jobs]
         prompts = [self.process(job, images) for job, images in zip(jobs, fitted, strict=True)]
@@ -165,10 +183,8 @@ class Engine:
                  budgets: list[int | None] | None = None) -> torch.Tensor:
         """Greedy new tokens (batch, n) for one processed prompt per row (``processor`` output, batch 1),
         with the repetition penalty and each row's thinking budget (``budgets``, None: none):
-        static decoding when it is on and the batch fits its cache, else ``model.generate``."""
+        through ``model.generate``."""
         prompt_len = max(prompt["input_ids"].shape[1] for prompt in prompts)
-        if self.decoder is not None and self.decoder.fits(len(prompts), prompt_len + max_new_tokens):
-            return self.decoder.generate(prompts, max_new_tokens, self.eos_ids, budgets)  # type: ignore[no-any-return]
         inputs = collate(prompts, self.pad_id)
         rules = DecodeRules(len(prompts), self.model.get_output_embeddings().weight.shape[0], self.device,
                             self.repetition_penalty, self.reasoning)
@@ -224,7 +240,9 @@ def load(settings: Settings) -> Engine:
     """Load ``settings.model`` (a hub id or a local path): bf16 on CUDA, float32 on CPU, in eval mode."""
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    static = settings.decode == "static" or (settings.decode == "auto" and device.type == "cuda")
+    # Slots on every device by default; "generate" keeps ``model.generate`` for in-process answers (a
+    # reference for tests) and a worker then refuses to start (``worker.runtime``).
+    static = settings.decode in ("auto", "static")
     compile_layers = static and settings.decode_compile == "on" and device.type == "cuda"
     compiler = _import_compiler_meanwhile(settings.compile_cache_dir) if compile_layers else None
     start = time.perf_counter()
@@ -240,14 +258,14 @@ def load(settings: Settings) -> Engine:
     log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
     engine = Engine(model, processor, device, dtype, settings.model, settings.repetition_penalty)
     if static:
-        from glyphq.worker.decode import StaticDecoder
+        from glyphq.worker.slots import SlotDecoder
 
         if compiler is not None:
             compiler.join()
-        engine.decoder = StaticDecoder(model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
-                                       max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id,
-                                       compile_layers=compile_layers, repetition_penalty=settings.repetition_penalty,
-                                       reasoning=engine.reasoning)
+        engine.slots = engine.decoder = SlotDecoder(
+            model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
+            max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id, compile_layers=compile_layers,
+            repetition_penalty=settings.repetition_penalty, reasoning=engine.reasoning)
     return engine
 
 

@@ -58,6 +58,25 @@ class DecodeRules:
         for mine, theirs in ((self.budget, other.budget), (self.closed, other.closed), (self.forced, other.forced)):
             mine.copy_(theirs)
 
+    def view(self, start: int, stop: int) -> DecodeRules:
+        """The state of rows ``[start, stop)`` as rules of their own, sharing this one's buffers."""
+        part = DecodeRules.__new__(DecodeRules)
+        part.penalty, part.tags = self.penalty, self.tags
+        part.seen = self.seen[start:stop] if self.seen is not None else None
+        part.budget, part.closed = self.budget[start:stop], self.closed[start:stop]
+        part.forced = self.forced[start:stop]
+        return part
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of every buffer, for :meth:`restore`."""
+        return [t.clone() for t in (self.seen, self.budget, self.closed, self.forced) if t is not None]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        """Put back what :meth:`snapshot` copied."""
+        for mine, kept in zip([t for t in (self.seen, self.budget, self.closed, self.forced) if t is not None],
+                              saved, strict=True):
+            mine.copy_(kept)
+
     def choose(self, logits: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
         """Each row's next token (rows,), given its logits (rows, vocab) for new token number ``index``."""
         scores = logits.float()

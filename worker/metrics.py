@@ -191,7 +191,7 @@ def _metrics() -> dict[str, Any]:
         "reserved": Gauge("glyphq_gpu_memory_reserved_bytes", "GPU memory reserved after the last job's cleanup",
                           multiprocess_mode="mostrecent"),
         "recycles": Counter("glyphq_recycles", "Worker children replaced, by reason", ["reason"]),
-        "batch_size": Histogram("glyphq_batch_size", "Jobs answered together in one generate",
+        "batch_size": Histogram("glyphq_batch_size", "Rows decoding when a job ended",
                                 buckets=_BATCH_BUCKETS),
     }
 
@@ -222,7 +222,7 @@ def job_answered(result: dict[str, Any]) -> None:
 
 
 def batch_answered(size: int) -> None:
-    """Record how many jobs one batched generate answered."""
+    """Record how many rows were decoding when a job ended (its ``worker.batch_size``)."""
     metric("batch_size").observe(size)
 
 

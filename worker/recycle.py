@@ -17,15 +17,14 @@ from __future__ import annotations
 import logging
 import os
 
-import billiard.pool
-
 from glyphq.celeryconfig import settings
+from glyphq.tasks import private
 from glyphq.worker import metrics, status
 
 log = logging.getLogger(__name__)
 
 _requested: str | None = None
-_real_mem_rss = billiard.pool.mem_rss
+_real_mem_rss = private.billiard_mem_rss()
 _OVER_ANY_LIMIT_KB = 2**62
 
 
@@ -47,9 +46,15 @@ def _mem_rss() -> int:
     return _OVER_ANY_LIMIT_KB if _requested is not None else current_rss_kb()
 
 
+def check_memory() -> None:
+    """Ask for a recycle now if this child's resident memory is over ``GLYPHQ_MAX_MEMORY_PER_CHILD_MB``
+    (a serving child checks after each job, billiard only after each pool job)."""
+    _mem_rss()
+
+
 def install() -> None:
     """Route billiard's post-task memory check through this module (call once in each child)."""
-    billiard.pool.mem_rss = _mem_rss
+    private.install_mem_rss(_mem_rss)
 
 
 def request(reason: str, detail: str) -> None:

@@ -1,4 +1,4 @@
-"""Per-process state of a GPU worker: preload in the parent, one engine per child, jobs answered in batches.
+"""Per-process state of a GPU worker: preload in the parent, one engine per child, each job's steps around the engine.
 
 ``tasks`` calls into this module; it is the only worker module that knows about jobs and Redis.
 """
@@ -10,14 +10,10 @@ import logging
 import os
 import signal
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from billiard.exceptions import SoftTimeLimitExceeded
-
 from glyphq.celeryconfig import settings
-from glyphq.producer.errors import GlyphqError
 from glyphq.producer.images import decode_checked_image
 from glyphq.producer.schema import JobMessage, check_task_id, document_text
 from glyphq.producer.store import Store
@@ -78,6 +74,9 @@ def init_child() -> None:
     predecessor = handover_from
     try:
         _engine = engine.load(settings)
+        if _engine.slots is None:
+            raise ModelError("GLYPHQ_DECODE=generate is for answering in process; a worker decodes in slots "
+                             "(GLYPHQ_DECODE=auto)")
     except Exception as exc:
         log.critical("model %r failed to load; stopping the worker, queued jobs stay queued", settings.model,
                      exc_info=True)
@@ -176,17 +175,9 @@ class _Fetched:
     task_index: int
 
 
-_prepared: dict[str, Any] = {}  # job id -> result dict or the exception it fails with
-
-
-def prepare(jobs: list[tuple[str, object]]) -> None:
-    """Answer ``(job id, job message)`` pairs together; ``answer`` then hands out each job's outcome."""
-    _prepared.update(answer_batch(jobs))
-
-
-def forget_prepared() -> None:
-    """Drop outcomes no task picked up (a job Celery skipped, e.g. a duplicate)."""
-    _prepared.clear()
+def engine() -> Any:
+    """This child's engine (``worker.engine.Engine``), loaded on first use."""
+    return _loaded_engine()
 
 
 def room() -> int:
@@ -201,69 +192,83 @@ def room_for_a_successor() -> bool:
     return _engine is not None and memory.room_for_a_successor(_engine.device)
 
 
-def answer(raw_job: object, job_id: str) -> dict[str, Any]:
-    """The result dict of one job: prepared with its batch, or answered alone. Raises its failure."""
-    outcome = _prepared.pop(job_id) if job_id in _prepared else answer_batch([(job_id, raw_job)])[job_id]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome  # type: ignore[no-any-return]
+def fetch(eng: Any, job_id: str, raw_job: object) -> _Fetched:
+    """Count the job as this child's next (its task index) and one more run of it (the poison guard),
+    check its message and fetch its images and text. Raises what fails the job."""
+    global _task_index
+    _task_index += 1
+    if _task_index == 1:  # the end of a recycle as an operator sees it: this child is answering now
+        log.info("first generate of this child starts")
+    return _fetch(eng, Store(settings), job_id, raw_job)
 
 
-def answer_batch(jobs: list[tuple[str, object]]) -> dict[str, Any]:
-    """Answer several jobs with as few batched generates as possible.
+def history(fetched: _Fetched) -> list[dict[str, str]]:
+    """The earlier turns of the job's session (read when the job starts, after the turn before it ended),
+    or, without a session, the turns its message carries."""
+    session = fetched.job.session
+    if session:
+        return Store(settings).session_turns(session, settings.history_turns)
+    return [dict(turn) for turn in fetched.job.history]
 
-    Returns each job id's result dict, or the exception that job fails with: a bad message or image,
-    a missing blob or a model error fails its own job only. Jobs of one session run in turn, so each
-    sees the turns before it. Cleans up once for the batch, whatever happens; then asks for a recycle
-    once this child has answered ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs.
-    """
+
+def engine_job(fetched: _Fetched, turns: list[dict[str, str]]) -> Any:
+    """The ``EngineJob`` of a fetched job."""
+    from glyphq.worker.engine import EngineJob
+
+    job = fetched.job
+    return EngineJob(images=fetched.images, question=job.question, max_new_tokens=job.max_new_tokens, history=turns,
+                     thinking_budget=job.thinking_budget or None, document=job.text_key is not None)
+
+
+def record_turn(fetched: _Fetched, result: Any) -> None:
+    """Append an answered job's turn to its session."""
+    if fetched.job.session:
+        Store(settings).append_turn(fetched.job.session, fetched.job.question, result.answer)
+
+
+def output(fetched: _Fetched, result: Any, turns: list[dict[str, str]], started: float) -> dict[str, Any]:
+    """The result dict of an answered job (see README, "Results")."""
+    return _output(fetched, result, turns, started, 0.0, _last_gpu)
+
+
+def after_job() -> None:
+    """After each job ended: publish the task count; ask for a recycle at ``GLYPHQ_MAX_TASKS_PER_CHILD``."""
+    status.publish(task_index=_task_index, last_job_at=time.time())
+    recycle.check_memory()
+    if _task_index >= settings.max_tasks_per_child:
+        recycle.request("tasks", f"{_task_index} jobs (GLYPHQ_MAX_TASKS_PER_CHILD)")
+
+
+_last_gpu: dict[str, float] | None = None
+
+
+def after_batch(eng: Any) -> float:
+    """Once nothing is running: free what the batch left, check the GPU guard, publish GPU memory and
+    the decode steps in use. Returns the seconds the cleanup took."""
     from glyphq.worker import memory
 
-    global _task_index
-    started = time.time()
-    store = Store(settings)
-    eng = _loaded_engine()
-    outcomes: dict[str, Any] = {}
-    ready: list[_Fetched] = []
-    for job_id, raw_job in jobs:
-        _task_index += 1
-        try:
-            ready.append(_fetch(eng, store, job_id, raw_job))
-        except Exception as exc:
-            traceback.clear_frames(exc.__traceback__)
-            outcomes[job_id] = exc
+    global _last_gpu
+    cleanup_s = float(eng.cleanup())
+    gpu = memory.gpu_stats(eng.device)
+    _last_gpu = gpu
+    _record_gpu_memory(eng.device, gpu)
+    status.publish(gpu=_gpu_section(eng.device))
+    _publish_decode_buckets(eng)
     memory.reset_peak(eng.device)
-    if ready and ready[0].task_index == 1:
-        # The end of a recycle as an operator sees it: this child is answering now.
-        log.info("first generate of this child starts (%d job(s))", len(ready))
-    answered: list[tuple[_Fetched, Any, list[dict[str, str]]]] = []
-    try:
-        for turn in _session_turns(ready):
-            histories = [store.session_turns(f.job.session, settings.history_turns) if f.job.session
-                         else [dict(t) for t in f.job.history] for f in turn]
-            results = _answer_isolated(eng, turn, histories)
-            for fetched, result, history in zip(turn, results, histories, strict=True):
-                if fetched.job.session and not isinstance(result, BaseException):
-                    store.append_turn(fetched.job.session, fetched.job.question, result.answer)
-                answered.append((fetched, result, history))
-            if turn:
-                metrics.batch_answered(len(turn))
-    finally:
-        cleanup_s = eng.cleanup()
-        gpu = memory.gpu_stats(eng.device)
-        _record_gpu_memory(eng.device, gpu)
-        status.publish(task_index=_task_index, last_job_at=time.time(), gpu=_gpu_section(eng.device))
-        _publish_decode_buckets(eng)
-        if _task_index >= settings.max_tasks_per_child:  # billiard replaces the child after this batch
-            recycle.request("tasks", f"{_task_index} jobs (GLYPHQ_MAX_TASKS_PER_CHILD)")
-    for fetched, result, history in answered:
-        if isinstance(result, BaseException):
-            outcomes[fetched.job_id] = result
-            continue
-        output = _output(fetched, result, history, started, cleanup_s / max(1, len(answered)), gpu)
-        metrics.job_answered(output)
-        outcomes[fetched.job_id] = output
-    return outcomes
+    return cleanup_s
+
+
+def answer_alone(raw_job: object, job_id: str) -> dict[str, Any]:
+    """Answer one job outside the worker's running batch (a task body called directly, e.g. eagerly)."""
+    eng = engine()
+    fetched = fetch(eng, job_id, raw_job)
+    turns = history(fetched)
+    started = time.time()
+    (result,) = eng.answer([engine_job(fetched, turns)], settings.max_image_size)
+    record_turn(fetched, result)
+    after_batch(eng)
+    after_job()
+    return output(fetched, result, turns, started)
 
 
 def _fetch(eng: Any, store: Store, job_id: str, raw_job: object) -> _Fetched:
@@ -283,48 +288,6 @@ def _fetch(eng: Any, store: Store, job_id: str, raw_job: object) -> _Fetched:
     if job.text_key is not None:
         text_tokens = eng.count_text_tokens(document_text(store, job.text_key, settings))
     return _Fetched(job_id, job, images, text_tokens, time.perf_counter() - start, _task_index)
-
-
-def _session_turns(ready: list[_Fetched]) -> list[list[_Fetched]]:
-    """Split a batch so that no two jobs of one session share a generate: the n-th job of each session
-    goes in the n-th group (jobs without a session all go in the first)."""
-    groups: list[list[_Fetched]] = [[]]
-    seen: dict[str, int] = {}
-    for fetched in ready:
-        session = fetched.job.session
-        index = seen.get(session, -1) + 1 if session else 0
-        if session:
-            seen[session] = index
-        while len(groups) <= index:
-            groups.append([])
-        groups[index].append(fetched)
-    return [group for group in groups if group]
-
-
-def _answer_isolated(eng: Any, batch: list[_Fetched], histories: list[list[dict[str, str]]]) -> list[Any]:
-    """Answer ``batch`` in one generate. If that fails, answer each job alone, so a job that breaks
-    the batch fails by itself. A time limit fails every job it interrupted."""
-    from glyphq.worker.engine import EngineJob, answer_within_memory
-
-    engine_jobs = [EngineJob(images=f.images, question=f.job.question, max_new_tokens=f.job.max_new_tokens,
-                             history=history, thinking_budget=f.job.thinking_budget or None,
-                             document=f.job.text_key is not None)
-                   for f, history in zip(batch, histories, strict=True)]
-    try:
-        return list(answer_within_memory(eng, engine_jobs, settings.max_image_size))
-    except SoftTimeLimitExceeded as exc:
-        traceback.clear_frames(exc.__traceback__)
-        return [exc] * len(batch)
-    except Exception as exc:
-        traceback.clear_frames(exc.__traceback__)
-        if len(batch) == 1:
-            if isinstance(exc, GlyphqError):
-                return [exc]
-            log.warning("the model failed on job %s", batch[0].job_id, exc_info=exc)
-            return [ModelError(f"the model failed on this job: {type(exc).__name__}: {exc}")]
-        log.warning("a batch of %d jobs failed (%s); answering each job alone", len(batch), exc)
-    eng.cleanup()
-    return [result for i in range(len(batch)) for result in _answer_isolated(eng, batch[i:i + 1], histories[i:i + 1])]
 
 
 def _output(fetched: _Fetched, result: Any, history: list[dict[str, str]], started: float, cleanup_s: float,

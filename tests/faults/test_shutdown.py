@@ -27,6 +27,8 @@ from faults.helpers import (
 # Small limits, so that a message left unacknowledged by a dead worker comes back within the test.
 TIME_LIMIT, VISIBILITY_TIMEOUT = 10, 21
 LIMITS = {"time_limit": TIME_LIMIT, "soft_time_limit": TIME_LIMIT, "visibility_timeout": VISIBILITY_TIMEOUT}
+#: One slot, so the worker reserves only the running job and the jobs behind it wait in Redis.
+ONE_SLOT = {"max_batch": 1}
 
 
 def test_sigterm_finishes_the_running_job_and_a_restarted_worker_answers_the_queue(
@@ -36,7 +38,7 @@ def test_sigterm_finishes_the_running_job_and_a_restarted_worker_answers_the_que
     The running job is finished and acknowledged by the stopping worker; the jobs queued behind it
     stay queued, untouched, and a restarted worker answers them.
     """
-    settings = endless_worker_settings(endless_model)
+    settings = endless_worker_settings(endless_model, **ONE_SLOT)
     first = start_worker(**settings)
     running = submit_long(seed=201, tokens=2000)
     queued = [submit_short(seed=202 + i) for i in range(3)]
@@ -67,7 +69,7 @@ def test_sigterm_finishes_the_running_job_and_a_restarted_worker_answers_the_que
 
 def _crash_with_a_running_job(start_worker, endless_model, redis_client):
     """Start a worker, give it a running job and three queued ones, then SIGKILL the whole worker."""
-    settings = endless_worker_settings(endless_model, **LIMITS)
+    settings = endless_worker_settings(endless_model, **LIMITS, **ONE_SLOT)
     first = start_worker(**settings)
     running = submit_long(seed=210, tokens=RUN_TOKENS)
     queued = [submit_short(seed=211 + i) for i in range(3)]

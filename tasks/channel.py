@@ -1,0 +1,139 @@
+"""The channel between a GPU worker's main process and its child: two pipes made before the pool forks.
+
+- ``jobs``: the main process hands over each job it reserved (task id, name, arguments, priority)
+  while the child is serving. Only the main process writes it.
+- ``reports``: the child says when a job started and when it ended. Only the child that serves writes it.
+
+Every frame is written with one ``os.write`` of at most ``PIPE_BUF`` bytes, which Linux keeps whole,
+and read with a buffer larger than the pipe, so a reader never sees part of a frame, even when the
+child that read before it was killed. A message longer than a frame goes as numbered parts.
+Each hand-over belongs to one serving ``epoch``: a child skips frames of another epoch, which are
+jobs the main process already took back from a child that died or stopped serving.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import select
+import struct
+from typing import Any
+
+#: Largest write the kernel keeps whole on a pipe (POSIX PIPE_BUF on Linux).
+FRAME_BYTES = 4096
+_HEADER = struct.Struct("<IIHHI")  # length of the part, epoch, part, parts, message number
+_READ_BYTES = 1 << 20  # more than a pipe holds: one read takes every whole frame there is
+
+
+class Channel:
+    """Both pipes. Make it in the main process before the pool forks (``tasks.signals``)."""
+
+    def __init__(self) -> None:
+        self.jobs_r, self.jobs_w = os.pipe()
+        self.reports_r, self.reports_w = os.pipe()
+        for fd in (self.jobs_r, self.jobs_w, self.reports_r, self.reports_w):
+            os.set_blocking(fd, False)
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) & ~fcntl.FD_CLOEXEC)
+        self._number = 0
+        self._parts: dict[tuple[int, int], list[bytes]] = {}
+        self._unsent: list[bytes] = []
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _frames(self, epoch: int, message: dict[str, Any]) -> list[bytes]:
+        data = json.dumps(message, separators=(",", ":"), default=str).encode()
+        size = FRAME_BYTES - _HEADER.size
+        chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+        self._number += 1
+        return [_HEADER.pack(len(chunk), epoch, i, len(chunks), self._number) + chunk
+                for i, chunk in enumerate(chunks)]
+
+    def hand_over(self, epoch: int, message: dict[str, Any]) -> None:
+        """In the main process: hand one job to the child serving ``epoch``. Blocks while the pipe is full."""
+        for frame in self._frames(epoch, message):
+            while True:
+                try:
+                    os.write(self.jobs_w, frame)
+                    break
+                except BlockingIOError:
+                    select.select([], [self.jobs_w], [], 1.0)
+
+    def report(self, message: dict[str, Any]) -> None:
+        """In the child: tell the main process about a job. Never blocks: what does not fit now waits
+        for the next call or :meth:`unsent`."""
+        self._unsent += self._frames(0, message)
+        while self._unsent:
+            try:
+                os.write(self.reports_w, self._unsent[0])
+            except BlockingIOError:
+                return
+            self._unsent.pop(0)
+
+    def unsent(self) -> list[dict[str, Any]]:
+        """In the child, as it stops serving: the reports the pipe had no room for (sent another way)."""
+        frames, self._unsent = self._unsent, []
+        return self._messages(b"".join(frames), None)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def receive(self, epoch: int, timeout: float = 0.0) -> list[dict[str, Any]]:
+        """In the child: the jobs handed to ``epoch`` since the last call (waits up to ``timeout`` for one)."""
+        return self._read(self.jobs_r, epoch, timeout)
+
+    def reports(self) -> list[dict[str, Any]]:
+        """In the main process: every report waiting in the pipe."""
+        return self._read(self.reports_r, None, 0.0)
+
+    def _read(self, fd: int, epoch: int | None, timeout: float) -> list[dict[str, Any]]:
+        if timeout > 0:
+            select.select([fd], [], [], timeout)
+        data = b""
+        while True:
+            try:
+                chunk = os.read(fd, _READ_BYTES)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # pragma: no cover  (a closed pipe)
+                if exc.errno == errno.EBADF:
+                    break
+                raise
+            if not chunk:
+                break
+            data += chunk
+        return self._messages(data, epoch)
+
+    def _messages(self, data: bytes, epoch: int | None) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, frame_epoch, part, parts, number = _HEADER.unpack_from(data, offset)
+            chunk = data[offset + _HEADER.size:offset + _HEADER.size + length]
+            offset += _HEADER.size + length
+            if epoch is not None and frame_epoch != epoch:
+                continue  # taken back from an earlier child
+            key = (frame_epoch, number)
+            self._parts.setdefault(key, []).append(chunk)
+            if part + 1 == parts:
+                message = json.loads(b"".join(self._parts.pop(key)))
+                if isinstance(message, dict):
+                    messages.append(message)
+        return messages
+
+
+_channel: Channel | None = None
+
+
+def create() -> Channel:
+    """In the main process, before the pool forks: the worker's channel (made once)."""
+    global _channel
+    if _channel is None:
+        _channel = Channel()
+    return _channel
+
+
+def current() -> Channel | None:
+    """The channel made by :func:`create` (inherited by every child), or None outside a GPU worker."""
+    return _channel

@@ -1,0 +1,143 @@
+"""Every use of Celery's, kombu's and billiard's private parts, in one place, each with its reason.
+
+Each one has a canary test in ``tests/test_private.py`` that fails when an upgrade changes what it
+relies on; ``pyproject.toml`` pins the three packages to the ranges those tests passed on.
+
+1. :func:`default_strategy`: Celery's default execution strategy (``celery.worker.strategy.default``).
+   ``Task.Strategy`` is documented, but the default one that parses a message into a request is not
+   public API. glyphq wraps it so that ready GPU requests go to its scheduler instead of the pool,
+   the way ``celery-batches`` does (clokep/celery-batches; Celery's own ``contrib.batches`` was
+   removed, celery/celery#1067).
+2. :func:`request_done`: ``celery.worker.state.task_ready`` takes a finished request out of the
+   worker's active and reserved sets (``celery inspect active``), which Celery's own ``on_success``
+   would do; glyphq acknowledges and sends the events itself, with the job's real runtime.
+3. :func:`fork_successor`, :func:`child_pids`, :func:`reap`: billiard's pool internals, to fork a
+   GPU child's successor while it still answers (billiard forks only after a child has exited), and
+   to reap an exited child at once (billiard may notice it only at its 5 s maintenance timer,
+   celery/celery#9588).
+4. :func:`install_mem_rss`: billiard's post-task memory check reads ``billiard.pool.mem_rss``, the
+   *peak* RSS on Linux (see celery/celery#9553 for its unit); the recycle guard replaces it with
+   current RSS, and with "over any limit" once a recycle is requested (``worker.recycle``).
+5. :func:`fix_kombu_close`: kombu 5.7's Redis channel reads a pending BRPOP reply as it closes (since
+   celery/kombu#1733); on a lost connection that read raises, Celery's second close fails with
+   ``AttributeError`` and the worker exits. The close is retried once, so unacknowledged messages
+   are restored and the worker reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+# -- 1. the default strategy ----------------------------------------------------------------------
+
+def default_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default ``Task.Strategy`` for ``task``, as the consumer would build it."""
+    from celery.worker.strategy import default
+
+    return default(task, app, consumer, **kwargs)
+
+
+# -- 2. a request that ended ----------------------------------------------------------------------
+
+def request_done(request: Any, successful: bool) -> None:
+    """Take ``request`` out of the worker's active and reserved requests."""
+    from celery.worker import state
+
+    state.task_ready(request, successful=successful)
+
+
+def request_reserved(request: Any) -> None:
+    """Take a request the worker no longer holds out of its reserved set (its message comes back)."""
+    from celery.worker import state
+
+    state.task_ready(request)
+
+
+def shutting_down() -> bool:
+    """Whether the worker is stopping (warm or cold)."""
+    from celery.worker import state
+
+    return bool(state.should_stop or state.should_terminate)
+
+
+# -- 3. billiard's pool ---------------------------------------------------------------------------
+
+def _pool(task_pool: Any) -> Any:
+    return getattr(task_pool, "_pool", None)
+
+
+def fork_successor(task_pool: Any, before_fork: Callable[[int], None], after_fork: Callable[[], None]) -> int | None:
+    """Fork one more child of a running one-process prefork pool; billiard keeps the pool's size of one,
+    so it forks nobody when the old child exits. Returns the new child's pid, or None when the pool is
+    not a running one-process pool or already has a successor. ``before_fork`` gets the current pid."""
+    from billiard.pool import RUN
+
+    pool = _pool(task_pool)
+    if pool is None or getattr(pool, "_state", None) != RUN or pool._processes != 1 or len(pool._pool) != 1:
+        return None
+    current = pool._pool[0]
+    before_fork(current.pid)
+    pool._processes += 1
+    try:
+        pool.on_grow(1)  # a spare set of pipes for the successor (AsynPool keeps one per process)
+        successor = pool._create_worker_process(pool._avail_index())
+    finally:
+        pool._processes -= 1
+        after_fork()
+    return int(successor.pid)
+
+
+def child_pids(task_pool: Any) -> set[int]:
+    """The pids of the pool's child processes (billiard has not yet reaped the ones missing here)."""
+    pool = _pool(task_pool)
+    return {int(process.pid) for process in getattr(pool, "_pool", None) or [] if process.pid}
+
+
+def reap(task_pool: Any) -> None:
+    """Let billiard clean up after exited children now."""
+    maintain = getattr(task_pool, "maintain_pool", None)
+    if maintain is not None:
+        maintain()
+
+
+# -- 4. billiard's memory check -------------------------------------------------------------------
+
+def billiard_mem_rss() -> Callable[[], int]:
+    """billiard's own ``mem_rss`` (peak RSS in kB on Linux)."""
+    import billiard.pool
+
+    return billiard.pool.mem_rss  # type: ignore[no-any-return]
+
+
+def install_mem_rss(mem_rss: Callable[[], int]) -> None:
+    """Make billiard's post-task memory check call ``mem_rss`` (kB) in this process."""
+    import billiard.pool
+
+    billiard.pool.mem_rss = mem_rss
+
+
+# -- 5. kombu's Redis channel close ---------------------------------------------------------------
+
+def fix_kombu_close() -> None:
+    """Retry kombu's Redis channel close once when the first attempt fails on a lost connection. Idempotent."""
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.Channel.close
+    if getattr(original, "glyphq_fix", False):
+        return
+
+    def close(channel: Any) -> None:
+        try:
+            original(channel)
+        except channel.connection_errors:
+            if channel.closed:
+                raise
+            original(channel)  # the BRPOP reply is gone now; this time the close runs to the end
+
+    close.glyphq_fix = True  # type: ignore[attr-defined]
+    kombu_redis.Channel.close = close  # type: ignore[method-assign]

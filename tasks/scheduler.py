@@ -1,0 +1,341 @@
+"""The GPU worker's main process: hand each reserved job to the child, answer each one when it ends.
+
+The path of one job, start to end:
+
+1. Celery's consumer reserves the message and its default strategy makes a request of it; for the GPU
+   tasks the strategy here passes every ready request to the worker's :class:`Scheduler`.
+2. The scheduler starts the pool job :func:`tasks.serve.serve` on the child if none is running, and
+   hands the request over through the channel (``tasks.channel``), most urgent first, then oldest,
+   at most ``reserved_jobs(GLYPHQ_MAX_BATCH)`` at a time (all the worker reserves).
+3. The child runs it in its running batch and reports "started" (the scheduler calls Celery's
+   ``Request.on_accepted``: task-started for Flower, the job is active in ``inspect active``) and,
+   once its result is stored, "succeeded" or "failed" with its runtime: the scheduler acknowledges
+   the message (``Request.acknowledge``) and sends the task-succeeded or task-failed event.
+4. When the child dies, every job handed to it that has not ended goes through Celery's
+   ``Request.on_failure`` with ``WorkerLostError``: requeued (``task_reject_on_worker_lost``), or
+   acknowledged if its result was already stored. A job past ``GLYPHQ_TIME_LIMIT`` fails with
+   Celery's ``Request.on_timeout`` and its child is killed, as billiard's hard limit does.
+
+Recycling counts jobs: a child is handed at most as many jobs as it has room for
+(``GLYPHQ_MAX_TASKS_PER_CHILD``); its successor may be started while it finishes them (``tasks.handover``).
+The scheduler lives in the main process and runs on its event loop, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+
+from glyphq.celeryconfig import settings
+from glyphq.tasks import channel as channels
+from glyphq.tasks import handover, private
+
+log = logging.getLogger(__name__)
+
+#: How often the scheduler checks the hard time limit of the jobs that run.
+WATCH_S = 0.5
+#: How often, and for how long at most, it looks whether a leaving child has been reaped.
+LEAVING_POLL_S = 0.02
+LEAVING_WAIT_S = 30.0
+#: Serving epochs, counted over every scheduler of the worker, so none repeats after a reconnect.
+_EPOCHS = itertools.count(1)
+
+
+def reserved_jobs(max_batch: int) -> int:
+    """How many messages a GPU worker reserves from Redis: one per slot of its running batch, and a
+    quarter more waiting in the child, so that a slot that frees is filled without a round trip to
+    Redis. Every reserved job is handed to the child, which admits the most urgent first; a job still
+    in Redis comes next in Redis's priority order as soon as one ends."""
+    return max_batch + max_batch // 4
+
+
+@dataclass
+class _Handed:
+    request: Any
+    epoch: int
+    started: float | None = None  # time.monotonic() the child started it
+    timed_out: bool = False
+
+
+class Scheduler:
+    """Holds a GPU worker's ready requests and hands them to its child; see the module docstring."""
+
+    def __init__(self, consumer: Any, channel: channels.Channel) -> None:
+        self.consumer = consumer
+        self.pool = consumer.pool
+        self.timer = consumer.timer
+        self.channel = channel
+        self.task_names: set[str] = set()
+        self.waiting: list[tuple[int, int, Any]] = []  # (redis priority, arrival, request)
+        self.handed: dict[str, _Handed] = {}
+        self.epoch = 0  # the epoch being served
+        self.serving = False
+        self.room: int | None = None  # jobs the current child may still be handed; None: a new child
+        self.pid: int | None = None
+        self._arrivals = 0
+        self._leaving: tuple[int, float] | None = None
+        self._paced: tuple[float, int] = (time.monotonic(), 0)  # since, jobs ended: the child's pace
+        hub = getattr(getattr(consumer, "controller", None), "hub", None)
+        if hub is None:
+            from kombu.asynchronous import get_event_loop
+
+            hub = get_event_loop()
+        if hub is not None:
+            hub.add_reader(channel.reports_r, self.read_reports)
+        else:  # pragma: no cover  (a worker without an event loop)
+            self.timer.call_repeatedly(0.01, self.read_reports)
+        self.timer.call_repeatedly(WATCH_S, self._watch)
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def add(self, request: Any) -> None:
+        """Take a request that Celery's strategy accepted (not revoked, not expired, no ETA)."""
+        self._arrivals += 1
+        self.waiting.append((_redis_priority(request), self._arrivals, request))
+        self.pump()
+
+    def pump(self) -> None:
+        """Start a pool job if needed, and hand the child what it has room for."""
+        if private.shutting_down() or self._leaving is not None or not self.waiting:
+            return
+        if not self.serving:
+            self._serve()
+            if not self.serving:
+                return
+        self.waiting.sort(key=lambda item: item[:2])
+        limit = reserved_jobs(settings.max_batch)
+        while self.waiting and len(self.handed) < limit and self.room_left() > 0:
+            _priority, _arrival, request = self.waiting.pop(0)
+            if request.revoked():  # acknowledges it and records it as revoked
+                continue
+            self.handed[request.id] = _Handed(request, self.epoch)
+            self.room = self.room_left() - 1
+            self.channel.hand_over(self.epoch, _message(request))
+
+    def drain(self) -> None:
+        """The worker is stopping: tell the child to start no new job (what it has not started comes back)."""
+        if self.serving:
+            self.channel.hand_over(self.epoch, {"control": "drain"})
+
+    def room_left(self) -> int:
+        return settings.max_tasks_per_child if self.room is None else self.room
+
+    def _serve(self) -> None:
+        from glyphq.tasks.serve import serve
+
+        if self.room_left() <= 0:
+            return
+        epoch = self.epoch = next(_EPOCHS)
+        callbacks = _ServeCallbacks(self, epoch)
+        forever = 10**9  # the pool's time limits are per pool job; glyphq's are per job (see _watch)
+        result = self.pool.apply_async(serve, args=(epoch, self.room_left()), accept_callback=callbacks.on_accepted,
+                                       callback=callbacks.on_success, error_callback=callbacks.on_failure,
+                                       soft_timeout=forever, timeout=forever, correlation_id=f"glyphq-serve-{epoch}")
+        if result is not None:  # None: the pool has stopped, the worker is exiting
+            self.serving = True
+
+    # -- reports --------------------------------------------------------------------------------
+
+    def read_reports(self) -> None:
+        """Handle every report the child has written (the event loop calls this when there are some)."""
+        for report in self.channel.reports():
+            self._report(report)
+
+    def _report(self, report: dict[str, Any]) -> None:
+        handed = self.handed.get(str(report.get("id")))
+        if handed is None:
+            return  # taken back already (its child died or its time limit passed)
+        request, event = handed.request, report.get("event")
+        if event == "started":
+            handed.started = time.monotonic()
+            request.on_accepted(self.pid or report.get("pid"), time.monotonic())
+            return
+        del self.handed[request.id]
+        if event == "unstored":  # the result backend failed: the message goes back to the queue
+            private.request_done(request, successful=False)
+            request.reject(requeue=True)
+        elif event == "duplicate":
+            private.request_done(request, successful=True)
+            request.acknowledge()
+        else:
+            ok = event == "succeeded"
+            private.request_done(request, successful=ok)
+            request.acknowledge()
+            runtime = report.get("runtime")
+            if ok:
+                request.send_event("task-succeeded", result="(stored)", runtime=runtime)
+            else:
+                request.send_event("task-failed", exception=str(report.get("exception")))
+        since, ended = self._paced
+        self._paced = (since, ended + 1)
+        if report.get("successor_fits"):
+            self._maybe_start_successor(self.room_left() + len(self.handed))
+        self.pump()
+
+    # -- the pool job ---------------------------------------------------------------------------
+
+    def served(self, epoch: int, returned: dict[str, Any]) -> None:
+        """The child stopped serving ``epoch``: what it handed back goes to the front of the queue."""
+        self.read_reports()
+        for report in returned.get("unsent") or []:
+            self._report(report)
+        for task_id, handed in list(self.handed.items()):
+            if handed.epoch == epoch:  # handed over after the child's last look: hand it over again
+                del self.handed[task_id]
+                self.waiting.append((_redis_priority(handed.request), 0, handed.request))
+        self.serving = False
+        room = int(returned.get("room") or 0)
+        self.room = room or None
+        if room and returned.get("room_for_a_successor"):
+            self._maybe_start_successor(room + len(self.handed))
+        if room == 0 and self.pid is not None:
+            self._leaving = (self.pid, time.monotonic())
+            self._until_gone()
+        self.pump()
+
+    def lost(self, epoch: int, exc_info: Any) -> None:
+        """The child died (or was killed): every job it had not ended goes back through Celery."""
+        self.read_reports()
+        for task_id, handed in list(self.handed.items()):
+            if handed.epoch != epoch:
+                continue
+            del self.handed[task_id]
+            if handed.timed_out:
+                continue  # failed and acknowledged already
+            handed.request.on_failure(exc_info)
+        self.serving = False
+        self.room = None
+        self.pid = None
+        self.pump()
+
+    def _watch(self) -> None:
+        """Fail a job past ``GLYPHQ_TIME_LIMIT`` as Celery does (``Request.on_timeout``) and kill its child,
+        which is stuck in it: the soft limit ends a job between two decode steps, in the child."""
+        now = time.monotonic()
+        late = [h for h in self.handed.values()
+                if h.started is not None and not h.timed_out and now - h.started > settings.time_limit_s]
+        if not late or self.pid is None:
+            return
+        for handed in late:
+            handed.timed_out = True
+            handed.request.on_timeout(False, settings.time_limit_s)
+        log.error("killing child %d: %d job(s) past the hard time limit", self.pid, len(late))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def _until_gone(self) -> None:
+        """Hold the next jobs until the child that is leaving has been reaped, so none is handed to a
+        child that will never read it; they go to the next child as soon as that one is ready."""
+        if self._leaving is None:
+            return
+        pid, since = self._leaving
+        handover.reap(self.pool)
+        if pid in handover.child_pids(self.pool) and time.monotonic() - since < LEAVING_WAIT_S:
+            self.timer.call_after(LEAVING_POLL_S, self._until_gone)
+            return
+        self._leaving = None
+        self._paced = (time.monotonic(), 0)
+        self.pump()
+
+    def _maybe_start_successor(self, room: int) -> None:
+        """Start the child's successor once the jobs it has left take ``GLYPHQ_RECYCLE_OVERLAP_S`` or less,
+        at the pace this child has answered at."""
+        since, ended = self._paced
+        if ended == 0:
+            return
+        seconds_left = room * (time.monotonic() - since) / ended
+        if seconds_left <= settings.recycle_overlap_s and not private.shutting_down():
+            handover.start_successor(self.pool)
+
+
+class _ServeCallbacks:
+    def __init__(self, scheduler: Scheduler, epoch: int) -> None:
+        self.scheduler = scheduler
+        self.epoch = epoch
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        self.scheduler.pid = pid
+
+    def on_success(self, returned: Any) -> None:
+        if isinstance(returned, dict):
+            self.scheduler.served(self.epoch, returned)
+        else:  # the pool job raised: the child lives on, its jobs are given back to Celery
+            self.scheduler.lost(self.epoch, _lost_info(f"the child failed serving: {returned!r}"))
+
+    def on_failure(self, exc_info: Any) -> None:
+        self.scheduler.lost(self.epoch, exc_info)
+
+
+def _lost_info(message: str) -> ExceptionInfo:
+    try:
+        raise WorkerLostError(message)
+    except WorkerLostError:
+        return ExceptionInfo()
+
+
+def _redis_priority(request: Any) -> int:
+    """The message's Redis priority (0 is most urgent, see ``producer.submit``)."""
+    priority = (request.delivery_info or {}).get("priority")
+    return int(priority) if isinstance(priority, int) else 9
+
+
+def _message(request: Any) -> dict[str, Any]:
+    """What the child needs of a request: id, task, arguments, and what the result backend records."""
+    delivery = request.delivery_info or {}
+    return {"id": request.id, "task": request.name, "args": list(request.args or ()),
+            "kwargs": dict(request.kwargs or {}), "priority": _redis_priority(request),
+            "hostname": request.hostname,
+            "delivery_info": {"routing_key": delivery.get("routing_key"), "priority": delivery.get("priority"),
+                              "redelivered": bool(delivery.get("redelivered"))},
+            "group": getattr(request, "group", None), "parent_id": getattr(request, "parent_id", None),
+            "root_id": getattr(request, "root_id", None)}
+
+
+class _SchedulingConsumer:
+    """The consumer as Celery's default strategy sees it, except that ready requests go to the scheduler."""
+
+    def __init__(self, consumer: Any, scheduler: Scheduler) -> None:
+        self._consumer = consumer
+        self.on_task_request = scheduler.add
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+class _Current:
+    """The worker's one scheduler (the main process has one consumer at a time)."""
+
+    scheduler: Scheduler | None = None
+
+
+def drain() -> None:
+    """On a warm shutdown: the child finishes the jobs it runs and starts none of those still waiting."""
+    if _Current.scheduler is not None:
+        _Current.scheduler.drain()
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """``Task.Strategy`` for the GPU tasks: Celery's default strategy, feeding the worker's scheduler.
+
+    Both GPU tasks share it. Celery builds the strategies again when the consumer reconnects; a new
+    scheduler then starts, and the requests the old one held belong to the lost connection: Redis
+    delivers their messages again.
+    """
+    current = _Current.scheduler
+    if current is None or current.consumer is not consumer or task.name in current.task_names:
+        if current is not None:
+            for _priority, _arrival, request in current.waiting:
+                private.request_reserved(request)
+        found = channels.current() or channels.create()
+        current = _Current.scheduler = Scheduler(consumer, found)
+    current.task_names.add(task.name)
+    return private.default_strategy(task, app, _SchedulingConsumer(consumer, current), **kwargs)

@@ -1,0 +1,226 @@
+"""In the GPU worker's child: serve the jobs the main process hands over, each answered the moment it ends.
+
+The main process (``tasks.scheduler``) sends the child one pool job, :func:`serve`, when it has GPU
+jobs waiting, then hands it each job through the channel (``tasks.channel``). The child keeps them
+in a running batch (``worker.continuous``): when a slot is free it takes the most urgent job, then
+the oldest, counts its run (the poison guard), fetches its blobs and admits it. Each job that ends
+is handled at once, here: its result stored with the result backend's ``mark_as_done`` (or
+``mark_as_failure``), its session turn appended, its blobs released, and a report sent that lets
+the main process acknowledge its message and send Flower its task-succeeded or task-failed event.
+
+:func:`serve` returns once nothing is running or waiting for a moment, or when this child has
+answered its ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs, or a memory guard asked for its replacement;
+billiard then replaces the child as after any task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import states
+from celery.app.task import Context
+
+from glyphq.celeryconfig import settings
+from glyphq.tasks.app import app
+from glyphq.tasks.channel import Channel
+
+log = logging.getLogger(__name__)
+
+#: How long an idle child waits for another job before it hands the pool back.
+IDLE_S = 0.25
+#: Longest wait for the channel while rows are still waiting for a session turn.
+POLL_S = 0.01
+
+
+@dataclass
+class _Job:
+    """One handed-over job as the child holds it."""
+
+    message: dict[str, Any]
+    order: int
+    fetched: Any = None  # worker.runtime.Fetched once admitted
+    history: list[dict[str, str]] = field(default_factory=list)
+    started: float = 0.0  # time.time() at admission
+    started_monotonic: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return str(self.message.get("id"))
+
+    @property
+    def redelivered(self) -> bool:
+        return bool((self.message.get("delivery_info") or {}).get("redelivered"))
+
+    @property
+    def priority(self) -> int:
+        priority = self.message.get("priority")
+        return priority if isinstance(priority, int) else 9
+
+    def context(self) -> Context:
+        """The request as the result backend records it (``result_extended``)."""
+        m = self.message
+        return Context(id=self.id, task=m.get("task"), args=m.get("args"), kwargs=m.get("kwargs"),
+                       hostname=m.get("hostname"), retries=m.get("retries") or 0,
+                       delivery_info=m.get("delivery_info") or {}, group=m.get("group"),
+                       parent_id=m.get("parent_id"), root_id=m.get("root_id"), chord=None,
+                       ignore_result=False)
+
+
+class Server:
+    """The child's side of one serving epoch."""
+
+    def __init__(self, channel: Channel, epoch: int, room: int) -> None:
+        from glyphq.worker import runtime
+        from glyphq.worker.continuous import Continuous
+
+        self.channel = channel
+        self.epoch = epoch
+        self.room = room  # jobs this epoch may still take (the main process hands no more)
+        self.engine = runtime.engine()
+        self.running = Continuous(self.engine, settings.max_image_size)
+        self.queued: list[_Job] = []
+        self.sessions: set[str] = set()
+        self.alone: _Job | None = None  # a redelivered job running by itself
+        self.draining = False  # the worker is stopping: start nothing more
+        self._order = 0
+
+    def run(self) -> dict[str, Any]:
+        from glyphq.worker import runtime
+
+        idle_since: float | None = None
+        while True:
+            wait = 0.0 if self.running.busy else (POLL_S if self.queued else IDLE_S)
+            for message in self.channel.receive(self.epoch, wait):
+                if message.get("control") == "drain":
+                    self.draining = True
+                    continue
+                self._order += 1
+                self.queued.append(_Job(message, self._order))
+            # Else this child is being replaced, or the worker is stopping: what it has not started goes back.
+            if runtime.room() > 0 and not self.draining:
+                self._admit()
+            if self.running.busy:
+                idle_since = None
+                for finished in self.running.step():
+                    self._finish(finished.key, finished.outcome)
+                continue
+            if self.queued and runtime.room() > 0 and not self.draining:
+                continue
+            runtime.after_batch(self.engine)
+            if runtime.room() == 0 or self.draining:
+                break
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since >= IDLE_S:
+                break
+        return {"room": runtime.room(), "room_for_a_successor": runtime.room_for_a_successor(),
+                "unsent": self.channel.unsent()}
+
+    def _admit(self) -> None:
+        """Start queued jobs while the running batch has free slots (most urgent, then oldest).
+
+        A redelivered job (its last run died with its child) runs alone, so a job that kills its
+        child takes the jobs beside it down once at most, not on every delivery.
+        """
+        self.queued.sort(key=lambda job: (job.priority, job.order))
+        for job in list(self.queued):
+            if self.running.free_slots <= len(self.running.waiting) or self.alone:
+                return
+            if job.redelivered and self.running.busy:
+                continue
+            session = (job.message.get("kwargs") or {}).get("job", {})
+            session = session.get("session") if isinstance(session, dict) else None
+            if isinstance(session, str) and session in self.sessions:
+                continue  # the turn before it is still running: it needs that answer in its history
+            self.queued.remove(job)
+            self._start(job, session if isinstance(session, str) else None)
+            if job.redelivered and job.fetched is not None:
+                self.alone = job
+                return
+
+    def _start(self, job: _Job, session: str | None) -> None:
+        from glyphq.tasks.answer import JOB_MESSAGE
+        from glyphq.worker import runtime
+
+        if (job.message.get("delivery_info") or {}).get("redelivered") and self._succeeded(job.id):
+            self.channel.report({"id": job.id, "event": "duplicate"})  # worker_deduplicate_successful_tasks
+            return
+        job.started, job.started_monotonic = time.time(), time.monotonic()
+        self.channel.report({"id": job.id, "event": "started", "pid": os.getpid(), "at": job.started_monotonic})
+        try:
+            builder = JOB_MESSAGE[str(job.message.get("task"))]
+            raw = builder(*(job.message.get("args") or ()), **(job.message.get("kwargs") or {}))
+            if app.conf.task_track_started:
+                app.backend.store_result(job.id, {"pid": os.getpid(), "hostname": job.message.get("hostname")},
+                                         states.STARTED, request=job.context())
+            job.fetched = runtime.fetch(self.engine, job.id, raw)
+            job.history = runtime.history(job.fetched)
+        except Exception as exc:
+            self._finish(job, exc)
+            return
+        if session:
+            self.sessions.add(session)
+        self.running.add(job, runtime.engine_job(job.fetched, job.history), job.priority,
+                         deadline=job.started_monotonic + settings.soft_time_limit_s)
+
+    def _succeeded(self, task_id: str) -> bool:
+        try:
+            return bool(app.backend.get_state(task_id) == states.SUCCESS)
+        except Exception:  # noqa: BLE001  (unknown: run it, as Celery's tracer would)
+            return False
+
+    def _finish(self, job: _Job, outcome: Any) -> None:
+        """Store the job's result or failure, release what it held, and report it to the main process."""
+        from glyphq.tasks.signals import release_finished
+        from glyphq.worker import metrics, runtime
+        from glyphq.worker.continuous import DeadlinePassed
+
+        if isinstance(outcome, DeadlinePassed):
+            from billiard.exceptions import SoftTimeLimitExceeded
+
+            outcome = SoftTimeLimitExceeded(str(outcome))
+        runtime_s = time.monotonic() - job.started_monotonic if job.started_monotonic else 0.0
+        name = str(job.message.get("task"))
+        session = job.fetched.job.session if job.fetched is not None else None
+        if session:
+            self.sessions.discard(session)
+        if self.alone is job:
+            self.alone = None
+        ok = not isinstance(outcome, BaseException)
+        try:
+            if ok:
+                result = runtime.output(job.fetched, outcome, job.history, job.started)
+                runtime.record_turn(job.fetched, outcome)
+                app.backend.mark_as_done(job.id, result, request=job.context())
+                metrics.job_answered(result)
+                metrics.batch_answered(int(result["worker"]["batch_size"]))
+                log.info("Task %s[%s] succeeded in %.3fs: %d tokens", name, job.id, runtime_s, result["tokens_out"])
+            else:
+                app.backend.mark_as_failure(job.id, outcome, request=job.context())
+                log.info("Task %s[%s] failed in %.3fs: %s: %s", name, job.id, runtime_s, type(outcome).__name__,
+                         outcome)
+        except Exception:  # the backend retried and gave up: the message stays unacknowledged and comes back
+            log.exception("could not store the outcome of %s[%s]", name, job.id)
+            self.channel.report({"id": job.id, "event": "unstored"})
+            return
+        state = states.SUCCESS if ok else states.FAILURE
+        metrics.job_finished(name, state)
+        release_finished(name, job.id, job.message.get("args") or (), job.message.get("kwargs") or {}, state)
+        runtime.after_job()
+        self.channel.report({"id": job.id, "event": "succeeded" if ok else "failed", "runtime": round(runtime_s, 6),
+                             "exception": None if ok else f"{type(outcome).__name__}({str(outcome)[:500]!r})",
+                             "successor_fits": runtime.room() > 0 and runtime.room_for_a_successor()})
+
+
+def serve(epoch: int, room: int) -> dict[str, Any]:
+    """The pool job: serve the jobs handed to ``epoch`` (at most ``room``) until idle or done."""
+    from glyphq.tasks import channel
+
+    found = channel.current()
+    if found is None:
+        raise RuntimeError("no channel: the main process makes it before the pool forks")
+    return Server(found, epoch, room).run()

@@ -1,0 +1,75 @@
+"""Canaries for the private Celery, kombu and billiard parts glyphq relies on (``tasks.private``).
+
+Each fails on an upgrade that removes or changes what glyphq uses, before a worker would misbehave.
+The end-to-end tests (``test_continuous``, ``test_handover``, ``faults``) show that they work.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import billiard.pool
+import pytest
+from celery.worker import state
+from celery.worker import strategy as celery_strategy
+from kombu.transport import redis as kombu_redis
+
+from glyphq.tasks import private
+
+
+def test_versions_are_the_tested_ones():
+    assert version("celery").startswith("5.7."), version("celery")
+    assert version("kombu").startswith("5.7."), version("kombu")
+    assert version("billiard").startswith("4.3."), version("billiard")
+
+
+def test_default_strategy_takes_task_app_consumer():
+    parameters = list(inspect.signature(celery_strategy.default).parameters)
+    assert parameters[:3] == ["task", "app", "consumer"], parameters
+    # It hands each ready request to ``consumer.on_task_request``, which the scheduler replaces.
+    assert "on_task_request" in inspect.getsource(celery_strategy.default)
+
+
+def test_task_ready_takes_a_request_out_of_the_reserved_and_active_sets():
+    class Request:  # task_ready only needs a hashable request with a name and an id
+        id = "canary"
+        name = "glyphq.answer"
+
+    request = Request()
+    state.reserved_requests.add(request)
+    state.active_requests.add(request)
+    private.request_done(request, successful=True)
+    assert request not in state.reserved_requests and request not in state.active_requests
+    assert "successful" in inspect.signature(state.task_ready).parameters
+    assert private.shutting_down() is False
+
+
+def test_billiard_pool_has_what_the_successor_fork_uses():
+    for name in ("_create_worker_process", "_avail_index", "on_grow", "maintain_pool"):
+        assert callable(getattr(billiard.pool.Pool, name, None)), name
+    assert billiard.pool.RUN is not None
+    init = inspect.getsource(billiard.pool.Pool.__init__)
+    assert "self._pool = []" in init and "self._processes" in init and "self._state" in init
+
+
+def test_billiard_checks_mem_rss_after_each_task():
+    assert "mem_rss()" in inspect.getsource(billiard.pool.Worker)
+    original = private.billiard_mem_rss()
+    try:
+        private.install_mem_rss(lambda: 42)
+        assert billiard.pool.mem_rss() == 42
+    finally:
+        private.install_mem_rss(original)
+
+
+def test_kombu_close_reads_the_pending_brpop_reply():
+    """celery/kombu#1733: the close that can raise on a lost connection, which the fix retries."""
+    source = inspect.getsource(kombu_redis.Channel.close)
+    if "glyphq_fix" in source or getattr(kombu_redis.Channel.close, "glyphq_fix", False):
+        pytest.skip("the fix is installed in this process already")
+    assert "_in_poll" in source and "_brpop_read" in source
+    private.fix_kombu_close()
+    fixed = kombu_redis.Channel.close
+    private.fix_kombu_close()
+    assert kombu_redis.Channel.close is fixed, "installed once"

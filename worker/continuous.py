@@ -1,0 +1,264 @@
+"""Iteration-level scheduling over a :class:`worker.slots.SlotDecoder`: jobs join and leave between steps.
+
+Each :meth:`Continuous.step` is one scheduling iteration:
+
+1. Admission: while a slot is free, the waiting job that is most urgent (lowest ``priority``), then
+   oldest, is preprocessed and put in the prefill of this iteration. One iteration prefills at most
+   ``PREFILL_TOKENS`` prompt tokens (a longer single prompt goes alone), in passes of prompts of
+   similar length (``worker.decode.prefill_groups``), so the rows already decoding wait at most one
+   such pass (about 0.3 s on an H200 at 15k prompt tokens/s) between two decode chunks.
+2. Decode: ``CHECK_EVERY`` steps of every active row (fewer when a row's ``max_new_tokens`` is near).
+3. Rows that wrote a stop token, reached their ``max_new_tokens`` or passed their deadline end; their
+   slots are free for the next iteration's admission, and the results are returned at once.
+
+Nothing here knows about Celery or Redis.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from glyphq.worker import reasoning
+from glyphq.worker.decode import CHECK_EVERY, prefill_groups
+from glyphq.worker.errors import ModelError, WorkerError
+from glyphq.worker.images import Box, fit_image, smaller_box
+from glyphq.worker.slots import Admission
+
+log = logging.getLogger(__name__)
+
+#: Prompt tokens one iteration prefills at most (one prompt longer than this is prefilled alone).
+PREFILL_TOKENS = 4096
+
+
+class DeadlinePassed(WorkerError):
+    """Raised when a job was still decoding at its deadline (``GLYPHQ_SOFT_TIME_LIMIT``)."""
+
+
+@dataclass
+class _Waiting:
+    key: Any
+    job: Any  # worker.engine.EngineJob
+    priority: int
+    order: int
+    deadline: float | None
+    prompt: dict[str, torch.Tensor] | None = None
+    fitted: list[Any] = field(default_factory=list)
+    preprocess_s: float = 0.0
+    generate_s: float = 0.0
+    box: Box | None = None
+
+
+@dataclass
+class _Row:
+    waiting: _Waiting
+    slot: int
+    tokens_in: int
+    vision_tokens: int
+    started: float
+    produced: int = 1
+    tokens: list[int] = field(default_factory=list)  # new tokens so far, the first one from the prefill
+    checked: int = 0  # how many of them were looked at for a stop token
+
+
+@dataclass
+class Finished:
+    """A job that ended this iteration: its key and its ``EngineResult`` or the exception it failed with."""
+
+    key: Any
+    outcome: Any
+    started: float | None = None  # time.time() its prefill began, None if it never started
+
+
+class Continuous:
+    """The running batch of one engine: ``add`` jobs at any time, call ``step`` until ``busy`` is False."""
+
+    def __init__(self, engine: Any, box: Box, prefill_tokens: int = PREFILL_TOKENS) -> None:
+        self.engine = engine
+        self.decoder = engine.slots
+        self.box = box
+        self.prefill_tokens = prefill_tokens
+        self.waiting: list[_Waiting] = []
+        self.rows: dict[int, _Row] = {}
+        self._order = itertools.count()
+
+    def add(self, key: Any, job: Any, priority: int = 0, deadline: float | None = None) -> None:
+        """Queue ``job`` (an ``EngineJob``); ``priority`` 0 is most urgent; ``deadline`` is ``time.monotonic()``."""
+        self.waiting.append(_Waiting(key, job, priority, next(self._order), deadline))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return self.decoder.max_batch - len(self.rows)
+
+    def step(self) -> list[Finished]:
+        """One iteration: admit, decode a chunk, end rows. Returns the jobs that ended."""
+        finished = self._admit()
+        if self.rows:
+            finished += self._decode()
+        return finished
+
+    def run(self) -> list[Finished]:
+        """Step until every job has ended; every result, in the order the jobs ended."""
+        done: list[Finished] = []
+        while self.busy:
+            done += self.step()
+        return done
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _admit(self) -> list[Finished]:
+        failed: list[Finished] = []
+        chosen: list[_Waiting] = []
+        tokens = 0
+        self.waiting.sort(key=lambda w: (w.priority, w.order))
+        while self.waiting and len(chosen) < self.free_slots:
+            waiting = self.waiting[0]
+            try:
+                self._prepare(waiting)
+            except Exception as exc:  # a bad image or prompt fails its own job only
+                self.waiting.pop(0)
+                failed.append(Finished(waiting.key, _as_failure(exc), time.time()))
+                continue
+            assert waiting.prompt is not None
+            length = waiting.prompt["input_ids"].shape[1]
+            if chosen and tokens + length > self.prefill_tokens:
+                break
+            self.waiting.pop(0)
+            chosen.append(waiting)
+            tokens += length
+        if chosen:
+            failed += self._start(chosen)
+        return failed
+
+    def _prepare(self, waiting: _Waiting) -> None:
+        if waiting.prompt is not None:
+            return
+        started = time.perf_counter()
+        box = waiting.box or self.box
+        job = waiting.job
+        waiting.fitted = [fit_image(image, box, self.engine.min_side) for image in job.images]
+        waiting.prompt = self.engine.process(job, waiting.fitted)
+        waiting.preprocess_s += time.perf_counter() - started
+        total = waiting.prompt["input_ids"].shape[1] + job.max_new_tokens
+        if not self.decoder.fits(total):
+            raise ModelError(f"the prompt ({waiting.prompt['input_ids'].shape[1]} tokens) and max_new_tokens "
+                             f"({job.max_new_tokens}) do not fit GLYPHQ_DECODE_MAX_TOKENS={self.decoder.max_tokens}")
+
+    def _start(self, chosen: list[_Waiting]) -> list[Finished]:
+        """Prefill ``chosen`` in length groups; a group that fails is retried job by job."""
+        failed: list[Finished] = []
+        lengths = [w.prompt["input_ids"].shape[1] for w in chosen]  # type: ignore[index]
+        for group in prefill_groups(lengths):
+            failed += self._start_group([chosen[i] for i in group])
+        return failed
+
+    def _start_group(self, group: list[_Waiting]) -> list[Finished]:
+        free = [slot for slot in range(self.decoder.max_batch) if slot not in self.rows][:len(group)]
+        now, started = time.time(), time.perf_counter()
+        try:
+            budgets = [w.job.thinking_budget if self.engine.reasoning else None for w in group]
+            first = self.decoder.admit([Admission(slot, w.prompt or {}, budget)
+                                        for slot, w, budget in zip(free, group, budgets, strict=True)])
+        except Exception as exc:
+            for slot in free:
+                self.decoder.release(slot)
+            return self._retry(group, exc, now)
+        prefill_s = time.perf_counter() - started
+        for slot, waiting in zip(free, group, strict=True):
+            prompt = waiting.prompt
+            assert prompt is not None
+            ids = prompt["input_ids"]
+            vision = int((ids == self.engine.image_token_id).sum()) if self.engine.image_token_id is not None else 0
+            waiting.preprocess_s += prefill_s / len(group)
+            self.rows[slot] = _Row(waiting, slot, int(ids.shape[1]), vision, now, tokens=[first[group.index(waiting)]])
+            waiting.prompt = None  # the cache holds it now
+        return []
+
+    def _retry(self, group: list[_Waiting], exc: BaseException, now: float) -> list[Finished]:
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError)
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        traceback.clear_frames(exc.__traceback__)
+        del exc
+        self.engine.cleanup()
+        if len(group) > 1:
+            log.warning("a prefill of %d jobs failed (%s); prefilling each alone", len(group), message)
+            return [f for waiting in group for f in self._start_group([waiting])]
+        (waiting,) = group
+        if out_of_memory and waiting.box is None:
+            waiting.box, waiting.prompt = smaller_box(self.box), None
+            log.warning("CUDA out of memory in a prefill; retrying with box %sx%s", *waiting.box)
+            try:
+                self._prepare(waiting)
+            except Exception as again:
+                return [Finished(waiting.key, _as_failure(again), now)]
+            return self._start_group([waiting])
+        log.warning("the model failed on a job: %s", message)
+        return [Finished(waiting.key, ModelError(f"the model failed on this job: {message}"), now)]
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _decode(self) -> list[Finished]:
+        rows, active = max(self.rows) + 1, len(self.rows)
+        steps = min([CHECK_EVERY] + [row.waiting.job.max_new_tokens - row.produced for row in self.rows.values()])
+        started = time.perf_counter()
+        if steps > 0:
+            length = max(row.tokens_in + row.produced for row in self.rows.values()) + steps
+            self.decoder.decode(rows, length, steps)
+            latest = self.decoder.latest(rows, steps)
+            for row in self.rows.values():
+                row.tokens += latest[row.slot]
+                row.produced += steps
+        share = (time.perf_counter() - started) / len(self.rows)
+        now = time.monotonic()
+        finished: list[Finished] = []
+        for slot, row in list(self.rows.items()):
+            row.waiting.generate_s += share
+            ids = row.tokens[:row.produced]
+            stop = next((i for i in range(row.checked, len(ids)) if ids[i] in self.engine.eos_ids), None)
+            row.checked = len(ids)  # tokens of earlier chunks were looked at then
+            deadline = row.waiting.deadline
+            if stop is None and row.produced < row.waiting.job.max_new_tokens:
+                if deadline is None or now < deadline:
+                    continue
+                outcome: Any = DeadlinePassed(f"still answering after {row.produced} new tokens at its time limit")
+            else:
+                outcome = self._result(row, ids[:stop] if stop is not None else ids, stop is not None, active)
+            del self.rows[slot]
+            self.decoder.release(slot)
+            finished.append(Finished(row.waiting.key, outcome, row.started))
+        return finished
+
+    def _result(self, row: _Row, ids: list[int], stopped: bool, active: int) -> Any:
+        from glyphq.worker.engine import EngineResult
+
+        engine, job = self.engine, row.waiting.job
+        text = engine.processor.batch_decode([ids], skip_special_tokens=engine.reasoning is None)[0]
+        split = reasoning.parse(text) if engine.reasoning is not None else reasoning.Parsed(text.strip(), None)
+        return EngineResult(
+            answer=split.answer, reasoning=split.reasoning, finish_reason="stop" if stopped else "length",
+            thinking_tokens=reasoning.thinking_tokens(ids, engine.reasoning),
+            thinking_budget_hit=reasoning.budget_cut_in(ids, job.thinking_budget, engine.reasoning),
+            tokens_in=row.tokens_in, tokens_out=len(ids), vision_tokens=row.vision_tokens,
+            image_sizes_used=[image.size for image in row.waiting.fitted],
+            preprocess_s=row.waiting.preprocess_s, generate_s=row.waiting.generate_s,
+            batch_size=active, token_ids=ids,
+        )
+
+
+def _as_failure(exc: BaseException) -> BaseException:
+    from glyphq.producer.errors import GlyphqError
+
+    traceback.clear_frames(exc.__traceback__)
+    if isinstance(exc, GlyphqError):
+        return exc
+    return ModelError(f"the model failed on this job: {type(exc).__name__}: {exc}")

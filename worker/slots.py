@@ -1,0 +1,293 @@
+"""Greedy decoding in slots: rows join and leave a running batch between decode steps.
+
+One static KV cache of ``GLYPHQ_MAX_BATCH`` rows (slots) by ``GLYPHQ_DECODE_MAX_TOKENS`` columns is
+allocated when the model loads. A job's prompt is prefilled eagerly (with others of similar length)
+and its keys and values are copied into a free slot, from column 0. Each row then writes its next
+token at its own column, so rows that started at different times decode together: a decode step
+runs every active slot, and a row that ends frees its slot for the next job at once.
+
+A step reads the slots ``[0, rows)`` and the columns ``[0, length)``, both rounded up to a power of
+two (a bucket), so a step costs what the longest active row needs, not what the cache could hold.
+Every per-row buffer (next token, position, column, new-token index, the repetition penalty and
+thinking budget of ``worker.logits``) is one tensor of all slots; a bucket's step is a view of the
+first ``rows``, so rows move between buckets without any copy. On CUDA each bucket's step is
+captured once as a CUDA graph; on the CPU the same step runs eagerly, which is how the suite checks
+it against ``generate``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from glyphq.worker.decode import ATTENTION, MIN_CACHE_LEN, _compile_decoder_layers, _without_layer_index, bucket
+from glyphq.worker.logits import DecodeRules
+from glyphq.worker.prompts import collate
+from glyphq.worker.reasoning import ReasoningIds
+
+log = logging.getLogger(__name__)
+
+
+class _RowWrites:
+    """A cache ``update`` that writes each row's new key and value at that row's own column.
+
+    Called with the layer's index, or, while compiled layers are traced without one (see
+    ``worker.decode._compile_decoder_layers``), layer by layer in the order of the calls.
+    """
+
+    def __init__(self, layers: list[Any], columns: torch.Tensor) -> None:
+        self.layers = layers
+        self.columns = columns  # (rows,) view of the slots' write columns
+        self.rows = torch.arange(columns.shape[0], device=columns.device)
+        self.next = 0
+
+    def __call__(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int | None = None, *args: Any,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx is None:
+            layer_idx = self.next
+            self.next = (self.next + 1) % len(self.layers)
+        layer = self.layers[layer_idx]
+        layer.keys[self.rows, :, self.columns] = key[:, :, 0]
+        layer.values[self.rows, :, self.columns] = value[:, :, 0]
+        return layer.keys, layer.values
+
+
+@dataclass
+class _Step:
+    """One bucket's decode step and, on CUDA, its captured graph."""
+
+    rows: int
+    length: int
+    run: Any
+    graph: torch.cuda.CUDAGraph | None
+    uses: int = 0
+
+
+@dataclass
+class Admission:
+    """A prompt (processor output of one row) to start in ``slot``, with its thinking budget."""
+
+    slot: int
+    prompt: dict[str, torch.Tensor]
+    budget: int | None = None
+
+
+class SlotDecoder:
+    """Decoding state of up to ``max_batch`` rows sharing one static cache; see the module docstring."""
+
+    def __init__(self, model: Any, max_batch: int, max_tokens: int, max_new_tokens: int, pad_id: int,
+                 compile_layers: bool = False, repetition_penalty: float = 1.0,
+                 reasoning: ReasoningIds | None = None) -> None:
+        self.model = model
+        self.device = model.device
+        self.use_graphs = self.device.type == "cuda"
+        self.compiled = compile_layers and _compile_decoder_layers(model)
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = pad_id
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        model.set_attn_implementation(ATTENTION)
+        self.cache = self._allocate(max_batch, max_tokens)
+        device = self.device
+        self.tokens = torch.full((max_batch, 1), pad_id, dtype=torch.long, device=device)
+        self.positions = torch.zeros((max_batch, 1), dtype=torch.long, device=device)
+        self.columns = torch.zeros(max_batch, dtype=torch.long, device=device)  # next column each row writes
+        self.step = torch.zeros(max_batch, dtype=torch.long, device=device)  # new-token index each row makes
+        self.active = torch.zeros(max_batch, dtype=torch.long, device=device)  # 1 for a row in use
+        self.history = torch.full((max_batch, max_new_tokens + 1), pad_id, dtype=torch.long, device=device)
+        self.rules = DecodeRules(max_batch, self.vocab, device, repetition_penalty, reasoning)
+        self.slots = torch.arange(max_tokens, device=device)
+        self.graphs: dict[tuple[int, int], _Step] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.capture_s = 0.0
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    def fits(self, total_len: int) -> bool:
+        """Whether one row of ``total_len`` tokens (prompt and new) fits a slot."""
+        return total_len <= self.max_tokens
+
+    def shape_for(self, rows: int, length: int) -> tuple[int, int]:
+        """The (rows, columns) bucket of a step over slots ``[0, rows)`` up to column ``length``."""
+        return bucket(rows, self.max_batch), bucket(length, self.max_tokens, MIN_CACHE_LEN)
+
+    def buckets_in_use(self) -> list[tuple[int, int]]:
+        """Buckets that ran more than one step chunk, most used first: those worth capturing ahead."""
+        used = [shape for shape, step in self.graphs.items() if step.uses > 1]
+        return sorted(used, key=lambda shape: -self.graphs[shape].uses)
+
+    def warm(self, rows: int, length: int) -> bool:
+        """Capture (and compile) one bucket's step ahead of traffic; False if it is not a bucket here."""
+        if (rows, length) != self.shape_for(rows, length) or rows > self.max_batch or length > self.max_tokens:
+            return False
+        with torch.inference_mode():
+            self._step(rows, length)
+        return True
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, admissions: list[Admission]) -> list[int]:
+        """Prefill the prompts in one pass (left-padded together) and start each in its slot.
+        Returns each row's first new token. The slots must be free."""
+        prompts = [a.prompt for a in admissions]
+        lengths = [p["input_ids"].shape[1] for p in prompts]
+        inputs = collate(prompts, self.pad_id)
+        logits, deltas, prompt_cache = self._prefill(inputs)
+        longest = inputs["input_ids"].shape[1]
+        statics: list[Any] = list(self.cache.layers)
+        dynamics: list[Any] = list(prompt_cache.layers)
+        first: list[int] = []
+        for i, (admission, length) in enumerate(zip(admissions, lengths, strict=True)):
+            slot = admission.slot
+            for static, dynamic in zip(statics, dynamics, strict=True):
+                static.keys[slot, :, :length] = dynamic.keys[i, :, longest - length:]
+                static.values[slot, :, :length] = dynamic.values[i, :, longest - length:]
+            rules = self.rules.view(slot, slot + 1)
+            rules.start([admission.prompt["input_ids"][0]], [admission.budget])
+            token = rules.choose(logits[i:i + 1].float(), 0)
+            delta = 0 if deltas is None else int(deltas[i].reshape(-1)[0])
+            self.tokens[slot, 0] = token[0]
+            self.positions[slot, 0] = length + delta
+            self.columns[slot] = length
+            self.step[slot] = 1
+            self.active[slot] = 1
+            self.history[slot, 0] = token[0]
+            first.append(int(token[0]))
+        return first
+
+    def release(self, slot: int) -> None:
+        """Free ``slot``: it writes nothing more and attends to column 0 only."""
+        self.active[slot] = 0
+        self.columns[slot] = 0
+        self.step[slot] = 0
+
+    def tokens_of(self, slot: int, count: int) -> list[int]:
+        """The first ``count`` new tokens of the row in ``slot``."""
+        return [int(t) for t in self.history[slot, :count].tolist()]
+
+    def latest(self, rows: int, steps: int) -> list[list[int]]:
+        """The last ``steps`` new tokens of each of slots ``[0, rows)`` (one small device-to-host copy)."""
+        since = (self.step[:rows] - steps).clamp(min=0)[:, None]
+        index = (since + torch.arange(steps, device=self.device)[None, :]).clamp(max=self.max_new_tokens)
+        return [[int(t) for t in row] for row in torch.gather(self.history[:rows], 1, index).tolist()]
+
+    @torch.inference_mode()
+    def decode(self, rows: int, length: int, steps: int) -> None:
+        """Run ``steps`` decode steps over slots ``[0, rows)``, whose rows all fit ``length`` columns."""
+        step = self._step(*self.shape_for(rows, length))
+        step.uses += 1
+        for _ in range(steps):
+            if step.graph is not None:
+                step.graph.replay()
+            else:
+                step.run()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _prefill(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """One eager prompt pass over a left-padded batch: last logits, rope offsets (or None), the cache."""
+        kwargs = dict(inputs)
+        wrapper: Any = getattr(self.model, "model", None)
+        keeps_offsets = getattr(wrapper, "rope_deltas", "absent") != "absent"
+        if not keeps_offsets:
+            kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            wrapper.rope_deltas = None
+        prompt_cache = DynamicCache(config=self.model.config)
+        with torch.compiler.set_stance("force_eager"):
+            out = self.model(**kwargs, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
+        deltas = wrapper.rope_deltas if keeps_offsets else None
+        return out.logits[:, -1], deltas, prompt_cache
+
+    def _allocate(self, rows: int, length: int) -> Any:
+        text = self.model.config.get_text_config(decoder=True)
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        cache.early_initialization(rows, heads, head_dim, self.model.dtype, self.device)
+        for layer in list[Any](cache.layers):  # never-written columns are read with weight 0: make them finite
+            layer.keys.zero_()
+            layer.values.zero_()
+        return cache
+
+    def _view(self, rows: int, length: int) -> Any:
+        view = StaticCache(config=self.model.config, max_cache_len=length)
+        views: list[Any] = list(view.layers)
+        for mine, full in zip(views, list[Any](self.cache.layers), strict=True):
+            mine.keys = full.keys[:rows, :, :length]
+            mine.values = full.values[:rows, :, :length]
+            mine.cumulative_length = torch.zeros_like(full.cumulative_length)
+            mine.device, mine.dtype, mine.is_initialized = full.device, full.dtype, True
+            mine.batch_size, mine.num_heads = rows, full.num_heads
+            mine.k_head_dim, mine.v_head_dim = full.k_head_dim, full.v_head_dim
+        writes = _RowWrites(views, self.columns[:rows])
+        view.update = torch.compiler.disable(writes) if self.compiled else writes  # type: ignore[method-assign,assignment]
+        return view, writes
+
+    def _step(self, rows: int, length: int) -> _Step:
+        found = self.graphs.get((rows, length))
+        if found is not None:
+            return found
+        started = time.perf_counter()
+        cache, writes = self._view(rows, length)
+        tokens, positions = self.tokens[:rows], self.positions[:rows]
+        columns, step, active = self.columns[:rows], self.step[:rows], self.active[:rows]
+        history, rules = self.history[:rows], self.rules.view(0, rows)
+        slots, row_ids = self.slots[:length], torch.arange(rows, device=self.device)
+        last = self.max_new_tokens
+
+        def step_once() -> None:
+            writes.next = 0
+            attend = (slots[None, :] <= columns[:, None])[:, None, None, :]
+            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=attend,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            chosen = rules.choose(out.logits[:, -1], step)
+            history[row_ids, step.clamp(max=last)] = chosen
+            tokens.copy_(chosen[:, None])
+            positions.add_(active[:, None])
+            columns.add_(active)
+            step.add_(active)
+
+        def run() -> None:
+            if self.compiled:
+                with _without_layer_index(self.model):
+                    step_once()
+            else:
+                step_once()
+
+        graph = self._capture(run) if self.use_graphs else None
+        found = _Step(rows, length, run, graph)
+        self.graphs[(rows, length)] = found
+        if self.compiled:
+            gc.freeze()
+        elapsed = time.perf_counter() - started
+        self.capture_s += elapsed
+        log.info("decode graph for batch %d, cache %d ready in %.2f s", rows, length, elapsed)
+        return found
+
+    def _capture(self, run: Any) -> torch.cuda.CUDAGraph:
+        """One decode step as a CUDA graph, after two warm-up steps, leaving every row's state as it was."""
+        saved = [t.clone() for t in (self.tokens, self.positions, self.columns, self.step, self.history)]
+        saved_rules = self.rules.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            run()
+        for mine, kept in zip((self.tokens, self.positions, self.columns, self.step, self.history), saved,
+                              strict=True):
+            mine.copy_(kept)
+        self.rules.restore(saved_rules)
+        return graph
