@@ -15,6 +15,7 @@ from producer.errors import (
     JobLost,
     JobTimeout,
     QueueFull,
+    SettingsError,
 )
 from producer.images import check_image
 from producer.submit import Job, submit
@@ -37,4 +38,5 @@ __all__ = [
     "BlobMissing",
     "BlobCorrupt",
     "BatchUsageError",
+    "SettingsError",
 ]

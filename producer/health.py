@@ -27,12 +27,12 @@ from typing import Any
 
 from redis import RedisError
 
-from celeryconfig import Settings
+from celeryconfig import GPU_QUEUE, Settings
 from celeryconfig import settings as default_settings
 from producer.store import SAFE_POLICY, Store, broker_location, memory_info
 
 #: Queues whose workers load a model; the ``model`` check applies to these only.
-MODEL_QUEUES = frozenset({"gpu"})
+MODEL_QUEUES = frozenset({GPU_QUEUE})
 DEFAULT_TIMEOUT_S = 3.0
 
 
@@ -69,7 +69,7 @@ def _skipped(why: str) -> dict[str, Any]:
     return {"ok": None, "skipped": why}
 
 
-def check_health(queue: str = "gpu", timeout: float = DEFAULT_TIMEOUT_S, node: str | None = None,
+def check_health(queue: str = GPU_QUEUE, timeout: float = DEFAULT_TIMEOUT_S, node: str | None = None,
                  broker_only: bool = False, settings: Settings | None = None) -> HealthReport:
     """Check that ``queue`` is being served; see the module docstring for the three checks.
 

@@ -6,14 +6,14 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from celeryconfig import Settings
+from celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, Settings
 from producer.errors import InvalidJob
 from producer.store import Store, check_blob_key
 from producer.validation import check_identifier, check_max_new_tokens, check_question, check_thinking_budget
 
-ANSWER_TASK = "glyphq.answer"
-ANSWER_PAGES_TASK = "glyphq.answer_pages"
-RENDER_TASK = "glyphq.render"
+__all__ = ["ANSWER_TASK", "ANSWER_PAGES_TASK", "RENDER_TASK", "JobMessage", "RenderRequest", "check_task_id",
+           "document_text", "MESSAGE_VERSION"]
+
 MESSAGE_VERSION = 1
 
 

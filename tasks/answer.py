@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from celeryconfig import settings
-from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
+from celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, settings
 from tasks.app import app
 
 BATCHING_STRATEGY = "tasks.batching:strategy"

@@ -11,16 +11,14 @@ from typing import Any
 from celery import bootsteps, signals
 from redis.exceptions import RedisError
 
-from celeryconfig import settings
+from celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_TASK, settings
 from producer.errors import InvalidJob
-from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
 from producer.validation import check_identifier
 from tasks.app import app
 
 log = logging.getLogger(__name__)
 
-GPU_QUEUE = "gpu"
 #: Exit status of a worker that stopped because a child could not load its model.
 MODEL_LOAD_FAILED_EXIT = 3
 
