@@ -269,6 +269,24 @@ def start_worker(tmp_path: Path, tiny_model: Path, redis_url: str) -> Iterator:
         worker.stop_soon()
 
 
+@pytest.fixture(scope="class")
+def class_worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_url: str) -> Iterator:
+    """One GPU worker at the default settings, shared by the tests of a class and stopped after them.
+
+    For tests that only need some worker to answer their jobs: each costs no worker start of its own.
+    A class keeps them together, so the worker never runs during a test elsewhere in the module that
+    needs the queue left alone. The tests must not depend on the child's count of jobs.
+    """
+    env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
+           "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
+    worker = WorkerProcess(env, tmp_path_factory.mktemp("class-worker") / "worker.log")
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop_soon()
+
+
 def png_bytes(size: tuple[int, int] = (640, 480), color: str = "white", seed: int = 0) -> bytes:
     """A small PNG with a little structure, so different seeds give different answers."""
     from PIL import Image, ImageDraw
