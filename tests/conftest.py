@@ -194,11 +194,11 @@ class WorkerProcess:
     def stop_soon(self) -> None:
         """Stop the worker without waiting for the end of its main process.
 
-        Returns once its children are gone: by then the worker has stopped consuming and answering
-        control commands (Celery stops the consumer before the pool), so it can no longer take a job
-        or count in a health check. The main process takes seconds more to exit (billiard's children
-        sleep 1 s before they exit, then the interpreter with torch winds down); that end is waited for
-        in a thread, and by ``reap_stopped_workers`` at the end of the session.
+        Returns ``STOP_GRACE_S`` after SIGTERM, once its children are gone. Its shutdown stops the
+        consumer first (Celery stops the consumer before the pool), within milliseconds of the signal,
+        so by then it can no longer take a job or answer a health check. The main process takes seconds
+        more to exit (billiard's pool, then the interpreter with torch winding down); that end is waited
+        for in a thread, and by ``reap_stopped_workers`` at the end of the session.
         """
         children = self.children()
         self._terminate()

@@ -122,8 +122,9 @@ def test_rss_guard_recycles_without_losing_jobs(start_worker):
 
 def test_parent_preloads_torch_and_render_worker_does_not(start_worker):
     """The GPU worker's main process has torch loaded before it forks; a render worker never loads it."""
+    render = start_worker(wait=False, queues="render")
     gpu = start_worker()
-    render = start_worker(queues="render")
+    render.wait_ready()
     maps = Path(f"/proc/{gpu.proc.pid}/maps").read_text()
     assert "libtorch" in maps
     assert "preloaded torch and transformers" in gpu.log()
