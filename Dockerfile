@@ -24,4 +24,4 @@ ENV HF_HOME=/hf-cache \
     PYTHONUNBUFFERED=1
 VOLUME ["/hf-cache", "/compile-cache", "/data"]
 EXPOSE 9808 5555
-CMD ["celery", "-A", "tasks", "worker", "-l", "info"]
+CMD ["celery", "-A", "glyphq.tasks", "worker", "-l", "info"]

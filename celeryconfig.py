@@ -1,6 +1,6 @@
 """Every glyphq setting, read once from ``GLYPHQ_*`` environment variables.
 
-Celery loads this module by name (``app.config_from_object("celeryconfig")``), so the lower-case names
+Celery loads this module by name (``app.config_from_object("glyphq.celeryconfig")``), so the lower-case names
 at the bottom are Celery settings. ``settings`` is the typed object the producer and the worker read.
 Nothing else in the project reads ``os.environ``. Standard library only: a web backend imports this
 without torch.
@@ -277,7 +277,7 @@ task_default_queue = GPU_QUEUE
 task_routes = {
     ANSWER_TASK: {"queue": GPU_QUEUE},
     ANSWER_PAGES_TASK: {"queue": GPU_QUEUE},
-    RENDER_TASK: {"queue": RENDER_QUEUE},  # served by `celery -A tasks worker -Q render -c <cores>`
+    RENDER_TASK: {"queue": RENDER_QUEUE},  # served by `celery -A glyphq.tasks worker -Q render -c <cores>`
 }
 # Redis pops the lowest number first: glyphq priority p is sent as 9 - p (see producer.submit).
 task_default_priority = PRIORITY_LEVELS - 1 - settings.default_priority

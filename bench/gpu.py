@@ -10,7 +10,7 @@
    - ``inprocess_jobs_s``: ``engine.answer`` in batches of ``--max-batch`` over the first
      ``--inprocess-jobs`` jobs of the backlog (decode, fit, processor and generate, as the worker does).
    - batched against alone: the tokens of 8 jobs answered together and one by one.
-3. Starts redis-server and a real ``celery -A tasks worker`` with ``GLYPHQ_MAX_BATCH=--max-batch`` and
+3. Starts redis-server and a real ``celery -A glyphq.tasks worker`` with ``GLYPHQ_MAX_BATCH=--max-batch`` and
    recycling every ``--per-child`` jobs, lets it answer one full batch (``first_child_warmup_s``: the
    first child's compile and captures; the in-process figure also leaves them out), then enqueues
    ``--jobs`` page images of mixed sizes at once and waits for every result: ``backlog_tok_s``,
@@ -74,11 +74,11 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     import torch
     from PIL import Image
 
-    from celeryconfig import Settings
-    from worker.decode import prefill_groups
-    from worker.engine import EngineJob, load
-    from worker.images import fit_image
-    from worker.prompts import collate
+    from glyphq.celeryconfig import Settings
+    from glyphq.worker.decode import prefill_groups
+    from glyphq.worker.engine import EngineJob, load
+    from glyphq.worker.images import fit_image
+    from glyphq.worker.prompts import collate
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch),
            "GLYPHQ_DECODE": "static"}
@@ -242,9 +242,9 @@ def through_queue(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> di
 
 
 def _backlog(args: argparse.Namespace, jobs: list[tuple[bytes, str]], log_path: Path) -> dict:
-    from celeryconfig import settings
-    from producer import submit
-    from producer.store import Store
+    from glyphq.celeryconfig import settings
+    from glyphq.producer import submit
+    from glyphq.producer.store import Store
 
     # Wait for the first child to load, so the backlog measures answering, not the first load.
     deadline = time.monotonic() + 300

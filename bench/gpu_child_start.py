@@ -35,7 +35,7 @@ def fork_probe(module: str) -> dict:
     """Import ``module`` after the worker's own preloads, fork, and initialise CUDA in the child."""
     import importlib
 
-    from worker.runtime import preload_modules
+    from glyphq.worker.runtime import preload_modules
 
     preload_modules()
     started = time.perf_counter()
@@ -68,9 +68,9 @@ def child(model_dir: str, profile_path: str | None) -> dict:
     from PIL import Image
 
     from bench.gpu import job_list
-    from celeryconfig import Settings
-    from worker.engine import EngineJob, load
-    from worker.runtime import preload_modules
+    from glyphq.celeryconfig import Settings
+    from glyphq.worker.engine import EngineJob, load
+    from glyphq.worker.runtime import preload_modules
 
     preload_modules()
     profiler = cProfile.Profile() if profile_path else None

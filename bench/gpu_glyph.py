@@ -13,7 +13,7 @@
    milliseconds, timed over 128 replays of its CUDA graph, best of 3 interleaved rounds.
 3. First, in that engine alone: GPU memory: weights, the static cache at the defaults, the peak of a
    batch of 16 one-page jobs and of one 40-page document, and whether two children (a hand-over) fit.
-4. A real redis-server and ``celery -A tasks worker`` at default settings: a warm-up batch, then
+4. A real redis-server and ``celery -A glyphq.tasks worker`` at default settings: a warm-up batch, then
    ``--jobs`` page jobs of 1,024 new tokens with no thinking budget and the same again with the
    default one (768 for 1,024 new tokens). Random weights never close their reasoning, so every
    budgeted job is fed ``</think><answer>`` at token 768.
@@ -76,10 +76,10 @@ def in_process(args: argparse.Namespace, figures: dict) -> None:
     import torch
     from PIL import Image
 
-    from celeryconfig import Settings
-    from worker import memory
-    from worker.decode import StaticDecoder
-    from worker.engine import EngineJob, load
+    from glyphq.celeryconfig import Settings
+    from glyphq.worker import memory
+    from glyphq.worker.decode import StaticDecoder
+    from glyphq.worker.engine import EngineJob, load
 
     settings = Settings.from_env({**os.environ, "GLYPHQ_MODEL": args.model_dir})
     engine = load(settings)
@@ -161,7 +161,7 @@ def in_process(args: argparse.Namespace, figures: dict) -> None:
 
 
 def through_queue(args: argparse.Namespace, figures: dict) -> None:
-    from producer import submit
+    from glyphq.producer import submit
 
     port = int(os.environ["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1"}

@@ -24,9 +24,9 @@ def child(model_dir: str) -> dict:
     """One fresh process: CUDA init, then ``engine.load``."""
     import torch
 
-    from celeryconfig import Settings
-    from worker.engine import load
-    from worker.runtime import preload_modules
+    from glyphq.celeryconfig import Settings
+    from glyphq.worker.engine import load
+    from glyphq.worker.runtime import preload_modules
 
     preload_modules()
     torch.zeros(1, device="cuda")

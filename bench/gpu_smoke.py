@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def document_pages() -> list:
     """samples/lease.txt rendered with Glyph's settings, or [] where the renderer is not installed."""
     try:
-        from worker.render import render_pages
+        from glyphq.worker.render import render_pages
     except ImportError:
         return []
     return render_pages((ROOT / "samples" / "lease.txt").read_text(encoding="utf-8"))
@@ -42,15 +42,15 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from celeryconfig import Settings
-    from worker import memory
-    from worker.engine import EngineJob, load
+    from glyphq.celeryconfig import Settings
+    from glyphq.worker import memory
+    from glyphq.worker.engine import EngineJob, load
 
     figures: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
+        subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
                        cwd=ROOT)
         figures["build_s"] = round(time.perf_counter() - start, 1)
 

@@ -2,7 +2,7 @@
 
     python3 bench/gpu_soak.py --out DIR [--jobs 1000] [--per-child 50] [--budget-s 480]
 
-Starts its own redis-server and a real ``celery -A tasks worker`` (prefork, concurrency 1) on the
+Starts its own redis-server and a real ``celery -A glyphq.tasks worker`` (prefork, concurrency 1) on the
 ``glyph-9b`` preset (built into --model-dir if missing), enqueues ``--jobs`` page images of mixed
 sizes, and waits for every result. Prints one table and writes ``gpu_soak.json`` into ``--out``:
 jobs answered, lost and run twice, recycles, the band of reserved GPU memory after cleanup as a
@@ -39,7 +39,7 @@ def free_port() -> int:
 def ensure_preset(model_dir: str | Path) -> None:
     """Build the ``glyph-9b`` preset into ``model_dir`` unless it is there already."""
     if not (Path(model_dir) / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
+        subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
                        cwd=ROOT)
 
 
@@ -62,7 +62,7 @@ def collect(handles: list, budget_s: float, start: float, after_each=None) -> tu
     Stops at the first job still unfinished when the budget runs out. ``after_each(results)`` is
     called after each job that finished.
     """
-    from producer import GlyphqError, JobTimeout
+    from glyphq.producer import GlyphqError, JobTimeout
 
     results: list = []
     failures: list[str] = []
@@ -115,7 +115,7 @@ def main() -> int:
 
 @contextmanager
 def redis_and_worker(port: int, env: dict[str, str], name: str) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """A redis-server on ``port`` and a real ``celery -A tasks worker`` with ``env``, stopped on exit.
+    """A redis-server on ``port`` and a real ``celery -A glyphq.tasks worker`` with ``env``, stopped on exit.
 
     Yields the worker process and the path of its log.
     """
@@ -125,7 +125,7 @@ def redis_and_worker(port: int, env: dict[str, str], name: str) -> Iterator[tupl
     time.sleep(0.5)
     log_path = workdir / "worker.log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n",
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-l", "info", "-n",
                                    f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=ROOT, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -142,9 +142,9 @@ def redis_and_worker(port: int, env: dict[str, str], name: str) -> Iterator[tupl
 def run(args: argparse.Namespace, worker: subprocess.Popen, log_path: Path) -> int:
     import psutil
 
-    from celeryconfig import settings
-    from producer import submit
-    from producer.store import Store
+    from glyphq.celeryconfig import settings
+    from glyphq.producer import submit
+    from glyphq.producer.store import Store
 
     start = time.monotonic()
     images = {(size, seed % 8): page(size, seed % 8) for seed in range(8) for size in SIZES}

@@ -38,9 +38,9 @@ def child(model_dir: str) -> dict:
     import torch
 
     from bench.gpu import job_list
-    from celeryconfig import Settings
-    from worker.engine import EngineJob, load
-    from worker.runtime import preload_modules
+    from glyphq.celeryconfig import Settings
+    from glyphq.worker.engine import EngineJob, load
+    from glyphq.worker.runtime import preload_modules
 
     preload_modules()  # the worker's parent does this before it forks a child
     imported = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python bench/recycle_cpu.py --out DIR [--jobs 60] [--per-child 5] [--model-dir DIR]
 
-Starts redis-server and a real ``celery -A tasks worker`` recycling every ``--per-child`` jobs,
+Starts redis-server and a real ``celery -A glyphq.tasks worker`` recycling every ``--per-child`` jobs,
 enqueues ``--jobs`` small page images at once, and waits for every result; once with
 ``GLYPHQ_RECYCLE_OVERLAP_S=0`` (the next child starts after the old one has left) and once with the
 hand-over (``GLYPHQ_RECYCLE_OVERLAP_S=30``). Reports the wall time and each recycle's downtime (the
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_run(args: argparse.Namespace, overlap_s: int) -> dict:
-    from producer import submit
+    from glyphq.producer import submit
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_RECYCLE_OVERLAP_S": str(overlap_s),
            "PYTHONUNBUFFERED": "1"}
@@ -68,7 +68,7 @@ def main() -> int:
     os.environ.update({"GLYPHQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "GLYPHQ_METRICS_PORT": "0",
                        "GLYPHQ_MAX_TASKS_PER_CHILD": str(args.per_child), "GLYPHQ_DEVICE": "cpu"})
     if not (Path(args.model_dir) / "config.json").exists():
-        from worker.tiny import build
+        from glyphq.worker.tiny import build
 
         build(Path(args.model_dir))
     figures = {"per_child": args.per_child, "runs": [one_run(args, 0), one_run(args, 30)]}

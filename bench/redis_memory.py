@@ -73,9 +73,9 @@ def measure(jobs: int) -> dict:
             except redis.ConnectionError:
                 time.sleep(0.05)
         os.environ["GLYPHQ_BROKER_URL"] = f"redis://127.0.0.1:{port}/0"
-        from producer import submit
-        from producer.schema import ANSWER_TASK, JobMessage
-        from tasks.app import app
+        from glyphq.producer import submit
+        from glyphq.producer.schema import ANSWER_TASK, JobMessage
+        from glyphq.tasks.app import app
 
         shared = _screenshot(0)
         base = _used(client)

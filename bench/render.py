@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # also runnable as ``python bench/render.py``
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from worker import render  # noqa: E402
+from glyphq.worker import render  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "render.json"
 

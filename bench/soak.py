@@ -6,7 +6,7 @@ resident memory (within ``--rss-tolerance`` of its size after the warm-up), and 
 blobs and sessions have expired (after ``--ttl`` seconds) Redis holds as many keys as before the run.
 
 Everything it needs it starts itself: a redis-server on a free port, the tiny model (``python -m
-worker.tiny``) and ``celery -A tasks worker``. The producer is this process, with the same settings.
+worker.tiny``) and ``celery -A glyphq.tasks worker``. The producer is this process, with the same settings.
 
 Run from the repository root:  python -m bench.soak [--jobs 2000]
 Prints one table and writes bench/results/soak.json. Exits 1 when a check fails.
@@ -107,8 +107,8 @@ def run_jobs(count: int, first_seed: int, in_flight: int, max_new_tokens: int, c
 
     Each job's result and runs counter are read as soon as it is answered, well within their TTL.
     """
-    from producer import JobFailed, JobTimeout, submit
-    from producer.store import runs_key
+    from glyphq.producer import JobFailed, JobTimeout, submit
+    from glyphq.producer.store import runs_key
 
     records: list[dict[str, Any]] = []
     pending: collections.deque = collections.deque()
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model
         if model is None:
             model = str(workdir / "tiny-model")
-            subprocess.run([sys.executable, "-m", "worker.tiny", model], cwd=ROOT, check=True,
+            subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", model], cwd=ROOT, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         settings = {
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log_path = workdir / "worker.log"
         log_file = open(log_path, "wb")  # noqa: SIM115  (closed below)
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info",
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-l", "info",
                                    "-n", "soak@%h", "--without-mingle", "--without-gossip"],
                                   cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: " ready." in log_path.read_text(errors="replace"), 180, "the worker")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "soak",
         "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {**{k: v for k, v in settings.items() if k not in ("GLYPHQ_BROKER_URL", "GLYPHQ_MODEL")},
-                     "GLYPHQ_MODEL": "tiny (python -m worker.tiny)" if args.model is None else args.model,
+                     "GLYPHQ_MODEL": "tiny (python -m glyphq.worker.tiny)" if args.model is None else args.model,
                      "in_flight": args.in_flight, "max_new_tokens": args.max_new_tokens},
         "figures": figures,
         "checks": checks,

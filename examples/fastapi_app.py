@@ -18,11 +18,11 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from celeryconfig import settings
-from producer import BrokerFull, BrokerUnavailable, InvalidJob, Job, JobExpired, JobFailed, QueueFull, submit
-from producer.images import check_image_size
-from producer.store import check_broker
-from producer.validation import check_identifier
+from glyphq.celeryconfig import settings
+from glyphq.producer import BrokerFull, BrokerUnavailable, InvalidJob, Job, JobExpired, JobFailed, QueueFull, submit
+from glyphq.producer.images import check_image_size
+from glyphq.producer.store import check_broker
+from glyphq.producer.validation import check_identifier
 
 app = FastAPI(title="glyphq example", summary="Image + question jobs answered by a vision-language model.")
 

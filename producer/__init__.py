@@ -1,7 +1,7 @@
 """glyphq's producer side: enqueue image + question jobs and read their results. Needs no torch."""
 
-from producer.documents import submit_document
-from producer.errors import (
+from glyphq.producer.documents import submit_document
+from glyphq.producer.errors import (
     BatchUsageError,
     BlobCorrupt,
     BlobMissing,
@@ -17,8 +17,8 @@ from producer.errors import (
     QueueFull,
     SettingsError,
 )
-from producer.images import check_image
-from producer.submit import Job, submit
+from glyphq.producer.images import check_image
+from glyphq.producer.submit import Job, submit
 
 __all__ = [
     "submit",

@@ -37,11 +37,11 @@ from typing import IO, Any
 import redis
 from kombu.exceptions import OperationalError
 
-from celeryconfig import Settings
-from celeryconfig import settings as default_settings
-from producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
-from producer.store import Store, unavailable
-from producer.submit import LOST_CHECK_S
+from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
+from glyphq.producer.store import Store, unavailable
+from glyphq.producer.submit import LOST_CHECK_S
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
     Raises ``BatchUsageError`` for a batch that cannot start and ``BrokerUnavailable`` when Redis
     cannot be reached at the start.
     """
-    from producer.submit import submit
+    from glyphq.producer.submit import submit
 
     cfg = settings or default_settings
     err = stderr or sys.stderr

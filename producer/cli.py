@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from celeryconfig import EXIT_BAD_SETTING, GPU_QUEUE, RENDER_QUEUE
-from celeryconfig import settings as default_settings
-from producer.errors import (
+from glyphq.celeryconfig import EXIT_BAD_SETTING, GPU_QUEUE, RENDER_QUEUE
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.errors import (
     BatchUsageError,
     BrokerFull,
     BrokerUnavailable,
@@ -34,8 +34,8 @@ from producer.errors import (
     QueueFull,
     SettingsError,
 )
-from producer.store import check_broker
-from producer.submit import Job, submit
+from glyphq.producer.store import check_broker
+from glyphq.producer.submit import Job, submit
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_NOT_READY, EXIT_UNAVAILABLE, EXIT_QUEUE_FULL = 0, 1, 2, 3, 4, 5
 EXIT_BROKER_FULL, EXIT_NO_SUCH_JOB = 6, 7
@@ -76,7 +76,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_ask_doc(args: argparse.Namespace) -> int:
     """Submit a question about a text file, rendered into pages on the render queue."""
-    from producer.documents import submit_document
+    from glyphq.producer.documents import submit_document
 
     text = _read_text(args.file)
     job = submit_document(text, args.question, render=args.render_config, max_new_tokens=args.max_new_tokens,
@@ -90,8 +90,8 @@ def cmd_ask_doc(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Render a text file into page PNGs locally, to see what the model will read."""
-    from producer.documents import check_render, check_text
-    from worker.render import RenderConfig, png_bytes, render_pages
+    from glyphq.producer.documents import check_render, check_text
+    from glyphq.worker.render import RenderConfig, png_bytes, render_pages
 
     text = check_text(_read_text(args.file), default_settings)
     config = RenderConfig.from_dict(check_render(args.render_config))
@@ -131,7 +131,7 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Check the broker, a live worker on the queue and (queue gpu) its model; exit 0 only if all pass."""
-    from producer.health import check_health
+    from glyphq.producer.health import check_health
 
     report = check_health(args.queue, timeout=args.timeout, node=args.node, broker_only=args.broker_only)
     _print(report.to_dict())
@@ -144,7 +144,7 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     """Print how glyphq will talk to a model: its chat template, end and reasoning tokens, eos set,
     pixel limits, and whether the answer parser knows its format. Loads no weights."""
     try:
-        from worker.check import check_model
+        from glyphq.worker.check import check_model
     except ImportError as exc:  # a producer install has no transformers
         message = f"needs the worker extra (pip install 'glyphq[worker]'): {exc}"
         _print({"ok": False, "error_type": "ImportError", "error": message})
@@ -160,7 +160,7 @@ def cmd_check_model(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Run a JSON Lines file of jobs with a bounded window; resumable. Prints a summary."""
-    from producer.batch import run_batch
+    from glyphq.producer.batch import run_batch
 
     summary = run_batch(args.file, args.out, window=args.window, timeout=args.timeout,
                         job_prefix=args.job_prefix, progress=not args.no_progress)

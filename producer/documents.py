@@ -14,14 +14,14 @@ from typing import Any
 
 from celery import chain
 
-from celeryconfig import GPU_QUEUE, RENDER_QUEUE, Settings
-from celeryconfig import settings as default_settings
-from producer.errors import InvalidJob
-from producer.options import check_job_options
-from producer.schema import ANSWER_PAGES_TASK, RENDER_TASK, JobMessage, RenderRequest
-from producer.submit import Job, enqueue
-from producer.validation import check_unicode_text
-from tasks.app import app
+from glyphq.celeryconfig import GPU_QUEUE, RENDER_QUEUE, Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.options import check_job_options
+from glyphq.producer.schema import ANSWER_PAGES_TASK, RENDER_TASK, JobMessage, RenderRequest
+from glyphq.producer.submit import Job, enqueue
+from glyphq.producer.validation import check_unicode_text
+from glyphq.tasks.app import app
 
 #: Render settings a job may set, as in Glyph's config_en.json. ``font-path`` is not among them: the
 #: worker never opens a path a producer sent. Operators set it in GLYPHQ_RENDER_CONFIG.

@@ -6,7 +6,7 @@ raises ``SettingsError`` for a bad ``GLYPHQ_*`` value; they are the same classes
 
 from __future__ import annotations
 
-from celeryconfig import GlyphqError, SettingsError
+from glyphq.celeryconfig import GlyphqError, SettingsError
 
 __all__ = ["GlyphqError", "SettingsError", "InvalidJob", "BrokerUnavailable", "BrokerFull", "QueueFull",
            "JobExpired", "JobLost", "BlobMissing", "BlobCorrupt", "JobFailed", "InvalidRenderConfig",

@@ -27,9 +27,9 @@ from typing import Any
 
 from redis import RedisError
 
-from celeryconfig import GPU_QUEUE, Settings
-from celeryconfig import settings as default_settings
-from producer.store import SAFE_POLICY, Store, broker_location, memory_info
+from glyphq.celeryconfig import GPU_QUEUE, Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.store import SAFE_POLICY, Store, broker_location, memory_info
 
 #: Queues whose workers load a model; the ``model`` check applies to these only.
 MODEL_QUEUES = frozenset({GPU_QUEUE})
@@ -172,7 +172,7 @@ def _control_app(cfg: Settings) -> Any:
     (made once per URL): a control command is published through the app's producer pool, which a
     connection passed to ``inspect`` does not change.
     """
-    from tasks.app import app
+    from glyphq.tasks.app import app
 
     if cfg.broker_url == app.conf.broker_url and cfg.sentinel_master == _settings_master(app):
         return app
@@ -181,7 +181,7 @@ def _control_app(cfg: Settings) -> Any:
         from celery import Celery
 
         other = Celery("glyphq", set_as_current=False)
-        other.config_from_object("celeryconfig")
+        other.config_from_object("glyphq.celeryconfig")
         transport = dict(other.conf.broker_transport_options or {})
         transport.pop("master_name", None)
         transport.pop("sentinel_kwargs", None)

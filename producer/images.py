@@ -11,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from celeryconfig import Settings
-from producer.errors import InvalidJob
-from producer.pixels import to_rgb
+from glyphq.celeryconfig import Settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.pixels import to_rgb
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 

@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from celeryconfig import PRIORITY_LEVELS, Settings
-from producer.validation import (
+from glyphq.celeryconfig import PRIORITY_LEVELS, Settings
+from glyphq.producer.validation import (
     check_deadline,
     check_identifier,
     check_max_new_tokens,

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import ExifTags, Image, ImageMath, ImageOps
 
-from producer.errors import InvalidJob
+from glyphq.producer.errors import InvalidJob
 
 try:
     from PIL import ImageCms

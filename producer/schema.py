@@ -6,10 +6,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, Settings
-from producer.errors import InvalidJob
-from producer.store import Store, check_blob_key
-from producer.validation import check_identifier, check_max_new_tokens, check_question, check_thinking_budget
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, Settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.store import Store, check_blob_key
+from glyphq.producer.validation import check_identifier, check_max_new_tokens, check_question, check_thinking_budget
 
 __all__ = ["ANSWER_TASK", "ANSWER_PAGES_TASK", "RENDER_TASK", "JobMessage", "RenderRequest", "check_task_id",
            "document_text", "MESSAGE_VERSION"]

@@ -17,8 +17,8 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.sentinel import Sentinel
 
-from celeryconfig import KEY_PREFIX, PRIORITY_LEVELS, Settings
-from producer.errors import BlobCorrupt, BlobMissing, BrokerFull, BrokerUnavailable, InvalidJob
+from glyphq.celeryconfig import KEY_PREFIX, PRIORITY_LEVELS, Settings
+from glyphq.producer.errors import BlobCorrupt, BlobMissing, BrokerFull, BrokerUnavailable, InvalidJob
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from celeryconfig import GPU_QUEUE, Settings
-from celeryconfig import settings as default_settings
-from producer.errors import JobExpired, JobFailed, JobLost, JobTimeout, QueueFull
-from producer.images import ImageInput, check_image
-from producer.options import check_job_options
-from producer.schema import ANSWER_TASK, JobMessage
-from producer.store import Store, broker_error, check_memory_room, queue_depths
-from tasks.app import app
+from glyphq.celeryconfig import GPU_QUEUE, Settings
+from glyphq.celeryconfig import settings as default_settings
+from glyphq.producer.errors import JobExpired, JobFailed, JobLost, JobTimeout, QueueFull
+from glyphq.producer.images import ImageInput, check_image
+from glyphq.producer.options import check_job_options
+from glyphq.producer.schema import ANSWER_TASK, JobMessage
+from glyphq.producer.store import Store, broker_error, check_memory_room, queue_depths
+from glyphq.tasks.app import app
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from celeryconfig import PRIORITY_LEVELS, Settings
-from producer.errors import InvalidJob
+from glyphq.celeryconfig import PRIORITY_LEVELS, Settings
+from glyphq.producer.errors import InvalidJob
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

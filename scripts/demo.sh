@@ -56,7 +56,7 @@ if [ -z "${GLYPHQ_MODEL:-}" ]; then
   export GLYPHQ_MODEL=$DEMO_DIR/tiny-model
   if [ ! -f "$GLYPHQ_MODEL/config.json" ]; then
     say "building the tiny random-weight model in $GLYPHQ_MODEL"
-    "$PY" -m worker.tiny "$GLYPHQ_MODEL"
+    "$PY" -m glyphq.worker.tiny "$GLYPHQ_MODEL"
   fi
   say "GLYPHQ_MODEL is unset: using the tiny model. Its weights are random, so its answers are random words."
 fi

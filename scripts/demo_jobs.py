@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from producer import GlyphqError, submit, submit_document
+from glyphq.producer import GlyphqError, submit, submit_document
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 JOBS = [

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, settings
-from tasks.app import app
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, settings
+from glyphq.tasks.app import app
 
-BATCHING_STRATEGY = "tasks.batching:strategy"
+BATCHING_STRATEGY = "glyphq.tasks.batching:strategy"
 
 
 def image_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +34,7 @@ JOB_MESSAGE: dict[str, Callable[..., dict[str, Any]]] = {ANSWER_TASK: image_job,
 @app.task(name=ANSWER_TASK, bind=True, Strategy=BATCHING_STRATEGY)
 def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Answer one image + question job and return the result dict (see README, "Results")."""
-    from worker import runtime  # torch lives only in the worker child, never in producers
+    from glyphq.worker import runtime  # torch lives only in the worker child, never in producers
 
     return runtime.answer(image_job(job), job_id=self.request.id)
 
@@ -42,9 +42,9 @@ def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(name=RENDER_TASK, bind=True)
 def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
     """Render a document into page blobs (queue ``render``, on CPU); the next task in the chain answers."""
-    from producer.errors import InvalidJob
-    from tasks.signals import render_owner
-    from worker import pages
+    from glyphq.producer.errors import InvalidJob
+    from glyphq.tasks.signals import render_owner
+    from glyphq.worker import pages
 
     if render_owner(self.request.id, {"job_id": job_id}) is None:
         raise InvalidJob("job_id", f"must name the job this render step belongs to ({self.request.id!r} "
@@ -55,6 +55,6 @@ def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
 @app.task(name=ANSWER_PAGES_TASK, bind=True, Strategy=BATCHING_STRATEGY)
 def answer_pages(self: Any, rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """Answer a question over the pages that ``glyphq.render`` produced, all in one prompt, in order."""
-    from worker import runtime
+    from glyphq.worker import runtime
 
     return runtime.answer(pages_job(rendered, job), job_id=self.request.id)

@@ -3,4 +3,4 @@
 from celery import Celery
 
 app = Celery("glyphq")
-app.config_from_object("celeryconfig")
+app.config_from_object("glyphq.celeryconfig")

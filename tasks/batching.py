@@ -28,8 +28,8 @@ from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 from kombu.serialization import prepare_accept_content
 
-from celeryconfig import settings
-from tasks import handover
+from glyphq.celeryconfig import settings
+from glyphq.tasks import handover
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +247,9 @@ def run_batch(batch: list[TraceArgs]) -> tuple[list[Any], int, bool]:
     signals, exactly as for a job that ran alone. Returns Celery's per-job outcome tuples, how many
     more jobs this child takes before it is replaced, and whether its successor would fit beside it.
     """
-    from tasks.answer import JOB_MESSAGE
-    from tasks.app import app
-    from worker import runtime
+    from glyphq.tasks.answer import JOB_MESSAGE
+    from glyphq.tasks.app import app
+    from glyphq.worker import runtime
 
     jobs: list[tuple[str, object]] = []
     for name, task_id, request, body, content_type, content_encoding in batch:

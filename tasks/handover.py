@@ -25,7 +25,7 @@ def start_successor(task_pool: Any) -> None:
     Nothing to do when the pool is not a running one-process pool, or a successor is already there.
     The pool keeps its size of one, so billiard forks nobody when the old child exits.
     """
-    from worker import runtime
+    from glyphq.worker import runtime
 
     pool = getattr(task_pool, "_pool", None)
     if pool is None or getattr(pool, "_state", None) != RUN or pool._processes != 1 or len(pool._pool) != 1:

@@ -11,11 +11,11 @@ from typing import Any
 from celery import bootsteps, signals
 from redis.exceptions import RedisError
 
-from celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_TASK, settings
-from producer.errors import InvalidJob
-from producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
-from producer.validation import check_identifier
-from tasks.app import app
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_TASK, settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
+from glyphq.producer.validation import check_identifier
+from glyphq.tasks.app import app
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ MODEL_LOAD_FAILED_EXIT = 3
 @signals.worker_init.connect
 def _fix_kombu(**_: Any) -> None:
     """Only in a worker, never in a producer that imports ``tasks``: see ``tasks.broker_fix``."""
-    from tasks import broker_fix
+    from glyphq.tasks import broker_fix
 
     broker_fix.apply()
 
@@ -38,14 +38,14 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
 
     ``celeryd_after_setup`` comes after ``-Q`` and logging are set up and before the pool forks.
     """
-    from worker import metrics, status
+    from glyphq.worker import metrics, status
 
     refuse_evicting_redis()
     status.create()
     metrics.serve(settings)
     queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
     if GPU_QUEUE in queues:
-        from worker import runtime
+        from glyphq.worker import runtime
 
         runtime.preload_parent()
         _reserve_a_batch(instance)
@@ -105,7 +105,7 @@ def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
 
     ``sender`` is the ``WorkController``; ``celery worker`` exits with its ``exitcode`` once it stopped.
     """
-    from worker import metrics, status
+    from glyphq.worker import metrics, status
 
     metrics.stop()
     failure = status.read().get("model_error")
@@ -118,7 +118,7 @@ def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
 @signals.worker_process_init.connect
 def _load_in_child(**_: Any) -> None:
     """In each new child: load the model once (CUDA is first touched here, after the fork)."""
-    from worker import runtime
+    from glyphq.worker import runtime
 
     if runtime.serves_gpu():
         runtime.init_child()
@@ -132,7 +132,7 @@ class GlyphqStats(bootsteps.StartStopStep):
     """
 
     def info(self, worker: Any) -> dict[str, Any]:
-        from worker import metrics, status
+        from glyphq.worker import metrics, status
 
         current = status.read()
         children = int(current.get("children", 0))
@@ -160,7 +160,7 @@ def _release_blobs(sender: Any = None, task_id: str | None = None, args: Any = N
     """Once a job's result is stored, drop its hold on its blobs (deleted when no other job holds them)."""
     if state not in ("SUCCESS", "FAILURE") or not task_id:
         return
-    from worker import metrics
+    from glyphq.worker import metrics
 
     name = getattr(sender, "name", None)
     metrics.job_finished(str(name), state)
@@ -172,7 +172,7 @@ def _release_expired(sender: Any = None, request: Any = None, expired: bool = Fa
     """A job whose deadline passed never runs: count it and drop its hold on its blobs."""
     if request is None:
         return
-    from worker import metrics
+    from glyphq.worker import metrics
 
     name = getattr(sender, "name", None) or getattr(request, "task", None)
     metrics.job_finished(str(name), "expired" if expired else "revoked")

@@ -109,9 +109,9 @@ def redis_client(redis_url: str):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny LLaVA model, built once per session with ``python -m worker.tiny``."""
+    """The tiny LLaVA model, built once per session with ``python -m glyphq.worker.tiny``."""
     out = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run([sys.executable, "-m", "worker.tiny", str(out)], check=True, cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", str(out)], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
@@ -131,7 +131,7 @@ def endless_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) ->
 
 
 class WorkerProcess:
-    """A real ``celery -A tasks worker`` subprocess (prefork, concurrency 1) and its log."""
+    """A real ``celery -A glyphq.tasks worker`` subprocess (prefork, concurrency 1) and its log."""
 
     def __init__(self, env: dict[str, str], log_path: Path, queues: str | None = None,
                  concurrency: int | None = None) -> None:
@@ -139,7 +139,7 @@ class WorkerProcess:
         self.name = f"w{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         self.env = env
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info", "-n", self.name,
+        cmd = [sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-l", "info", "-n", self.name,
                "--without-mingle", "--without-gossip"]
         if queues:
             cmd += ["-Q", queues]
@@ -157,8 +157,8 @@ class WorkerProcess:
 
     def health(self, timeout: float = 0.5):
         """``glyphq health --queue Q --node <this worker>`` against this worker's own broker, in process."""
-        from celeryconfig import Settings
-        from producer.health import check_health
+        from glyphq.celeryconfig import Settings
+        from glyphq.producer.health import check_health
 
         return check_health(self.queue, timeout=timeout, node=self.name, settings=Settings.from_env(self.env))
 
@@ -323,7 +323,7 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05) -> bool
 
 def raw_job(image_key: str, size: tuple[int, int] = (1, 1), **fields: object) -> dict:
     """A ``glyphq.answer`` message built by hand, as a producer that skips ``submit`` would send it."""
-    from producer.schema import JobMessage
+    from glyphq.producer.schema import JobMessage
 
     message = JobMessage(image_keys=(image_key,), image_sizes=(size,), image_bytes=1, question="q",
                          max_new_tokens=4, session=None, submitted_at=time.time()).to_dict()

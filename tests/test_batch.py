@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port, png_bytes, wait_until
 
-from producer.batch import default_job_prefix
-from producer.store import job_key, runs_key
+from glyphq.producer.batch import default_job_prefix
+from glyphq.producer.store import job_key, runs_key
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 

@@ -18,13 +18,13 @@ import pytest
 from conftest import png_bytes, raw_job, wait_until
 from PIL import Image
 
-from celeryconfig import settings
-from producer import Job, JobFailed, submit
-from producer.schema import ANSWER_TASK
-from producer.store import Store, blob_key, queue_depths
-from tasks.app import app
-from worker.decode import prefill_groups
-from worker.engine import EngineJob, load
+from glyphq.celeryconfig import settings
+from glyphq.producer import Job, JobFailed, submit
+from glyphq.producer.schema import ANSWER_TASK
+from glyphq.producer.store import Store, blob_key, queue_depths
+from glyphq.tasks.app import app
+from glyphq.worker.decode import prefill_groups
+from glyphq.worker.engine import EngineJob, load
 
 QUESTIONS = ["What is this?", "Describe the picture in a few words please", "Colour?", "Is there text on it"]
 
@@ -169,7 +169,7 @@ def test_repetition_penalty_same_in_static_and_generate(tiny_model):
 
 def test_static_decoding_grows_into_longer_buckets(endless_model, monkeypatch):
     """A batch starts in a short cache bucket and moves to longer ones as it grows, with generate's tokens."""
-    from worker import decode
+    from glyphq.worker import decode
 
     monkeypatch.setattr(decode, "START_NEW_TOKENS", 16)
     env = {"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "2", "GLYPHQ_DECODE_MAX_TOKENS": "1024"}
@@ -216,7 +216,7 @@ def test_compiled_static_decoding_equals_generate(tiny_model):
     import torch
     from torch._dynamo.utils import counters
 
-    from worker.decode import StaticDecoder
+    from glyphq.worker.decode import StaticDecoder
 
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
     compiled = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
-from tasks.signals import finished_blobs, render_owner
+from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
+from glyphq.tasks.signals import finished_blobs, render_owner
 
 BLOB = "glyphq:blob:" + "ab" * 32
 OTHER = "glyphq:blob:" + "cd" * 32

@@ -32,7 +32,7 @@ def test_submit_without_wait_prints_the_job_id(tmp_path):
     waited = run("result", "cli-nowait-1", "--wait", "--timeout", "1")
     assert waited.returncode == 3, waited.stderr
     assert json.loads(waited.stdout) == {"job_id": "cli-nowait-1", "state": "PENDING"}
-    from tasks.app import app
+    from glyphq.tasks.app import app
 
     app.control.purge()
 
@@ -106,9 +106,9 @@ class TestWithAWorker:
         assert again.returncode == 0 and json.loads(again.stdout)["answer"] == result["answer"]
 
     def test_failed_job_exits_1(self, class_worker):
-        from producer.schema import ANSWER_TASK
-        from producer.store import blob_key
-        from tasks.app import app
+        from glyphq.producer.schema import ANSWER_TASK
+        from glyphq.producer.store import blob_key
+        from glyphq.tasks.app import app
 
         app.send_task(ANSWER_TASK, kwargs={"job": raw_job(blob_key("ef" * 32))}, queue="gpu", task_id="cli-fail-1")
         out = run("result", "cli-fail-1", "--wait", "--timeout", "60")

@@ -43,7 +43,7 @@ def test_redis_persists_and_has_healthcheck(compose):
 
 def test_worker_has_gpu_hf_cache_and_model_from_env(compose):
     worker = compose["services"]["worker"]
-    assert worker["command"][:4] == ["celery", "-A", "tasks", "worker"]
+    assert worker["command"][:4] == ["celery", "-A", "glyphq.tasks", "worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     env = worker["environment"]
@@ -56,7 +56,7 @@ def test_worker_has_gpu_hf_cache_and_model_from_env(compose):
 
 def test_render_worker_consumes_the_render_queue(compose):
     command = compose["services"]["render"]["command"]
-    assert command[:4] == ["celery", "-A", "tasks", "worker"]
+    assert command[:4] == ["celery", "-A", "glyphq.tasks", "worker"]
     assert command[command.index("-Q") + 1] == "render"
     assert "deploy" not in compose["services"]["render"], "the render worker needs no GPU"
 
@@ -70,7 +70,7 @@ def test_flower_alone_requires_basic_auth(compose, tmp_path):
     # Flower's own command refuses to start without a login (run up to the check, never to Flower).
     assert flower["command"][:2] == ["sh", "-c"]
     script = flower["command"][2].replace("$$", "$")
-    assert script.endswith("exec celery -A tasks flower --port=5555 --persistent=True --db=/data/flower.db")
+    assert script.endswith("exec celery -A glyphq.tasks flower --port=5555 --persistent=True --db=/data/flower.db")
     for value in (None, ""):
         env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
         if value is not None:
@@ -191,7 +191,7 @@ def test_second_gpu_worker_is_the_first_on_gpu_1(compose):
 
 
 def test_healthchecks_run_glyphq_health_for_each_node(compose):
-    from producer.cli import build_parser
+    from glyphq.producer.cli import build_parser
 
     services = compose["services"]
     for name, queue, node in [("worker", "gpu", "gpu0@$HOSTNAME"), ("worker-gpu1", "gpu", "gpu1@$HOSTNAME"),

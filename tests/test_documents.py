@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, queued_messages, wait_until
 
-from celeryconfig import Settings
-from producer import InvalidJob, JobFailed, submit_document
-from producer.documents import RENDER_KEYS
-from producer.store import blob_key
-from worker.render import RenderConfig
+from glyphq.celeryconfig import Settings
+from glyphq.producer import InvalidJob, JobFailed, submit_document
+from glyphq.producer.documents import RENDER_KEYS
+from glyphq.producer.store import blob_key
+from glyphq.worker.render import RenderConfig
 
 TEXT = "\n".join(f"Line {i}: the invoice total for item {i} is {i * 3} euro." for i in range(220))
 
@@ -113,7 +113,7 @@ def test_job_render_keys_are_the_renderer_keys_except_font_path():
 def test_cli_render_writes_pages(tmp_path):
     text = tmp_path / "doc.txt"
     text.write_text(TEXT, encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "producer.cli", "render", str(text), "--out", str(tmp_path / "pages")],
+    out = subprocess.run([sys.executable, "-m", "glyphq.producer.cli", "render", str(text), "--out", str(tmp_path / "pages")],
                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -128,7 +128,7 @@ def test_cli_ask_doc(start_worker, tmp_path):
     render.wait_ready()
     text = tmp_path / "doc.txt"
     text.write_text(TEXT[:2000], encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "producer.cli", "ask-doc", str(text), "What is item 3?", "--wait",
+    out = subprocess.run([sys.executable, "-m", "glyphq.producer.cli", "ask-doc", str(text), "What is item 3?", "--wait",
                           "--max-new-tokens", "5"], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stderr

@@ -9,13 +9,13 @@ import torch
 from conftest import png_bytes
 from PIL import Image
 
-from celeryconfig import Settings
-from producer import submit
-from worker import engine as engine_module
-from worker.decode import PREFILL_PADDING, prefill_groups
-from worker.engine import EngineJob, answer_within_memory, build_messages, load
-from worker.errors import ModelError
-from worker.prompts import collate
+from glyphq.celeryconfig import Settings
+from glyphq.producer import submit
+from glyphq.worker import engine as engine_module
+from glyphq.worker.decode import PREFILL_PADDING, prefill_groups
+from glyphq.worker.engine import EngineJob, answer_within_memory, build_messages, load
+from glyphq.worker.errors import ModelError
+from glyphq.worker.prompts import collate
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ def test_refused_job_is_422_with_glyphqs_message(server):
 
 
 def test_oversized_upload_is_413_with_its_real_size(server):
-    from celeryconfig import settings
+    from glyphq.celeryconfig import settings
 
     size = settings.max_image_bytes + 5 * 1024 * 1024
     response = post_job(server, b"\x89PNG" + b"\x00" * (size - 4), "Too big?")

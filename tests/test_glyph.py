@@ -18,11 +18,11 @@ import pytest
 from conftest import ROOT, png_bytes
 from PIL import Image
 
-from celeryconfig import Settings, settings
-from producer import submit
-from producer.store import Store
-from worker.engine import EngineJob, build_messages, load
-from worker.tiny import script
+from glyphq.celeryconfig import Settings, settings
+from glyphq.producer import submit
+from glyphq.producer.store import Store
+from glyphq.worker.engine import EngineJob, build_messages, load
+from glyphq.worker.tiny import script
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 #: Reasons in four words, then answers "ten" in GLM-4.1V's wrapper; </answer> ends the turn.
@@ -35,7 +35,7 @@ AFTER_THINKING = "</think> <answer> <|begin_of_box|> ten <|end_of_box|> </answer
 @pytest.fixture(scope="module")
 def glyph_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("glyph-tiny")
-    subprocess.run([sys.executable, "-m", "worker.tiny", str(out), "--preset", "glyph-tiny"], check=True, cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", str(out), "--preset", "glyph-tiny"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 

@@ -10,9 +10,9 @@ import re
 
 from conftest import png_bytes, wait_until
 
-from celeryconfig import settings
-from producer import submit
-from producer.store import Store
+from glyphq.celeryconfig import settings
+from glyphq.producer import submit
+from glyphq.producer.store import Store
 
 TAKE_OVER = re.compile(r"taking over from child (\d+): \d+ decode step\(s\) captured[a-z -]* in [\d.]+ s, "
                        r"then waited ([\d.]+) s")

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from celeryconfig import Settings
-from producer import InvalidJob
-from producer.images import check_image_bytes, decode_checked_image
-from worker.images import MIN_SIDE, fit_image, fit_size, processor_min_side, smaller_box
+from glyphq.celeryconfig import Settings
+from glyphq.producer import InvalidJob
+from glyphq.producer.images import check_image_bytes, decode_checked_image
+from glyphq.worker.images import MIN_SIDE, fit_image, fit_size, processor_min_side, smaller_box
 
 LIMIT = Settings().max_aspect_ratio
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port
 
-from tasks.app import app
-from worker.metrics import JOB_STATES, QUEUE_DEPTH_LEASE_KEY, RECYCLE_REASONS, TASKS
+from glyphq.tasks.app import app
+from glyphq.worker.metrics import JOB_STATES, QUEUE_DEPTH_LEASE_KEY, RECYCLE_REASONS, TASKS
 
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
 SCRAPE_EXAMPLE = ROOT / "deploy" / "prometheus.yml"

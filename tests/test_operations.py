@@ -11,11 +11,11 @@ import urllib.request
 import pytest
 from conftest import free_port, png_bytes, raw_job, wait_until
 
-from celeryconfig import Settings, settings
-from producer import JobExpired, QueueFull, submit
-from producer.schema import ANSWER_TASK
-from producer.store import Store, blob_key, queue_depths
-from tasks.app import app
+from glyphq.celeryconfig import Settings, settings
+from glyphq.producer import JobExpired, QueueFull, submit
+from glyphq.producer.schema import ANSWER_TASK
+from glyphq.producer.store import Store, blob_key, queue_depths
+from glyphq.tasks.app import app
 
 
 def _stats(worker) -> dict:
@@ -129,14 +129,14 @@ def test_expired_job_never_runs(start_worker, redis_client):
 
 
 def test_deadline_is_checked():
-    from producer import InvalidJob
+    from glyphq.producer import InvalidJob
 
     with pytest.raises(InvalidJob, match="deadline: must be seconds from now"):
         submit(png_bytes(), "q", deadline=0)
 
 
 def test_expired_document_never_renders_and_says_so(start_worker, redis_client):
-    from producer import submit_document
+    from glyphq.producer import submit_document
 
     text = "A document that waits too long for the render worker."
     job = submit_document(text, "too late", deadline=0.5)

@@ -12,10 +12,10 @@ import image_files as files
 import pytest
 from PIL import Image
 
-from celeryconfig import Settings
-from producer import InvalidJob
-from producer.images import check_image, check_image_bytes, decode_checked_image
-from producer.pixels import SUPPORTED_MODES, to_rgb
+from glyphq.celeryconfig import Settings
+from glyphq.producer import InvalidJob
+from glyphq.producer.images import check_image, check_image_bytes, decode_checked_image
+from glyphq.producer.pixels import SUPPORTED_MODES, to_rgb
 
 SETTINGS = Settings()
 
@@ -175,8 +175,7 @@ def test_pil_image_opened_from_a_phone_jpeg_is_stored_upright():
 
 
 def test_pil_image_of_a_mode_nothing_converts_is_refused(monkeypatch):
-    import producer.pixels
-
+    import glyphq.producer.pixels
     monkeypatch.setattr(producer.pixels, "SUPPORTED_MODES", frozenset({"RGB"}))
     with pytest.raises(InvalidJob, match=r"^image: mode CMYK is not supported; supported modes: RGB$"):
         check_image(Image.new("CMYK", (4, 4)), SETTINGS)

@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT, png_bytes, queued_messages
 from PIL import Image
 
-from celeryconfig import Settings
-from producer import InvalidJob, submit
-from tasks.app import app
+from glyphq.celeryconfig import Settings
+from glyphq.producer import InvalidJob, submit
+from glyphq.tasks.app import app
 
 SMALL = Settings.from_env({"GLYPHQ_MAX_IMAGE_BYTES": "200000", "GLYPHQ_MAX_IMAGE_PIXELS": "1000000",
                            "GLYPHQ_MAX_QUESTION_CHARS": "50", "GLYPHQ_MAX_NEW_TOKENS_LIMIT": "64"})
@@ -124,7 +124,7 @@ def test_worker_refuses_a_received_question_as_submit_does(question, message):
     """``JobMessage.from_dict`` (the worker's check of a message) uses the same question check."""
     from conftest import raw_job
 
-    from producer.schema import JobMessage
+    from glyphq.producer.schema import JobMessage
 
     with pytest.raises(InvalidJob, match=re.escape(message)):
         JobMessage.from_dict(raw_job("glyphq:blob:" + "0" * 64, question=question), Settings())
@@ -156,7 +156,7 @@ def test_same_job_id_is_enqueued_once(redis_client):
 
 
 def test_unknown_job_state():
-    from producer import Job
+    from glyphq.producer import Job
 
     assert Job("never-submitted-123").state == "UNKNOWN"
 
@@ -175,7 +175,7 @@ def test_producer_and_tasks_import_without_torch():
 
         sys.meta_path.insert(0, NoTorch())
         import celeryconfig, producer, producer.cli, tasks, worker.errors
-        from producer import submit, Job, InvalidJob
+        from glyphq.producer import submit, Job, InvalidJob
         assert tasks.app.tasks["glyphq.answer"]
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
         from kombu.transport import redis as kombu_redis
@@ -201,7 +201,7 @@ def test_base_install_brings_no_torch():
 
 
 def test_result_times_out_with_job_timeout():
-    from producer import JobTimeout
+    from glyphq.producer import JobTimeout
 
     job = submit(png_bytes(seed=70), "Nobody is consuming the queue in this test")
     start = time.monotonic()

@@ -1,4 +1,4 @@
-"""End to end through a real redis-server and a real ``celery -A tasks worker`` on the tiny model."""
+"""End to end through a real redis-server and a real ``celery -A glyphq.tasks worker`` on the tiny model."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from conftest import png_bytes, raw_job, wait_until
 
-from celeryconfig import settings
-from producer import Job, JobFailed, submit
-from producer.schema import ANSWER_TASK
-from producer.store import Store, blob_key
-from tasks.app import app
-from tasks.signals import MODEL_LOAD_FAILED_EXIT
+from glyphq.celeryconfig import settings
+from glyphq.producer import Job, JobFailed, submit
+from glyphq.producer.schema import ANSWER_TASK
+from glyphq.producer.store import Store, blob_key
+from glyphq.tasks.app import app
+from glyphq.tasks.signals import MODEL_LOAD_FAILED_EXIT
 
 RESULT_FIELDS = {"answer", "model", "tokens_in", "tokens_out", "image_size", "image_size_used", "timings",
                  "gpu", "worker"}

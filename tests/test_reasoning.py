@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from celeryconfig import A4_PAGE_TOKENS, Settings
-from producer.errors import InvalidJob
-from producer.validation import check_thinking_budget
-from worker.reasoning import Parsed, ReasoningIds, budget_cut_in, parse, reasoning_ids, thinking_tokens
+from glyphq.celeryconfig import A4_PAGE_TOKENS, Settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.validation import check_thinking_budget
+from glyphq.worker.reasoning import Parsed, ReasoningIds, budget_cut_in, parse, reasoning_ids, thinking_tokens
 
 
 @pytest.mark.parametrize(("text", "answer", "reasoning"), [

@@ -14,7 +14,7 @@ def test_requested_recycle_reports_over_any_limit():
         """
         import resource
         import billiard.pool
-        from worker import recycle
+        from glyphq.worker import recycle
         recycle.install()
         before = billiard.pool.mem_rss()
         block = bytearray(300 * 1024 * 1024)  # touch 300 MB, then let it go

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageChops
 
-from worker import render
-from worker.render import InvalidRenderConfig, RenderConfig, png_bytes, render_pages
+from glyphq.worker import render
+from glyphq.worker.render import InvalidRenderConfig, RenderConfig, png_bytes, render_pages
 
 NO_CROP: dict[str, Any] = {"auto_crop_width": False, "auto_crop_last_page": False}
 PROSE = (

@@ -9,10 +9,10 @@ import pytest
 from celery.result import AsyncResult
 from conftest import png_bytes
 
-from celeryconfig import settings
-from producer import submit
-from producer.store import Store
-from tasks.app import app
+from glyphq.celeryconfig import settings
+from glyphq.producer import submit
+from glyphq.producer.store import Store
+from glyphq.tasks.app import app
 
 JOBS = 20
 

@@ -40,7 +40,7 @@ def test_sentinel_broker_url_end_to_end(tmp_path, tiny_model):
         worker.wait_ready()
         image = tmp_path / "page.png"
         image.write_bytes(png_bytes(seed=5))
-        out = subprocess.run([sys.executable, "-m", "producer.cli", "submit", str(image), "Through Sentinel?",
+        out = subprocess.run([sys.executable, "-m", "glyphq.producer.cli", "submit", str(image), "Through Sentinel?",
                               "--wait", "--timeout", "90", "--max-new-tokens", "3"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -60,7 +60,7 @@ def test_sentinel_broker_url_end_to_end(tmp_path, tiny_model):
 def test_sentinel_url_needs_a_master_name():
     import pytest
 
-    from celeryconfig import Settings, SettingsError
+    from glyphq.celeryconfig import Settings, SettingsError
 
     with pytest.raises(SettingsError, match="GLYPHQ_SENTINEL_MASTER"):
         Settings.from_env({"GLYPHQ_BROKER_URL": "sentinel://127.0.0.1:26379/0"})

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import celeryconfig
-from celeryconfig import Settings, SettingsError, parse_box
+import glyphq.celeryconfig
+from glyphq.celeryconfig import Settings, SettingsError, parse_box
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_celery_settings(monkeypatch):
 
 
 def test_celery_app_uses_celeryconfig():
-    from tasks.app import app
+    from glyphq.tasks.app import app
 
     assert app.conf.accept_content == ["json"]
     assert app.conf.task_acks_late is True
@@ -143,7 +143,7 @@ def test_a_bad_setting_stops_the_glyphq_command_with_one_line_naming_it():
 
 
 def test_a_bad_setting_stops_a_celery_worker_with_one_line_naming_it():
-    done = _run([sys.executable, "-m", "celery", "-A", "tasks", "worker"], GLYPHQ_TIME_LIMIT="soon")
+    done = _run([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker"], GLYPHQ_TIME_LIMIT="soon")
     assert done.returncode == 2, done
     assert done.stderr == "glyphq: bad setting: GLYPHQ_TIME_LIMIT='soon': expected an integer\n", done.stderr
     assert "Traceback" not in done.stdout + done.stderr

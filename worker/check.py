@@ -16,8 +16,8 @@ from typing import Any
 from PIL import Image
 from transformers import AutoProcessor, GenerationConfig
 
-from worker import reasoning
-from worker.engine import build_messages, stop_ids
+from glyphq.worker import reasoning
+from glyphq.worker.engine import build_messages, stop_ids
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from worker.logits import DecodeRules
-from worker.prompts import collate
-from worker.reasoning import ReasoningIds
+from glyphq.worker.logits import DecodeRules
+from glyphq.worker.prompts import collate
+from glyphq.worker.reasoning import ReasoningIds
 
 log = logging.getLogger(__name__)
 

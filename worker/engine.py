@@ -19,12 +19,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProce
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.utils import logging as hf_logging
 
-from celeryconfig import Settings
-from worker import memory, reasoning
-from worker.errors import ModelError
-from worker.images import Box, fit_image, processor_min_side, smaller_box
-from worker.logits import DecodeRules, RulesProcessor
-from worker.prompts import collate
+from glyphq.celeryconfig import Settings
+from glyphq.worker import memory, reasoning
+from glyphq.worker.errors import ModelError
+from glyphq.worker.images import Box, fit_image, processor_min_side, smaller_box
+from glyphq.worker.logits import DecodeRules, RulesProcessor
+from glyphq.worker.prompts import collate
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def load(settings: Settings) -> Engine:
     log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
     engine = Engine(model, processor, device, dtype, settings.model, settings.repetition_penalty)
     if static:
-        from worker.decode import StaticDecoder
+        from glyphq.worker.decode import StaticDecoder
 
         if compiler is not None:
             compiler.join()

@@ -3,7 +3,7 @@
 This module imports no torch, so a producer can rebuild these exceptions from a stored result.
 """
 
-from producer.errors import BlobMissing, GlyphqError
+from glyphq.producer.errors import BlobMissing, GlyphqError
 
 __all__ = ["WorkerError", "ModelError", "PoisonJob", "BlobMissing"]  # BlobMissing is raised by producer.store
 

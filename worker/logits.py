@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from worker.reasoning import ReasoningIds
+from glyphq.worker.reasoning import ReasoningIds
 
 #: A budget no row reaches.
 NO_BUDGET = 2**62

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
-from celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_QUEUE, RENDER_TASK, Settings
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_QUEUE, RENDER_TASK, Settings
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class QueueDepthCollector:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from producer.store import queue_depths
+        from glyphq.producer.store import queue_depths
 
         try:
             if not self._hold_lease():
@@ -149,7 +149,7 @@ class QueueDepthCollector:
 
     def _client(self) -> Any:
         if self._redis is None:
-            from producer.store import settings_client
+            from glyphq.producer.store import settings_client
 
             self._redis = settings_client(self.settings)
         return self._redis

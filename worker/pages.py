@@ -8,11 +8,11 @@ import time
 from functools import lru_cache
 from typing import Any
 
-from celeryconfig import Settings
-from producer.errors import InvalidJob
-from producer.schema import RenderRequest, document_text
-from producer.store import Store
-from worker.render import InvalidRenderConfig, RenderConfig, png_bytes, render_pages
+from glyphq.celeryconfig import Settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.schema import RenderRequest, document_text
+from glyphq.producer.store import Store
+from glyphq.worker.render import InvalidRenderConfig, RenderConfig, png_bytes, render_pages
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import os
 
 import billiard.pool
 
-from celeryconfig import settings
-from worker import metrics, status
+from glyphq.celeryconfig import settings
+from glyphq.worker import metrics, status
 
 log = logging.getLogger(__name__)
 

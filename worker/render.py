@@ -32,7 +32,7 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import LayoutError, Paragraph, SimpleDocTemplate
 
-from producer.errors import InvalidRenderConfig
+from glyphq.producer.errors import InvalidRenderConfig
 
 __all__ = ["InvalidRenderConfig", "RenderConfig", "png_bytes", "render_pages"]
 

@@ -16,13 +16,13 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from celeryconfig import settings
-from producer.errors import GlyphqError
-from producer.images import decode_checked_image
-from producer.schema import JobMessage, check_task_id, document_text
-from producer.store import Store
-from worker import metrics, recycle, status
-from worker.errors import ModelError, PoisonJob
+from glyphq.celeryconfig import settings
+from glyphq.producer.errors import GlyphqError
+from glyphq.producer.images import decode_checked_image
+from glyphq.producer.schema import JobMessage, check_task_id, document_text
+from glyphq.producer.store import Store
+from glyphq.worker import metrics, recycle, status
+from glyphq.worker.errors import ModelError, PoisonJob
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def preload_modules() -> None:
     """
     import transformers  # noqa: F401
 
-    from worker import decode, engine  # noqa: F401  (the Auto classes, the static-decoding attention)
+    from glyphq.worker import decode, engine  # noqa: F401  (the Auto classes, the static-decoding attention)
 
 
 def serves_gpu() -> bool:
@@ -70,7 +70,7 @@ def init_child() -> None:
     predecessor has left. Until then it takes no job, so one child answers at a time.
     """
     global _engine, _task_index
-    from worker import engine
+    from glyphq.worker import engine
 
     recycle.install()
     _task_index = 0
@@ -196,7 +196,7 @@ def room() -> int:
 
 def room_for_a_successor() -> bool:
     """Whether a successor could load beside this child now (GPU memory; always True on the CPU)."""
-    from worker import memory
+    from glyphq.worker import memory
 
     return _engine is not None and memory.room_for_a_successor(_engine.device)
 
@@ -217,7 +217,7 @@ def answer_batch(jobs: list[tuple[str, object]]) -> dict[str, Any]:
     sees the turns before it. Cleans up once for the batch, whatever happens; then asks for a recycle
     once this child has answered ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs.
     """
-    from worker import memory
+    from glyphq.worker import memory
 
     global _task_index
     started = time.time()
@@ -304,7 +304,7 @@ def _session_turns(ready: list[_Fetched]) -> list[list[_Fetched]]:
 def _answer_isolated(eng: Any, batch: list[_Fetched], histories: list[list[dict[str, str]]]) -> list[Any]:
     """Answer ``batch`` in one generate. If that fails, answer each job alone, so a job that breaks
     the batch fails by itself. A time limit fails every job it interrupted."""
-    from worker.engine import EngineJob, answer_within_memory
+    from glyphq.worker.engine import EngineJob, answer_within_memory
 
     engine_jobs = [EngineJob(images=f.images, question=f.job.question, max_new_tokens=f.job.max_new_tokens,
                              history=history, thinking_budget=f.job.thinking_budget or None,
@@ -367,7 +367,7 @@ def _output(fetched: _Fetched, result: Any, history: list[dict[str, str]], start
 
 def _record_gpu_memory(device: Any, gpu: dict[str, float] | None) -> None:
     """After cleanup: set the GPU memory gauges, and ask for a recycle when the GPU guard is crossed."""
-    from worker import memory
+    from glyphq.worker import memory
 
     if gpu is not None:
         metrics.gpu_memory(memory.allocated_bytes(device), gpu["reserved_mb"] * memory.MB)
@@ -396,7 +396,7 @@ def _device_name(device: Any) -> str:
 
 def _gpu_section(device: Any) -> dict[str, float] | None:
     """Allocated, reserved and peak GPU memory in MB, for the worker status; None on CPU."""
-    from worker import memory
+    from glyphq.worker import memory
 
     stats = memory.gpu_stats(device)
     if stats is None:

@@ -1,4 +1,4 @@
-"""Build small random-weight vision-language models offline: ``python -m worker.tiny DIR [--preset NAME]``.
+"""Build small random-weight vision-language models offline: ``python -m glyphq.worker.tiny DIR [--preset NAME]``.
 
 Presets:
 
@@ -36,7 +36,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from worker.reasoning import END_TOKENS, REASONING_TOKENS
+from glyphq.worker.reasoning import END_TOKENS, REASONING_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +260,8 @@ def script(model_dir: Path | str, *chains: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m worker.tiny DIR [--preset tiny|glyph-tiny|glm4v-tiny|glyph-9b]``."""
-    parser = argparse.ArgumentParser(prog="python -m worker.tiny", description=__doc__.splitlines()[0])
+    """Command line: ``python -m glyphq.worker.tiny DIR [--preset tiny|glyph-tiny|glm4v-tiny|glyph-9b]``."""
+    parser = argparse.ArgumentParser(prog="python -m glyphq.worker.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="directory to write the model into")
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--seed", type=int, default=0)

@@ -217,7 +217,7 @@ def endless_worker_settings(model: Path, **settings: str | int) -> dict[str, str
 
 def long_settings():
     """Producer settings (the test process's own) that accept ``LONG_TOKENS``-token jobs."""
-    from celeryconfig import Settings
+    from glyphq.celeryconfig import Settings
 
     return Settings.from_env({**os.environ, "GLYPHQ_MAX_NEW_TOKENS_LIMIT": str(LONG_TOKENS)})
 
@@ -226,7 +226,7 @@ def submit_long(seed: int, question: str = "A long answer, please", tokens: int 
     """Submit (from the test process, to the session's Redis) a job that generates ``tokens`` tokens."""
     from conftest import png_bytes
 
-    from producer import submit
+    from glyphq.producer import submit
 
     return submit(png_bytes((64, 48), seed=seed), question, max_new_tokens=tokens, settings=long_settings())
 
@@ -235,7 +235,7 @@ def submit_short(seed: int, question: str = "A short answer, please"):
     """Submit (from the test process, to the session's Redis) a four-token job."""
     from conftest import png_bytes
 
-    from producer import submit
+    from glyphq.producer import submit
 
     return submit(png_bytes((64, 48), seed=seed), question, max_new_tokens=4)
 

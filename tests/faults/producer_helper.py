@@ -47,7 +47,7 @@ def _noise_png(size: tuple[int, ...]) -> bytes:
 
 
 def main() -> int:
-    from producer import Job, JobFailed, submit
+    from glyphq.producer import Job, JobFailed, submit
 
     png_bytes = _png_bytes()
     images: dict[tuple[int, int, int], bytes] = {}

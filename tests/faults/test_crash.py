@@ -20,7 +20,7 @@ from faults.helpers import (
     tail,
     wait_started,
 )
-from producer import JobFailed
+from glyphq.producer import JobFailed
 
 
 def _success_publications(pubsub, job_id: str, seen: list[str]) -> int:

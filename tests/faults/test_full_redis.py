@@ -20,7 +20,7 @@ from PIL import Image
 from test_fastapi_example import Server
 
 from faults.helpers import ready_worker, tail
-from tasks.signals import EXIT_EVICTING_REDIS
+from glyphq.tasks.signals import EXIT_EVICTING_REDIS
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 #: Random pixels, so the PNG is about 270 KB: a few dozen fill a Redis of a few MB.

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from celeryconfig import Settings
+from glyphq.celeryconfig import Settings
 from faults.helpers import rational_strip_offsets_tiff, runs, tail
-from producer import InvalidJob, Job, JobFailed, submit
+from glyphq.producer import InvalidJob, Job, JobFailed, submit
 
 # Tight limits, shared by the producer here and the worker, so that accepted jobs stay small and quick.
 LIMITS = {"max_new_tokens_limit": 16, "max_question_chars": 300, "max_image_bytes": 60_000,

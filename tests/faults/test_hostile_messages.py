@@ -16,10 +16,10 @@ from conftest import WorkerProcess, png_bytes, raw_job, wait_until
 from PIL import Image
 
 from faults.helpers import ready_worker, tail
-from producer import Job, JobFailed, submit
-from producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK
-from producer.store import blob_key
-from tasks.app import app
+from glyphq.producer import Job, JobFailed, submit
+from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK
+from glyphq.producer.store import blob_key
+from glyphq.tasks.app import app
 
 #: The worker's byte limit in this module; submit's stays at the default 20 MB, so only the worker refuses.
 WORKER_MAX_IMAGE_BYTES = 150_000

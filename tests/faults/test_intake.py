@@ -15,13 +15,13 @@ import pytest
 from conftest import WorkerProcess, png_bytes, queued_messages, raw_job
 from PIL import Image, ImageDraw
 
-from celeryconfig import settings
+from glyphq.celeryconfig import settings
 from faults.helpers import ready_worker, runs, tail
-from producer import InvalidJob, Job, JobFailed, submit
-from producer.images import decode_checked_image
-from producer.schema import ANSWER_TASK
-from producer.store import blob_key
-from tasks.app import app
+from glyphq.producer import InvalidJob, Job, JobFailed, submit
+from glyphq.producer.images import decode_checked_image
+from glyphq.producer.schema import ANSWER_TASK
+from glyphq.producer.store import blob_key
+from glyphq.tasks.app import app
 
 #: A batch leaves when it holds 4 jobs, or a second after its first: long enough that jobs sent
 #: together on a busy machine share a batch.

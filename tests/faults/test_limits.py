@@ -25,7 +25,7 @@ from faults.helpers import (
     unacked_age,
     wait_started,
 )
-from producer import JobFailed
+from glyphq.producer import JobFailed
 
 CHILD_TAG = re.compile(r"/ForkPoolWorker-(\d+)\]")
 
@@ -68,7 +68,7 @@ def test_visibility_timeout_not_above_time_limit_is_refused(time_limit, visibili
     env = {**os.environ, "GLYPHQ_TIME_LIMIT": str(time_limit), "GLYPHQ_SOFT_TIME_LIMIT": str(time_limit),
            "GLYPHQ_VISIBILITY_TIMEOUT": str(visibility)}
     commands = {
-        "worker": [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--without-mingle", "--without-gossip"],
+        "worker": [sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "--without-mingle", "--without-gossip"],
         "producer": [str(Path(sys.executable).with_name("glyphq")), "status", "some-job"],
     }
     for name, command in commands.items():

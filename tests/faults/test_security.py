@@ -13,12 +13,12 @@ import pytest
 import redis
 from conftest import WorkerProcess, png_bytes, raw_job, wait_until
 
-from celeryconfig import settings
+from glyphq.celeryconfig import settings
 from faults.helpers import pending_task_ids, rational_strip_offsets_tiff, ready_worker, runs, tail
-from producer import GlyphqError, Job, JobFailed, submit
-from producer.schema import ANSWER_TASK
-from producer.store import blob_key
-from tasks.app import app
+from glyphq.producer import GlyphqError, Job, JobFailed, submit
+from glyphq.producer.schema import ANSWER_TASK
+from glyphq.producer.store import blob_key
+from glyphq.tasks.app import app
 
 
 class _TouchOnUnpickle:

@@ -20,13 +20,13 @@ pytestmark = [
 
 from conftest import ROOT, png_bytes  # noqa: E402
 
-from producer import submit, submit_document  # noqa: E402
+from glyphq.producer import submit, submit_document  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def glm4v_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("glm4v-tiny")
-    subprocess.run([sys.executable, "-m", "worker.tiny", str(out), "--preset", "glm4v-tiny"], check=True,
+    subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", str(out), "--preset", "glm4v-tiny"], check=True,
                    cwd=ROOT)
     return out
 
