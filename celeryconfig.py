@@ -4,19 +4,34 @@ Celery loads this module by name (``app.config_from_object("glyphq.celeryconfig"
 at the bottom are Celery settings. ``settings`` is the typed object the producer and the worker read.
 Nothing else in the project reads ``os.environ``. Standard library only: a web backend imports this
 without torch.
+
+The root of glyphq's exceptions, ``GlyphqError``, is defined here, so that a bad setting raises a
+``GlyphqError`` too (``producer.errors`` holds the rest of the tree and exports both). A bad setting
+found while this module is imported by the ``glyphq`` command or a ``celery`` command (a worker,
+Flower) ends that process with one line naming the variable and its limit, and exit status 2, instead
+of a traceback; any other importer gets the ``SettingsError``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DAY_S = 24 * 3600
+#: Exit status of the ``glyphq`` command and of a ``celery`` command that stop on a bad setting; the
+#: CLI's "refused (bad input)".
+EXIT_BAD_SETTING = 2
 
 
-class SettingsError(ValueError):
-    """Raised when a ``GLYPHQ_*`` environment variable has a value glyphq cannot use."""
+class GlyphqError(Exception):
+    """Raised for any glyphq failure; catch this to catch them all."""
+
+
+class SettingsError(GlyphqError, ValueError):
+    """Raised when a ``GLYPHQ_*`` environment variable has a value glyphq cannot use; the message names it."""
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
@@ -235,10 +250,36 @@ class Settings:
         )
 
 
-settings = Settings.from_env()
+def _started_as_a_command() -> bool:
+    """True in the ``glyphq`` command and in ``celery`` commands (worker, Flower, inspect), which Celery's own
+    command line module gives away; a web backend or a script imports neither."""
+    return os.path.basename(sys.argv[0] if sys.argv else "") == "glyphq" or "celery.bin.celery" in sys.modules
+
+
+def _settings_at_start() -> Settings:
+    """``Settings.from_env()``; in a command, a bad setting ends the process with one line (see the docstring)."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        if not _started_as_a_command():
+            raise
+        if os.path.basename(sys.argv[0]) == "glyphq":  # every glyphq outcome is JSON on stdout
+            print(json.dumps({"ok": False, "error_type": "SettingsError", "error": str(exc)}))
+        print(f"glyphq: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_SETTING) from None
+
+
+settings = _settings_at_start()
 
 #: Every Redis key glyphq or Celery writes starts with this.
 KEY_PREFIX = "glyphq:"
+#: The queue of the GPU workers (image and page jobs), and the CPU queue that renders documents into pages.
+GPU_QUEUE = "gpu"
+RENDER_QUEUE = "render"
+#: Task names: an image job, a document's pages (after rendering), and the render step.
+ANSWER_TASK = "glyphq.answer"
+ANSWER_PAGES_TASK = "glyphq.answer_pages"
+RENDER_TASK = "glyphq.render"
 #: Priorities as glyphq users see them: 0 (lowest) .. 9 (most urgent).
 PRIORITY_LEVELS = 10
 
@@ -252,11 +293,11 @@ result_serializer = "json"
 accept_content = ["json"]  # pickle is refused, from the broker and the result backend alike
 result_accept_content = ["json"]
 
-task_default_queue = "gpu"
+task_default_queue = GPU_QUEUE
 task_routes = {
-    "glyphq.answer": {"queue": "gpu"},
-    "glyphq.answer_pages": {"queue": "gpu"},
-    "glyphq.render": {"queue": "render"},  # served by `celery -A glyphq.tasks worker -Q render -c <cores>`
+    ANSWER_TASK: {"queue": GPU_QUEUE},
+    ANSWER_PAGES_TASK: {"queue": GPU_QUEUE},
+    RENDER_TASK: {"queue": RENDER_QUEUE},  # served by `celery -A glyphq.tasks worker -Q render -c <cores>`
 }
 # Redis pops the lowest number first: glyphq priority p is sent as 9 - p (see producer.submit).
 task_default_priority = PRIORITY_LEVELS - 1 - settings.default_priority

@@ -15,6 +15,7 @@ from glyphq.producer.errors import (
     JobLost,
     JobTimeout,
     QueueFull,
+    SettingsError,
 )
 from glyphq.producer.images import check_image
 from glyphq.producer.submit import Job, submit
@@ -37,4 +38,5 @@ __all__ = [
     "BlobMissing",
     "BlobCorrupt",
     "BatchUsageError",
+    "SettingsError",
 ]

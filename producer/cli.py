@@ -1,8 +1,8 @@
 """The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
 
-Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input), 3 not finished yet, 4 Redis
-unreachable, 5 the queue is full, 6 Redis is full (maxmemory), 7 no such job (never submitted, expired or
-lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
+Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input or a bad GLYPHQ_* setting), 3 not
+finished yet, 4 Redis unreachable, 5 the queue is full, 6 Redis is full (maxmemory), 7 no such job (never
+submitted, expired or lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
 ``check-model``: 0 the parser knows the model's format (or it has none), 1 it has reasoning tags the parser
 does not recognise. ``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error,
 4 Redis unreachable, 8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from glyphq.celeryconfig import EXIT_BAD_SETTING, GPU_QUEUE, RENDER_QUEUE
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.errors import (
     BatchUsageError,
@@ -33,6 +34,7 @@ from glyphq.producer.errors import (
     JobTimeout,
     QueueFull,
     ServeUsageError,
+    SettingsError,
 )
 from glyphq.producer.store import check_broker
 from glyphq.producer.submit import Job, submit
@@ -234,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_result)
 
     p = sub.add_parser("health", help="exit 0 if the broker, a worker on the queue and its model are up")
-    p.add_argument("--queue", default="gpu", help="queue to check: gpu (default; checks the model too) or render")
+    p.add_argument("--queue", default=GPU_QUEUE,
+                   help=f"queue to check: {GPU_QUEUE} (default; checks the model too) or {RENDER_QUEUE}")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for worker replies (default 3)")
     p.add_argument("--node", help="check only this worker, e.g. gpu0@$HOSTNAME (default: any worker)")
     p.add_argument("--broker-only", action="store_true", help="check only that Redis answers")
@@ -267,7 +270,7 @@ EXIT_FOR_ERROR: tuple[tuple[type[GlyphqError], int], ...] = (
     (InvalidJob, EXIT_REFUSED), (InvalidRenderConfig, EXIT_REFUSED), (BatchUsageError, EXIT_REFUSED),
     (ServeUsageError, EXIT_REFUSED),
     (BrokerFull, EXIT_BROKER_FULL), (BrokerUnavailable, EXIT_UNAVAILABLE), (QueueFull, EXIT_QUEUE_FULL),
-    (JobLost, EXIT_NO_SUCH_JOB),
+    (JobLost, EXIT_NO_SUCH_JOB), (SettingsError, EXIT_BAD_SETTING),
 )
 #: Commands that need Redis before anything else; they fail fast when it does not answer.
 NEEDS_BROKER = frozenset({"submit", "ask-doc", "status", "result"})

@@ -8,27 +8,19 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from celery import chain
 
-from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import GPU_QUEUE, RENDER_QUEUE, Settings
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.errors import InvalidJob
+from glyphq.producer.options import check_job_options
 from glyphq.producer.schema import ANSWER_PAGES_TASK, RENDER_TASK, JobMessage, RenderRequest
-from glyphq.producer.submit import Job, celery_priority, enqueue, expiry
-from glyphq.producer.validation import (
-    check_deadline,
-    check_identifier,
-    check_max_new_tokens,
-    check_priority,
-    check_question,
-    check_thinking_budget,
-    check_unicode_text,
-)
+from glyphq.producer.submit import Job, enqueue
+from glyphq.producer.validation import check_unicode_text
 from glyphq.tasks.app import app
 
 #: Render settings a job may set, as in Glyph's config_en.json. ``font-path`` is not among them: the
@@ -101,27 +93,23 @@ def submit_document(
     """
     cfg = settings or default_settings
     text = check_text(text, cfg)
-    question = check_question(question, cfg)
+    options = check_job_options(question, max_new_tokens=max_new_tokens, thinking_budget=thinking_budget,
+                                priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg)
     overrides = check_render(render)
-    max_new_tokens = check_max_new_tokens(max_new_tokens, cfg)
-    thinking_budget = check_thinking_budget(thinking_budget, max_new_tokens, cfg)
-    priority = check_priority(priority, cfg)
-    session = check_identifier("session", session)
-    job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
-    expires = expiry(check_deadline(deadline))
+    job_id = options.job_id
     data = text.encode("utf-8")
 
     def send(key: str) -> None:
         request = RenderRequest(text_key=key, text_chars=len(text), render=overrides)
-        job = JobMessage(image_keys=(), image_sizes=(), image_bytes=0, question=question,
-                         max_new_tokens=max_new_tokens, session=session, submitted_at=time.time(), text_key=key,
-                         thinking_budget=thinking_budget)
+        job = JobMessage(image_keys=(), image_sizes=(), image_bytes=0, question=options.question,
+                         max_new_tokens=options.max_new_tokens, session=options.session, submitted_at=time.time(),
+                         text_key=key, thinking_budget=options.thinking_budget)
         chain(
-            app.signature(RENDER_TASK, kwargs={"request": request.to_dict(), "job_id": job_id}, queue="render",
-                          priority=celery_priority(priority), expires=expires).set(task_id=f"{job_id}.render"),
-            app.signature(ANSWER_PAGES_TASK, kwargs={"job": job.to_dict()}, queue="gpu",
-                          priority=celery_priority(priority), kwargsrepr=job.summary(),
-                          expires=expires).set(task_id=job_id),
+            app.signature(RENDER_TASK, kwargs={"request": request.to_dict(), "job_id": job_id}, queue=RENDER_QUEUE,
+                          priority=options.celery_priority, expires=options.expires).set(task_id=f"{job_id}.render"),
+            app.signature(ANSWER_PAGES_TASK, kwargs={"job": job.to_dict()}, queue=GPU_QUEUE,
+                          priority=options.celery_priority, kwargsrepr=job.summary(),
+                          expires=options.expires).set(task_id=job_id),
         ).apply_async()
 
-    return enqueue(cfg, "render", job_id, data, send)
+    return enqueue(cfg, RENDER_QUEUE, job_id, data, send)

@@ -1,10 +1,16 @@
-"""Exceptions raised by glyphq. ``GlyphqError`` is the root of every one of them."""
+"""Exceptions raised by glyphq. ``GlyphqError`` is the root of every one of them.
+
+``GlyphqError`` and ``SettingsError`` are defined in ``celeryconfig`` (standard library only), which
+raises ``SettingsError`` for a bad ``GLYPHQ_*`` value; they are the same classes here.
+"""
 
 from __future__ import annotations
 
+from glyphq.celeryconfig import GlyphqError, SettingsError
 
-class GlyphqError(Exception):
-    """Raised for any glyphq failure; catch this to catch them all."""
+__all__ = ["GlyphqError", "SettingsError", "InvalidJob", "BrokerUnavailable", "BrokerFull", "QueueFull",
+           "JobExpired", "JobLost", "BlobMissing", "BlobCorrupt", "JobFailed", "InvalidRenderConfig",
+           "BatchUsageError", "JobTimeout"]
 
 
 class InvalidJob(GlyphqError, ValueError):

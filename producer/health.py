@@ -27,12 +27,12 @@ from typing import Any
 
 from redis import RedisError
 
-from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import GPU_QUEUE, Settings
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.store import SAFE_POLICY, Store, broker_location, memory_info
 
 #: Queues whose workers load a model; the ``model`` check applies to these only.
-MODEL_QUEUES = frozenset({"gpu"})
+MODEL_QUEUES = frozenset({GPU_QUEUE})
 DEFAULT_TIMEOUT_S = 3.0
 
 
@@ -69,7 +69,7 @@ def _skipped(why: str) -> dict[str, Any]:
     return {"ok": None, "skipped": why}
 
 
-def check_health(queue: str = "gpu", timeout: float = DEFAULT_TIMEOUT_S, node: str | None = None,
+def check_health(queue: str = GPU_QUEUE, timeout: float = DEFAULT_TIMEOUT_S, node: str | None = None,
                  broker_only: bool = False, settings: Settings | None = None) -> HealthReport:
     """Check that ``queue`` is being served; see the module docstring for the three checks.
 
@@ -109,7 +109,7 @@ def check_health(queue: str = "gpu", timeout: float = DEFAULT_TIMEOUT_S, node: s
 
     # (b) and (c) over Celery's control channel: three rounds of replies at most, under a hard deadline.
     deadline = 3 * timeout + 10.0
-    finished, value, exc = _bounded(lambda: _check_workers(queue, timeout, node), deadline)
+    finished, value, exc = _bounded(lambda: _check_workers(cfg, queue, timeout, node), deadline)
     if not finished:
         checks["worker"] = {"ok": False, "detail": f"no answer over the control channel within {deadline:.0f} s"}
         checks["model"] = _skipped("worker check failed")
@@ -161,10 +161,47 @@ def _bounded(fn: Callable[[], Any], seconds: float) -> tuple[bool, Any, BaseExce
     return True, outcome.get("value"), outcome.get("error")
 
 
-def _control_connection(timeout: float) -> Any:
-    """A broker connection for control commands that gives up after one retry instead of retrying forever."""
+#: Celery apps for brokers other than the process's own, by URL (see ``_control_app``).
+_other_apps: dict[str, Any] = {}
+
+
+def _control_app(cfg: Settings) -> Any:
+    """The Celery app whose control channel reaches ``cfg``'s broker.
+
+    That is ``tasks.app`` when ``cfg`` names its broker. For another broker it is an app of its own
+    (made once per URL): a control command is published through the app's producer pool, which a
+    connection passed to ``inspect`` does not change.
+    """
     from glyphq.tasks.app import app
 
+    if cfg.broker_url == app.conf.broker_url and cfg.sentinel_master == _settings_master(app):
+        return app
+    other = _other_apps.get(cfg.broker_url)
+    if other is None:
+        from celery import Celery
+
+        other = Celery("glyphq", set_as_current=False)
+        other.config_from_object("glyphq.celeryconfig")
+        transport = dict(other.conf.broker_transport_options or {})
+        transport.pop("master_name", None)
+        transport.pop("sentinel_kwargs", None)
+        if cfg.sentinel_master:
+            transport["master_name"] = cfg.sentinel_master
+            if cfg.sentinel_password:
+                transport["sentinel_kwargs"] = {"password": cfg.sentinel_password}
+        other.conf.update(broker_url=cfg.broker_url, result_backend=cfg.result_backend,
+                          broker_transport_options=transport)
+        _other_apps[cfg.broker_url] = other
+    return other
+
+
+def _settings_master(app: Any) -> str:
+    """The Sentinel master name in ``app``'s broker transport options ("" when there is none)."""
+    return str((app.conf.broker_transport_options or {}).get("master_name") or "")
+
+
+def _control_connection(app: Any, timeout: float) -> Any:
+    """A broker connection for control commands that gives up after one retry instead of retrying forever."""
     return app.connection_for_write(
         connect_timeout=timeout,
         transport_options={
@@ -174,13 +211,12 @@ def _control_connection(timeout: float) -> Any:
     )
 
 
-def _check_workers(queue: str, timeout: float, node: str | None
+def _check_workers(cfg: Settings, queue: str, timeout: float, node: str | None
                    ) -> tuple[dict[str, Any], dict[str, Any], str | None, list[str]]:
     """(worker check, model check, error or None, names of the answering workers on ``queue``)."""
-    from glyphq.tasks.app import app
-
+    app = _control_app(cfg)
     destination = [node] if node else None
-    with _control_connection(timeout) as conn:
+    with _control_connection(app, timeout) as conn:
         def inspect(dest: list[str] | None) -> Any:
             return app.control.inspect(destination=dest, timeout=timeout, connection=conn)
 

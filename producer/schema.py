@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from glyphq.celeryconfig import Settings
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, Settings
 from glyphq.producer.errors import InvalidJob
 from glyphq.producer.store import Store, check_blob_key
 from glyphq.producer.validation import (
@@ -17,9 +17,9 @@ from glyphq.producer.validation import (
     check_thinking_budget,
 )
 
-ANSWER_TASK = "glyphq.answer"
-ANSWER_PAGES_TASK = "glyphq.answer_pages"
-RENDER_TASK = "glyphq.render"
+__all__ = ["ANSWER_TASK", "ANSWER_PAGES_TASK", "RENDER_TASK", "JobMessage", "RenderRequest", "check_task_id",
+           "document_text", "MESSAGE_VERSION"]
+
 MESSAGE_VERSION = 1
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
@@ -16,21 +14,14 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from glyphq.celeryconfig import PRIORITY_LEVELS, Settings
+from glyphq.celeryconfig import GPU_QUEUE, Settings
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.errors import JobExpired, JobFailed, JobLost, JobTimeout, QueueFull
 from glyphq.producer.images import ImageInput, check_image
+from glyphq.producer.options import check_job_options
 from glyphq.producer.schema import ANSWER_TASK, JobMessage
 from glyphq.producer.store import Store, broker_error, check_memory_room, queue_depths
-from glyphq.producer.validation import (
-    check_deadline,
-    check_history,
-    check_identifier,
-    check_max_new_tokens,
-    check_priority,
-    check_question,
-    check_thinking_budget,
-)
+from glyphq.producer.validation import check_history
 from glyphq.tasks.app import app
 
 log = logging.getLogger(__name__)
@@ -140,14 +131,9 @@ def submit(
     ``BrokerUnavailable`` that Redis could not be reached; either way nothing was queued.
     """
     cfg = settings or default_settings
-    question = check_question(question, cfg)
-    max_new_tokens = check_max_new_tokens(max_new_tokens, cfg)
-    thinking_budget = check_thinking_budget(thinking_budget, max_new_tokens, cfg)
-    priority = check_priority(priority, cfg)
-    session = check_identifier("session", session)
-    turns = check_history(history, session, cfg)
-    job_id = check_identifier("job_id", job_id) or uuid.uuid4().hex
-    expires = expiry(check_deadline(deadline))
+    options = check_job_options(question, max_new_tokens=max_new_tokens, thinking_budget=thinking_budget,
+                                priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg)
+    turns = check_history(history, options.session, cfg)
     checked = check_image(image, cfg)
 
     def send(key: str) -> None:
@@ -155,27 +141,17 @@ def submit(
             image_keys=(key,),
             image_sizes=((checked.width, checked.height),),
             image_bytes=len(checked.data),
-            question=question,
-            max_new_tokens=max_new_tokens,
-            session=session,
+            question=options.question,
+            max_new_tokens=options.max_new_tokens,
+            session=options.session,
             submitted_at=time.time(),
-            thinking_budget=thinking_budget,
+            thinking_budget=options.thinking_budget,
             history=turns,
         )
-        app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=job_id, queue="gpu",
-                      priority=celery_priority(priority), kwargsrepr=message.summary(), expires=expires)
+        app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=options.job_id, queue=GPU_QUEUE,
+                      priority=options.celery_priority, kwargsrepr=message.summary(), expires=options.expires)
 
-    return enqueue(cfg, "gpu", job_id, checked.data, send)
-
-
-def expiry(deadline: float | None) -> datetime | None:
-    """The absolute time by which a job must start; absolute, so a chain's later task keeps it."""
-    return None if deadline is None else datetime.now(timezone.utc) + timedelta(seconds=deadline)
-
-
-def celery_priority(priority: int) -> int:
-    """Redis serves the lowest number first, so glyphq's 9 (most urgent) is sent as 0."""
-    return PRIORITY_LEVELS - 1 - priority
+    return enqueue(cfg, GPU_QUEUE, options.job_id, checked.data, send)
 
 
 def enqueue(cfg: Settings, queue: str, job_id: str, data: bytes, send: Callable[[str], None]) -> Job:

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from glyphq.celeryconfig import settings
-from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, settings
 from glyphq.tasks.app import app
 
 SCHEDULING_STRATEGY = "glyphq.tasks.scheduler:strategy"

@@ -11,9 +11,8 @@ from typing import Any
 from celery import bootsteps, signals
 from redis.exceptions import RedisError
 
-from glyphq.celeryconfig import settings
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_TASK, settings
 from glyphq.producer.errors import InvalidJob
-from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
 from glyphq.producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
 from glyphq.producer.validation import check_identifier
 from glyphq.tasks import channel
@@ -21,7 +20,6 @@ from glyphq.tasks.app import app
 
 log = logging.getLogger(__name__)
 
-GPU_QUEUE = "gpu"
 #: Exit status of a worker that stopped because a child could not load its model.
 MODEL_LOAD_FAILED_EXIT = 3
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    reap_stopped_workers()
     if _session_redis is not None:
         _session_redis.stop()
     if _session_dir is not None:
@@ -138,7 +140,9 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, queues: str | None = None,
                  concurrency: int | None = None) -> None:
-        self.name = f"w{uuid.uuid4().hex[:8]}@%h"
+        # The host part spelled out (what Celery's %h gives), so that a health check can name this worker.
+        self.name = f"w{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        self.env = env
         self.log_path = log_path
         cmd = [sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-l", "info", "-n", self.name,
                "--without-mingle", "--without-gossip"]
@@ -147,6 +151,8 @@ class WorkerProcess:
         if concurrency:
             cmd += ["-c", str(concurrency)]
         self.loads_model = queues is None or "gpu" in queues.split(",")
+        #: The queue whose health says this worker is ready: ``gpu`` (model loaded) if it serves it.
+        self.queue = "gpu" if self.loads_model else str(queues).split(",")[0]
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -154,17 +160,28 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def health(self, timeout: float = 0.5):
+        """``glyphq health --queue Q --node <this worker>`` against this worker's own broker, in process."""
+        from glyphq.celeryconfig import Settings
+        from glyphq.producer.health import check_health
+
+        return check_health(self.queue, timeout=timeout, node=self.name, settings=Settings.from_env(self.env))
+
+    def ready(self) -> bool:
+        """True once the worker's own health says so: it consumes its queue, answers a ping over the
+        control channel and, on the GPU queue, reports its model loaded (``inspect stats``)."""
+        return self.proc.poll() is None and self.health().ok
+
     def wait_ready(self, timeout: float = 90) -> None:
-        """Wait until the worker consumes and its first child has loaded the model."""
+        """Wait until :meth:`ready`; raise with the end of the log if the worker exits or the time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.log()
-            if " ready." in text and ("model ready: " in text or not self.loads_model):
+            if self.ready():
                 return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{text[-3000:]}")
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()[-3000:]}")
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready after {timeout} s ({self.health().error}):\n{self.log()[-3000:]}")
 
     def children(self) -> list[int]:
         import psutil
@@ -175,17 +192,65 @@ class WorkerProcess:
             return []
 
     def stop(self) -> None:
+        """Warm shutdown (SIGTERM to the worker and its children); SIGKILL whatever is left after 20 s."""
+        self._terminate()
+        self._finish()
+
+    def stop_soon(self) -> None:
+        """Stop the worker without waiting for the end of its main process.
+
+        Returns ``STOP_GRACE_S`` after SIGTERM, once its children are gone. Its shutdown stops the
+        consumer first (Celery stops the consumer before the pool), within milliseconds of the signal,
+        so by then it can no longer take a job or answer a health check. The main process takes seconds
+        more to exit (billiard's pool, then the interpreter with torch winding down); that end is waited
+        for in a thread, and by ``reap_stopped_workers`` at the end of the session.
+        """
+        children = self.children()
+        self._terminate()
+        start = time.monotonic()
+        time.sleep(STOP_GRACE_S)  # the signal handler's shutdown closes the consumer within milliseconds
+        while self.proc.poll() is None and time.monotonic() < start + 20 and any(_alive(pid) for pid in children):
+            time.sleep(0.05)
+        thread = threading.Thread(target=self._finish, name=f"stop-{self.name}", daemon=True)
+        thread.start()
+        _stopping.append(thread)
+
+    def _terminate(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
+
+    def _finish(self) -> None:
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            self.proc.wait(10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # any child left behind
         self._log.close()
+
+
+#: Seconds ``stop_soon`` waits at least after SIGTERM, for the worker to close its broker consumer.
+STOP_GRACE_S = 0.5
+#: Threads finishing the stop of workers that ``stop_soon`` left to end on their own.
+_stopping: list[threading.Thread] = []
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def reap_stopped_workers() -> None:
+    """Wait for every worker that ``stop_soon`` stopped to have exited."""
+    while _stopping:
+        _stopping.pop().join(60)
 
 
 @pytest.fixture
@@ -206,7 +271,25 @@ def start_worker(tmp_path: Path, tiny_model: Path, redis_url: str) -> Iterator:
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.stop_soon()
+
+
+@pytest.fixture(scope="class")
+def class_worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_url: str) -> Iterator:
+    """One GPU worker at the default settings, shared by the tests of a class and stopped after them.
+
+    For tests that only need some worker to answer their jobs: each costs no worker start of its own.
+    A class keeps them together, so the worker never runs during a test elsewhere in the module that
+    needs the queue left alone. The tests must not depend on the child's count of jobs.
+    """
+    env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
+           "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
+    worker = WorkerProcess(env, tmp_path_factory.mktemp("class-worker") / "worker.log")
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop_soon()
 
 
 def png_bytes(size: tuple[int, int] = (640, 480), color: str = "white", seed: int = 0) -> bytes:

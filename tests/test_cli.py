@@ -19,20 +19,6 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
-def test_submit_wait_status_result(start_worker, tmp_path):
-    start_worker()
-    image = tmp_path / "page.png"
-    image.write_bytes(png_bytes(seed=60))
-    out = run("submit", str(image), "What is the total?", "--wait", "--priority", "7", "--session", "cli-1",
-              "--max-new-tokens", "6")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["answer"] and result["tokens_out"] <= 6 and result["session"]["id"] == "cli-1"
-
-    status = run("status", result["job_id"])
-    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "SUCCESS"
-    again = run("result", result["job_id"])
-    assert again.returncode == 0 and json.loads(again.stdout)["answer"] == result["answer"]
 
 
 def test_submit_without_wait_prints_the_job_id(tmp_path):
@@ -70,16 +56,6 @@ def test_refusals_exit_2_and_name_the_field(tmp_path):
         assert json.loads(out.stdout) == {"ok": False, "error_type": "InvalidJob", "error": error}
 
 
-def test_failed_job_exits_1(start_worker):
-    from glyphq.producer.schema import ANSWER_TASK
-    from glyphq.producer.store import blob_key
-    from glyphq.tasks.app import app
-
-    start_worker()
-    app.send_task(ANSWER_TASK, kwargs={"job": raw_job(blob_key("ef" * 32))}, queue="gpu", task_id="cli-fail-1")
-    out = run("result", "cli-fail-1", "--wait", "--timeout", "60")
-    assert out.returncode == 1
-    assert json.loads(out.stdout)["error_type"] == "BlobMissing"
 
 
 def test_broker_down_exits_4(tmp_path):
@@ -110,3 +86,31 @@ def test_version_and_an_unknown_job_id():
     unknown = run("result", "no-such-job-ever")
     assert unknown.returncode == 7, (unknown.stdout, unknown.stderr)
     assert json.loads(unknown.stdout)["state"] == "UNKNOWN"
+
+
+class TestWithAWorker:
+    """Commands whose jobs one shared worker answers (``class_worker``)."""
+
+    def test_submit_wait_status_result(self, class_worker, tmp_path):
+        image = tmp_path / "page.png"
+        image.write_bytes(png_bytes(seed=60))
+        out = run("submit", str(image), "What is the total?", "--wait", "--priority", "7", "--session", "cli-1",
+                  "--max-new-tokens", "6")
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["answer"] and result["tokens_out"] <= 6 and result["session"]["id"] == "cli-1"
+
+        status = run("status", result["job_id"])
+        assert status.returncode == 0 and json.loads(status.stdout)["state"] == "SUCCESS"
+        again = run("result", result["job_id"])
+        assert again.returncode == 0 and json.loads(again.stdout)["answer"] == result["answer"]
+
+    def test_failed_job_exits_1(self, class_worker):
+        from glyphq.producer.schema import ANSWER_TASK
+        from glyphq.producer.store import blob_key
+        from glyphq.tasks.app import app
+
+        app.send_task(ANSWER_TASK, kwargs={"job": raw_job(blob_key("ef" * 32))}, queue="gpu", task_id="cli-fail-1")
+        out = run("result", "cli-fail-1", "--wait", "--timeout", "60")
+        assert out.returncode == 1
+        assert json.loads(out.stdout)["error_type"] == "BlobMissing"

@@ -22,8 +22,9 @@ TEXT = "\n".join(f"Line {i}: the invoice total for item {i} is {i * 3} euro." fo
 
 
 def test_document_answered_through_render_and_gpu_queues(start_worker, redis_client):
-    start_worker(queues="render", concurrency=2)
+    render = start_worker(wait=False, queues="render", concurrency=2)  # starts while the GPU worker does
     start_worker()
+    render.wait_ready()
     blobs_before = set(redis_client.keys("glyphq:blob:*"))
     job = submit_document(TEXT, "What is the total for item 7?", max_new_tokens=8)
     result = job.result(timeout=180)
@@ -123,8 +124,9 @@ def test_cli_render_writes_pages(tmp_path):
 
 
 def test_cli_ask_doc(start_worker, tmp_path):
-    start_worker(queues="render")
+    render = start_worker(wait=False, queues="render")
     start_worker()
+    render.wait_ready()
     text = tmp_path / "doc.txt"
     text.write_text(TEXT[:2000], encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "glyphq.producer.cli", "ask-doc", str(text), "What is item 3?",

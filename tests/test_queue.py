@@ -58,32 +58,8 @@ def test_thirty_jobs_recycling_every_five(start_worker, redis_client):
     assert [store.runs(j.id) for j in jobs] == [1] * 30, "a job ran more than once"
 
 
-def test_corrupt_image_reaching_worker_fails_cleanly(start_worker, redis_client):
-    worker = start_worker()
-    # Bypass submit's checks, as a buggy or hostile producer would.
-    garbage = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
-    key = blob_key(hashlib.sha256(garbage).hexdigest())  # its true address: only the decode can fail
-    redis_client.set(key, garbage, ex=600)
-    bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key, (10, 10))}, queue="gpu")
-    with pytest.raises(JobFailed, match="image: cannot be decoded") as info:
-        Job(bad.id).result(timeout=60)
-    assert info.value.error_type == "InvalidJob"
-    assert bad.state == "FAILURE"
-    assert Store(settings).runs(bad.id) == 1, "a bad image must not be retried"
-
-    good = submit(png_bytes(seed=5), "And this one?", max_new_tokens=4)
-    assert good.result(timeout=60)["answer"]
-    assert worker.proc.poll() is None
 
 
-def test_path_in_message_is_never_read(start_worker, tmp_path):
-    start_worker()
-    secret = tmp_path / "secret.png"
-    secret.write_bytes(png_bytes())
-    for key in (str(secret), "glyphq:blob:../../" + str(secret)):
-        bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu")
-        with pytest.raises(Exception, match="image_keys: must be a glyphq:blob:<sha256> key"):
-            bad.get(timeout=60)
 
 
 def test_child_killed_mid_task_job_is_redelivered(start_worker, endless_model):
@@ -104,27 +80,8 @@ def test_child_killed_mid_task_job_is_redelivered(start_worker, endless_model):
     assert store.runs(job.id) == 2
 
 
-def test_same_job_id_runs_once(start_worker):
-    start_worker()
-    first = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)
-    second = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)
-    assert first.result(timeout=60) == second.result(timeout=60)
-    third = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)  # after it finished
-    assert third.result(timeout=10)["job_id"] == "run-once-1"
-    time.sleep(1)
-    assert Store(settings).runs("run-once-1") == 1
 
 
-def test_session_keeps_last_three_turns(start_worker, redis_client):
-    start_worker()
-    used = []
-    for i in range(5):
-        result = submit(png_bytes(seed=i), f"turn {i}", session="chat-1", max_new_tokens=4).result(timeout=60)
-        used.append(result["session"]["turns_used"])
-    assert used == [0, 1, 2, 3, 3]
-    stored = [json.loads(t)["question"] for t in redis_client.lrange("glyphq:session:chat-1", 0, -1)]
-    assert stored == ["turn 2", "turn 3", "turn 4"]
-    assert 0 < redis_client.ttl("glyphq:session:chat-1") <= settings.session_ttl_s
 
 
 def test_shared_blob_survives_until_last_job(start_worker, redis_client):
@@ -161,18 +118,13 @@ def test_rss_guard_recycles_without_losing_jobs(start_worker):
         assert all(w["batch_size"] == 2 for w in answered)
 
 
-def test_failed_job_raises_job_failed(start_worker, redis_client):
-    start_worker()
-    key = blob_key("cd" * 32)  # never stored: the blob is missing
-    app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu", task_id="missing-blob-1")
-    with pytest.raises(JobFailed, match="BlobMissing: blob glyphq:blob:cdcd"):
-        Job("missing-blob-1").result(timeout=60)
 
 
 def test_parent_preloads_torch_and_render_worker_does_not(start_worker):
     """The GPU worker's main process has torch loaded before it forks; a render worker never loads it."""
+    render = start_worker(wait=False, queues="render")
     gpu = start_worker()
-    render = start_worker(queues="render")
+    render.wait_ready()
     maps = Path(f"/proc/{gpu.proc.pid}/maps").read_text()
     assert "libtorch" in maps
     assert "preloaded torch and transformers" in gpu.log()
@@ -195,3 +147,57 @@ def test_model_that_cannot_load_stops_the_worker_and_keeps_jobs(start_worker, tm
     assert Store(settings).runs(job.id) == 0
     start_worker()
     assert job.result(timeout=60)["answer"]
+
+
+class TestOneWorker:
+    """Jobs answered by one worker shared by these tests (``class_worker``)."""
+
+    def test_corrupt_image_reaching_worker_fails_cleanly(self, class_worker, redis_client):
+        worker = class_worker
+        # Bypass submit's checks, as a buggy or hostile producer would.
+        garbage = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
+        key = blob_key(hashlib.sha256(garbage).hexdigest())  # its true address: only the decode can fail
+        redis_client.set(key, garbage, ex=600)
+        bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key, (10, 10))}, queue="gpu")
+        with pytest.raises(JobFailed, match="image: cannot be decoded") as info:
+            Job(bad.id).result(timeout=60)
+        assert info.value.error_type == "InvalidJob"
+        assert bad.state == "FAILURE"
+        assert Store(settings).runs(bad.id) == 1, "a bad image must not be retried"
+
+        good = submit(png_bytes(seed=5), "And this one?", max_new_tokens=4)
+        assert good.result(timeout=60)["answer"]
+        assert worker.proc.poll() is None
+
+    def test_path_in_message_is_never_read(self, class_worker, tmp_path):
+        secret = tmp_path / "secret.png"
+        secret.write_bytes(png_bytes())
+        for key in (str(secret), "glyphq:blob:../../" + str(secret)):
+            bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu")
+            with pytest.raises(Exception, match="image_keys: must be a glyphq:blob:<sha256> key"):
+                bad.get(timeout=60)
+
+    def test_same_job_id_runs_once(self, class_worker):
+        first = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)
+        second = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)
+        assert first.result(timeout=60) == second.result(timeout=60)
+        third = submit(png_bytes(seed=7), "Once?", job_id="run-once-1", max_new_tokens=4)  # after it finished
+        assert third.result(timeout=10)["job_id"] == "run-once-1"
+        time.sleep(1)
+        assert Store(settings).runs("run-once-1") == 1
+
+    def test_session_keeps_last_three_turns(self, class_worker, redis_client):
+        used = []
+        for i in range(5):
+            result = submit(png_bytes(seed=i), f"turn {i}", session="chat-1", max_new_tokens=4).result(timeout=60)
+            used.append(result["session"]["turns_used"])
+        assert used == [0, 1, 2, 3, 3]
+        stored = [json.loads(t)["question"] for t in redis_client.lrange("glyphq:session:chat-1", 0, -1)]
+        assert stored == ["turn 2", "turn 3", "turn 4"]
+        assert 0 < redis_client.ttl("glyphq:session:chat-1") <= settings.session_ttl_s
+
+    def test_failed_job_raises_job_failed(self, class_worker, redis_client):
+        key = blob_key("cd" * 32)  # never stored: the blob is missing
+        app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu", task_id="missing-blob-1")
+        with pytest.raises(JobFailed, match="BlobMissing: blob glyphq:blob:cdcd"):
+            Job("missing-blob-1").result(timeout=60)

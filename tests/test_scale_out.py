@@ -30,7 +30,9 @@ def test_two_workers_share_the_queue_and_no_job_runs_twice(start_worker, endless
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # A worker reserves up to two batches of GLYPHQ_MAX_BATCH jobs; small batches let 20 jobs spread
     # over both.
-    workers = [start_worker(model=endless_model, max_batch=4) for _ in range(2)]
+    workers = [start_worker(wait=False, model=endless_model, max_batch=4) for _ in range(2)]
+    for worker in workers:
+        worker.wait_ready()
     host = socket.gethostname()
     names = {w.name.replace("%h", host): w for w in workers}
     assert len(names) == 2

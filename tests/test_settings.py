@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,12 +97,13 @@ def test_celery_app_uses_celeryconfig():
     assert app.conf.worker_proc_alive_timeout == celeryconfig.worker_proc_alive_timeout
 
 
-def test_every_setting_is_in_the_readme():
+def test_every_setting_is_in_the_settings_table():
     source = (ROOT / "celeryconfig.py").read_text()
     names = set(re.findall(r'"(GLYPHQ_[A-Z_]+)"', source))
-    readme = (ROOT / "README.md").read_text()
-    missing = sorted(n for n in names if f"`{n}`" not in readme)
-    assert not missing, f"settings missing from the README's table: {missing}"
+    table = (ROOT / "docs" / "settings.md").read_text()
+    missing = sorted(n for n in names if f"| `{n}` |" not in table)
+    assert not missing, f"settings missing from the table in docs/settings.md: {missing}"
+    assert "docs/settings.md" in (ROOT / "README.md").read_text(), "the README does not link the settings table"
     assert len(names) >= 20
 
 
@@ -121,3 +126,50 @@ def test_visibility_timeout_covers_two_batches_only_when_batching():
                                    "GLYPHQ_VISIBILITY_TIMEOUT": "150"})
     assert unbatched.visibility_timeout_s == 150
     assert Settings.from_env({"GLYPHQ_TIME_LIMIT": "100", "GLYPHQ_MAX_BATCH": "1"}).visibility_timeout_s == 400
+
+
+def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_a_bad_setting_stops_the_glyphq_command_with_one_line_naming_it():
+    """No traceback: JSON on stdout, one line on stderr naming the variable and its limit, exit 2."""
+    glyphq = Path(sys.executable).with_name("glyphq")
+    done = _run([str(glyphq), "status", "some-job"], GLYPHQ_MAX_BATCH="0")
+    assert done.returncode == celeryconfig.EXIT_BAD_SETTING == 2, done
+    assert json.loads(done.stdout) == {"ok": False, "error_type": "SettingsError",
+                                       "error": "GLYPHQ_MAX_BATCH=0: must be at least 1"}
+    assert done.stderr == "glyphq: bad setting: GLYPHQ_MAX_BATCH=0: must be at least 1\n"
+
+
+def test_a_bad_setting_stops_a_celery_worker_with_one_line_naming_it():
+    done = _run([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker"], GLYPHQ_TIME_LIMIT="soon")
+    assert done.returncode == 2, done
+    assert done.stderr == "glyphq: bad setting: GLYPHQ_TIME_LIMIT='soon': expected an integer\n", done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_bad_setting_is_a_glyphq_error_for_a_library_importer():
+    """A web backend importing glyphq gets the exception, under the one error tree, not an exit."""
+    code = ("import producer\n"
+            "from celeryconfig import Settings\n"
+            "try:\n    Settings.from_env({'GLYPHQ_MAX_PAGES': '0'})\n"
+            "except producer.GlyphqError as exc:\n"
+            "    assert isinstance(exc, producer.SettingsError) and isinstance(exc, ValueError)\n"
+            "    print(exc)\n")
+    done = _run([sys.executable, "-c", code])
+    assert done.returncode == 0 and done.stdout == "GLYPHQ_MAX_PAGES=0: must be at least 1\n", done
+    imported = _run([sys.executable, "-c", "import producer"], GLYPHQ_MAX_PAGES="0")
+    assert imported.returncode == 1 and "celeryconfig.SettingsError: GLYPHQ_MAX_PAGES=0" in imported.stderr
+
+
+def test_queue_and_task_names_are_spelled_once():
+    """Queue and task names live in celeryconfig; the packages use its constants, never the literals."""
+    literal = re.compile(r"""["'](glyphq\.(answer|answer_pages|render))["']|queue=["']|enqueue\(cfg, ["']""")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for package in ("producer", "tasks", "worker")
+                 for path in sorted((ROOT / package).rglob("*.py")) if path.name != "batch.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
+    assert offenders == []
+    assert celeryconfig.task_routes == {celeryconfig.ANSWER_TASK: {"queue": celeryconfig.GPU_QUEUE},
+                                        celeryconfig.ANSWER_PAGES_TASK: {"queue": celeryconfig.GPU_QUEUE},
+                                        celeryconfig.RENDER_TASK: {"queue": celeryconfig.RENDER_QUEUE}}

@@ -23,12 +23,11 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
-from glyphq.celeryconfig import Settings
-from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_QUEUE, RENDER_TASK, Settings
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("gpu", "render")
+QUEUES = (GPU_QUEUE, RENDER_QUEUE)
 #: Label values every worker exports from the start (at zero until they happen).
 TASKS = (ANSWER_TASK, ANSWER_PAGES_TASK, RENDER_TASK)
 JOB_STATES = ("success", "failure", "expired", "revoked")

@@ -94,7 +94,7 @@ def ready_worker(broker_url: str, model: Path, log: Path, **settings: str | int)
         worker.wait_ready(timeout=120)
         yield worker
     finally:
-        worker.stop()
+        worker.stop_soon()
 
 
 class ProducerProcess:
@@ -193,12 +193,8 @@ def only_child(worker: Any, timeout: float = 60) -> int:
 
 
 def is_ready(worker: Any) -> bool:
-    """True once ``WorkerProcess.wait_ready`` would return: the worker consumes and its child has a model."""
-    try:
-        worker.wait_ready(timeout=0.01)
-    except RuntimeError:
-        return False
-    return True
+    """True once the worker's own health check passes (``WorkerProcess.ready``)."""
+    return bool(worker.ready())
 
 
 def tail(worker: Any, chars: int = 4000) -> str:
