@@ -3,6 +3,7 @@ leaves nothing half-done, and never waits on a job that no longer exists."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from conftest import ROOT, WorkerProcess, png_bytes, queued_messages, wait_until
 from PIL import Image
-from test_fastapi_example import Server
+from test_gateway import Gateway
 
 from faults.helpers import ready_worker, tail
 from glyphq.tasks.signals import EXIT_EVICTING_REDIS
@@ -78,7 +79,7 @@ def fill(producer, limit: int = 400) -> tuple[list[str], dict]:
 
 
 def test_submits_stop_short_of_maxmemory_and_a_worker_then_drains_the_backlog(
-        fault_redis, producer_process, tiny_model, tmp_path, monkeypatch):
+        fault_redis, producer_process, tiny_model, tmp_path):
     server = fault_redis(appendonly=False, maxmemory="16mb", maxmemory_policy="noeviction")
     producer = producer_process(broker_url=server.url, redis_reserve_pct=50)
     accepted, refusal = fill(producer)
@@ -97,19 +98,19 @@ def test_submits_stop_short_of_maxmemory_and_a_worker_then_drains_the_backlog(
     assert refused and refused[0].returncode == 6, [(c.returncode, c.stderr) for c in codes]
     assert "maxmemory" in refused[0].stderr
     accepted += [json.loads(c.stdout)["job_id"] for c in codes if c.returncode == 0]
-    # The example web app answers 503 with a Retry-After, not a 500.
-    for name, value in RESERVE.items():
-        monkeypatch.setenv(name, value)
-    web = Server(server.url, tmp_path / "uvicorn.log")
+    # The gateway answers 503 with a Retry-After and OpenAI's error shape, not a 500.
+    image = "data:image/png;base64," + base64.b64encode(big.read_bytes()).decode()
+    job = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                     {"type": "text", "text": "Full?"}]}]}
+    gateway = Gateway(tmp_path / "serve.log", broker_url=server.url, **{k[7:].lower(): v for k, v in RESERVE.items()})
     try:
-        posts = [httpx.post(f"{web.url}/jobs", files={"image": ("big.png", big.read_bytes(), "image/png")},
-                            data={"question": "Full?"}, timeout=30) for _ in range(4)]
+        posts = [httpx.post(f"{gateway.url}/v1/jobs", json=job, timeout=30) for _ in range(4)]
     finally:
-        web.stop()
+        gateway.stop()
     full = [r for r in posts if r.status_code != 202]
     assert full and full[0].status_code == 503, [(r.status_code, r.text) for r in posts]
-    assert full[0].json()["error_type"] == "BrokerFull" and full[0].headers["Retry-After"] == "30"
-    accepted += [r.json()["job_id"] for r in posts if r.status_code == 202]
+    assert full[0].json()["error"]["code"] == "broker_full" and full[0].headers["Retry-After"] == "30"
+    accepted += [r.json()["id"] for r in posts if r.status_code == 202]
 
     # A batch started now backs off on BrokerFull, and finishes once a worker has drained the queue.
     with batch_of(server, tmp_path, 4) as batch:
