@@ -151,16 +151,16 @@ def test_a_bad_setting_stops_a_celery_worker_with_one_line_naming_it():
 
 def test_a_bad_setting_is_a_glyphq_error_for_a_library_importer():
     """A web backend importing glyphq gets the exception, under the one error tree, not an exit."""
-    code = ("import producer\n"
-            "from celeryconfig import Settings\n"
+    code = ("from glyphq import producer\n"
+            "from glyphq.celeryconfig import Settings\n"
             "try:\n    Settings.from_env({'GLYPHQ_MAX_PAGES': '0'})\n"
             "except producer.GlyphqError as exc:\n"
             "    assert isinstance(exc, producer.SettingsError) and isinstance(exc, ValueError)\n"
             "    print(exc)\n")
     done = _run([sys.executable, "-c", code])
     assert done.returncode == 0 and done.stdout == "GLYPHQ_MAX_PAGES=0: must be at least 1\n", done
-    imported = _run([sys.executable, "-c", "import producer"], GLYPHQ_MAX_PAGES="0")
-    assert imported.returncode == 1 and "celeryconfig.SettingsError: GLYPHQ_MAX_PAGES=0" in imported.stderr
+    imported = _run([sys.executable, "-c", "import glyphq.producer"], GLYPHQ_MAX_PAGES="0")
+    assert imported.returncode == 1 and "glyphq.celeryconfig.SettingsError: GLYPHQ_MAX_PAGES=0" in imported.stderr
 
 
 def test_queue_and_task_names_are_spelled_once():
