@@ -12,12 +12,15 @@ Everything runs at default settings on the ``glyph-9b`` preset (built into ``--m
 - **Variance**: 96 pages of 1280x720 whose lengths are lognormal (median 182, sigma 1, at most 1,024),
   submitted at once in arrival order.
 - **Trickle**: Poisson arrivals at 2.5 jobs/s for 40 s on an idle worker, mixed pages, 64 new tokens each.
-- **Soak** (``--soak N``): N backlog jobs in one run with recycling at its default, then GPU memory.
+- **Soak** (phase ``soak``, ``--soak N``): N jobs of the mix on a fresh worker at default settings
+  (recycling and its hand-over included): lost, run twice, recycle downtime, reserved GPU memory.
 
 Phases: ``inprocess`` (the engine in this process: decode step at batch 1, the backlog with every
 job added at once), ``queue`` (this tree's worker, a real redis-server), ``static`` (the same
-workloads on the worker of ``--static-tree``, the previous tree: static micro-batches). Writes
-``h200_mix.json`` (the issue's keys) and ``h200_mix_detail.json`` into ``--out`` after every phase.
+workloads on the worker of ``--static-tree``, the previous tree: static micro-batches), ``soak``.
+A backlog's rate is counted while it is deep: until 90% of it was answered (``deep_rate``), from the
+times the results were stored, in any order. Writes ``h200_mix.json`` (the issue's keys) and
+``h200_mix_detail.json`` into ``--out`` after every phase.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import recycle_downtimes  # noqa: E402
-from bench.gpu_soak import collect, ensure_preset, free_port  # noqa: E402
+from bench.gpu_soak import ensure_preset, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(50, 50), (320, 240), (640, 480), (800, 1100), (1280, 720), (1654, 2339), (1920, 1080), (2480, 3508),
@@ -68,8 +71,11 @@ def lognormal(rng: random.Random, median: float, sigma: float, cap: int) -> int:
     return max(1, min(cap, int(round(math.exp(math.log(median) + sigma * rng.gauss(0, 1))))))
 
 
-def backlog(count: int, seed: int = 0) -> list[dict]:
+def backlog(count: int, seed: int = 0, lengths: str = "lognormal") -> list[dict]:
+    """``count`` jobs of the mix; answer lengths drawn from the lognormal, or ``lengths="16,64,256"``
+    (the mix first measured in issue 14's report) picked at random."""
     rng = random.Random(seed)
+    choices = [int(n) for n in lengths.split(",")] if lengths != "lognormal" else None
     images = {}
     jobs = []
     for i in range(count):
@@ -79,7 +85,8 @@ def backlog(count: int, seed: int = 0) -> list[dict]:
         if key not in images:
             images[key] = image_bytes(size, i % 6, fmt)
         jobs.append({"image": images[key], "size": size, "question": f"What is the total on invoice {i}?",
-                     "tokens": lognormal(rng, 200, 1.2, 6400), "priority": rng.randrange(9)})
+                     "tokens": rng.choice(choices) if choices else lognormal(rng, 200, 1.2, 6400),
+                     "priority": rng.randrange(9)})
     return jobs
 
 
@@ -88,6 +95,20 @@ def variance_jobs(count: int = 96, seed: int = 1) -> list[dict]:
     pages = [image_bytes((1280, 720), s, "PNG") for s in range(8)]
     return [{"image": pages[i % 8], "size": (1280, 720), "question": f"Summarise invoice {i}.",
              "tokens": lognormal(rng, 182, 1.0, 1024), "priority": 5} for i in range(count)]
+
+
+def deep_rate(done_at: list[float], tokens: list[int], count: int, limit_s: float) -> tuple[float, float, float]:
+    """(jobs/s, useful tok/s, window) while the backlog of ``count`` jobs was deep: over the time until
+    90% of it was answered, or until ``limit_s`` if that came first. ``done_at`` are seconds from the
+    start, in any order. A finite backlog ends in a tail of its longest answers, which no batching
+    shortens; the rate before it is what a queue that stays full sees."""
+    order = sorted(range(len(done_at)), key=lambda i: done_at[i])
+    target = max(1, int(0.9 * count))
+    cutoff = done_at[order[target - 1]] if len(order) >= target else limit_s
+    inside = [i for i in order if done_at[i] <= cutoff]
+    if cutoff <= 0:
+        return 0.0, 0.0, 0.0
+    return round(len(inside) / cutoff, 3), round(sum(tokens[i] for i in inside) / cutoff, 1), round(cutoff, 1)
 
 
 def p99(values: list[float]) -> float | None:
@@ -154,12 +175,20 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     for i, job in enumerate(jobs):
         running.add(i, engine_job(job), priority=8 - job["priority"])
     started = time.perf_counter()
-    done = running.run()
+    ended: list[tuple[float, object]] = []
+    while running.busy:
+        for finished in running.step():
+            ended.append((time.perf_counter() - started, finished.outcome))
     wall = time.perf_counter() - started
-    ok = [f.outcome for f in done if not isinstance(f.outcome, BaseException)]
-    detail["inprocess_mix"] = {"jobs": len(ok), "failed": len(done) - len(ok), "wall_s": round(wall, 1),
-                               "jobs_s": round(len(ok) / wall, 3),
-                               "useful_tok_s": round(sum(r.tokens_out for r in ok) / wall, 1)}
+    getattr(running, "close", lambda: None)()
+    ok = [(t, r) for t, r in ended if not isinstance(r, BaseException)]
+    rate, tok_s, cutoff = deep_rate([t for t, _ in ok], [r.tokens_out for _, r in ok], len(jobs), wall)
+    stats = running.stats.as_dict() if hasattr(running, "stats") else None
+    detail["inprocess_mix"] = {"jobs": len(ok), "failed": len(ended) - len(ok), "wall_s": round(wall, 1),
+                               "jobs_s": rate, "useful_tok_s": tok_s, "deep_until_s": cutoff,
+                               "jobs_s_whole_run": round(len(ok) / wall, 3),
+                               "useful_tok_s_whole_run": round(sum(r.tokens_out for _, r in ok) / wall, 1),
+                               "time_split": stats}
     print("in process:", json.dumps(detail["inprocess_mix"]), "steps:", steps, flush=True)
     del running, warm, engine, decoder
     import gc
@@ -234,58 +263,99 @@ def _submit(submit, job: dict, priority: int | None = None, tokens: int | None =
                   priority=job["priority"] if priority is None else priority)
 
 
+def wait_for(handles: list, budget_s: float, started: float) -> dict[str, dict]:
+    """Poll the result backend for every job (in any order) until all have ended or ``budget_s`` after
+    ``started`` (time.monotonic()): job id -> its stored meta (status, date_done, result)."""
+    from glyphq.tasks.app import app
+
+    backend = app.backend
+    keys = {h.id: backend.get_key_for_task(h.id) for h in handles}
+    ended: dict[str, dict] = {}
+    while len(ended) < len(keys) and time.monotonic() - started < budget_s:
+        pending = [task_id for task_id in keys if task_id not in ended]
+        for i in range(0, len(pending), 500):
+            ids = pending[i:i + 500]
+            for task_id, raw in zip(ids, backend.client.mget([keys[t] for t in ids]), strict=True):
+                meta = backend.decode_result(raw) if raw else None
+                if meta and meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
+                    ended[task_id] = meta
+        time.sleep(0.5)
+    return ended
+
+
+def done_at(meta: dict, since: float) -> float:
+    """Seconds from ``since`` (time.time()) to the moment a job's outcome was stored."""
+    from datetime import datetime, timezone
+
+    done = meta["date_done"]
+    stamp = datetime.fromisoformat(done) if isinstance(done, str) else done
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp.timestamp() - since
+
+
+def run_backlog(handles: list, budget_s: float, sent: float, started: float) -> tuple[dict, list[dict]]:
+    """Wait for a submitted backlog; its figures while it was deep, and the answered results."""
+    ended = wait_for(handles, budget_s, started)
+    ok = [meta for meta in ended.values() if meta["status"] == "SUCCESS"]
+    times = [done_at(meta, sent) for meta in ok]
+    tokens = [int(meta["result"]["tokens_out"]) for meta in ok]
+    wall = time.monotonic() - started
+    rate, tok_s, cutoff = deep_rate(times, tokens, len(handles), wall)
+    return {"jobs": len(handles), "answered": len(ok), "failed": len(ended) - len(ok),
+            "unfinished": len(handles) - len(ended), "wall_s": round(wall, 1), "jobs_s": rate,
+            "useful_tok_s": tok_s, "deep_until_s": cutoff,
+            "failures_sample": [str(m.get("result"))[:200] for m in ended.values() if m["status"] != "SUCCESS"][:2],
+            }, [meta["result"] for meta in ok]
+
+
 def _worker_workloads(args, label, figures, detail, jobs, submit) -> None:  # noqa: ANN001
     from glyphq.celeryconfig import settings
     from glyphq.producer.store import Store
 
+    store = Store(settings)
     started = time.monotonic()
     warm = [_submit(submit, job, tokens=64) for job in jobs[:32]]
-    collect(warm, 400, started)
+    wait_for(warm, 400, started)
     detail[f"{label}_warmup_s"] = round(time.monotonic() - started, 1)
 
+    sent, started = time.time(), time.monotonic()
     handles = [_submit(submit, job) for job in jobs]
-    started = time.monotonic()
     probes: list[tuple[float, object]] = []
 
     def send_probes() -> None:
         for i in range(6):
             time.sleep(2.0)
-            sent = time.time()
-            probes.append((sent, _submit(submit, jobs[i], priority=9, tokens=32)))
+            probe_sent = time.time()
+            probes.append((probe_sent, _submit(submit, jobs[i], priority=9, tokens=32)))
 
     thread = threading.Thread(target=send_probes, daemon=True)
     thread.start()
-    finished_at: list[float] = []
-    results, failures = collect(handles, args.budget_s, started,
-                                after_each=lambda done: finished_at.append(time.monotonic() - started))
-    wall = time.monotonic() - started
+    budget = args.budget_s if label == "queue" else args.static_budget_s
+    mix, _ = run_backlog(handles, budget, sent, started)
     thread.join()
-    latencies = [latency_s(handle, sent) for sent, handle in probes]
-    store = Store(settings)
-    runs = [store.runs(h.id) for h in handles[:len(results)]]
-    detail[f"{label}_mix"] = {"jobs": len(results), "failed": len(failures), "wall_s": round(wall, 1),
-                              "jobs_s": round(len(results) / wall, 3),
-                              "useful_tok_s": round(sum(r["tokens_out"] for r in results) / wall, 1),
-                              "urgent_latencies_s": [round(x, 3) for x in latencies],
-                              "first_90pct_jobs_s": _first_90(finished_at, len(handles)),
-                              "runs_max": max(runs) if runs else None, "failures_sample": failures[:2]}
-    print(label, "mix:", json.dumps(detail[f"{label}_mix"]), flush=True)
+    latencies = [latency_s(handle, probe_sent) for probe_sent, handle in probes]
+    runs = [store.runs(h.id) for h in handles]
+    mix.update(urgent_latencies_s=[round(x, 3) for x in latencies], runs_max=max(runs),
+               run_twice=sum(1 for r in runs if r > 1))
+    detail[f"{label}_mix"] = mix
+    print(label, "mix:", json.dumps(mix), flush=True)
     if label == "queue":
-        figures.update(mix_jobs_s=detail["queue_mix"]["jobs_s"], mix_useful_tok_s=detail["queue_mix"]["useful_tok_s"],
-                       urgent_latency_p99_s=p99(latencies), jobs=len(jobs),
-                       lost=len(jobs) - len(results) - len(failures), run_twice=sum(1 for r in runs if r > 1))
+        figures.update(mix_jobs_s=mix["jobs_s"], mix_useful_tok_s=mix["useful_tok_s"],
+                       urgent_latency_p99_s=p99(latencies), jobs=len(jobs))
     else:
-        figures["mix_static_jobs_s"] = detail[f"{label}_mix"]["jobs_s"]
+        figures["mix_static_jobs_s"] = mix["jobs_s"]
         detail["static_urgent_latency_p99_s"] = p99(latencies)
-
-    if label == "static" and args.static_mix_only:
+    if mix["unfinished"]:  # the worker still holds part of the backlog: later figures would wait behind it
+        detail[f"{label}_stopped_after_backlog"] = True
         return
+
     variance = variance_jobs()
+    sent, started = time.time(), time.monotonic()
     handles = [_submit(submit, job) for job in variance]
-    started = time.monotonic()
-    results, _ = collect(handles, args.budget_s, started)
-    wall = time.monotonic() - started
-    useful = round(sum(r["tokens_out"] for r in results) / wall, 1)
+    ended = wait_for(handles, budget, started)
+    wall = max([done_at(m, sent) for m in ended.values()], default=0.0) or 1.0
+    useful = round(sum(int(m["result"]["tokens_out"]) for m in ended.values() if m["status"] == "SUCCESS") / wall, 1)
     figures["variance_useful_tok_s" if label == "queue" else "variance_static_useful_tok_s"] = useful
     print(label, "variance useful tok/s:", useful, flush=True)
 
@@ -299,31 +369,55 @@ def _worker_workloads(args, label, figures, detail, jobs, submit) -> None:  # no
             sent_at.append(time.time())
             handles.append(_submit(submit, jobs[i % len(jobs)], priority=5, tokens=64))
             i += 1
-        latencies = [latency_s(handle, sent) for handle, sent in zip(handles, sent_at, strict=True)]
+        latencies = [latency_s(handle, at) for handle, at in zip(handles, sent_at, strict=True)]
         key = "trickle_latency_p99_s" if label == "queue" else "static_trickle_latency_p99_s"
         (figures if label == "queue" else detail)[key] = p99(latencies)
-        detail[f"{label}_trickle_jobs"] = len(handles)
+        detail[f"{label}_trickle"] = {"jobs": len(handles), "p50_s": round(sorted(latencies)[len(latencies) // 2], 3),
+                                      "p99_s": p99(latencies)}
         print(label, "trickle p99:", p99(latencies), flush=True)
 
-    if label == "queue" and args.soak > 0:
-        soak = backlog(args.soak, seed=11)
-        handles = [_submit(submit, job) for job in soak]
-        started = time.monotonic()
-        results, failures = collect(handles, args.budget_s, started)
-        runs = [store.runs(h.id) for h in handles[:len(results)]]
-        detail["soak"] = {"jobs": len(soak), "answered": len(results), "failed": len(failures),
-                          "wall_s": round(time.monotonic() - started, 1), "run_twice": sum(1 for r in runs if r > 1),
-                          "reserved_mb_last": results[-1]["gpu"] if results else None}
-        print("soak:", json.dumps(detail["soak"]), flush=True)
+
+def soak(args: argparse.Namespace, figures: dict, detail: dict) -> None:
+    """``--soak`` jobs of the mix through this tree's worker at default settings (recycling included):
+    answered, lost, run twice, the recycles' downtime and the band of reserved GPU memory after cleanup."""
+    from glyphq.celeryconfig import settings
+    from glyphq.producer import submit
+    from glyphq.producer.store import Store
+
+    env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1"}
+    jobs = backlog(args.soak, seed=11, lengths=args.soak_lengths)
+    with redis_and_worker(ROOT, env, "soak") as log_path:
+        try:
+            sent, started = time.time(), time.monotonic()
+            handles = [_submit(submit, job) for job in jobs]
+            figures_soak, results = run_backlog(handles, args.soak_budget_s, sent, started)
+            store = Store(settings)
+            runs = [store.runs(h.id) for h in handles]
+            reserved = [r["gpu"]["reserved_mb"] for r in results if r.get("gpu")]
+            pids = sorted({r["worker"]["pid"] for r in results})
+            figures_soak.update(
+                lost=figures_soak["unfinished"], run_twice=sum(1 for r in runs if r > 1), children=len(pids),
+                lengths=args.soak_lengths, reserved_mb_min=min(reserved, default=None),
+                reserved_mb_max=max(reserved, default=None),
+                reserved_band_pct_of_weights=(round((max(reserved) - min(reserved)) / WEIGHTS_MB * 100, 2)
+                                              if reserved else None))
+            detail["soak"] = figures_soak
+            figures.update(jobs=len(jobs), lost=figures_soak["lost"], run_twice=figures_soak["run_twice"])
+            print("soak:", json.dumps(figures_soak), flush=True)
+        finally:
+            text = log_path.read_text(errors="replace")
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log_path, Path(args.out) / "worker_soak.log")
+            downtimes = recycle_downtimes(text)
+            detail["soak_recycle_downtimes_s"] = downtimes
+            detail["soak_takeovers"] = [line[:300] for line in text.splitlines() if "taking over" in line
+                                        or "full cache" in line][:10]
+            if downtimes:
+                figures["recycle_downtime_s"] = max(downtimes)
 
 
-def _first_90(finished_at: list[float], count: int) -> float | None:
-    """Jobs per second until 90% of the backlog was answered (results are collected in submit order,
-    so this is when the 90%-th job in that order had its result): the rate before the longest tail."""
-    target = int(0.9 * count)
-    if len(finished_at) < target or target == 0:
-        return None
-    return round(target / max(finished_at[:target]), 3)
+#: The glyph-9b preset's weights in bf16, the yardstick of the reserved band (BENCHMARKS.md).
+WEIGHTS_MB = 20.6e9 / 2**20
 
 
 def write(out: Path, figures: dict, detail: dict) -> None:
@@ -342,8 +436,11 @@ def main() -> int:
     parser.add_argument("--static-tree", default="")
     parser.add_argument("--jobs", type=int, default=480)
     parser.add_argument("--trickle-s", type=float, default=40)
-    parser.add_argument("--soak", type=int, default=0)
-    parser.add_argument("--static-mix-only", action="store_true", help="the static path runs the backlog only")
+    parser.add_argument("--soak", type=int, default=0, help="phase soak: this many jobs of the mix")
+    parser.add_argument("--soak-lengths", default="lognormal", help="lognormal, or a list such as 16,64,256")
+    parser.add_argument("--soak-budget-s", type=float, default=480)
+    parser.add_argument("--static-budget-s", type=float, default=90,
+                        help="the static path's backlog window (it does not drain a large backlog in time)")
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
     parser.add_argument("--merge", default="", help="an earlier h200_mix_detail.json/h200_mix.json folder to add to")
@@ -378,6 +475,8 @@ def main() -> int:
                 run_worker_phase(args, "queue", ROOT, figures, detail, jobs)
             elif phase == "static":
                 run_worker_phase(args, "static", Path(args.static_tree), figures, detail, jobs)
+            elif phase == "soak":
+                soak(args, figures, detail)
         except Exception as exc:  # keep what the other phases measured
             detail[f"{phase}_error"] = f"{type(exc).__name__}: {exc}"
             print(phase, "failed:", detail[f"{phase}_error"], flush=True)

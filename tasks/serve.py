@@ -24,7 +24,8 @@ from typing import Any
 from celery import states
 from celery.app.task import Context
 
-from glyphq.celeryconfig import settings
+from glyphq.celeryconfig import PRIORITY_LEVELS, settings
+from glyphq.producer.options import celery_priority
 from glyphq.tasks.app import app
 from glyphq.tasks.channel import Channel
 
@@ -81,7 +82,9 @@ class Server:
         self.epoch = epoch
         self.room = room  # jobs this epoch may still take (the main process hands no more)
         self.engine = runtime.engine()
-        self.running = Continuous(self.engine, settings.max_image_size)
+        # The slots kept for urgent jobs take glyphq priority 9 (sent to Redis as 0) only.
+        self.running = Continuous(self.engine, settings.max_image_size,
+                                  urgent_priority=celery_priority(PRIORITY_LEVELS - 1))
         self.queued: list[_Job] = []
         self.sessions: set[str] = set()
         self.alone: _Job | None = None  # a redelivered job running by itself
@@ -89,6 +92,13 @@ class Server:
         self._order = 0
 
     def run(self) -> dict[str, Any]:
+        """Serve until idle or done (see the module docstring); what the main process needs to know."""
+        try:
+            return self._serve()
+        finally:
+            self.running.close()
+
+    def _serve(self) -> dict[str, Any]:
         from glyphq.worker import runtime
 
         idle_since: float | None = None
@@ -128,8 +138,10 @@ class Server:
         """
         self.queued.sort(key=lambda job: (job.priority, job.order))
         for job in list(self.queued):
-            if self.running.free_slots <= len(self.running.waiting) or self.alone:
+            if self.alone:
                 return
+            if self.running.room_for(job.priority) <= 0:
+                continue  # a more urgent job may still fit a kept slot
             if job.redelivered and self.running.busy:
                 continue
             session = (job.message.get("kwargs") or {}).get("job", {})

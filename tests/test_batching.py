@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import shutil
 import sysconfig
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import png_bytes
 from PIL import Image
 
 from glyphq.celeryconfig import settings
-from glyphq.worker.continuous import Continuous
+from glyphq.worker.continuous import Continuous, reserved_slots
 from glyphq.worker.decode import prefill_groups
 from glyphq.worker.engine import EngineJob, load
 
@@ -49,6 +50,59 @@ def test_rows_join_and_leave_between_steps(endless_model):
     assert order.index("b") < order.index("a"), "a short row leaves before a long one that started before it"
     assert order.index("a") < order.index("d"), "d waited for a free slot: the third one, after urgent and b"
     assert sorted(order) == sorted(lengths)
+
+
+def test_a_kept_slot_takes_an_urgent_job_while_others_wait(endless_model):
+    """Sixteen slots keep one for urgent jobs: fifteen long rows and a waiting job of normal priority
+    leave it free, and an urgent job added later starts at the next iteration."""
+    engine = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "16"}))
+    running = Continuous(engine, (320, 240), urgent_priority=0)
+    assert running.reserved == reserved_slots(16) == 1
+    page = Image.open(io.BytesIO(png_bytes(seed=3)))
+    for i in range(16):
+        running.add(f"long{i}", EngineJob([page], "long", 600), priority=5)
+    while len(running.rows) < 15:
+        running.step()
+    running.step()
+    assert len(running.rows) == 15 and [w.key for w in running.waiting] == ["long15"], "the kept slot stays free"
+    assert running.room_for(5) <= 0 < running.room_for(0)
+    running.add("urgent", EngineJob([page], "now", 40), priority=0)
+    while any(w.key == "urgent" for w in running.waiting):
+        running.step()
+    assert len(running.rows) == 16 and any(row.waiting.key == "urgent" for row in running.rows.values())
+    order = [f.key for f in running.run()]
+    assert order[0] == "urgent" and sorted(order) == sorted(["urgent", *(f"long{i}" for i in range(16))])
+
+
+def test_a_slow_page_does_not_hold_up_the_rows_decoding(endless_model):
+    """A job's pages are decoded in a thread: rows keep decoding meanwhile, and a page that fails to
+    decode fails its own job only."""
+    engine = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "4"}))
+    running = Continuous(engine, (320, 240))
+    page = Image.open(io.BytesIO(png_bytes(seed=4)))
+    decoding = threading.Event()
+
+    def slow_pages() -> list[Image.Image]:
+        decoding.wait(30)
+        return [page]
+
+    def broken_pages() -> list[Image.Image]:
+        raise ValueError("image_keys[0]: not an image")
+
+    running.add("busy", EngineJob([page], "long", 400))
+    running.step()
+    running.add("slow", EngineJob(slow_pages, "late", 8))
+    running.add("broken", EngineJob(broken_pages, "bad", 8))
+    steps_before = running.stats.steps
+    outcomes = {}
+    for _ in range(5):
+        outcomes.update({f.key: f.outcome for f in running.step()})
+    assert "slow" not in outcomes and any(w.key == "slow" for w in running.waiting)
+    assert running.stats.steps >= steps_before + 4 * 16, "the busy row kept decoding"
+    decoding.set()
+    outcomes.update({f.key: f.outcome for f in running.run()})
+    assert isinstance(outcomes["broken"], Exception) and "image_keys[0]" in str(outcomes["broken"])
+    assert outcomes["slow"].tokens_out == 8 and outcomes["busy"].tokens_out == 400
 
 
 def test_static_decoding_equals_generate(tiny_model):
@@ -98,7 +152,7 @@ def test_static_decoding_grows_into_longer_buckets(endless_model):
     expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
     assert [r.token_ids for r in static.answer(jobs, (1280, 720))] == expected
     assert [len(ids) for ids in expected] == [300, 300]
-    assert {(2, 256), (2, 512)} <= set(static.decoder.graphs)
+    assert {(2, 256), (2, 320), (2, 384)} <= set(static.decoder.graphs), "a quarter octave at a time"
 
 
 def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):

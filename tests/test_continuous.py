@@ -77,7 +77,7 @@ class _Events:
 
 
 def test_a_short_job_finishes_long_before_the_long_ones_beside_it(worker):
-    long_jobs = [_long(1000 + i, 900) for i in range(2)]
+    long_jobs = [_long(1000 + i, 3000) for i in range(2)]
     assert wait_until(lambda: _started(long_jobs), 60), "the long jobs never started"
     submitted = time.time()
     short = submit(png_bytes(seed=1010), "Short?", max_new_tokens=8)
@@ -87,17 +87,17 @@ def test_a_short_job_finishes_long_before_the_long_ones_beside_it(worker):
     assert result["tokens_out"] == 8
     assert answered - submitted < 10
     longs = [job.result(timeout=180) for job in long_jobs]
-    assert [r["tokens_out"] for r in longs] == [900, 900]
+    assert [r["tokens_out"] for r in longs] == [3000, 3000]
     assert len({r["worker"]["pid"] for r in [result, *longs]}) == 1
 
 
 def test_the_most_urgent_waiting_job_takes_the_first_free_slot(worker):
     """Every slot busy and the worker's reservation full: the urgent job, submitted after the low ones,
     runs before all of them, and they run in the order they came."""
-    first_to_end = _long(1100, 60)
-    running = [_long(1101 + i, 900) for i in range(SLOTS - 1)]
-    filler = _long(1110, 60)  # the one job reserved beyond the slots (GLYPHQ_MAX_BATCH // 4)
-    assert wait_until(lambda: _started([first_to_end, *running]), 60)
+    first_to_end = _long(1100, 800)
+    running = [_long(1101 + i, 3800) for i in range(SLOTS - 1)]
+    filler = _long(1110, 800)  # the one job reserved beyond the slots (GLYPHQ_MAX_BATCH // 4)
+    assert wait_until(lambda: _started(running) and first_to_end.state in ("STARTED", "SUCCESS"), 60)
     low = [submit(png_bytes(seed=1120 + i), "low", max_new_tokens=4, priority=0) for i in range(3)]
     urgent = submit(png_bytes(seed=1130), "urgent", max_new_tokens=4, priority=9)
     order = {job.id: job.result(timeout=180)["worker"]["task_index"] for job in [urgent, *low, filler]}
@@ -143,7 +143,7 @@ def test_a_bad_job_fails_alone(worker, redis_client):
 def test_flower_sees_each_job_start_and_end_when_it_does(worker):
     events = _Events()
     try:
-        short, long_job = _long(1400, 40), _long(1401, 600)
+        short, long_job = _long(1400, 40), _long(1401, 2000)
         results = {job.id: job.result(timeout=120) for job in (short, long_job)}
         assert wait_until(lambda: all("task-succeeded" in events.events.get(job.id, {})
                                       for job in (short, long_job)), 10), events.events
@@ -155,7 +155,7 @@ def test_flower_sees_each_job_start_and_end_when_it_does(worker):
         wall = succeeded["timestamp"] - started["timestamp"]
         assert succeeded["runtime"] > 0.05, "a real runtime, not the tracer's few milliseconds"
         assert abs(wall - succeeded["runtime"]) < 0.5, (wall, succeeded["runtime"])
-        assert results[job_id]["tokens_out"] in (40, 600)
+        assert results[job_id]["tokens_out"] in (40, 2000)
     assert seen[short.id]["task-succeeded"]["timestamp"] < seen[long_job.id]["task-succeeded"]["timestamp"] - 0.5
     assert seen[long_job.id]["task-succeeded"]["runtime"] > 3 * seen[short.id]["task-succeeded"]["runtime"]
 
@@ -166,9 +166,9 @@ def test_sigkill_of_the_child_answers_every_job_exactly_once(worker, moment):
     counted, its prompt not yet decoded): every job is answered, and each result is stored once."""
     store = Store(settings)
     count = SLOTS if moment == "mid-decode" else SLOTS - 1  # mid-admission: one slot free for the joiner
-    running = [_long(1500 + i, 800) for i in range(count)]
+    running = [_long(1500 + i, 3000) for i in range(count)]
     assert wait_until(lambda: _started(running), 60)
-    joining = [] if moment == "mid-decode" else [_long(1510, 300)]
+    joining = [] if moment == "mid-decode" else [_long(1510, 1000)]
     if joining:
         assert wait_until(lambda: store.runs(joining[0].id) >= 1, 60, interval=0.001)
     child = worker.children()[0]
@@ -176,7 +176,7 @@ def test_sigkill_of_the_child_answers_every_job_exactly_once(worker, moment):
     later = [_long(1520 + i, 20) for i in range(3)]
     everything = running + joining + later
     results = [job.result(timeout=240) for job in everything]
-    assert [r["tokens_out"] for r in results] == [800] * count + [300] * len(joining) + [20] * 3
+    assert [r["tokens_out"] for r in results] == [3000] * count + [1000] * len(joining) + [20] * 3
     assert all(r["worker"]["pid"] != child for r in results[:count + len(joining)])
     assert [store.runs(job.id) for job in running + joining] == [2] * (count + len(joining)), "each ran again once"
     assert all(job.state == "SUCCESS" for job in everything)

@@ -3,7 +3,11 @@
 Each :meth:`Continuous.step` is one scheduling iteration:
 
 1. Admission: while a slot is free, the waiting job that is most urgent (lowest ``priority``), then
-   oldest, is preprocessed and put in the prefill of this iteration. One iteration prefills at most
+   oldest, whose pages are ready is put in the prefill of this iteration. A job's pages are decoded
+   and fitted to the box by a few threads from the moment it is added (``PAGE_THREADS``), so that CPU
+   work never holds up the rows decoding on the GPU; only the processor runs here. The last
+   ``reserved_slots(max_batch)`` free slots take only jobs of ``urgent_priority`` or more urgent, so
+   such a job never waits for a long row to end. One iteration prefills at most
    ``PREFILL_TOKENS`` prompt tokens (a longer single prompt goes alone), in passes of prompts of
    similar length (``worker.decode.prefill_groups``), so the rows already decoding wait at most one
    such pass (about 0.3 s on an H200 at 15k prompt tokens/s) between two decode chunks.
@@ -20,6 +24,7 @@ import itertools
 import logging
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +40,15 @@ log = logging.getLogger(__name__)
 
 #: Prompt tokens one iteration prefills at most (one prompt longer than this is prefilled alone).
 PREFILL_TOKENS = 4096
+#: Threads that decode and fit waiting jobs' pages (PIL releases the GIL while it decodes and resizes).
+PAGE_THREADS = 4
+#: One slot in this many is kept for urgent jobs (none below 16 slots).
+URGENT_SHARE = 16
+
+
+def reserved_slots(max_batch: int) -> int:
+    """Slots kept free for urgent jobs in a running batch of ``max_batch`` slots."""
+    return max_batch // URGENT_SHARE
 
 
 class DeadlinePassed(WorkerError):
@@ -48,6 +62,7 @@ class _Waiting:
     priority: int
     order: int
     deadline: float | None
+    pages: Future[tuple[list[Any], float]] | None = None  # the fitted pages and the seconds they took
     prompt: dict[str, torch.Tensor] | None = None
     fitted: list[Any] = field(default_factory=list)
     preprocess_s: float = 0.0
@@ -76,21 +91,53 @@ class Finished:
     started: float | None = None  # time.time() its prefill began, None if it never started
 
 
-class Continuous:
-    """The running batch of one engine: ``add`` jobs at any time, call ``step`` until ``busy`` is False."""
+@dataclass
+class Stats:
+    """Where a running batch's time went (seconds) and how full its steps were."""
 
-    def __init__(self, engine: Any, box: Box, prefill_tokens: int = PREFILL_TOKENS) -> None:
+    pages_wait_s: float = 0.0  # waiting for pages when nothing else could run
+    process_s: float = 0.0  # the processor (text template, image tensors)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    row_steps: int = 0  # the sum over steps of the rows in use
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(value, 3) for name, value in vars(self).items()}
+
+
+class Continuous:
+    """The running batch of one engine: ``add`` jobs at any time, call ``step`` until ``busy`` is False,
+    then ``close``. ``priority`` 0 is most urgent; jobs at ``urgent_priority`` or lower may take the
+    slots kept for urgent jobs."""
+
+    def __init__(self, engine: Any, box: Box, prefill_tokens: int = PREFILL_TOKENS, urgent_priority: int = 0) -> None:
         self.engine = engine
         self.decoder = engine.slots
         self.box = box
         self.prefill_tokens = prefill_tokens
+        self.urgent_priority = urgent_priority
+        self.reserved = reserved_slots(self.decoder.max_batch)
         self.waiting: list[_Waiting] = []
         self.rows: dict[int, _Row] = {}
+        self.stats = Stats()
         self._order = itertools.count()
+        self._page_threads: ThreadPoolExecutor | None = None
 
     def add(self, key: Any, job: Any, priority: int = 0, deadline: float | None = None) -> None:
-        """Queue ``job`` (an ``EngineJob``); ``priority`` 0 is most urgent; ``deadline`` is ``time.monotonic()``."""
-        self.waiting.append(_Waiting(key, job, priority, next(self._order), deadline))
+        """Queue ``job`` (an ``EngineJob``); ``deadline`` is ``time.monotonic()``. Its pages are decoded
+        and fitted from now on, in a thread."""
+        if self._page_threads is None:
+            self._page_threads = ThreadPoolExecutor(PAGE_THREADS, thread_name_prefix="glyphq-pages")
+        waiting = _Waiting(key, job, priority, next(self._order), deadline)
+        waiting.pages = self._page_threads.submit(self._fit_pages, job, self.box)
+        self.waiting.append(waiting)
+
+    def close(self) -> None:
+        """Stop the page threads (after the jobs in hand have ended)."""
+        if self._page_threads is not None:
+            self._page_threads.shutdown(wait=True, cancel_futures=True)
+            self._page_threads = None
 
     @property
     def busy(self) -> bool:
@@ -100,6 +147,15 @@ class Continuous:
     def free_slots(self) -> int:
         return self.decoder.max_batch - len(self.rows)
 
+    def room_for(self, priority: int) -> int:
+        """How many more jobs of ``priority`` the next iteration could start, after the waiting ones."""
+        urgent = sum(w.priority <= self.urgent_priority for w in self.waiting)
+        normal = len(self.waiting) - urgent
+        unkept = max(0, self.free_slots - self.reserved)  # the free slots any job may take
+        if priority <= self.urgent_priority:
+            return self.free_slots - urgent - min(normal, unkept)
+        return unkept - normal - max(0, urgent - (self.free_slots - unkept))
+
     def step(self) -> list[Finished]:
         """One iteration: admit, decode a chunk, end rows. Returns the jobs that ended."""
         finished = self._admit()
@@ -108,47 +164,79 @@ class Continuous:
         return finished
 
     def run(self) -> list[Finished]:
-        """Step until every job has ended; every result, in the order the jobs ended."""
+        """Step until every job has ended, then ``close``; every result, in the order the jobs ended."""
         done: list[Finished] = []
-        while self.busy:
-            done += self.step()
+        try:
+            while self.busy:
+                done += self.step()
+        finally:
+            self.close()
         return done
 
     # -- admission ------------------------------------------------------------------------------
 
     def _admit(self) -> list[Finished]:
+        """Choose the waiting jobs to start now, most urgent first, and prefill them."""
         failed: list[Finished] = []
         chosen: list[_Waiting] = []
         tokens = 0
+        self._wait_for_pages()
         self.waiting.sort(key=lambda w: (w.priority, w.order))
-        while self.waiting and len(chosen) < self.free_slots:
-            waiting = self.waiting[0]
+        pending = 0  # more urgent jobs whose pages are still being decoded: they keep a slot each
+        for waiting in list(self.waiting):
+            free = self.free_slots if waiting.priority <= self.urgent_priority else self.free_slots - self.reserved
+            if len(chosen) + pending >= free:
+                break
+            if waiting.prompt is None and waiting.pages is not None and not waiting.pages.done():
+                pending += 1  # the next iteration looks again
+                continue
             try:
                 self._prepare(waiting)
             except Exception as exc:  # a bad image or prompt fails its own job only
-                self.waiting.pop(0)
+                self.waiting.remove(waiting)
                 failed.append(Finished(waiting.key, _as_failure(exc), time.time()))
                 continue
             assert waiting.prompt is not None
             length = waiting.prompt["input_ids"].shape[1]
             if chosen and tokens + length > self.prefill_tokens:
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(waiting)
             chosen.append(waiting)
             tokens += length
         if chosen:
             failed += self._start(chosen)
         return failed
 
+    def _wait_for_pages(self) -> None:
+        """With no row decoding, wait until some waiting job's pages are ready (rather than spin)."""
+        if self.rows:
+            return
+        pending = [w.pages for w in self.waiting if w.prompt is None and w.pages is not None]
+        if pending and not any(future.done() for future in pending):
+            started = time.perf_counter()
+            wait(pending, return_when=FIRST_COMPLETED)
+            self.stats.pages_wait_s += time.perf_counter() - started
+
+    def _fit_pages(self, job: Any, box: Box) -> tuple[list[Any], float]:
+        """In a page thread: the job's pages decoded and fitted into ``box``, and the seconds it took."""
+        started = time.perf_counter()
+        fitted = [fit_image(image, box, self.engine.min_side) for image in job.pages()]
+        return fitted, time.perf_counter() - started
+
     def _prepare(self, waiting: _Waiting) -> None:
         if waiting.prompt is not None:
             return
-        started = time.perf_counter()
-        box = waiting.box or self.box
         job = waiting.job
-        waiting.fitted = [fit_image(image, box, self.engine.min_side) for image in job.images]
+        if waiting.box is not None or waiting.pages is None:  # a retry in a smaller box fits again, here
+            waiting.fitted, fit_s = self._fit_pages(job, waiting.box or self.box)
+        else:
+            waiting.fitted, fit_s = waiting.pages.result()
+        waiting.preprocess_s += fit_s
+        started = time.perf_counter()
         waiting.prompt = self.engine.process(job, waiting.fitted)
-        waiting.preprocess_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        waiting.preprocess_s += elapsed
+        self.stats.process_s += elapsed
         total = waiting.prompt["input_ids"].shape[1] + job.max_new_tokens
         if not self.decoder.fits(total):
             raise ModelError(f"the prompt ({waiting.prompt['input_ids'].shape[1]} tokens) and max_new_tokens "
@@ -174,6 +262,7 @@ class Continuous:
                 self.decoder.release(slot)
             return self._retry(group, exc, now)
         prefill_s = time.perf_counter() - started
+        self.stats.prefill_s += prefill_s
         for slot, waiting in zip(free, group, strict=True):
             prompt = waiting.prompt
             assert prompt is not None
@@ -218,7 +307,11 @@ class Continuous:
             for row in self.rows.values():
                 row.tokens += latest[row.slot]
                 row.produced += steps
-        share = (time.perf_counter() - started) / len(self.rows)
+            self.stats.steps += steps
+            self.stats.row_steps += steps * active
+        elapsed = time.perf_counter() - started
+        self.stats.decode_s += elapsed
+        share = elapsed / len(self.rows)
         now = time.monotonic()
         finished: list[Finished] = []
         for slot, row in list(self.rows.items()):

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,14 +32,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineJob:
-    """One question about one or more images (a document's pages, in order), with earlier turns."""
+    """One question about one or more images (a document's pages, in order), with earlier turns.
 
-    images: list[Image.Image]
+    ``images`` may also be a function that decodes them: the running batch calls it in a page thread
+    (``worker.continuous``), so a large page is decoded off the decode loop.
+    """
+
+    images: list[Image.Image] | Callable[[], list[Image.Image]]
     question: str
     max_new_tokens: int
     history: list[dict[str, str]] = field(default_factory=list)
     thinking_budget: int | None = None  # new tokens of reasoning before </think> is fed (worker.logits)
     document: bool = False  # the images are a rendered document's pages
+
+    def pages(self) -> list[Image.Image]:
+        """The images, decoded now if they are not yet."""
+        return self.images() if callable(self.images) else self.images
 
 
 @dataclass
@@ -121,7 +130,7 @@ class Engine:
             running = Continuous(self, box)
             for index, job in enumerate(jobs):
                 running.add(index, job)
-            outcomes = {f.key: f.outcome for f in running.run()}
+            outcomes = {f.key: f.outcome for f in running.run()}  # run() closes it
             for index in range(len(jobs)):
                 if isinstance(outcomes[index], BaseException):
                     raise outcomes[index]
@@ -131,7 +140,7 @@ class Engine:
     def answer_with_generate(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
         """Answer ``jobs`` in one greedy batched ``model.generate`` (the reference the slots are checked against)."""
         start = time.perf_counter()
-        fitted = [[fit_image(image, box, self.min_side) for image in job.images] for job in jobs]
+        fitted = [[fit_image(image, box, self.min_side) for image in job.pages()] for job in jobs]
         prompts = [self.process(job, images) for job, images in zip(jobs, fitted, strict=True)]
         preprocess_s = time.perf_counter() - start
 

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +170,7 @@ class _Fetched:
 
     job_id: str
     job: JobMessage
-    images: list[Any]
+    images: Callable[[], list[Any]]  # decodes the pages (worker.engine.EngineJob.images)
     text_tokens: int | None
     fetch_s: float
     task_index: int
@@ -282,8 +283,11 @@ def _fetch(eng: Any, store: Store, job_id: str, raw_job: object) -> _Fetched:
         )
     job = JobMessage.from_dict(raw_job, settings)
     start = time.perf_counter()
-    images = [decode_checked_image(store.require_blob("image_keys", key, settings.max_image_bytes), settings)
-              for key in job.image_keys]
+    blobs = [store.require_blob("image_keys", key, settings.max_image_bytes) for key in job.image_keys]
+
+    def images() -> list[Any]:  # decoded (and checked) in the running batch's page threads
+        return [decode_checked_image(blob, settings) for blob in blobs]
+
     text_tokens = None
     if job.text_key is not None:
         text_tokens = eng.count_text_tokens(document_text(store, job.text_key, settings))

@@ -6,8 +6,9 @@ and its keys and values are copied into a free slot, from column 0. Each row the
 token at its own column, so rows that started at different times decode together: a decode step
 runs every active slot, and a row that ends frees its slot for the next job at once.
 
-A step reads the slots ``[0, rows)`` and the columns ``[0, length)``, both rounded up to a power of
-two (a bucket), so a step costs what the longest active row needs, not what the cache could hold.
+A step reads the slots ``[0, rows)``, rounded up to a power of two, and the columns ``[0, length)``,
+rounded up to a quarter octave (``column_bucket``): a bucket. So a step costs what the longest active
+row needs, not what the cache could hold.
 Every per-row buffer (next token, position, column, new-token index, the repetition penalty and
 thinking budget of ``worker.logits``) is one tensor of all slots; a bucket's step is a view of the
 first ``rows``, so rows move between buckets without any copy. On CUDA each bucket's step is
@@ -32,6 +33,23 @@ from glyphq.worker.prompts import collate
 from glyphq.worker.reasoning import ReasoningIds
 
 log = logging.getLogger(__name__)
+
+
+def column_bucket(n: int, limit: int, floor: int = MIN_CACHE_LEN) -> int:
+    """The columns a step reads for rows of up to ``n`` tokens: ``n`` rounded up to a quarter of the
+    octave it is in (1280, 1536, 1792, 2048, 2560, ...), so at most 25% more, at least ``floor`` and
+    never more than ``limit``.
+
+    Every row of a step reads as many columns as the longest one needs (the attention mask hides the
+    rest), so one row past 4,096 tokens would make each row of a power-of-two bucket read 8,192.
+    """
+    octave = floor
+    while octave < n:
+        octave *= 2
+    if octave > floor:
+        step = octave // 8  # n is past octave / 2: steps of a quarter of that
+        octave = -(-n // step) * step
+    return max(n, min(octave, limit))
 
 
 class _RowWrites:
@@ -116,7 +134,7 @@ class SlotDecoder:
 
     def shape_for(self, rows: int, length: int) -> tuple[int, int]:
         """The (rows, columns) bucket of a step over slots ``[0, rows)`` up to column ``length``."""
-        return bucket(rows, self.max_batch), bucket(length, self.max_tokens, MIN_CACHE_LEN)
+        return bucket(rows, self.max_batch), column_bucket(length, self.max_tokens)
 
     def buckets_in_use(self) -> list[tuple[int, int]]:
         """Buckets that ran more than one step chunk, most used first: those worth capturing ahead."""
