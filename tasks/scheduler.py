@@ -15,11 +15,12 @@ The path of one job, start to end:
    ``Request.on_failure`` with ``WorkerLostError``: requeued (``task_reject_on_worker_lost``), or
    acknowledged if its result was already stored. A job past ``GLYPHQ_TIME_LIMIT`` fails with
    Celery's ``Request.on_timeout`` and its child is killed, as billiard's hard limit does.
-5. When the broker connection is lost, Celery cancels the jobs that run (their child is killed, and
-   ``tasks.private.CancelledForRedelivery`` stores nothing). Every job the scheduler held belongs to
-   that connection: none is acknowledged, rejected or stored as it ends or dies, so Redis delivers
-   each message again (at once when the worker closes the connection, or after the visibility
-   timeout if Redis was still down then), and nothing more is handed to the child.
+5. When the broker connection is lost, Celery cancels the jobs that run: their child is killed, and
+   ``tasks.private.CancelledForRedelivery`` stores nothing for them. Every job the scheduler held
+   belongs to that connection: none that dies with the child, or still waits, is acknowledged,
+   rejected or stored, so Redis delivers each message again (at once when the worker closes the
+   connection, or after the visibility timeout if Redis was still down then), and nothing more is
+   handed to the child.
 
 Recycling counts jobs: a child is handed at most as many jobs as it has room for
 (``GLYPHQ_MAX_TASKS_PER_CHILD``); its successor may be started while it finishes them (``tasks.handover``).
