@@ -14,6 +14,8 @@ from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, set
 from glyphq.tasks.app import app
 
 SCHEDULING_STRATEGY = "glyphq.tasks.scheduler:strategy"
+#: Their requests: on a lost broker connection, cancelled without storing a state (``tasks.private``).
+GPU_REQUEST = "glyphq.tasks.private:CancelledForRedelivery"
 
 
 def image_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def pages_job(rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 JOB_MESSAGE: dict[str, Callable[..., dict[str, Any]]] = {ANSWER_TASK: image_job, ANSWER_PAGES_TASK: pages_job}
 
 
-@app.task(name=ANSWER_TASK, bind=True, Strategy=SCHEDULING_STRATEGY)
+@app.task(name=ANSWER_TASK, bind=True, Strategy=SCHEDULING_STRATEGY, Request=GPU_REQUEST)
 def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Answer one image + question job and return the result dict (see README, "Results")."""
     from glyphq.worker import runtime  # torch lives only in the worker child, never in producers
@@ -53,7 +55,7 @@ def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
     return pages.render_document(request, job_id, settings)
 
 
-@app.task(name=ANSWER_PAGES_TASK, bind=True, Strategy=SCHEDULING_STRATEGY)
+@app.task(name=ANSWER_PAGES_TASK, bind=True, Strategy=SCHEDULING_STRATEGY, Request=GPU_REQUEST)
 def answer_pages(self: Any, rendered: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """Answer a question over the pages that ``glyphq.render`` produced, all in one prompt, in order."""
     from glyphq.worker import runtime

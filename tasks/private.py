@@ -22,6 +22,14 @@ relies on; ``pyproject.toml`` pins the three packages to the ranges those tests 
    celery/kombu#1733); on a lost connection that read raises, Celery's second close fails with
    ``AttributeError`` and the worker exits. The close is retried once, so unacknowledged messages
    are restored and the worker reconnects.
+6. :class:`CancelledForRedelivery`: the request class of the GPU tasks. On a lost broker connection
+   Celery cancels each running late-ack request (``Consumer.on_connection_error_after_connected``
+   calls ``Request.cancel``), which stores a RETRY state first. With Redis down that store blocks the
+   worker through the result backend's retries (about 9 s a job) and then fails, and a request whose
+   cancel failed is later taken as terminated: stored as REVOKED and acknowledged, so the job was lost
+   (glyphq issue 14). Its cancel stores nothing, as Celery's own shutdown cancel does for late-ack
+   tasks (``Consumer.cancel_active_requests``): the message stays unacknowledged and Redis delivers it
+   again. Upstream: celery/celery#7185 (that cancel writes to the result backend while it is down).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from celery.worker.request import Request
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +151,14 @@ def fix_kombu_close() -> None:
 
     close.glyphq_fix = True  # type: ignore[attr-defined]
     kombu_redis.Channel.close = close  # type: ignore[method-assign]
+
+
+# -- 6. the cancel on a lost connection -----------------------------------------------------------
+
+class CancelledForRedelivery(Request):
+    """A GPU task's request: cancelled on a lost connection without storing a state (see point 6)."""
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        """Stop the request's child, as Celery does, and leave its message for Redis to deliver again."""
+        super().cancel(pool, signal=signal, emit_retry=False)
+

@@ -15,6 +15,12 @@ The path of one job, start to end:
    ``Request.on_failure`` with ``WorkerLostError``: requeued (``task_reject_on_worker_lost``), or
    acknowledged if its result was already stored. A job past ``GLYPHQ_TIME_LIMIT`` fails with
    Celery's ``Request.on_timeout`` and its child is killed, as billiard's hard limit does.
+5. When the broker connection is lost, Celery cancels the jobs that run: their child is killed, and
+   ``tasks.private.CancelledForRedelivery`` stores nothing for them. Every job the scheduler held
+   belongs to that connection: none that dies with the child, or still waits, is acknowledged,
+   rejected or stored, so Redis delivers each message again (at once when the worker closes the
+   connection, or after the visibility timeout if Redis was still down then), and nothing more is
+   handed to the child.
 
 Recycling counts jobs: a child is handed at most as many jobs as it has room for
 (``GLYPHQ_MAX_TASKS_PER_CHILD``); its successor may be started while it finishes them (``tasks.handover``).
@@ -74,6 +80,7 @@ class Scheduler:
         self.pool = consumer.pool
         self.timer = consumer.timer
         self.channel = channel
+        self.connection = consumer.connection  # the broker connection the requests came on
         self.task_names: set[str] = set()
         self.waiting: list[tuple[int, int, Any]] = []  # (redis priority, arrival, request)
         self.handed: dict[str, _Handed] = {}
@@ -105,6 +112,9 @@ class Scheduler:
 
     def pump(self) -> None:
         """Start a pool job if needed, and hand the child what it has room for."""
+        if self.connection_lost():
+            self.release_waiting()
+            return
         if private.shutting_down() or self._leaving is not None or not self.waiting:
             return
         if not self.serving:
@@ -125,6 +135,16 @@ class Scheduler:
         """The worker is stopping: tell the child to start no new job (what it has not started comes back)."""
         if self.serving:
             self.channel.hand_over(self.epoch, {"control": "drain"})
+
+    def connection_lost(self) -> bool:
+        """Whether the broker connection the requests came on is gone (the consumer reconnects with a new one)."""
+        return self.consumer.connection is not self.connection
+
+    def release_waiting(self) -> None:
+        """Forget the requests not handed to the child: their messages come back from Redis."""
+        for _priority, _arrival, request in self.waiting:
+            private.request_reserved(request)
+        self.waiting.clear()
 
     def room_left(self) -> int:
         return settings.max_tasks_per_child if self.room is None else self.room
@@ -191,7 +211,10 @@ class Scheduler:
         for task_id, handed in list(self.handed.items()):
             if handed.epoch == epoch:  # handed over after the child's last look: hand it over again
                 del self.handed[task_id]
-                self.waiting.append((_redis_priority(handed.request), 0, handed.request))
+                if self.connection_lost():
+                    private.request_reserved(handed.request)  # Redis delivers it again
+                else:
+                    self.waiting.append((_redis_priority(handed.request), 0, handed.request))
         self.serving = False
         room = int(returned.get("room") or 0)
         self.room = room or None
@@ -203,14 +226,23 @@ class Scheduler:
         self.pump()
 
     def lost(self, epoch: int, exc_info: Any) -> None:
-        """The child died (or was killed): every job it had not ended goes back through Celery."""
+        """The child died (or was killed): every job it had not ended goes back through Celery, or, when
+        the broker connection is gone (Celery killed the child for that), stays unacknowledged.
+
+        Celery's ``on_failure`` would take a job that was not cancelled itself, but died beside one that
+        was, as terminated: stored as REVOKED and acknowledged, and never run again.
+        """
         self.read_reports()
+        connection_lost = self.connection_lost()
         for task_id, handed in list(self.handed.items()):
             if handed.epoch != epoch:
                 continue
             del self.handed[task_id]
             if handed.timed_out:
                 continue  # failed and acknowledged already
+            if connection_lost:
+                private.request_reserved(handed.request)  # Redis delivers it again
+                continue
             handed.request.on_failure(exc_info)
         self.serving = False
         self.room = None
@@ -333,8 +365,7 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     current = _Current.scheduler
     if current is None or current.consumer is not consumer or task.name in current.task_names:
         if current is not None:
-            for _priority, _arrival, request in current.waiting:
-                private.request_reserved(request)
+            current.release_waiting()
         found = channels.current() or channels.create()
         current = _Current.scheduler = Scheduler(consumer, found)
     current.task_names.add(task.name)

@@ -7,12 +7,19 @@ The end-to-end tests (``test_continuous``, ``test_handover``, ``faults``) show t
 from __future__ import annotations
 
 import inspect
+import json
 from importlib.metadata import version
+from unittest import mock
 
 import billiard.pool
 import pytest
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import Terminated
 from celery.worker import state
 from celery.worker import strategy as celery_strategy
+from celery.worker.consumer import consumer as celery_consumer
+from celery.worker.request import Request
+from kombu import Message
 from kombu.transport import redis as kombu_redis
 
 from glyphq.tasks import private
@@ -73,3 +80,50 @@ def test_kombu_close_reads_the_pending_brpop_reply():
     fixed = kombu_redis.Channel.close
     private.fix_kombu_close()
     assert kombu_redis.Channel.close is fixed, "installed once"
+
+
+def _started_request(request_class: type, acks: list[object]) -> Request:
+    """A started ``glyphq.answer`` request of ``request_class``, on child pid 1234; its acks go to ``acks``."""
+    import glyphq.tasks  # noqa: F401  (registers the tasks)
+    from glyphq.tasks.app import app
+
+    task = app.tasks["glyphq.answer"]
+    sent = app.amqp.as_task_v2("canary-cancel", task.name, args=(), kwargs={"job": {}})
+    message = Message(body=json.dumps(sent.body), headers=sent.headers, content_type="application/json",
+                      content_encoding="utf-8", delivery_info={"routing_key": "gpu"}, properties=sent.properties,
+                      channel=mock.Mock())
+    request = request_class(message, app=app, task=task, on_ack=lambda *args: acks.append(args))
+    request.on_accepted(1234, 0.0)
+    return request
+
+
+def _cancel_then_terminated(request: Request) -> tuple[mock.Mock, list[object]]:
+    """Cancel ``request`` as a lost connection does, then end it as its killed child does: (pool, stores)."""
+    pool = mock.Mock()
+    with mock.patch.object(request.task.backend, "store_result") as store:
+        request.cancel(pool)
+        try:
+            raise Terminated(-15)
+        except Terminated:
+            request.on_failure(ExceptionInfo())
+    return pool, store.call_args_list
+
+
+def test_a_lost_connection_cancels_each_running_request():
+    """celery/celery#7185: Celery cancels the running late-ack requests when the broker connection is lost."""
+    source = inspect.getsource(celery_consumer.Consumer.on_connection_error_after_connected)
+    assert "worker_cancel_long_running_tasks_on_connection_loss" in source and "request.cancel(self.pool)" in source
+    assert "emit_retry" in inspect.signature(Request.cancel).parameters
+
+
+def test_celery_cancel_stores_retry_and_the_gpu_request_stores_nothing():
+    pool, stores = _cancel_then_terminated(_started_request(Request, []))
+    assert [call.args[2] for call in stores] == ["RETRY"], "Celery's own cancel writes to the result backend"
+
+    acks: list[object] = []
+    request = _started_request(private.CancelledForRedelivery, acks)
+    pool, stores = _cancel_then_terminated(request)
+    pool.terminate_job.assert_called_once_with(1234, mock.ANY)  # its child is stopped, as Celery does
+    assert stores == [], "no RETRY, and no REVOKED once its child is gone"
+    assert acks == [] and not request.acknowledged, "the message stays unacknowledged: Redis delivers it again"
+    assert request not in state.active_requests

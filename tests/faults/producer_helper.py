@@ -5,7 +5,8 @@ own redis-server runs this script with ``GLYPHQ_BROKER_URL`` (and any other ``GL
 its environment, exactly as a web backend would, and talks to it in JSON lines on stdin/stdout:
 
     {"op": "submit", "seed": 1, "question": "q", "max_new_tokens": 4}   -> {"ok": true, "job_id": ...}
-    ("size": [w, h] sets the image's size, "noise": true makes it random pixels, "job_id" names the job)
+    ("size": [w, h] sets the image's size, "noise": true makes it random pixels, "job_id" names the job,
+    "session" makes it a turn of that session)
     {"op": "result", "job_id": "...", "timeout": 60}                      -> {"ok": true, "result": {...}}
     {"op": "state", "job_id": "..."}                                      -> {"ok": true, "state": "..."}
     {"op": "exit"}
@@ -62,7 +63,8 @@ def main() -> int:
             elif key not in images:
                 images[key] = png_bytes(size, seed=key[0])
             job = submit(images[key], request.get("question", "What is this?"),
-                         max_new_tokens=request.get("max_new_tokens", 4), job_id=request.get("job_id"))
+                         max_new_tokens=request.get("max_new_tokens", 4), job_id=request.get("job_id"),
+                         session=request.get("session"))
             return {"job_id": job.id}
         if op == "result":
             job = Job(request["job_id"])
