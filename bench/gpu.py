@@ -1,15 +1,22 @@
 """GPU speed of glyphq on the Glyph-size model, in one go: decode, backlog, queue overhead, recycling.
 
     python3 bench/gpu.py --out DIR [--jobs 1024] [--inprocess-jobs 256] [--max-batch 32] [--git-sha SHA]
+                         [--model-dir /tmp/glyph-9b] [--preset glyph-9b] [--skip-queue]
 
-1. Builds the ``glyph-9b`` preset (GLM-4.1V-9B config, 10.3B params, random weights) if missing.
-2. In this process, with ``worker.engine.load`` (bf16 on the GPU):
-   - ``decode_ms_per_step_b1``: static decoding, one 1280x720 page, (t(136 tokens) - t(8 tokens)) / 128;
+1. Builds ``--preset`` (default ``glyph-9b``: GLM-4.1V-9B config, 10.3B params, random weights) into
+   ``--model-dir`` if no model is there. ``--preset tiny`` on a CPU is a smoke check of the code path,
+   not a measurement.
+2. In this process, with ``worker.engine.load`` (bf16 on the GPU), decoding in slots as the worker does
+   (``worker.slots``, scheduled by ``worker.continuous``, which ``engine.answer`` also runs):
+   - ``decode_ms_per_step_b1``: one 1280x720 page, (t(136 tokens) - t(8 tokens)) / 128;
      the same for plain ``generate`` (``naive_decode_ms_per_step_b1``).
    - ``naive_tok_s``: plain ``generate``, batch 1, over the first jobs of the backlog.
-   - ``inprocess_jobs_s``: ``engine.answer`` in batches of ``--max-batch`` over the first
-     ``--inprocess-jobs`` jobs of the backlog (decode, fit, processor and generate, as the worker does).
+   - ``inprocess_jobs_s``: the first ``--inprocess-jobs`` jobs of the backlog queued at once in one
+     running batch of ``--max-batch`` slots (decode, fit, processor, prefill and decode, as the worker
+     does with a backlog), after one full batch that captures the steps.
    - batched against alone: the tokens of 8 jobs answered together and one by one.
+   - a batch of ``--max-batch`` pages: preprocessing, the vision tower, one padded prompt pass, and
+     the prompt passes in length groups into slots (``prefill_s_batch``, as the worker admits them).
 3. Starts redis-server and a real ``celery -A glyphq.tasks worker`` with ``GLYPHQ_MAX_BATCH=--max-batch`` and
    recycling every ``--per-child`` jobs, lets it answer one full batch (``first_child_warmup_s``: the
    first child's compile and captures; the in-process figure also leaves them out), then enqueues
@@ -70,15 +77,18 @@ def job_list(count: int) -> list[tuple[bytes, str]]:
 
 
 def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
-    """Figures from calling the engine directly in this process."""
+    """Figures from calling the engine directly in this process, on the worker's path: slots driven by
+    ``worker.continuous.Continuous`` (``engine.answer`` runs the same scheduler)."""
     import torch
     from PIL import Image
 
     from glyphq.celeryconfig import Settings
+    from glyphq.worker.continuous import Continuous
     from glyphq.worker.decode import prefill_groups
     from glyphq.worker.engine import EngineJob, load
     from glyphq.worker.images import fit_image
     from glyphq.worker.prompts import collate
+    from glyphq.worker.slots import Admission
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch),
            "GLYPHQ_DECODE": "static"}
@@ -104,8 +114,8 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
         return time.perf_counter() - t
 
     figures: dict = {"load_s": round(load_s, 2)}
-    decoder = engine.decoder
-    # Static decode at batch 1 on a 1280x720 page (job 0); the first call captures the graph.
+    decoder = engine.slots
+    # Slot decoding at batch 1 on a 1280x720 page (job 0); the first call captures the graph.
     capture = timed(lambda: engine.answer([engine_job(0, 8)], box))
     figures["graph_capture_s_first_bucket"] = round(capture, 2)
     short = min(timed(lambda: engine.answer([engine_job(0, 8)], box)) for _ in range(3))
@@ -115,21 +125,19 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     figures["b1_tokens_out_check"] = out.tokens_out
 
     # Plain generate, batch 1: per step, and tokens/s over the first jobs.
-    engine.decoder = None
-    short = timed(lambda: engine.answer([engine_job(0, 8)], box))
-    long = timed(lambda: engine.answer([engine_job(0, 8 + NEW_TOKENS)], box))
+    short = timed(lambda: engine.answer_with_generate([engine_job(0, 8)], box))
+    long = timed(lambda: engine.answer_with_generate([engine_job(0, 8 + NEW_TOKENS)], box))
     figures["naive_decode_ms_per_step_b1"] = round((long - short) / NEW_TOKENS * 1000, 2)
     tokens, seconds = 0, 0.0
     for i in range(args.naive_jobs):
         t = time.perf_counter()
-        result = engine.answer([engine_job(i)], box)[0]
+        result = engine.answer_with_generate([engine_job(i)], box)[0]
         seconds += time.perf_counter() - t
         tokens += result.tokens_out
     figures["naive_tok_s"] = round(tokens / seconds, 1)
     figures["naive_jobs"] = args.naive_jobs
 
-    # Batched against alone, static decoding, 8 jobs of mixed sizes.
-    engine.decoder = decoder
+    # Batched against alone, in slots, 8 jobs of mixed sizes.
     sample = [engine_job(i, 32) for i in range(8)]
     together = engine.answer(sample, box)
     alone = [engine.answer([job], box)[0] for job in sample]
@@ -142,27 +150,29 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     figures["batched_vs_alone_first_different_token"] = first_difference
     figures["tokens_per_sample_job"] = [len(a.token_ids) for a in together]
 
-    # In-process throughput over the same kind of jobs as the queue: batches of max_batch.
+    # In-process throughput over the same kind of jobs as the queue, after one full batch (its captures):
+    # every job queued at once in one running batch of max_batch slots, as the worker holds a backlog.
+    engine.answer([engine_job(i) for i in range(args.max_batch)], box)
+    engine.cleanup()
     count = args.inprocess_jobs
-    engine.answer([engine_job(i) for i in range(args.max_batch)], box)  # capture the full-batch graph
     sync()
     t = time.perf_counter()
-    produced, preprocess, generate = 0, 0.0, 0.0
-    for first in range(0, count, args.max_batch):
-        images_and_questions = [engine_job(i) for i in range(first, min(count, first + args.max_batch))]
-        answered = engine.answer(images_and_questions, box)
-        produced += sum(r.tokens_out for r in answered)
-        preprocess += sum(r.preprocess_s for r in answered)
-        generate += sum(r.generate_s for r in answered)
-        engine.cleanup()
+    running = Continuous(engine, box)
+    for i in range(count):
+        running.add(i, engine_job(i))
+    answered = [f.outcome for f in running.run()]
     sync()
     elapsed = time.perf_counter() - t
+    failed = [outcome for outcome in answered if isinstance(outcome, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {count} in-process jobs failed, the first: {failed[0]!r}")
     figures["inprocess_jobs_s"] = round(count / elapsed, 3)
-    figures["inprocess_tok_s"] = round(produced / elapsed, 1)
-    figures["inprocess_preprocess_share"] = round(preprocess / elapsed, 3)
-    figures["inprocess_generate_share"] = round(generate / elapsed, 3)
+    figures["inprocess_tok_s"] = round(sum(r.tokens_out for r in answered) / elapsed, 1)
+    figures["inprocess_preprocess_share"] = round(sum(r.preprocess_s for r in answered) / elapsed, 3)
+    figures["inprocess_generate_share"] = round(sum(r.generate_s for r in answered) / elapsed, 3)
+    engine.cleanup()
     # Where a batch's time goes: preprocessing, the vision tower, and the prompt pass, in one pass over
-    # the left-padded batch (as before grouping) and grouped by length (as the decoder runs it).
+    # the left-padded batch (as before grouping) and grouped by length into slots (as the worker admits).
     batch = [engine_job(i) for i in range(args.max_batch)]
     fitted = [[fit_image(image, box) for image in job.images] for job in batch]
     figures["preprocess_s_batch"] = round(timed(
@@ -173,12 +183,18 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     figures["prompt_tokens_batch"] = sum(lengths)
     figures["prompt_tokens_batch_padded"] = max(lengths) * len(lengths)
     figures["prefill_groups_batch"] = len(prefill_groups(lengths))
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # as StaticDecoder's prefill
+
+    def admit_in_groups() -> None:
+        for group in prefill_groups(lengths):
+            decoder.admit([Admission(i, prompts[i]) for i in group])
+
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # as the slots' prefill
         pixels = [padded[key] for key in ("pixel_values", "image_grid_thw") if key in padded]
         figures["vision_s_batch"] = round(timed(lambda: engine.model.model.get_image_features(*pixels)), 3)
         figures["prefill_s_batch_padded"] = round(timed(lambda: engine.model(**padded, logits_to_keep=1)), 3)
-        state = decoder._graph(*decoder.shape_for(len(prompts), max(lengths) + NEW_TOKENS))
-        figures["prefill_s_batch"] = round(timed(lambda: decoder._prefill(prompts, lengths, state)), 3)
+        figures["prefill_s_batch"] = round(timed(admit_in_groups), 3)
+    for slot in range(len(prompts)):
+        decoder.release(slot)
     figures["graph_capture_s_total"] = round(decoder.capture_s, 2)
     figures["graph_buckets"] = sorted(decoder.graphs)
     return figures  # the engine goes with this frame; main() collects it
@@ -306,9 +322,13 @@ def set_queue_environment(args: argparse.Namespace) -> None:
 
 
 def main() -> int:
+    from glyphq.worker.tiny import PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-dir", default="/tmp/glyph-9b")
+    parser.add_argument("--preset", choices=PRESETS, default="glyph-9b",
+                        help="the worker.tiny preset built into --model-dir when no model is there")
     parser.add_argument("--jobs", type=int, default=1024)
     parser.add_argument("--inprocess-jobs", type=int, default=256)
     parser.add_argument("--naive-jobs", type=int, default=4)
@@ -319,7 +339,7 @@ def main() -> int:
     parser.add_argument("--skip-queue", action="store_true")
     args = parser.parse_args()
     set_queue_environment(args)
-    ensure_preset(args.model_dir)
+    ensure_preset(args.model_dir, args.preset)
     jobs = job_list(max(args.jobs, args.inprocess_jobs))
     figures: dict = {"git_sha": args.git_sha, "max_batch": args.max_batch, "new_tokens": NEW_TOKENS,
                      "decode_compile": os.environ.get("GLYPHQ_DECODE_COMPILE", "on"),
@@ -349,7 +369,7 @@ def main() -> int:
             "queue_vs_inprocess", "queue_vs_inprocess_between_recycles",
             "recycle_downtime_s", "reserved_band_pct", "cleanup_ms_per_task",
             "cleanup_pct_of_job", "jobs", "git_sha"]
-    print(f"\nglyphq on the H200: glyph-9b, bf16, batch up to {args.max_batch}, {NEW_TOKENS} new tokens per job")
+    print(f"\nglyphq on the H200: {args.preset}, bf16, batch up to {args.max_batch}, {NEW_TOKENS} new tokens per job")
     for key in keys:
         print(f"  {key:<30} {figures.get(key)}")
     return 0

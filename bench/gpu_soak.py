@@ -36,10 +36,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_preset(model_dir: str | Path) -> None:
-    """Build the ``glyph-9b`` preset into ``model_dir`` unless it is there already."""
+def ensure_preset(model_dir: str | Path, preset: str = "glyph-9b") -> None:
+    """Build ``preset`` (a ``worker.tiny`` preset) into ``model_dir`` unless a model is there already."""
     if not (Path(model_dir) / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", str(model_dir), "--preset", "glyph-9b"], check=True,
+        subprocess.run([sys.executable, "-m", "glyphq.worker.tiny", str(model_dir), "--preset", preset], check=True,
                        cwd=ROOT)
 
 

@@ -126,7 +126,7 @@ def test_static_decoding_equals_generate(tiny_model):
 
 
 def test_repetition_penalty_same_in_static_and_generate(tiny_model):
-    """GLYPHQ_REPETITION_PENALTY changes what the model writes, and the static decoder (its step as the
+    """GLYPHQ_REPETITION_PENALTY changes what the model writes, and the slot decoder (its step as the
     CUDA graph runs it) writes the same tokens as generate, batched and alone."""
     env = {"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_MAX_BATCH": "4", "GLYPHQ_DECODE_MAX_TOKENS": "512",
            "GLYPHQ_REPETITION_PENALTY": "1.3"}
@@ -156,7 +156,7 @@ def test_static_decoding_grows_into_longer_buckets(endless_model):
 
 
 def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):
-    """A successor captures its predecessor's decode steps before it takes jobs (``StaticDecoder.warm``)."""
+    """A successor captures its predecessor's decode steps before it takes jobs (``SlotDecoder.warm``)."""
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
     static = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "static",
                                                "GLYPHQ_MAX_BATCH": "8", "GLYPHQ_DECODE_MAX_TOKENS": "1024"}))
@@ -179,7 +179,7 @@ def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc"))
                     or not Path(sysconfig.get_paths()["include"], "Python.h").exists(),
                     reason="torch.compile on the CPU needs a C compiler and Python's headers")
-def test_compiled_static_decoding_equals_generate(tiny_model):
+def test_compiled_slot_decoding_equals_generate(tiny_model):
     """GLYPHQ_DECODE_COMPILE (on by default on CUDA; forced here on the CPU): decode steps run through
     ``torch.compile``d layers, traced once for all layers, and give generate's tokens, batched and alone.
     """

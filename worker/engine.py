@@ -200,7 +200,7 @@ class Engine:
         rules.start([prompt["input_ids"][0] for prompt in prompts], budgets or [None] * len(prompts))
         # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the static cache only.
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-            # The penalty is applied by RulesProcessor, exactly as in the static decoder, never twice.
+            # The penalty is applied by RulesProcessor, exactly as in the slot decoder, never twice.
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                          pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None,
                                          repetition_penalty=1.0,

@@ -1,6 +1,6 @@
 """From one decode step's logits to each row's next token: repetition penalty, greedy choice, thinking budget.
 
-The same tensor operations run in the static decoder's CUDA graph (``worker.decode``) and, through
+The same tensor operations run in the slot decoder's CUDA graph (``worker.slots``) and, through
 :class:`RulesProcessor`, in ``model.generate``, so the two paths choose the same tokens. Every
 operation is in place on buffers allocated once, with no host sync, so a graph can capture it.
 
@@ -50,13 +50,6 @@ class DecodeRules:
                                                   dtype=torch.long, device=device)
         self.closed.zero_()
         self.forced.zero_()
-
-    def copy_(self, other: DecodeRules) -> None:
-        """Take over ``other``'s state (same rows and vocabulary), as a batch moves to a longer bucket."""
-        if self.seen is not None and other.seen is not None:
-            self.seen.copy_(other.seen)
-        for mine, theirs in ((self.budget, other.budget), (self.closed, other.closed), (self.forced, other.forced)):
-            mine.copy_(theirs)
 
     def view(self, start: int, stop: int) -> DecodeRules:
         """The state of rows ``[start, stop)`` as rules of their own, sharing this one's buffers."""
