@@ -92,8 +92,19 @@ def room_for_a_successor(device: torch.device, cache: float, provisional: float)
     """Whether the next child could load beside this one now (``successor_fits`` with this child's GPU
     figures; ``cache`` is the bytes of this child's KV cache, ``provisional`` those of the successor's
     provisional one). Always True on the CPU."""
+    global _no_room_logged
     if not cuda_in_use(device):
         return True
     free, _total = torch.cuda.mem_get_info(device)
-    return successor_fits(float(free), float(torch.cuda.memory_reserved(device)), peak_reserved(device), cache,
-                          provisional)
+    reserved, peak = float(torch.cuda.memory_reserved(device)), peak_reserved(device)
+    fits = successor_fits(float(free), reserved, peak, cache, provisional)
+    if not fits and not _no_room_logged:  # once per child: the figures an operator needs to size the GPU
+        _no_room_logged = True
+        log.info("no room for a successor yet: %.1f GB free, %.1f GB needed (this child may grow by %.1f GB; "
+                 "a successor holds %.1f GB until this child leaves)", free / 1e9,
+                 (peak - reserved + successor_bytes(peak, cache, provisional)) / 1e9, (peak - reserved) / 1e9,
+                 successor_bytes(peak, cache, provisional) / 1e9)
+    return fits
+
+
+_no_room_logged = False

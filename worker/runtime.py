@@ -117,12 +117,16 @@ def _warm_up_for(predecessor: int) -> str:
     started = time.perf_counter()
     decoder = getattr(_engine, "decoder", None)
     lengths = sorted({length for _, length in _predecessor_buckets()}) or [MIN_CACHE_LEN]
+    shapes = [(rows, length) for length in lengths for rows in range(1, PROVISIONAL_ROWS + 1)]
     warmed = 0
-    for length in lengths:
-        for rows in range(1, PROVISIONAL_ROWS + 1):
-            if decoder is None or not _alive(predecessor):
+    try:
+        for rows, length in shapes:
+            if decoder is None or not _alive(predecessor):  # jobs are waiting: compiled when first used
                 break
             warmed += decoder.warm(rows, length)
+    except Exception:  # e.g. out of memory beside the predecessor: compiled when first used instead
+        log.warning("compiling the decode steps failed", exc_info=True)
+        _engine.cleanup()
     done = f"{warmed} decode step(s) captured on a provisional cache"
     if _alive(predecessor):  # else jobs are waiting: they warm this child up as well
         try:
@@ -175,8 +179,9 @@ def _take_over_from(predecessor: int, until: float) -> None:
         if time.perf_counter() - started >= TAKE_OVER_CAPTURE_S:
             break
         captured += decoder.warm(rows, length)
-    log.info("full cache allocated and %d decode step(s) captured in %.2f s after child %d %s (allocation %.2f s)",
-             captured, time.perf_counter() - started, predecessor, "left" if gone else "stopped waiting", allocated_s)
+    log.info("full cache allocated and %d decode step(s) captured in %.2f s %s child %d%s (allocation %.2f s)",
+             captured, time.perf_counter() - started, "after" if gone else "beside", predecessor,
+             " left" if gone else ", which still runs", allocated_s)
 
 
 def _wait_for(predecessor: int, deadline: float) -> float:
