@@ -88,10 +88,11 @@ def successor_fits(free: float, reserved: float, peak: float, cache: float, prov
     return free > (peak - reserved) + successor_bytes(peak, cache, provisional)
 
 
-def room_for_a_successor(device: torch.device, cache: float, provisional: float) -> bool:
+def room_for_a_successor(device: torch.device, cache: float = 0.0, provisional: float = 0.0) -> bool:
     """Whether the next child could load beside this one now (``successor_fits`` with this child's GPU
     figures; ``cache`` is the bytes of this child's KV cache, ``provisional`` those of the successor's
-    provisional one). Always True on the CPU."""
+    provisional one; without them a successor is taken to need all this child holds). Always True on
+    the CPU."""
     global _no_room_logged
     if not cuda_in_use(device):
         return True

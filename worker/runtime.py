@@ -175,10 +175,14 @@ def _take_over_from(predecessor: int, until: float) -> None:
         time.sleep(HANDOVER_POLL_S)
     allocated_s = time.perf_counter() - started
     captured = 0
-    for rows, length in _predecessor_buckets():
-        if time.perf_counter() - started >= TAKE_OVER_CAPTURE_S:
-            break
-        captured += decoder.warm(rows, length)
+    try:
+        for rows, length in _predecessor_buckets():
+            if time.perf_counter() - started >= TAKE_OVER_CAPTURE_S:
+                break
+            captured += decoder.warm(rows, length)
+    except Exception:  # each step is captured when first used instead
+        log.warning("capturing the decode steps on the full cache failed", exc_info=True)
+        _engine.cleanup()
     log.info("full cache allocated and %d decode step(s) captured in %.2f s %s child %d%s (allocation %.2f s)",
              captured, time.perf_counter() - started, "after" if gone else "beside", predecessor,
              " left" if gone else ", which still runs", allocated_s)
@@ -248,12 +252,11 @@ def room_for_a_successor() -> bool:
     from glyphq.worker import memory
     from glyphq.worker.slots import PROVISIONAL_ROWS
 
-    if _engine is None:
-        return False
     decoder = getattr(_engine, "decoder", None)
-    cache = decoder.cache_bytes(decoder.max_batch) if decoder is not None else 0
-    provisional = decoder.cache_bytes(min(PROVISIONAL_ROWS, decoder.max_batch)) if decoder is not None else 0
-    return memory.room_for_a_successor(_engine.device, cache, provisional)
+    if _engine is None or decoder is None:
+        return False
+    return memory.room_for_a_successor(_engine.device, decoder.cache_bytes(decoder.max_batch),
+                                       decoder.cache_bytes(min(PROVISIONAL_ROWS, decoder.max_batch)))
 
 
 def fetch(eng: Any, job_id: str, raw_job: object) -> _Fetched:
