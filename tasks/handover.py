@@ -3,10 +3,11 @@
 Billiard forks a replacement only after a child has exited, and the replacement then loads the model
 (seconds for a 10B model, more when its decode steps are compiled) while the queue waits. Here the
 worker's main process forks the successor while the current child still has
-``GLYPHQ_RECYCLE_OVERLAP_S`` seconds of jobs left. The successor loads the model, captures the decode
-steps its predecessor used, and only then waits for the predecessor to leave (``worker.runtime``);
-billiard counts it ready when it returns, so one child answers at a time. While both are alive the GPU
-holds two copies of the model, which is why the current child first checks that a second one fits.
+``GLYPHQ_RECYCLE_OVERLAP_S`` seconds of jobs left. The successor loads the model with a provisional KV
+cache, compiles its decode steps and answers a warm-up batch, waits for the predecessor to leave, and
+then takes its full cache (``worker.runtime``); billiard counts it ready when it returns, so one child
+answers at a time. While both are alive the GPU holds two copies of the weights, which is why the
+current child first checks that the successor fits (``worker.memory.successor_fits``).
 """
 
 from __future__ import annotations

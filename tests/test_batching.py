@@ -205,7 +205,7 @@ def test_compiled_slot_decoding_equals_generate(tiny_model):
     layers = len(compiled.model.get_decoder().layers)
     assert layers > 1
     # Per traced frame (layer, attention, and the two resumed after the cache update): one graph for
-    # batch 1, one for every other batch, and here one more where batch 4 equals the tiny model's 4
-    # heads (the compiler gives equal sizes one symbol). Never one per layer, nor per bucket.
-    assert 0 < counters["stats"]["unique_graphs"] <= 12, dict(counters["stats"])
+    # batch 1 and one for every other batch, even batch 4, which equals the tiny model's 4 heads (no
+    # duck shaping, see worker.decode._compile_decoder_layers). Never one per layer, nor per bucket.
+    assert 0 < counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
     assert [layer.self_attn.layer_idx for layer in compiled.model.get_decoder().layers] == list(range(layers))

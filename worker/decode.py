@@ -96,12 +96,19 @@ def _compile_decoder_layers(model: Any) -> bool:
     two compiled graphs, takes the layers in the order they call it (``worker.slots._RowWrites``).
 
     Batch and cache length are traced as dynamic, so one compilation serves every bucket, except
-    batch 1, which the compiler always specializes: at most two per graph in all. Inductor keeps
-    what it built on disk (``GLYPHQ_COMPILE_CACHE_DIR``), so the next child of the worker starts warm.
+    batch 1, which the compiler always specializes: at most two per graph in all. For that a size
+    must not share its symbol with another one that happens to be equal when it is first traced
+    (the compiler's "duck shaping"): batch 2 equals GLM-4.1V-9B's 2 key/value heads, and a trace at
+    batch 2 would be traced again at batch 4, seconds in a successor taking over (``worker.slots``).
+    Inductor keeps what it built on disk (``GLYPHQ_COMPILE_CACHE_DIR``), so the next child of the
+    worker starts warm.
     """
     layers = getattr(model.get_decoder(), "layers", None)
     if not layers or not all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers):
         return False
+    from torch.fx.experimental import _config as shapes
+
+    shapes.use_duck_shape = False
     for layer in layers:
         layer.compile(dynamic=True)
     return True

@@ -245,8 +245,11 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def load(settings: Settings) -> Engine:
-    """Load ``settings.model`` (a hub id or a local path): bf16 on CUDA, float32 on CPU, in eval mode."""
+def load(settings: Settings, defer_cache: bool = False) -> Engine:
+    """Load ``settings.model`` (a hub id or a local path): bf16 on CUDA, float32 on CPU, in eval mode.
+
+    With ``defer_cache`` (a successor whose predecessor still holds the GPU) the decoder starts with a
+    provisional KV cache, until ``engine.decoder.allocate()`` (``worker.slots``)."""
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # Slots on every device by default; "generate" keeps ``model.generate`` for in-process answers (a
@@ -274,7 +277,7 @@ def load(settings: Settings) -> Engine:
         engine.slots = engine.decoder = SlotDecoder(
             model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
             max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id, compile_layers=compile_layers,
-            repetition_penalty=settings.repetition_penalty, reasoning=engine.reasoning)
+            repetition_penalty=settings.repetition_penalty, reasoning=engine.reasoning, allocate=not defer_cache)
     return engine
 
 

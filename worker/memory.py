@@ -27,10 +27,22 @@ def cleanup(device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+_last_peak_reserved = 0.0
+
+
 def reset_peak(device: torch.device) -> None:
-    """Start a new peak-memory measurement for the next task."""
+    """Start a new peak-memory measurement for the next task (the last one is kept for ``peak_reserved``)."""
+    global _last_peak_reserved
     if cuda_in_use(device):
+        _last_peak_reserved = float(torch.cuda.max_memory_reserved(device))
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_reserved(device: torch.device) -> float:
+    """The most GPU memory this child reserved in its last batch, or since; 0 on CPU."""
+    if not cuda_in_use(device):
+        return 0.0
+    return max(_last_peak_reserved, float(torch.cuda.max_memory_reserved(device)))
 
 
 def gpu_stats(device: torch.device) -> dict[str, float] | None:
@@ -57,18 +69,43 @@ def gpu_guard_limit_mb(device: torch.device, configured_mb: int) -> float | None
     return 0.9 * torch.cuda.get_device_properties(device).total_memory / MB
 
 
-#: Free GPU memory a successor needs, as a share of the most this child reserved in its last batch.
+#: Headroom on what a successor is expected to hold before its predecessor leaves: its CUDA context and
+#: what its warm-up needs beyond the predecessor's working memory.
 SUCCESSOR_HEADROOM = 1.1
 
 
-def room_for_a_successor(device: torch.device) -> bool:
-    """Whether the next child could load beside this one now (see ``worker.runtime.init_child``).
+def successor_bytes(peak: float, cache: float, provisional: float) -> float:
+    """GPU memory a successor needs before its predecessor leaves (``worker.runtime.init_child``): what
+    this child reserved at its peak but its KV cache (weights, compiled and captured steps, working
+    memory), plus the successor's provisional cache, with ``SUCCESSOR_HEADROOM``. Its full cache comes
+    only after this child has left. All in bytes."""
+    return SUCCESSOR_HEADROOM * (peak - cache + provisional)
 
-    The successor needs about what this child holds; this child still needs its peak. So the free
-    memory must exceed this child's peak reserved memory of the last batch, with some headroom.
-    Always True on the CPU.
-    """
+
+def successor_fits(free: float, reserved: float, peak: float, cache: float, provisional: float) -> bool:
+    """Whether a successor fits beside this child: the free memory must hold what this child may grow
+    back to (its ``peak`` reserved minus what it ``reserved`` now) and ``successor_bytes``. All in bytes."""
+    return free > (peak - reserved) + successor_bytes(peak, cache, provisional)
+
+
+def room_for_a_successor(device: torch.device, cache: float = 0.0, provisional: float = 0.0) -> bool:
+    """Whether the next child could load beside this one now (``successor_fits`` with this child's GPU
+    figures; ``cache`` is the bytes of this child's KV cache, ``provisional`` those of the successor's
+    provisional one; without them a successor is taken to need all this child holds). Always True on
+    the CPU."""
+    global _no_room_logged
     if not cuda_in_use(device):
         return True
     free, _total = torch.cuda.mem_get_info(device)
-    return bool(free > SUCCESSOR_HEADROOM * torch.cuda.max_memory_reserved(device))
+    reserved, peak = float(torch.cuda.memory_reserved(device)), peak_reserved(device)
+    fits = successor_fits(float(free), reserved, peak, cache, provisional)
+    if not fits and not _no_room_logged:  # once per child: the figures an operator needs to size the GPU
+        _no_room_logged = True
+        log.info("no room for a successor yet: %.1f GB free, %.1f GB needed (this child may grow by %.1f GB; "
+                 "a successor holds %.1f GB until this child leaves)", free / 1e9,
+                 (peak - reserved + successor_bytes(peak, cache, provisional)) / 1e9, (peak - reserved) / 1e9,
+                 successor_bytes(peak, cache, provisional) / 1e9)
+    return fits
+
+
+_no_room_logged = False

@@ -62,9 +62,10 @@ def serves_gpu() -> bool:
 def init_child() -> None:
     """Load the model in a fresh child. If it cannot load, stop the whole worker: the jobs stay queued.
 
-    A successor (started while its predecessor still answers, see ``tasks.handover``) also captures
-    the decode steps its predecessor used, and returns (so billiard reports it ready) only once the
-    predecessor has left. Until then it takes no job, so one child answers at a time.
+    A successor (started while its predecessor still answers, see ``tasks.handover``) loads the model
+    with a provisional KV cache and warms up on it, and returns (so billiard reports it ready) only
+    once the predecessor has left and it holds its full cache (``_take_over_from``). Until then it
+    takes no job, so one child answers at a time.
     """
     global _engine, _task_index
     from glyphq.worker import engine
@@ -74,7 +75,7 @@ def init_child() -> None:
     start = time.perf_counter()
     predecessor = handover_from
     try:
-        _engine = engine.load(settings)
+        _engine = engine.load(settings, defer_cache=predecessor is not None)
         if _engine.slots is None:
             raise ModelError("GLYPHQ_DECODE=generate is for answering in process; a worker decodes in slots "
                              "(GLYPHQ_DECODE=auto)")
@@ -94,6 +95,7 @@ def init_child() -> None:
         limit_s = settings.model_load_timeout_s
         waited_s = _wait_for(predecessor, deadline=start + limit_s - min(ALIVE_MARGIN_S, limit_s / 10))
         log.info("taking over from child %d: %s, then waited %.1f s for it to leave", predecessor, warmed, waited_s)
+        _take_over_from(predecessor, until=start + limit_s - 1)
     previous = status.read()
     status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
                    device_name=_device_name(_engine.device), task_index=0,
@@ -107,16 +109,26 @@ ALIVE_MARGIN_S = 10
 
 
 def _warm_up_for(predecessor: int) -> str:
-    """In a successor, while the predecessor still answers: capture (and compile) the decode steps it
-    used, most used first, then answer a small warm-up batch. Returns what it did, for the log."""
+    """In a successor, while the predecessor still answers: on the provisional cache, capture (and so
+    compile) the decode steps of batch 1 and 2 at each cache length the predecessor used, then answer a
+    small warm-up batch. Returns what it did, for the log."""
+    from glyphq.worker.decode import MIN_CACHE_LEN
+    from glyphq.worker.slots import PROVISIONAL_ROWS
+
     started = time.perf_counter()
     decoder = getattr(_engine, "decoder", None)
+    lengths = sorted({length for _, length in _predecessor_buckets()}) or [MIN_CACHE_LEN]
+    shapes = [(rows, length) for length in lengths for rows in range(1, PROVISIONAL_ROWS + 1)]
     warmed = 0
-    for rows, length in status.read().get("decode_buckets") or []:
-        if decoder is None or not _alive(predecessor):
-            break
-        warmed += decoder.warm(int(rows), int(length))
-    done = f"{warmed} decode step(s) captured"
+    try:
+        for rows, length in shapes:
+            if decoder is None or not _alive(predecessor):  # jobs are waiting: compiled when first used
+                break
+            warmed += decoder.warm(rows, length)
+    except Exception:  # e.g. out of memory beside the predecessor: compiled when first used instead
+        log.warning("compiling the decode steps failed", exc_info=True)
+        _engine.cleanup()
+    done = f"{warmed} decode step(s) captured on a provisional cache"
     if _alive(predecessor):  # else jobs are waiting: they warm this child up as well
         try:
             _engine.warm_up(settings.max_image_size)
@@ -125,6 +137,56 @@ def _warm_up_for(predecessor: int) -> str:
             log.warning("the warm-up batch failed", exc_info=True)
             _engine.cleanup()
     return f"{done} in {time.perf_counter() - started:.1f} s"
+
+
+def _predecessor_buckets() -> list[tuple[int, int]]:
+    """The decode buckets the predecessor ran more than once, most used first (``decode_buckets``)."""
+    return [(int(rows), int(length)) for rows, length in status.read().get("decode_buckets") or []]
+
+
+#: Seconds a successor may spend, once its predecessor has left, capturing the predecessor's most used
+#: decode steps on the full cache (the rest are captured when first used). The queue waits meanwhile.
+TAKE_OVER_CAPTURE_S = 0.3
+#: Seconds a successor retries its full cache while an exited predecessor's GPU memory is released.
+FULL_CACHE_WAIT_S = 5.0
+
+
+def _take_over_from(predecessor: int, until: float) -> None:
+    """In a successor whose wait ended: take the full KV cache, then capture the predecessor's most
+    used decode steps on it within ``TAKE_OVER_CAPTURE_S``. This is the part of a recycle the queue
+    waits for, and the log says how long it took.
+
+    If the full cache does not fit (the predecessor still runs at the end of the wait, or its memory is
+    not given back by ``until``), this child leaves: the predecessor, or billiard's plain replacement
+    once no child is left, carries on.
+    """
+    started = time.perf_counter()
+    decoder = getattr(_engine, "decoder", None)
+    if decoder is None or not decoder.provisional:
+        return
+    gone = not _alive(predecessor)
+    retry_until = min(started + FULL_CACHE_WAIT_S, until) if gone else started
+    while not decoder.allocate():
+        if time.perf_counter() >= retry_until:
+            need_gb = decoder.cache_bytes(decoder.max_batch) / 1e9
+            log.warning("the full KV cache (%.1f GB) does not fit %s child %d; this child leaves", need_gb,
+                        "after" if gone else "beside", predecessor)
+            logging.shutdown()
+            os._exit(0)
+        time.sleep(HANDOVER_POLL_S)
+    allocated_s = time.perf_counter() - started
+    captured = 0
+    try:
+        for rows, length in _predecessor_buckets():
+            if time.perf_counter() - started >= TAKE_OVER_CAPTURE_S:
+                break
+            captured += decoder.warm(rows, length)
+    except Exception:  # each step is captured when first used instead
+        log.warning("capturing the decode steps on the full cache failed", exc_info=True)
+        _engine.cleanup()
+    log.info("full cache allocated and %d decode step(s) captured in %.2f s %s child %d%s (allocation %.2f s)",
+             captured, time.perf_counter() - started, "after" if gone else "beside", predecessor,
+             " left" if gone else ", which still runs", allocated_s)
 
 
 def _wait_for(predecessor: int, deadline: float) -> float:
@@ -189,8 +251,13 @@ def room() -> int:
 def room_for_a_successor() -> bool:
     """Whether a successor could load beside this child now (GPU memory; always True on the CPU)."""
     from glyphq.worker import memory
+    from glyphq.worker.slots import PROVISIONAL_ROWS
 
-    return _engine is not None and memory.room_for_a_successor(_engine.device)
+    decoder = getattr(_engine, "decoder", None)
+    if _engine is None or decoder is None:
+        return False
+    return memory.room_for_a_successor(_engine.device, decoder.cache_bytes(decoder.max_batch),
+                                       decoder.cache_bytes(min(PROVISIONAL_ROWS, decoder.max_batch)))
 
 
 def fetch(eng: Any, job_id: str, raw_job: object) -> _Fetched:

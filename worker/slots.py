@@ -14,6 +14,13 @@ thinking budget of ``worker.logits``) is one tensor of all slots; a bucket's ste
 first ``rows``, so rows move between buckets without any copy. On CUDA each bucket's step is
 captured once as a CUDA graph; on the CPU the same step runs eagerly, which is how the suite checks
 it against ``generate``.
+
+A successor (``worker.runtime``) starts with a provisional cache of ``PROVISIONAL_ROWS`` rows
+(``allocate=False``) while its predecessor still holds the GPU, and takes the full one with
+:meth:`SlotDecoder.allocate` once the predecessor has left. The provisional cache has the full
+cache's columns, so a bucket's views have the same strides in both and what the compiler built for
+the provisional cache serves the full one; only the CUDA graphs, which hold the cache's addresses,
+are captured again.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from glyphq.worker.prompts import collate
 from glyphq.worker.reasoning import ReasoningIds
 
 log = logging.getLogger(__name__)
+
+#: Rows of a provisional cache: batch 1, which the compiler specializes, and one more, which it
+#: traces for every other batch.
+PROVISIONAL_ROWS = 2
 
 
 def column_bucket(n: int, limit: int, floor: int = MIN_CACHE_LEN) -> int:
@@ -97,11 +108,15 @@ class Admission:
 
 
 class SlotDecoder:
-    """Decoding state of up to ``max_batch`` rows sharing one static cache; see the module docstring."""
+    """Decoding state of up to ``max_batch`` rows sharing one static cache; see the module docstring.
+
+    With ``allocate=False`` the cache starts provisional: ``PROVISIONAL_ROWS`` rows, so only slots
+    below that can decode until :meth:`allocate` gives it all ``max_batch`` rows.
+    """
 
     def __init__(self, model: Any, max_batch: int, max_tokens: int, max_new_tokens: int, pad_id: int,
                  compile_layers: bool = False, repetition_penalty: float = 1.0,
-                 reasoning: ReasoningIds | None = None) -> None:
+                 reasoning: ReasoningIds | None = None, allocate: bool = True) -> None:
         self.model = model
         self.device = model.device
         self.use_graphs = self.device.type == "cuda"
@@ -112,7 +127,8 @@ class SlotDecoder:
         self.pad_id = pad_id
         self.vocab = model.get_output_embeddings().weight.shape[0]
         model.set_attn_implementation(ATTENTION)
-        self.cache = self._allocate(max_batch, max_tokens)
+        self.cache_rows = max_batch if allocate else min(PROVISIONAL_ROWS, max_batch)  # rows the cache has now
+        self.cache = self._allocate(self.cache_rows, max_tokens)
         device = self.device
         self.tokens = torch.full((max_batch, 1), pad_id, dtype=torch.long, device=device)
         self.positions = torch.zeros((max_batch, 1), dtype=torch.long, device=device)
@@ -125,6 +141,35 @@ class SlotDecoder:
         self.graphs: dict[tuple[int, int], _Step] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_s = 0.0
+
+    # -- the cache ------------------------------------------------------------------------------
+
+    @property
+    def provisional(self) -> bool:
+        """Whether the cache has fewer rows than there are slots (``allocate=False``, before :meth:`allocate`)."""
+        return self.cache_rows < self.max_batch
+
+    def cache_bytes(self, rows: int | None = None) -> int:
+        """Bytes of a cache of ``rows`` rows (default: the rows it has now) of this decoder's columns."""
+        layers: list[Any] = list(self.cache.layers)
+        per_row = sum(layer.keys[0].nbytes + layer.values[0].nbytes for layer in layers)
+        return int(per_row * (self.cache_rows if rows is None else rows))
+
+    def allocate(self) -> bool:
+        """Give a provisional cache all ``max_batch`` rows; False, with nothing changed, if they do not fit
+        in GPU memory now. The decode steps captured so far read the provisional cache, so they are
+        dropped and each is captured again when next used (:meth:`warm`). No row may be active."""
+        if not self.provisional:
+            return True
+        if int(self.active.sum()):
+            raise RuntimeError("the cache cannot grow while rows are decoding in it")
+        try:
+            full = self._allocate(self.max_batch, self.max_tokens)
+        except torch.OutOfMemoryError:
+            return False
+        self.graphs.clear()
+        self.cache, self.cache_rows = full, self.max_batch
+        return True
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -143,7 +188,7 @@ class SlotDecoder:
 
     def warm(self, rows: int, length: int) -> bool:
         """Capture (and compile) one bucket's step ahead of traffic; False if it is not a bucket here."""
-        if (rows, length) != self.shape_for(rows, length) or rows > self.max_batch or length > self.max_tokens:
+        if (rows, length) != self.shape_for(rows, length) or rows > self.cache_rows or length > self.max_tokens:
             return False
         with torch.inference_mode():
             self._step(rows, length)
@@ -155,6 +200,9 @@ class SlotDecoder:
     def admit(self, admissions: list[Admission]) -> list[int]:
         """Prefill the prompts in one pass (left-padded together) and start each in its slot.
         Returns each row's first new token. The slots must be free."""
+        beyond = [a.slot for a in admissions if a.slot >= self.cache_rows]
+        if beyond:
+            raise ValueError(f"slot {beyond[0]} is beyond the {self.cache_rows} rows of the provisional cache")
         prompts = [a.prompt for a in admissions]
         lengths = [p["input_ids"].shape[1] for p in prompts]
         inputs = collate(prompts, self.pad_id)
@@ -200,6 +248,8 @@ class SlotDecoder:
     @torch.inference_mode()
     def decode(self, rows: int, length: int, steps: int) -> None:
         """Run ``steps`` decode steps over slots ``[0, rows)``, whose rows all fit ``length`` columns."""
+        if rows > self.cache_rows:
+            raise ValueError(f"{rows} rows do not fit the {self.cache_rows} rows of the provisional cache")
         step = self._step(*self.shape_for(rows, length))
         step.uses += 1
         for _ in range(steps):
