@@ -200,6 +200,21 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
 
 # -- through a worker -------------------------------------------------------------------------------
 
+def app_module(tree: Path) -> str:
+    """The Celery app of a tree: ``glyphq.tasks``, or ``tasks`` in a tree from before the package."""
+    return "glyphq.tasks" if (tree / "__init__.py").exists() else "tasks"
+
+
+def import_path(tree: Path) -> str:
+    """What to put first on PYTHONPATH to import that tree: a folder with a ``glyphq`` link to it, or
+    the tree itself for one from before the package."""
+    if not (tree / "__init__.py").exists():
+        return str(tree)
+    folder = Path(tempfile.mkdtemp(prefix="glyphq-tree-"))
+    (folder / "glyphq").symlink_to(tree.resolve())
+    return str(folder)
+
+
 @contextmanager
 def redis_and_worker(tree: Path, env: dict[str, str], name: str) -> Iterator[Path]:
     """A redis-server on the broker's port and ``celery -A glyphq.tasks worker`` run from ``tree``; yields its log."""
@@ -210,7 +225,7 @@ def redis_and_worker(tree: Path, env: dict[str, str], name: str) -> Iterator[Pat
     time.sleep(0.5)
     log_path = workdir / "worker.log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-l", "info", "-n",
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", app_module(tree), "worker", "-l", "info", "-n",
                                    f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=tree, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -231,7 +246,7 @@ def run_worker_phase(args: argparse.Namespace, label: str, tree: Path, figures: 
     from glyphq.producer import submit
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": f"{tree}:{os.environ.get('PYTHONPATH', '')}"}
+           "PYTHONPATH": f"{import_path(tree)}:{os.environ.get('PYTHONPATH', '')}"}
     with redis_and_worker(tree, env, label) as log_path:
         try:
             _worker_workloads(args, label, figures, detail, jobs, submit)

@@ -129,6 +129,9 @@ class Continuous:
         and fitted from now on, in a thread."""
         if self._page_threads is None:
             self._page_threads = ThreadPoolExecutor(PAGE_THREADS, thread_name_prefix="glyphq-pages")
+        if not callable(job.images):
+            for image in job.images:  # PIL loads lazily, and one image may be shared by several jobs' threads
+                image.load()
         waiting = _Waiting(key, job, priority, next(self._order), deadline)
         waiting.pages = self._page_threads.submit(self._fit_pages, job, self.box)
         self.waiting.append(waiting)
