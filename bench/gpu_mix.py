@@ -400,6 +400,8 @@ def soak(args: argparse.Namespace, figures: dict, detail: dict) -> None:
     from glyphq.producer.store import Store
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1"}
+    if args.soak_per_child:  # more recycles than the default of 1,000 jobs a child in a short run
+        env["GLYPHQ_MAX_TASKS_PER_CHILD"] = str(args.soak_per_child)
     jobs = backlog(args.soak, seed=11, lengths=args.soak_lengths)
     with redis_and_worker(ROOT, env, "soak") as log_path:
         try:
@@ -454,6 +456,7 @@ def main() -> int:
     parser.add_argument("--soak", type=int, default=0, help="phase soak: this many jobs of the mix")
     parser.add_argument("--soak-lengths", default="lognormal", help="lognormal, or a list such as 16,64,256")
     parser.add_argument("--soak-budget-s", type=float, default=480)
+    parser.add_argument("--soak-per-child", type=int, default=0, help="GLYPHQ_MAX_TASKS_PER_CHILD of the soak")
     parser.add_argument("--static-budget-s", type=float, default=90,
                         help="the static path's backlog window (it does not drain a large backlog in time)")
     parser.add_argument("--budget-s", type=float, default=300)
