@@ -168,6 +168,9 @@ class SlotDecoder:
         except torch.OutOfMemoryError:
             return False
         self.graphs.clear()
+        # The old graphs' memory pool went with the last of them: capturing into it again trips an
+        # internal assert of the caching allocator, so the new graphs get a pool of their own.
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.cache, self.cache_rows = full, self.max_batch
         return True
 
