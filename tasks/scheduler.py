@@ -282,7 +282,7 @@ class Scheduler:
         """Start the child's successor once the jobs it has left take ``GLYPHQ_RECYCLE_OVERLAP_S`` or less,
         at the pace this child has answered at."""
         since, ended = self._paced
-        if ended == 0:
+        if ended == 0 or room <= 0 or settings.recycle_overlap_s <= 0:  # nothing left: billiard replaces it
             return
         seconds_left = room * (time.monotonic() - since) / ended
         if seconds_left <= settings.recycle_overlap_s and not private.shutting_down():

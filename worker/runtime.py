@@ -118,7 +118,8 @@ def _warm_up_for(predecessor: int) -> str:
     started = time.perf_counter()
     decoder = getattr(_engine, "decoder", None)
     lengths = sorted({length for _, length in _predecessor_buckets()}) or [MIN_CACHE_LEN]
-    shapes = [(rows, length) for length in lengths for rows in range(1, PROVISIONAL_ROWS + 1)]
+    # Batch 2 first: dynamo specialises batch 1 apart, and every step of a busy queue has more rows.
+    shapes = [(rows, length) for length in lengths for rows in range(PROVISIONAL_ROWS, 0, -1)]
     warmed = 0
     try:
         for rows, length in shapes:
