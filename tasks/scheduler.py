@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,10 @@ LEAVING_POLL_S = 0.02
 LEAVING_WAIT_S = 30.0
 #: Serving epochs, counted over every scheduler of the worker, so none repeats after a reconnect.
 _EPOCHS = itertools.count(1)
+
+
+#: Results the pace of a child is measured over, for when to start its successor.
+PACE_JOBS = 64
 
 
 def reserved_jobs(max_batch: int) -> int:
@@ -90,7 +95,7 @@ class Scheduler:
         self.pid: int | None = None
         self._arrivals = 0
         self._leaving: tuple[int, float] | None = None
-        self._paced: tuple[float, int] = (time.monotonic(), 0)  # since, jobs ended: the child's pace
+        self._ends: deque[float] = deque(maxlen=PACE_JOBS)  # when this child's latest jobs ended
         hub = getattr(getattr(consumer, "controller", None), "hub", None)
         if hub is None:
             from kombu.asynchronous import get_event_loop
@@ -195,8 +200,7 @@ class Scheduler:
                 request.send_event("task-succeeded", result="(stored)", runtime=runtime)
             else:
                 request.send_event("task-failed", exception=str(report.get("exception")))
-        since, ended = self._paced
-        self._paced = (since, ended + 1)
+        self._ends.append(time.monotonic())
         if report.get("successor_fits"):
             self._maybe_start_successor(self.room_left() + len(self.handed))
         self.pump()
@@ -275,17 +279,17 @@ class Scheduler:
             self.timer.call_after(LEAVING_POLL_S, self._until_gone)
             return
         self._leaving = None
-        self._paced = (time.monotonic(), 0)
+        self._ends.clear()
         self.pump()
 
     def _maybe_start_successor(self, room: int) -> None:
-        """Start the child's successor once the jobs it has left take ``GLYPHQ_RECYCLE_OVERLAP_S`` or less,
-        at the pace this child has answered at."""
-        since, ended = self._paced
-        if ended == 0 or room <= 0 or settings.recycle_overlap_s <= 0:  # nothing left: billiard replaces it
+        """Start the child's successor once the ``room`` jobs it has left to end take
+        ``GLYPHQ_RECYCLE_OVERLAP_S`` or less, at the pace of its latest ``PACE_JOBS`` results (not since
+        it started: its first jobs waited for the compiler)."""
+        if len(self._ends) < 2 or room <= 0 or settings.recycle_overlap_s <= 0:  # nothing left: billiard replaces it
             return
-        seconds_left = room * (time.monotonic() - since) / ended
-        if seconds_left <= settings.recycle_overlap_s and not private.shutting_down():
+        pace = (len(self._ends) - 1) / max(self._ends[-1] - self._ends[0], 1e-6)
+        if room / pace <= settings.recycle_overlap_s and not private.shutting_down():
             handover.start_successor(self.pool)
 
 
