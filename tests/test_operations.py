@@ -19,9 +19,9 @@ from glyphq.tasks.app import app
 
 
 def _stats(worker) -> dict:
-    prefix = worker.name.split("@")[0] + "@"
-    replies = app.control.inspect(timeout=5).stats() or {}
-    (reply,) = [v for k, v in replies.items() if k.startswith(prefix)]
+    """The worker's glyphq stats section; asked of that worker alone, so the reply ends the wait."""
+    replies = app.control.inspect(destination=[worker.name], timeout=5).stats() or {}
+    (reply,) = replies.values()
     return reply["glyphq"]
 
 
