@@ -176,7 +176,9 @@ class WorkerProcess:
         """Wait until :meth:`ready`; raise with the end of the log if the worker exits or the time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.ready():
+            # A short probe: a worker not yet listening misses the broadcast and the probe waits it out,
+            # while one that listens answers within milliseconds.
+            if self.proc.poll() is None and self.health(timeout=READY_PROBE_S).ok:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
@@ -232,6 +234,8 @@ class WorkerProcess:
         self._log.close()
 
 
+#: Seconds each readiness probe of ``wait_ready`` waits for the worker's replies.
+READY_PROBE_S = 0.25
 #: Seconds ``stop_soon`` waits at least after SIGTERM, for the worker to close its broker consumer.
 STOP_GRACE_S = 0.5
 #: Threads finishing the stop of workers that ``stop_soon`` left to end on their own.
