@@ -138,9 +138,9 @@ def test_queue_full_refuses_and_enqueues_nothing(redis_client):
 
 def test_expired_job_never_runs(start_worker, redis_client):
     image = png_bytes(seed=120)
-    job = submit(image, "too late", deadline=0.5)
+    job = submit(image, "too late", deadline=0.2)
     on_time = submit(png_bytes(seed=121), "on time", deadline=600)
-    time.sleep(1.5)
+    time.sleep(0.6)  # past the deadline before any worker runs
     start_worker()
     assert on_time.result(timeout=60)["answer"]
     with pytest.raises(JobExpired, match="never ran"):
@@ -162,8 +162,8 @@ def test_expired_document_never_renders_and_says_so(start_worker, redis_client):
     from glyphq.producer import submit_document
 
     text = "A document that waits too long for the render worker."
-    job = submit_document(text, "too late", deadline=0.5)
-    time.sleep(1.5)
+    job = submit_document(text, "too late", deadline=0.2)
+    time.sleep(0.6)
     start_worker(queues="render")
     with pytest.raises(JobExpired):
         job.result(timeout=30)

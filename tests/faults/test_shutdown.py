@@ -41,7 +41,7 @@ def test_sigterm_finishes_the_running_job_and_a_restarted_worker_answers_the_que
     """
     settings = endless_worker_settings(endless_model, **ONE_SLOT)
     first = start_worker(**settings)
-    running = submit_long(seed=201, tokens=2000)
+    running = submit_long(seed=201, tokens=RUN_TOKENS)
     queued = [submit_short(seed=202 + i) for i in range(3)]
     wait_started(redis_client, running)
     child = only_child(first)
