@@ -176,7 +176,9 @@ class WorkerProcess:
         """Wait until :meth:`ready`; raise with the end of the log if the worker exits or the time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.ready():
+            # A short probe: a worker not yet listening misses the broadcast and the probe waits it out,
+            # while one that listens answers within milliseconds.
+            if self.proc.poll() is None and self.health(timeout=READY_PROBE_S).ok:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
@@ -232,6 +234,8 @@ class WorkerProcess:
         self._log.close()
 
 
+#: Seconds each readiness probe of ``wait_ready`` waits for the worker's replies.
+READY_PROBE_S = 0.25
 #: Seconds ``stop_soon`` waits at least after SIGTERM, for the worker to close its broker consumer.
 STOP_GRACE_S = 0.5
 #: Threads finishing the stop of workers that ``stop_soon`` left to end on their own.
@@ -253,43 +257,70 @@ def reap_stopped_workers() -> None:
         _stopping.pop().join(60)
 
 
-@pytest.fixture
-def start_worker(tmp_path: Path, tiny_model: Path, redis_url: str) -> Iterator:
-    """Start worker subprocesses with extra ``GLYPHQ_*`` settings; all are stopped after the test."""
-    started: list[WorkerProcess] = []
+def _worker_starter(log_dir: Path, tiny_model: Path, redis_url: str, started: list[WorkerProcess]):
+    """``start(wait=True, queues=None, concurrency=None, **settings)``: a worker with extra ``GLYPHQ_*``
+    settings, appended to ``started`` (whoever owns the list stops them)."""
 
     def start(wait: bool = True, queues: str | None = None, concurrency: int | None = None,
               **settings: str | int) -> WorkerProcess:
         env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
                "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
         env.update({f"GLYPHQ_{k.upper()}": str(v) for k, v in settings.items()})
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", queues, concurrency)
+        worker = WorkerProcess(env, log_dir / f"worker-{len(started)}.log", queues, concurrency)
         started.append(worker)
         if wait:
             worker.wait_ready()
         return worker
 
-    yield start
+    return start
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, tiny_model: Path, redis_url: str) -> Iterator:
+    """Start worker subprocesses with extra ``GLYPHQ_*`` settings; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+    yield _worker_starter(tmp_path, tiny_model, redis_url, started)
     for worker in started:
         worker.stop_soon()
 
 
 @pytest.fixture(scope="class")
-def class_worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_url: str) -> Iterator:
-    """One GPU worker at the default settings, shared by the tests of a class and stopped after them.
+def start_class_worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, redis_url: str) -> Iterator:
+    """``start_worker`` for the tests of a class: the workers it starts are shared by them, stopped after them.
+
+    A test that starts one with the settings an earlier test of its class used gets that same worker
+    back, so a class pays for each kind of worker once. The tests must not depend on what the workers
+    did before them (the child's count of jobs, its counters), and a class keeps them together, so the
+    workers never run during a test elsewhere in the module that needs the queue left alone.
+    """
+    started: list[WorkerProcess] = []
+    start = _worker_starter(tmp_path_factory.mktemp("class-workers"), tiny_model, redis_url, started)
+    by_settings: dict[tuple, WorkerProcess] = {}
+
+    def start_shared(wait: bool = True, queues: str | None = None, concurrency: int | None = None,
+                     **settings: str | int) -> WorkerProcess:
+        key = (queues, concurrency, tuple(sorted((k, str(v)) for k, v in settings.items())))
+        worker = by_settings.get(key)
+        if worker is None or worker.proc.poll() is not None:
+            worker = by_settings[key] = start(wait, queues, concurrency, **settings)
+        elif wait:
+            worker.wait_ready()
+        return worker
+
+    try:
+        yield start_shared
+    finally:
+        for worker in started:
+            worker.stop_soon()
+
+
+@pytest.fixture(scope="class")
+def class_worker(start_class_worker) -> WorkerProcess:
+    """One GPU worker at the default settings, shared by the tests of a class (``start_class_worker``).
 
     For tests that only need some worker to answer their jobs: each costs no worker start of its own.
-    A class keeps them together, so the worker never runs during a test elsewhere in the module that
-    needs the queue left alone. The tests must not depend on the child's count of jobs.
     """
-    env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model),
-           "GLYPHQ_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
-    worker = WorkerProcess(env, tmp_path_factory.mktemp("class-worker") / "worker.log")
-    try:
-        worker.wait_ready()
-        yield worker
-    finally:
-        worker.stop_soon()
+    return start_class_worker()
 
 
 def png_bytes(size: tuple[int, int] = (640, 480), color: str = "white", seed: int = 0) -> bytes:

@@ -60,70 +60,6 @@ def line_count(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def test_small_batch_end_to_end_and_rerun_skips_everything(start_worker, tmp_path, redis_client):
-    start_worker()
-    source = write_batch(tmp_path, [
-        {"image": "img0.png", "question": "What is the total?", "id": "invoice-1", "max_new_tokens": 5},
-        {"image": "img1.png", "question": "Who signed it?", "max_new_tokens": 4, "priority": 9},
-        {"image": str(tmp_path / "img2.png"), "question": "Absolute path", "id": 7, "max_new_tokens": 3},
-        {"image": "img0.png", "question": "Same image, other question", "max_new_tokens": 4},
-    ])
-    out = tmp_path / "results.jsonl"
-    first = batch(str(source), "--out", str(out), "--window", "2")
-    assert first.returncode == 0, first.stderr
-    summary = json.loads(first.stdout)
-    assert {k: summary[k] for k in ("total", "done", "failed", "skipped_bad", "already_done")} == \
-        {"total": 4, "done": 4, "failed": 0, "skipped_bad": 0, "already_done": 0}
-    assert summary["elapsed"] > 0
-    assert "4/4" in first.stderr  # the progress bar
-
-    prefix = default_job_prefix(source, out)
-    assert summary["job_prefix"] == prefix
-    got = {r["id"]: r for r in records(out)}
-    assert set(got) == {"invoice-1", "line-2", "7", "line-4"}
-    for record in got.values():
-        assert record["ok"] is True and record["job_id"] == f"{prefix}-{record['id']}"
-        assert record["result"]["job_id"] == record["job_id"] and record["result"]["answer"]
-        assert redis_client.get(runs_key(record["job_id"])) == b"1"
-    assert got["invoice-1"]["result"]["tokens_out"] <= 5 and got["7"]["result"]["tokens_out"] <= 3
-    assert got["line-2"]["line"] == 2
-
-    before = out.read_bytes()
-    again = batch(str(source), "--out", str(out))
-    assert again.returncode == 0, again.stderr
-    summary = json.loads(again.stdout)
-    assert (summary["done"], summary["already_done"], summary["job_prefix"]) == (0, 4, prefix)
-    assert out.read_bytes() == before
-
-
-def test_bad_lines_are_reported_with_line_numbers_and_skipped(start_worker, tmp_path):
-    start_worker()
-    source = write_batch(tmp_path, [
-        {"image": "img0.png", "question": "fine", "id": "a", "max_new_tokens": 3},   # 1
-        '{"image": "img1.png", "question": ',                                          # 2 bad JSON
-        {"image": "img1.png"},                                                         # 3 no question
-        "",                                                                            # 4 blank: ignored
-        {"image": "nope.png", "question": "missing file"},                             # 5 InvalidJob at submit
-        {"image": "img1.png", "question": "q", "priority": 12},                        # 6 InvalidJob at submit
-        {"image": "img1.png", "question": "q", "max_tokens": 3},                       # 7 unknown field
-        {"image": "img2.png", "question": "dup", "id": "a"},                           # 8 duplicate id
-        "[1, 2]",                                                                      # 9 not an object
-        {"image": "img2.png", "question": "fine too", "max_new_tokens": 3},            # 10
-    ])
-    out = tmp_path / "results.jsonl"
-    run = batch(str(source), "--out", str(out))
-    assert run.returncode == 1, run.stderr  # not every line ended up done
-    summary = json.loads(run.stdout)
-    assert (summary["total"], summary["done"], summary["skipped_bad"], summary["failed"]) == (9, 2, 7, 0)
-    assert [b["line"] for b in summary["bad_lines"]] == [2, 3, 5, 6, 7, 8, 9]
-    for line, message in [(2, "not valid JSON"), (3, "missing field 'question'"), (5, "image: no such file"),
-                          (6, "priority: must be an integer from 0 to 9"), (7, "unknown field(s) max_tokens"),
-                          (8, "duplicate id 'a' (first on line 1)"), (9, "must be a JSON object")]:
-        assert f"jobs.jsonl:{line}: skipped: " in run.stderr, (line, run.stderr)
-        assert message in run.stderr, (message, run.stderr)
-    assert sorted(r["id"] for r in records(out)) == ["a", "line-10"]
-
-
 def test_usage_errors_exit_2_and_unreachable_broker_exits_4(tmp_path):
     source = write_batch(tmp_path, [{"image": "img0.png", "question": "q"}], images=1)
     out = tmp_path / "out.jsonl"
@@ -141,6 +77,97 @@ def test_usage_errors_exit_2_and_unreachable_broker_exits_4(tmp_path):
     assert down.returncode == 4, down.stderr
     assert "cannot reach Redis" in down.stderr
     assert not out.exists() or out.read_bytes() == b""
+
+
+class TestDefaultWorker:
+    """Batches of short jobs, answered by one worker at the default settings (``class_worker``)."""
+
+    def test_small_batch_end_to_end_and_rerun_skips_everything(self, class_worker, tmp_path, redis_client):
+        source = write_batch(tmp_path, [
+            {"image": "img0.png", "question": "What is the total?", "id": "invoice-1", "max_new_tokens": 5},
+            {"image": "img1.png", "question": "Who signed it?", "max_new_tokens": 4, "priority": 9},
+            {"image": str(tmp_path / "img2.png"), "question": "Absolute path", "id": 7, "max_new_tokens": 3},
+            {"image": "img0.png", "question": "Same image, other question", "max_new_tokens": 4},
+        ])
+        out = tmp_path / "results.jsonl"
+        first = batch(str(source), "--out", str(out), "--window", "2")
+        assert first.returncode == 0, first.stderr
+        summary = json.loads(first.stdout)
+        assert {k: summary[k] for k in ("total", "done", "failed", "skipped_bad", "already_done")} == \
+            {"total": 4, "done": 4, "failed": 0, "skipped_bad": 0, "already_done": 0}
+        assert summary["elapsed"] > 0
+        assert "4/4" in first.stderr  # the progress bar
+
+        prefix = default_job_prefix(source, out)
+        assert summary["job_prefix"] == prefix
+        got = {r["id"]: r for r in records(out)}
+        assert set(got) == {"invoice-1", "line-2", "7", "line-4"}
+        for record in got.values():
+            assert record["ok"] is True and record["job_id"] == f"{prefix}-{record['id']}"
+            assert record["result"]["job_id"] == record["job_id"] and record["result"]["answer"]
+            assert redis_client.get(runs_key(record["job_id"])) == b"1"
+        assert got["invoice-1"]["result"]["tokens_out"] <= 5 and got["7"]["result"]["tokens_out"] <= 3
+        assert got["line-2"]["line"] == 2
+
+        before = out.read_bytes()
+        again = batch(str(source), "--out", str(out))
+        assert again.returncode == 0, again.stderr
+        summary = json.loads(again.stdout)
+        assert (summary["done"], summary["already_done"], summary["job_prefix"]) == (0, 4, prefix)
+        assert out.read_bytes() == before
+
+    def test_bad_lines_are_reported_with_line_numbers_and_skipped(self, class_worker, tmp_path):
+        source = write_batch(tmp_path, [
+            {"image": "img0.png", "question": "fine", "id": "a", "max_new_tokens": 3},   # 1
+            '{"image": "img1.png", "question": ',                                          # 2 bad JSON
+            {"image": "img1.png"},                                                         # 3 no question
+            "",                                                                            # 4 blank: ignored
+            {"image": "nope.png", "question": "missing file"},                             # 5 InvalidJob at submit
+            {"image": "img1.png", "question": "q", "priority": 12},                        # 6 InvalidJob at submit
+            {"image": "img1.png", "question": "q", "max_tokens": 3},                       # 7 unknown field
+            {"image": "img2.png", "question": "dup", "id": "a"},                           # 8 duplicate id
+            "[1, 2]",                                                                      # 9 not an object
+            {"image": "img2.png", "question": "fine too", "max_new_tokens": 3},            # 10
+        ])
+        out = tmp_path / "results.jsonl"
+        run = batch(str(source), "--out", str(out))
+        assert run.returncode == 1, run.stderr  # not every line ended up done
+        summary = json.loads(run.stdout)
+        assert (summary["total"], summary["done"], summary["skipped_bad"], summary["failed"]) == (9, 2, 7, 0)
+        assert [b["line"] for b in summary["bad_lines"]] == [2, 3, 5, 6, 7, 8, 9]
+        for line, message in [(2, "not valid JSON"), (3, "missing field 'question'"), (5, "image: no such file"),
+                              (6, "priority: must be an integer from 0 to 9"), (7, "unknown field(s) max_tokens"),
+                              (8, "duplicate id 'a' (first on line 1)"), (9, "must be a JSON object")]:
+            assert f"jobs.jsonl:{line}: skipped: " in run.stderr, (line, run.stderr)
+            assert message in run.stderr, (message, run.stderr)
+        assert sorted(r["id"] for r in records(out)) == ["a", "line-10"]
+
+    def test_a_full_disk_stops_the_batch_with_its_summary_and_the_rerun_resumes(
+            self, class_worker, tmp_path, redis_client):
+        import resource
+
+        source = write_batch(tmp_path, [{"image": f"img{i % 3}.png", "question": f"Line {i}?", "max_new_tokens": 3}
+                                        for i in range(6)])
+        out = tmp_path / "results.jsonl"
+        # The results file may not grow past about one line: the next write fails as on a full disk.
+        def small_disk() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+
+        full = subprocess.run([GLYPHQ, "batch", str(source), "--out", str(out), "--window", "1", "--no-progress"],
+                              cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+                              preexec_fn=small_disk)
+        assert full.returncode == 8, (full.stdout, full.stderr)
+        summary = json.loads(full.stdout)
+        assert summary["output_error"] and "cannot write" in summary["output_error"]
+        assert summary["done"] < 6
+        assert "Resume with the same command" in full.stderr
+        assert "Traceback" not in full.stderr
+
+        rerun = batch(str(source), "--out", str(out), "--no-progress")
+        assert rerun.returncode == 0, rerun.stderr
+        lines = records(out)
+        assert sorted(r["id"] for r in lines) == [f"line-{i}" for i in range(1, 7)]
+        assert all(r["ok"] for r in lines)
 
 
 JOBS, TOKENS = 10, 400  # each job generates exactly TOKENS tokens on the endless model
@@ -161,110 +188,6 @@ def _assert_every_id_once_and_ran_once(out: Path, ids: list[str], prefix: str, r
     assert runs == dict.fromkeys(ids, 1), "a job ran more than once (or never)"
 
 
-@pytest.fixture
-def long_worker(start_worker, endless_model, monkeypatch):
-    """A worker on the endless model; one torch thread, so the batch process next to it cannot stall it.
-
-    Batches of two at most, so results arrive a pair at a time: on an idle machine a batch of eight finished
-    together, and a kill meant to land between results came after all of them.
-    """
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return start_worker(model=endless_model, max_batch=2)
-
-
-def test_sigkill_halfway_then_rerun_runs_each_job_once(long_worker, tmp_path, redis_client):
-    source, out, ids = _long_batch(tmp_path)
-    prefix = default_job_prefix(source, out)
-    # A window as large as the batch: everything is submitted first, so the kill lands while waiting.
-    proc = start_batch(str(source), "--out", str(out), "--window", str(JOBS))
-    try:
-        assert wait_until(lambda: line_count(out) >= 3 or proc.poll() is not None, timeout=90, interval=0.1)
-        proc.kill()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
-    written = records(out)  # whole lines only
-    assert 3 <= len(written) < JOBS, f"{len(written)} results before the kill; the kill came too late"
-    assert all(redis_client.exists(job_key(f"{prefix}-{i}")) for i in ids), "not every job was submitted"
-
-    # A kill in the middle of a write leaves a partial line; the rerun must cut it off.
-    with out.open("ab") as handle:
-        handle.write(b'{"id":"doc-9","job_id":"x","ok":tr')
-    rerun = batch(str(source), "--out", str(out), timeout=180)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "dropping a partial last line" in rerun.stderr
-    summary = json.loads(rerun.stdout)
-    assert summary["already_done"] == len(written)
-    assert summary["done"] == JOBS - len(written)
-    _assert_every_id_once_and_ran_once(out, ids, prefix, redis_client)
-
-
-def test_sigint_stops_submitting_keeps_the_output_whole_and_rerun_resumes(long_worker, tmp_path, redis_client):
-    source, out, ids = _long_batch(tmp_path)
-    prefix = default_job_prefix(source, out)
-    window = 3
-
-    def submitted() -> int:
-        return int(redis_client.exists(*(job_key(f"{prefix}-{i}") for i in ids)))
-
-    proc = start_batch(str(source), "--out", str(out), "--window", str(window))
-    try:
-        deadline = time.monotonic() + 90
-        while line_count(out) < 2:
-            claimed = submitted()  # read before the output: the output only grows meanwhile
-            assert claimed <= line_count(out) + window, "more jobs in flight than the window"
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
-    assert proc.returncode == 130, stderr
-    summary = json.loads(stdout)
-    assert summary["interrupted"] is True
-    assert summary["not_submitted"] > 0 and summary["done"] >= 2
-    assert "Resume with the same command" in stderr and f"glyphq batch {source} --out {out}" in stderr
-    # It stopped submitting: exactly the jobs written or still in flight were ever submitted.
-    assert submitted() == summary["done"] + summary["in_flight"] == len(records(out)) + summary["in_flight"]
-
-    rerun = batch(str(source), "--out", str(out), "--window", str(window), timeout=180)
-    assert rerun.returncode == 0, rerun.stderr
-    again = json.loads(rerun.stdout)
-    assert again["already_done"] == summary["done"] and again["done"] == JOBS - summary["done"]
-    _assert_every_id_once_and_ran_once(out, ids, prefix, redis_client)
-
-
-def test_a_full_disk_stops_the_batch_with_its_summary_and_the_rerun_resumes(start_worker, tmp_path, redis_client):
-    import resource
-
-    start_worker()
-    source = write_batch(tmp_path, [{"image": f"img{i % 3}.png", "question": f"Line {i}?", "max_new_tokens": 3}
-                                    for i in range(6)])
-    out = tmp_path / "results.jsonl"
-    # The results file may not grow past about one line: the next write fails as on a full disk.
-    def small_disk() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
-
-    full = subprocess.run([GLYPHQ, "batch", str(source), "--out", str(out), "--window", "1", "--no-progress"],
-                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
-                          preexec_fn=small_disk)
-    assert full.returncode == 8, (full.stdout, full.stderr)
-    summary = json.loads(full.stdout)
-    assert summary["output_error"] and "cannot write" in summary["output_error"]
-    assert summary["done"] < 6
-    assert "Resume with the same command" in full.stderr
-    assert "Traceback" not in full.stderr
-
-    rerun = batch(str(source), "--out", str(out), "--no-progress")
-    assert rerun.returncode == 0, rerun.stderr
-    lines = records(out)
-    assert sorted(r["id"] for r in lines) == [f"line-{i}" for i in range(1, 7)]
-    assert all(r["ok"] for r in lines)
-
-
 def _openai_batch(tmp_path: Path, jobs: int, tokens: int) -> tuple[Path, list[str]]:
     import base64
 
@@ -282,38 +205,120 @@ def _openai_batch(tmp_path: Path, jobs: int, tokens: int) -> tuple[Path, list[st
     return write_batch(tmp_path, lines, images=0), ids
 
 
-def test_openai_batch_file_killed_halfway_resumes_with_openai_output_lines(long_worker, tmp_path, redis_client):
-    jobs, tokens = 6, 200
-    source, ids = _openai_batch(tmp_path, jobs, tokens)
-    out = tmp_path / "output.jsonl"
-    prefix = default_job_prefix(source, out)
-    proc = start_batch(str(source), "--out", str(out), "--window", str(jobs))
-    try:
-        assert wait_until(lambda: line_count(out) >= 2 or proc.poll() is not None, timeout=90, interval=0.1)
-        proc.kill()
-    finally:
-        if proc.poll() is None:
+@pytest.fixture(scope="class")
+def long_worker(start_class_worker, endless_model):
+    """A worker on the endless model; one torch thread, so the batch process next to it cannot stall it.
+
+    Batches of two at most, so results arrive a pair at a time: on an idle machine a batch of eight finished
+    together, and a kill meant to land between results came after all of them.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        return start_class_worker(model=endless_model, max_batch=2)
+
+
+class TestLongJobs:
+    """Batches of long jobs killed or interrupted halfway, answered by one worker (``long_worker``).
+
+    Every rerun waits for the last of its jobs, so each test leaves the shared worker idle."""
+
+    def test_sigkill_halfway_then_rerun_runs_each_job_once(self, long_worker, tmp_path, redis_client):
+        source, out, ids = _long_batch(tmp_path)
+        prefix = default_job_prefix(source, out)
+        # A window as large as the batch: everything is submitted first, so the kill lands while waiting.
+        proc = start_batch(str(source), "--out", str(out), "--window", str(JOBS))
+        try:
+            assert wait_until(lambda: line_count(out) >= 3 or proc.poll() is not None, timeout=90, interval=0.1)
             proc.kill()
-        proc.communicate(timeout=10)
-    written = records(out)
-    assert 2 <= len(written) < jobs, f"{len(written)} results before the kill; the kill came too late"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
+        written = records(out)  # whole lines only
+        assert 3 <= len(written) < JOBS, f"{len(written)} results before the kill; the kill came too late"
+        assert all(redis_client.exists(job_key(f"{prefix}-{i}")) for i in ids), "not every job was submitted"
 
-    rerun = batch(str(source), "--out", str(out), timeout=180)
-    assert rerun.returncode == 1, rerun.stderr  # the http(s) line is bad
-    summary = json.loads(rerun.stdout)
-    assert summary["already_done"] == len(written) and summary["done"] == jobs - len(written)
-    assert [b["line"] for b in summary["bad_lines"]] == [jobs + 1]
-    assert "glyphq fetches nothing" in summary["bad_lines"][0]["error"]
+        # A kill in the middle of a write leaves a partial line; the rerun must cut it off.
+        with out.open("ab") as handle:
+            handle.write(b'{"id":"doc-9","job_id":"x","ok":tr')
+        rerun = batch(str(source), "--out", str(out), timeout=180)
+        assert rerun.returncode == 0, rerun.stderr
+        assert "dropping a partial last line" in rerun.stderr
+        summary = json.loads(rerun.stdout)
+        assert summary["already_done"] == len(written)
+        assert summary["done"] == JOBS - len(written)
+        _assert_every_id_once_and_ran_once(out, ids, prefix, redis_client)
 
-    got = records(out)
-    assert Counter(r["custom_id"] for r in got) == Counter(ids), "a request is missing or written twice"
-    for record in got:
-        job_id = f"{prefix}-{record['custom_id']}"
-        assert list(record) == ["id", "custom_id", "response", "error"] and record["error"] is None
-        assert record["id"] == f"batch_req_{job_id}"
-        response = record["response"]
-        assert response["status_code"] == 200 and response["request_id"] == job_id
-        body = response["body"]
-        assert body["object"] == "chat.completion" and body["id"] == f"chatcmpl-{job_id}"
-        assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == tokens
-        assert redis_client.get(runs_key(job_id)) == b"1", "a job ran more than once"
+    def test_sigint_stops_submitting_keeps_the_output_whole_and_rerun_resumes(
+            self, long_worker, tmp_path, redis_client):
+        source, out, ids = _long_batch(tmp_path)
+        prefix = default_job_prefix(source, out)
+        window = 3
+
+        def submitted() -> int:
+            return int(redis_client.exists(*(job_key(f"{prefix}-{i}") for i in ids)))
+
+        proc = start_batch(str(source), "--out", str(out), "--window", str(window))
+        try:
+            deadline = time.monotonic() + 90
+            while line_count(out) < 2:
+                claimed = submitted()  # read before the output: the output only grows meanwhile
+                assert claimed <= line_count(out) + window, "more jobs in flight than the window"
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+        assert proc.returncode == 130, stderr
+        summary = json.loads(stdout)
+        assert summary["interrupted"] is True
+        assert summary["not_submitted"] > 0 and summary["done"] >= 2
+        assert "Resume with the same command" in stderr and f"glyphq batch {source} --out {out}" in stderr
+        # It stopped submitting: exactly the jobs written or still in flight were ever submitted.
+        assert submitted() == summary["done"] + summary["in_flight"] == len(records(out)) + summary["in_flight"]
+
+        rerun = batch(str(source), "--out", str(out), "--window", str(window), timeout=180)
+        assert rerun.returncode == 0, rerun.stderr
+        again = json.loads(rerun.stdout)
+        assert again["already_done"] == summary["done"] and again["done"] == JOBS - summary["done"]
+        _assert_every_id_once_and_ran_once(out, ids, prefix, redis_client)
+
+    def test_openai_batch_file_killed_halfway_resumes_with_openai_output_lines(
+            self, long_worker, tmp_path, redis_client):
+        jobs, tokens = 6, 200
+        source, ids = _openai_batch(tmp_path, jobs, tokens)
+        out = tmp_path / "output.jsonl"
+        prefix = default_job_prefix(source, out)
+        proc = start_batch(str(source), "--out", str(out), "--window", str(jobs))
+        try:
+            assert wait_until(lambda: line_count(out) >= 2 or proc.poll() is not None, timeout=90, interval=0.1)
+            proc.kill()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
+        written = records(out)
+        assert 2 <= len(written) < jobs, f"{len(written)} results before the kill; the kill came too late"
+
+        rerun = batch(str(source), "--out", str(out), timeout=180)
+        assert rerun.returncode == 1, rerun.stderr  # the http(s) line is bad
+        summary = json.loads(rerun.stdout)
+        assert summary["already_done"] == len(written) and summary["done"] == jobs - len(written)
+        assert [b["line"] for b in summary["bad_lines"]] == [jobs + 1]
+        assert "glyphq fetches nothing" in summary["bad_lines"][0]["error"]
+
+        got = records(out)
+        assert Counter(r["custom_id"] for r in got) == Counter(ids), "a request is missing or written twice"
+        for record in got:
+            job_id = f"{prefix}-{record['custom_id']}"
+            assert list(record) == ["id", "custom_id", "response", "error"] and record["error"] is None
+            assert record["id"] == f"batch_req_{job_id}"
+            response = record["response"]
+            assert response["status_code"] == 200 and response["request_id"] == job_id
+            body = response["body"]
+            assert body["object"] == "chat.completion" and body["id"] == f"chatcmpl-{job_id}"
+            assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == tokens
+            assert redis_client.get(runs_key(job_id)) == b"1", "a job ran more than once"

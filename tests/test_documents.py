@@ -21,43 +21,12 @@ from glyphq.worker.render import RenderConfig
 TEXT = "\n".join(f"Line {i}: the invoice total for item {i} is {i * 3} euro." for i in range(220))
 
 
-def test_document_answered_through_render_and_gpu_queues(start_worker, redis_client):
-    render = start_worker(wait=False, queues="render", concurrency=2)  # starts while the GPU worker does
-    start_worker()
-    render.wait_ready()
-    blobs_before = set(redis_client.keys("glyphq:blob:*"))
-    job = submit_document(TEXT, "What is the total for item 7?", max_new_tokens=8)
-    result = job.result(timeout=180)
-
-    assert result["pages"] >= 2
-    assert len(result["image_size"]) == len(result["image_size_used"]) == result["pages"]
-    # A 72-dpi A4 page fits the default box without shrinking (only its width is cropped to the ink).
-    assert all(used == size for used, size in zip(result["image_size_used"], result["image_size"], strict=True))
-    assert all(h == 842 for _, h in result["image_size"][:-1])
-    assert result["vision_tokens"] == 16 * result["pages"]  # the tiny model's 16 tokens per image
-    assert result["text_tokens"] > 1000
-    assert result["compression"] == round(result["text_tokens"] / result["vision_tokens"], 2)
-    assert result["timings"]["render_s"] > 0
-    assert result["answer"] and result["tokens_out"] <= 8
-    # Pages and text travelled as blobs and are gone once the result is stored.
-    text_key = blob_key(hashlib.sha256(TEXT.encode()).hexdigest())
-    assert wait_until(lambda: set(redis_client.keys("glyphq:blob:*")) == blobs_before)
-    assert not redis_client.exists(text_key)
-
-
 def test_more_pages_than_the_limit_fail_with_invalid_job(start_worker):
     start_worker(queues="render", max_pages=2)
     job = submit_document(TEXT * 3, "Too long?")
     with pytest.raises(JobFailed, match=r"InvalidJob: text: renders to \d+ pages; the limit is 2 \(GLYPHQ_MAX_PAGES\)"):
         job.result(timeout=120)
     assert job.state == "FAILURE"
-
-
-def test_bad_render_value_fails_the_job_clearly(start_worker):
-    start_worker(queues="render")
-    job = submit_document("Some text.", "q", render={"dpi": -5})
-    with pytest.raises(JobFailed, match="InvalidJob: render: dpi must be greater than 0"):
-        job.result(timeout=120)
 
 
 SMALL = Settings.from_env({"GLYPHQ_MAX_DOCUMENT_CHARS": "1000"})
@@ -123,15 +92,48 @@ def test_cli_render_writes_pages(tmp_path):
     assert report["files"] == [str(p) for p in pages]
 
 
-def test_cli_ask_doc(start_worker, tmp_path):
-    render = start_worker(wait=False, queues="render")
-    start_worker()
+@pytest.fixture(scope="class")
+def render_and_gpu_workers(start_class_worker) -> None:
+    """A render worker (two children) and a GPU worker, shared by the tests of ``TestRenderAndGpuWorkers``."""
+    render = start_class_worker(wait=False, queues="render", concurrency=2)  # starts while the GPU worker does
+    start_class_worker()
     render.wait_ready()
-    text = tmp_path / "doc.txt"
-    text.write_text(TEXT[:2000], encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "glyphq.producer.cli", "ask-doc", str(text), "What is item 3?",
-                          "--wait", "--max-new-tokens", "5"],
-                         cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["pages"] == 1 and result["answer"]
+
+
+class TestRenderAndGpuWorkers:
+    """Document jobs through both queues, or refused by the render worker; each test waits for its own job."""
+
+    def test_document_answered_through_render_and_gpu_queues(self, render_and_gpu_workers, redis_client):
+        blobs_before = set(redis_client.keys("glyphq:blob:*"))
+        job = submit_document(TEXT, "What is the total for item 7?", max_new_tokens=8)
+        result = job.result(timeout=180)
+
+        assert result["pages"] >= 2
+        assert len(result["image_size"]) == len(result["image_size_used"]) == result["pages"]
+        # A 72-dpi A4 page fits the default box without shrinking (only its width is cropped to the ink).
+        assert all(used == size for used, size in zip(result["image_size_used"], result["image_size"], strict=True))
+        assert all(h == 842 for _, h in result["image_size"][:-1])
+        assert result["vision_tokens"] == 16 * result["pages"]  # the tiny model's 16 tokens per image
+        assert result["text_tokens"] > 1000
+        assert result["compression"] == round(result["text_tokens"] / result["vision_tokens"], 2)
+        assert result["timings"]["render_s"] > 0
+        assert result["answer"] and result["tokens_out"] <= 8
+        # Pages and text travelled as blobs and are gone once the result is stored.
+        text_key = blob_key(hashlib.sha256(TEXT.encode()).hexdigest())
+        assert wait_until(lambda: set(redis_client.keys("glyphq:blob:*")) == blobs_before)
+        assert not redis_client.exists(text_key)
+
+    def test_bad_render_value_fails_the_job_clearly(self, render_and_gpu_workers):
+        job = submit_document("Some text.", "q", render={"dpi": -5})
+        with pytest.raises(JobFailed, match="InvalidJob: render: dpi must be greater than 0"):
+            job.result(timeout=120)
+
+    def test_cli_ask_doc(self, render_and_gpu_workers, tmp_path):
+        text = tmp_path / "doc.txt"
+        text.write_text(TEXT[:2000], encoding="utf-8")
+        out = subprocess.run([sys.executable, "-m", "glyphq.producer.cli", "ask-doc", str(text), "What is item 3?",
+                              "--wait", "--max-new-tokens", "5"],
+                             cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["pages"] == 1 and result["answer"]

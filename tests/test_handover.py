@@ -86,7 +86,7 @@ def test_successor_of_an_idle_child_stops_waiting_before_celery_would_kill_it(st
     cache beside the old child (on the CPU it fits; on a GPU where it does not, the successor leaves
     instead) and joins in, and the two share the jobs until the old one reaches its count and leaves."""
     worker = start_worker(model=endless_model, max_tasks_per_child=6, max_batch=4, recycle_overlap_s=600,
-                          model_load_timeout=15)
+                          model_load_timeout=10)
     first = _answer_all(2, tokens=8)
     assert wait_until(lambda: "still running; this child takes jobs too" in worker.log(), 60), worker.log()[-2000:]
     later = _answer_all(10, tokens=8)

@@ -19,28 +19,10 @@ from glyphq.tasks.app import app
 
 
 def _stats(worker) -> dict:
-    prefix = worker.name.split("@")[0] + "@"
-    replies = app.control.inspect(timeout=5).stats() or {}
-    (reply,) = [v for k, v in replies.items() if k.startswith(prefix)]
+    """The worker's glyphq stats section; asked of that worker alone, so the reply ends the wait."""
+    replies = app.control.inspect(destination=[worker.name], timeout=5).stats() or {}
+    (reply,) = replies.values()
     return reply["glyphq"]
-
-
-def test_stats_carry_the_glyphq_section(start_worker, tiny_model):
-    worker = start_worker(max_tasks_per_child=2)
-    section = _stats(worker)
-    assert section["model"] == str(tiny_model)
-    assert section["model_loaded"] is True
-    assert section["device"] == "cpu" and section["gpu"] is None
-    assert section["queues"] == ["gpu"]
-    assert section["recycles"] == 0 and section["task_index"] == 0
-    assert section["child_pid"] in worker.children()
-
-    for i in range(3):
-        submit(png_bytes(seed=80 + i), "stats", max_new_tokens=2).result(timeout=60)
-    assert wait_until(lambda: _stats(worker)["recycles"] == 1, timeout=30)
-    section = _stats(worker)
-    assert section["recycles_by_reason"] == {"tasks": 1}
-    assert section["task_index"] == 1  # the third job ran in the second child
 
 
 def _scrape(port: int) -> str:
@@ -59,34 +41,75 @@ def _value(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{labels} not in metrics:\n{text}")
 
 
-def test_metrics_while_jobs_run_and_across_recycles(start_worker, redis_client):
-    port = free_port()
-    start_worker(metrics_port=port, max_tasks_per_child=2)
-    jobs = [submit(png_bytes(seed=90 + i), "metrics", max_new_tokens=3) for i in range(4)]
-    key = blob_key(hashlib.sha256(b"not an image").hexdigest())
-    redis_client.set(key, b"not an image", ex=600)
-    bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu")
-    during = _scrape(port)  # while the queue is still being worked
-    assert "glyphq_queue_depth" in during
-    for job in jobs:
-        job.result(timeout=60)
-    with pytest.raises(Exception, match="image: cannot be decoded"):
-        bad.get(timeout=60)
+@pytest.fixture(scope="class")
+def recycling_worker(start_class_worker):
+    """A GPU worker that serves metrics and replaces its child every two jobs, shared by ``TestRecycling``."""
+    return start_class_worker(metrics_port=free_port(), max_tasks_per_child=2)
 
-    def settled() -> bool:
+
+class TestRecycling:
+    """The stats section and the metrics of one worker whose children are replaced as the tests run.
+
+    Each test counts from what the worker reports when it begins, so either may run first or alone."""
+
+    def test_stats_carry_the_glyphq_section(self, recycling_worker, tiny_model):
+        worker = recycling_worker
+        section = _stats(worker)
+        assert section["model"] == str(tiny_model)
+        assert section["model_loaded"] is True
+        assert section["device"] == "cpu" and section["gpu"] is None
+        assert section["queues"] == ["gpu"]
+        assert section["child_pid"] in worker.children()
+        # Two jobs per child: the counts add up to the jobs answered so far (none on a fresh worker; the
+        # other test of the class may have run first).
+        recycles, done = section["recycles"], section["task_index"]
+        text = _scrape(int(worker.env["GLYPHQ_METRICS_PORT"]))
+        answered = sum(_value(text, "glyphq_jobs_total", task=ANSWER_TASK, state=state)
+                       for state in ("success", "failure"))
+        assert 2 * recycles + done == answered, (recycles, done, answered)
+        by_reason = section["recycles_by_reason"]
+        assert sum(by_reason.values()) == by_reason.get("tasks", 0) == recycles, by_reason
+
+        for i in range(3):
+            submit(png_bytes(seed=80 + i), "stats", max_new_tokens=2).result(timeout=60)
+        more = (done + 3) // 2
+        assert wait_until(lambda: _stats(worker)["recycles"] == recycles + more, timeout=30)
+        section = _stats(worker)
+        assert section["recycles_by_reason"] == {"tasks": recycles + more}
+        assert section["task_index"] == (done + 3) % 2  # from a fresh worker: the third job ran in the second child
+
+    def test_metrics_while_jobs_run_and_across_recycles(self, recycling_worker, redis_client):
+        port = int(recycling_worker.env["GLYPHQ_METRICS_PORT"])
+        before = _scrape(port)
+        done = _stats(recycling_worker)["task_index"]  # jobs the current child answered before this test
+        jobs = [submit(png_bytes(seed=90 + i), "metrics", max_new_tokens=3) for i in range(4)]
+        key = blob_key(hashlib.sha256(b"not an image").hexdigest())
+        redis_client.set(key, b"not an image", ex=600)
+        bad = app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu")
+        during = _scrape(port)  # while the queue is still being worked
+        assert "glyphq_queue_depth" in during
+        for job in jobs:
+            job.result(timeout=60)
+        with pytest.raises(Exception, match="image: cannot be decoded"):
+            bad.get(timeout=60)
+
+        def grown(text: str, name: str, **labels: str) -> float:
+            return _value(text, name, **labels) - _value(before, name, **labels)
+
+        def settled() -> bool:
+            return grown(_scrape(port), "glyphq_jobs_total", task=ANSWER_TASK, state="success") == 4
+
+        assert wait_until(settled, timeout=20)
         text = _scrape(port)
-        return _value(text, "glyphq_jobs_total", task=ANSWER_TASK, state="success") == 4
-
-    assert wait_until(settled, timeout=20)
-    text = _scrape(port)
-    assert _value(text, "glyphq_jobs_total", task=ANSWER_TASK, state="failure") == 1
-    assert _value(text, "glyphq_queue_wait_seconds_count") == 4
-    assert _value(text, "glyphq_preprocess_seconds_count") == 4
-    assert _value(text, "glyphq_generate_seconds_count") == 4
-    assert 4 <= _value(text, "glyphq_generated_tokens_total") <= 12
-    # Five jobs at two per child: two children were replaced, and their counts are still summed.
-    assert _value(text, "glyphq_recycles_total", reason="tasks") == 2
-    assert _value(text, "glyphq_queue_depth", queue="gpu") == queue_depths(settings, ("gpu",))["gpu"]
+        assert grown(text, "glyphq_jobs_total", task=ANSWER_TASK, state="failure") == 1
+        assert grown(text, "glyphq_queue_wait_seconds_count") == 4
+        assert grown(text, "glyphq_preprocess_seconds_count") == 4
+        assert grown(text, "glyphq_generate_seconds_count") == 4
+        assert 4 <= grown(text, "glyphq_generated_tokens_total") <= 12
+        # Five jobs at two per child (from a fresh worker: two children replaced), and every replaced
+        # child's counts are still summed.
+        assert grown(text, "glyphq_recycles_total", reason="tasks") == (done + 5) // 2
+        assert _value(text, "glyphq_queue_depth", queue="gpu") == queue_depths(settings, ("gpu",))["gpu"]
 
 
 def test_queue_depth_gauge_counts_priority_subqueues(start_worker):
@@ -115,9 +138,9 @@ def test_queue_full_refuses_and_enqueues_nothing(redis_client):
 
 def test_expired_job_never_runs(start_worker, redis_client):
     image = png_bytes(seed=120)
-    job = submit(image, "too late", deadline=0.5)
+    job = submit(image, "too late", deadline=0.2)
     on_time = submit(png_bytes(seed=121), "on time", deadline=600)
-    time.sleep(1.5)
+    time.sleep(0.6)  # past the deadline before any worker runs
     start_worker()
     assert on_time.result(timeout=60)["answer"]
     with pytest.raises(JobExpired, match="never ran"):
@@ -139,8 +162,8 @@ def test_expired_document_never_renders_and_says_so(start_worker, redis_client):
     from glyphq.producer import submit_document
 
     text = "A document that waits too long for the render worker."
-    job = submit_document(text, "too late", deadline=0.5)
-    time.sleep(1.5)
+    job = submit_document(text, "too late", deadline=0.2)
+    time.sleep(0.6)
     start_worker(queues="render")
     with pytest.raises(JobExpired):
         job.result(timeout=30)

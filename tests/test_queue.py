@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -56,32 +55,6 @@ def test_thirty_jobs_recycling_every_five(start_worker, redis_client):
     assert max(r["worker"]["task_index"] for r in results) == 5
     store = Store(settings)
     assert [store.runs(j.id) for j in jobs] == [1] * 30, "a job ran more than once"
-
-
-
-
-
-
-def test_child_killed_mid_task_job_is_redelivered(start_worker, endless_model):
-    worker = start_worker(model=endless_model)
-    job = submit(png_bytes(seed=6), "A long answer please", max_new_tokens=1500)
-    store = Store(settings)
-    deadline = time.monotonic() + 60
-    while store.runs(job.id) < 1 or job.state != "STARTED":
-        assert time.monotonic() < deadline, "job never started"
-        time.sleep(0.05)
-    (child,) = worker.children()
-    import os
-
-    os.kill(child, signal.SIGKILL)
-    result = job.result(timeout=180)
-    assert result["tokens_out"] == 1500
-    assert result["worker"]["pid"] != child
-    assert store.runs(job.id) == 2
-
-
-
-
 
 
 def test_shared_blob_survives_until_last_job(start_worker, redis_client):

@@ -31,79 +31,92 @@ def _success_publications(pubsub, job_id: str, seen: list[str]) -> int:
     return seen.count("SUCCESS")
 
 
-def test_child_killed_mid_job_is_answered_exactly_once(start_worker, endless_model, redis_client):
-    """Scenario 1: SIGKILL the child mid-job; the job is redelivered, run twice in all, stored once."""
-    worker = start_worker(**endless_worker_settings(endless_model))
-    job = submit_long(seed=101, tokens=2000)
-    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(f"glyphq:celery-task-meta-{job.id}")
-    try:
-        wait_started(redis_client, job)
-        child = only_child(worker)
-        os.kill(child, signal.SIGKILL)
-
-        result = job.result(timeout=180)
-        assert result["tokens_out"] == 2000
-        assert result["worker"]["pid"] != child, "the killed child cannot have answered"
-        assert runs(redis_client, job.id) == 2
-
-        # Nothing can run it a third time: no copy of its message is queued or unacknowledged, and
-        # a job submitted afterwards is answered while its counter stays at 2.
-        after = submit_short(seed=102)
-        assert after.result(timeout=60)["answer"]
-        assert job.id not in pending_task_ids(redis_client)
-        assert runs(redis_client, job.id) == 2
-        assert job.state == "SUCCESS"
-
-        statuses: list[str] = []
-        assert wait_until(lambda: _success_publications(pubsub, job.id, statuses) >= 1, 10)
-        assert _success_publications(pubsub, job.id, statuses) == 1, f"result stored as {statuses}"
-    finally:
-        pubsub.close()
-    log = worker.log()
-    assert log.count(f"glyphq.answer[{job.id}] received") == 2, tail(worker)
-    assert log.count(f"glyphq.answer[{job.id}] succeeded") == 1, tail(worker)
-    assert worker.proc.poll() is None
+#: The limit on deliveries of a job whose child dies (the default, set here because the test counts on it).
+MAX_DELIVERIES = 3
 
 
-def test_poison_job_is_failed_after_max_deliveries(start_worker, endless_model, redis_client):
-    """Scenario 6: a job whose child dies on every run fails with PoisonJob; the jobs behind it run."""
-    max_deliveries = 3
-    worker = start_worker(**endless_worker_settings(endless_model, max_deliveries=max_deliveries))
-    poison = submit_long(seed=110, question="This one kills its worker")
-    behind = [submit_short(seed=111 + i) for i in range(3)]
+@pytest.fixture(scope="class")
+def endless_worker(start_class_worker, endless_model):
+    """One worker on the endless model, shared by the tests of ``TestChildDies``."""
+    return start_class_worker(**endless_worker_settings(endless_model, max_deliveries=MAX_DELIVERIES))
 
-    # The test plays the part of the job: each time the job is started (its runs counter goes up),
-    # its child is killed. A start past the limit is refused before the job's work begins, so
-    # nothing is killed then.
-    killed: list[int] = []
-    deadline = time.monotonic() + 240
-    while not poison.ready():
-        assert time.monotonic() < deadline, f"poison job not finished; runs {runs(redis_client, poison.id)}"
-        started = runs(redis_client, poison.id)
-        if len(killed) < started <= max_deliveries:
+
+class TestChildDies:
+    """Children killed mid-job, one worker for both tests: each waits for its jobs' answers, and the
+    worker's replacement child is the only one again before the next test (``only_child``)."""
+
+    def test_child_killed_mid_job_is_answered_exactly_once(self, endless_worker, redis_client):
+        """Scenario 1: SIGKILL the child mid-job; the job is redelivered, run twice in all, stored once."""
+        worker = endless_worker
+        job = submit_long(seed=101, tokens=2000)
+        pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(f"glyphq:celery-task-meta-{job.id}")
+        try:
+            wait_started(redis_client, job)
             child = only_child(worker)
             os.kill(child, signal.SIGKILL)
-            killed.append(child)
-        assert started <= max_deliveries + 1, f"poison job started {started} times"
-        time.sleep(0.02)
 
-    with pytest.raises(JobFailed) as failure:
-        poison.result(timeout=10)
-    assert failure.value.error_type == "PoisonJob"
-    assert f"GLYPHQ_MAX_DELIVERIES={max_deliveries}" in failure.value.message
-    assert len(killed) == max_deliveries
-    assert runs(redis_client, poison.id) == max_deliveries + 1
+            result = job.result(timeout=180)
+            assert result["tokens_out"] == 2000
+            assert result["worker"]["pid"] != child, "the killed child cannot have answered"
+            assert runs(redis_client, job.id) == 2
 
-    for job in behind:
-        assert job.result(timeout=120)["answer"]
-        # A job that joined the running batch beside the poison job's first run died with it and ran
-        # again; the poison job's later runs were alone (a redelivered job runs by itself).
-        assert runs(redis_client, job.id) <= 2
-    # It never comes round again: no copy is left, and a later job runs while its counter stays put.
-    assert submit_short(seed=119).result(timeout=60)["answer"]
-    assert poison.id not in pending_task_ids(redis_client)
-    assert runs(redis_client, poison.id) == max_deliveries + 1
-    assert queued_messages(redis_client) == []
-    assert worker.proc.poll() is None, tail(worker)
+            # Nothing can run it a third time: no copy of its message is queued or unacknowledged, and
+            # a job submitted afterwards is answered while its counter stays at 2.
+            after = submit_short(seed=102)
+            assert after.result(timeout=60)["answer"]
+            assert job.id not in pending_task_ids(redis_client)
+            assert runs(redis_client, job.id) == 2
+            assert job.state == "SUCCESS"
 
+            statuses: list[str] = []
+            assert wait_until(lambda: _success_publications(pubsub, job.id, statuses) >= 1, 10)
+            assert _success_publications(pubsub, job.id, statuses) == 1, f"result stored as {statuses}"
+        finally:
+            pubsub.close()
+        log = worker.log()
+        assert log.count(f"glyphq.answer[{job.id}] received") == 2, tail(worker)
+        assert log.count(f"glyphq.answer[{job.id}] succeeded") == 1, tail(worker)
+        assert worker.proc.poll() is None
+
+
+    def test_poison_job_is_failed_after_max_deliveries(self, endless_worker, redis_client):
+        """Scenario 6: a job whose child dies on every run fails with PoisonJob; the jobs behind it run."""
+        max_deliveries = MAX_DELIVERIES
+        worker = endless_worker
+        poison = submit_long(seed=110, question="This one kills its worker")
+        behind = [submit_short(seed=111 + i) for i in range(3)]
+
+        # The test plays the part of the job: each time the job is started (its runs counter goes up),
+        # its child is killed. A start past the limit is refused before the job's work begins, so
+        # nothing is killed then.
+        killed: list[int] = []
+        deadline = time.monotonic() + 240
+        while not poison.ready():
+            assert time.monotonic() < deadline, f"poison job not finished; runs {runs(redis_client, poison.id)}"
+            started = runs(redis_client, poison.id)
+            if len(killed) < started <= max_deliveries:
+                child = only_child(worker)
+                os.kill(child, signal.SIGKILL)
+                killed.append(child)
+            assert started <= max_deliveries + 1, f"poison job started {started} times"
+            time.sleep(0.02)
+
+        with pytest.raises(JobFailed) as failure:
+            poison.result(timeout=10)
+        assert failure.value.error_type == "PoisonJob"
+        assert f"GLYPHQ_MAX_DELIVERIES={max_deliveries}" in failure.value.message
+        assert len(killed) == max_deliveries
+        assert runs(redis_client, poison.id) == max_deliveries + 1
+
+        for job in behind:
+            assert job.result(timeout=120)["answer"]
+            # A job that joined the running batch beside the poison job's first run died with it and ran
+            # again; the poison job's later runs were alone (a redelivered job runs by itself).
+            assert runs(redis_client, job.id) <= 2
+        # It never comes round again: no copy is left, and a later job runs while its counter stays put.
+        assert submit_short(seed=119).result(timeout=60)["answer"]
+        assert poison.id not in pending_task_ids(redis_client)
+        assert runs(redis_client, poison.id) == max_deliveries + 1
+        assert queued_messages(redis_client) == []
+        assert worker.proc.poll() is None, tail(worker)

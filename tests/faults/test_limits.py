@@ -90,7 +90,7 @@ def test_job_near_the_hard_limit_runs_once_with_two_workers(start_worker, endles
     hard limit old, while a second worker starts. Its startup scan for expired unacknowledged messages
     happens while the job runs; as the visibility timeout outlasts the hard limit, it leaves it alone.
     """
-    time_limit, visibility = 20, 45  # batching: longer than twice the hard limit
+    time_limit, visibility = 15, 35  # batching: longer than twice the hard limit
     settings = endless_worker_settings(endless_model, time_limit=time_limit, soft_time_limit=time_limit,
                                        visibility_timeout=visibility)
     first = start_worker(**settings)

@@ -24,8 +24,9 @@ from faults.helpers import (
     wait_started,
 )
 
-# Small limits, so that a message left unacknowledged by a dead worker comes back within the test.
-TIME_LIMIT, VISIBILITY_TIMEOUT = 10, 21
+# Small limits, so that a message left unacknowledged by a dead worker comes back within the test. One
+# slot: the visibility timeout need only outlast one time limit, which a RUN_TOKENS job keeps well within.
+TIME_LIMIT, VISIBILITY_TIMEOUT = 8, 12
 LIMITS = {"time_limit": TIME_LIMIT, "soft_time_limit": TIME_LIMIT, "visibility_timeout": VISIBILITY_TIMEOUT}
 #: One slot, so the worker reserves only the running job and the jobs behind it wait in Redis.
 ONE_SLOT = {"max_batch": 1}
@@ -40,7 +41,7 @@ def test_sigterm_finishes_the_running_job_and_a_restarted_worker_answers_the_que
     """
     settings = endless_worker_settings(endless_model, **ONE_SLOT)
     first = start_worker(**settings)
-    running = submit_long(seed=201, tokens=2000)
+    running = submit_long(seed=201, tokens=RUN_TOKENS)
     queued = [submit_short(seed=202 + i) for i in range(3)]
     wait_started(redis_client, running)
     child = only_child(first)
