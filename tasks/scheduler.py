@@ -95,6 +95,7 @@ class Scheduler:
         self.pid: int | None = None
         self._arrivals = 0
         self._leaving: tuple[int, float] | None = None
+        self._paced: tuple[float, int] = (time.monotonic(), 0)  # since, jobs ended: the child's pace
         self._ends: deque[float] = deque(maxlen=PACE_JOBS)  # when this child's latest jobs ended
         hub = getattr(getattr(consumer, "controller", None), "hub", None)
         if hub is None:
@@ -200,6 +201,8 @@ class Scheduler:
                 request.send_event("task-succeeded", result="(stored)", runtime=runtime)
             else:
                 request.send_event("task-failed", exception=str(report.get("exception")))
+        since, ended = self._paced
+        self._paced = (since, ended + 1)
         self._ends.append(time.monotonic())
         if report.get("successor_fits"):
             self._maybe_start_successor(self.room_left() + len(self.handed))
@@ -279,16 +282,22 @@ class Scheduler:
             self.timer.call_after(LEAVING_POLL_S, self._until_gone)
             return
         self._leaving = None
+        self._paced = (time.monotonic(), 0)
         self._ends.clear()
         self.pump()
 
     def _maybe_start_successor(self, room: int) -> None:
         """Start the child's successor once the ``room`` jobs it has left to end take
-        ``GLYPHQ_RECYCLE_OVERLAP_S`` or less, at the pace of its latest ``PACE_JOBS`` results (not since
-        it started: its first jobs waited for the compiler)."""
-        if len(self._ends) < 2 or room <= 0 or settings.recycle_overlap_s <= 0:  # nothing left: billiard replaces it
+        ``GLYPHQ_RECYCLE_OVERLAP_S`` or less: at the pace of its latest ``PACE_JOBS`` results once it
+        has that many (since it started, the pace would count the compile before its first job), else
+        at its pace since it started."""
+        since, ended = self._paced
+        if ended == 0 or room <= 0 or settings.recycle_overlap_s <= 0:  # nothing left: billiard replaces it
             return
-        pace = (len(self._ends) - 1) / max(self._ends[-1] - self._ends[0], 1e-6)
+        if len(self._ends) == PACE_JOBS:
+            pace = (PACE_JOBS - 1) / max(self._ends[-1] - self._ends[0], 1e-6)
+        else:
+            pace = ended / max(time.monotonic() - since, 1e-6)
         if room / pace <= settings.recycle_overlap_s and not private.shutting_down():
             handover.start_successor(self.pool)
 
