@@ -21,14 +21,6 @@ from glyphq.worker.render import RenderConfig
 TEXT = "\n".join(f"Line {i}: the invoice total for item {i} is {i * 3} euro." for i in range(220))
 
 
-def test_more_pages_than_the_limit_fail_with_invalid_job(start_worker):
-    start_worker(queues="render", max_pages=2)
-    job = submit_document(TEXT * 3, "Too long?")
-    with pytest.raises(JobFailed, match=r"InvalidJob: text: renders to \d+ pages; the limit is 2 \(GLYPHQ_MAX_PAGES\)"):
-        job.result(timeout=120)
-    assert job.state == "FAILURE"
-
-
 SMALL = Settings.from_env({"GLYPHQ_MAX_DOCUMENT_CHARS": "1000"})
 
 
@@ -98,6 +90,16 @@ def render_and_gpu_workers(start_class_worker) -> None:
     render = start_class_worker(wait=False, queues="render", concurrency=2)  # starts while the GPU worker does
     start_class_worker()
     render.wait_ready()
+
+
+# The tests that start render workers come last: one still stopping could take the message that
+# test_render_config_file_with_hyphenated_keys reads from the queue.
+def test_more_pages_than_the_limit_fail_with_invalid_job(start_worker):
+    start_worker(queues="render", max_pages=2)
+    job = submit_document(TEXT * 3, "Too long?")
+    with pytest.raises(JobFailed, match=r"InvalidJob: text: renders to \d+ pages; the limit is 2 \(GLYPHQ_MAX_PAGES\)"):
+        job.result(timeout=120)
+    assert job.state == "FAILURE"
 
 
 class TestRenderAndGpuWorkers:
