@@ -79,7 +79,7 @@ def test_priority_9_overtakes_queued_work(start_worker):
 
 def test_rss_guard_recycles_without_losing_jobs(start_worker):
     """max-memory-per-child (the path the GPU guard also takes) replaces the child after every batch."""
-    jobs = [submit(png_bytes(seed=40 + i), "guard", max_new_tokens=4) for i in range(4)]
+    jobs = [submit(png_bytes(seed=40 + i), "guard", max_new_tokens=64) for i in range(4)]
     start_worker(max_memory_per_child_mb=1, max_batch=2)
     results = [j.result(timeout=120) for j in jobs]
     by_child: dict[int, list[dict]] = {}
@@ -88,7 +88,9 @@ def test_rss_guard_recycles_without_losing_jobs(start_worker):
     assert len(by_child) == 2, by_child
     for answered in by_child.values():  # one batch of two per child, then a new child
         assert sorted(w["task_index"] for w in answered) == [1, 2]
-        assert all(w["batch_size"] == 2 for w in answered)
+        # They decoded side by side; the one whose page was ready first may start a step earlier and
+        # end first, and the other then ends alone.
+        assert max(w["batch_size"] for w in answered) == 2
 
 
 
