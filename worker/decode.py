@@ -8,8 +8,9 @@ repetition penalty and thinking budget, and the bookkeeping for the next step) a
 ``CUDAGraph.replay()`` over a preallocated static cache, and the host looks at the tokens only every
 ``CHECK_EVERY`` steps (``worker.continuous``).
 
-Shapes are bucketed so steady traffic reuses a few graphs: rows and cache columns are each rounded up
-to a power of two (:func:`bucket`, the columns to at least ``MIN_CACHE_LEN``). Prompts are prefilled
+Shapes are bucketed so steady traffic reuses a few graphs: rows are rounded up to a power of two
+(:func:`bucket`), cache columns to a quarter octave of at least ``MIN_CACHE_LEN``
+(``worker.slots.column_bucket``). Prompts are prefilled
 in groups of similar length (:func:`prefill_groups`). The attention registered as ``ATTENTION``
 reads each key/value head once for all its query heads in a decode step, and
 :func:`_compile_decoder_layers` compiles the layers once for all of them.
