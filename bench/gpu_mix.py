@@ -32,20 +32,16 @@ import math
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import recycle_downtimes  # noqa: E402
-from bench.gpu_soak import ensure_preset, free_port  # noqa: E402
+from bench.gpu_soak import ensure_preset, free_port, redis_and_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(50, 50), (320, 240), (640, 480), (800, 1100), (1280, 720), (1654, 2339), (1920, 1080), (2480, 3508),
@@ -200,9 +196,9 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
 
 # -- through a worker -------------------------------------------------------------------------------
 
-def app_module(tree: Path) -> str:
-    """The Celery app of a tree: ``glyphq.tasks``, or ``tasks`` in a tree from before the package."""
-    return "glyphq.tasks" if (tree / "__init__.py").exists() else "tasks"
+def broker_port() -> int:
+    """The port of the broker every phase starts its own redis-server on (``main`` sets it)."""
+    return int(os.environ["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
 
 
 def import_path(tree: Path) -> str:
@@ -215,31 +211,6 @@ def import_path(tree: Path) -> str:
     return str(folder)
 
 
-@contextmanager
-def redis_and_worker(tree: Path, env: dict[str, str], name: str) -> Iterator[Path]:
-    """A redis-server on the broker's port and ``celery -A glyphq.tasks worker`` run from ``tree``; yields its log."""
-    port = int(env["GLYPHQ_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
-    workdir = Path(tempfile.mkdtemp(prefix=f"glyphq-{name}-"))
-    redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-                                   "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    log_path = workdir / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", app_module(tree), "worker", "-l", "info", "-n",
-                                   f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=tree, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield log_path
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-            redis_proc.kill()
-            redis_proc.wait(10)
-
-
 def run_worker_phase(args: argparse.Namespace, label: str, tree: Path, figures: dict, detail: dict,
                      jobs: list[dict]) -> None:
     """Backlog with probes, the variance set, the trickle, on the worker of ``tree``."""
@@ -247,7 +218,7 @@ def run_worker_phase(args: argparse.Namespace, label: str, tree: Path, figures: 
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{import_path(tree)}:{os.environ.get('PYTHONPATH', '')}"}
-    with redis_and_worker(tree, env, label) as log_path:
+    with redis_and_worker(broker_port(), env, label, tree=tree) as (_worker, log_path):
         try:
             _worker_workloads(args, label, figures, detail, jobs, submit)
         finally:
@@ -403,7 +374,7 @@ def soak(args: argparse.Namespace, figures: dict, detail: dict) -> None:
     if args.soak_per_child:  # more recycles than the default of 1,000 jobs a child in a short run
         env["GLYPHQ_MAX_TASKS_PER_CHILD"] = str(args.soak_per_child)
     jobs = backlog(args.soak, seed=11, lengths=args.soak_lengths)
-    with redis_and_worker(ROOT, env, "soak") as log_path:
+    with redis_and_worker(broker_port(), env, "soak") as (_worker, log_path):
         try:
             sent, started = time.time(), time.monotonic()
             handles = [_submit(submit, job) for job in jobs]

@@ -114,8 +114,10 @@ def main() -> int:
 
 
 @contextmanager
-def redis_and_worker(port: int, env: dict[str, str], name: str) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """A redis-server on ``port`` and a real ``celery -A glyphq.tasks worker`` with ``env``, stopped on exit.
+def redis_and_worker(port: int, env: dict[str, str], name: str,
+                     tree: Path = ROOT) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A redis-server on ``port`` and a real celery worker of ``tree`` (this checkout by default) with
+    ``env``, stopped on exit.
 
     Yields the worker process and the path of its log.
     """
@@ -125,8 +127,8 @@ def redis_and_worker(port: int, env: dict[str, str], name: str) -> Iterator[tupl
     time.sleep(0.5)
     log_path = workdir / "worker.log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-l", "info", "-n",
-                                   f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=ROOT, env=env,
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", app_module(tree), "worker", "-l", "info", "-n",
+                                   f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=tree, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield worker, log_path
@@ -137,6 +139,12 @@ def redis_and_worker(port: int, env: dict[str, str], name: str) -> Iterator[tupl
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
             redis_proc.kill()
+            redis_proc.wait(10)
+
+
+def app_module(tree: Path) -> str:
+    """The Celery app of a tree: ``glyphq.tasks``, or ``tasks`` in a tree from before the package."""
+    return "glyphq.tasks" if (tree / "__init__.py").exists() else "tasks"
 
 
 def run(args: argparse.Namespace, worker: subprocess.Popen, log_path: Path) -> int:
