@@ -217,6 +217,17 @@ def long_worker(start_class_worker, endless_model):
         return start_class_worker(model=endless_model, max_batch=2)
 
 
+def _kill_after_lines(proc, out: Path, lines: int) -> None:
+    """SIGKILL the ``glyphq batch`` process once ``out`` holds ``lines`` results (or it ended by itself)."""
+    try:
+        assert wait_until(lambda: line_count(out) >= lines or proc.poll() is not None, timeout=90, interval=0.1)
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
 class TestLongJobs:
     """Batches of long jobs killed or interrupted halfway, answered by one worker (``long_worker``).
 
@@ -227,13 +238,7 @@ class TestLongJobs:
         prefix = default_job_prefix(source, out)
         # A window as large as the batch: everything is submitted first, so the kill lands while waiting.
         proc = start_batch(str(source), "--out", str(out), "--window", str(JOBS))
-        try:
-            assert wait_until(lambda: line_count(out) >= 3 or proc.poll() is not None, timeout=90, interval=0.1)
-            proc.kill()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=10)
+        _kill_after_lines(proc, out, 3)
         written = records(out)  # whole lines only
         assert 3 <= len(written) < JOBS, f"{len(written)} results before the kill; the kill came too late"
         assert all(redis_client.exists(job_key(f"{prefix}-{i}")) for i in ids), "not every job was submitted"
@@ -293,13 +298,7 @@ class TestLongJobs:
         out = tmp_path / "output.jsonl"
         prefix = default_job_prefix(source, out)
         proc = start_batch(str(source), "--out", str(out), "--window", str(jobs))
-        try:
-            assert wait_until(lambda: line_count(out) >= 2 or proc.poll() is not None, timeout=90, interval=0.1)
-            proc.kill()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=10)
+        _kill_after_lines(proc, out, 2)
         written = records(out)
         assert 2 <= len(written) < jobs, f"{len(written)} results before the kill; the kill came too late"
 
