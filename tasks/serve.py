@@ -225,8 +225,7 @@ class Server:
         runtime.after_job()
         self.channel.report({"id": job.id, "event": "succeeded" if ok else "failed", "runtime": round(runtime_s, 6),
                              "exception": None if ok else f"{type(outcome).__name__}({str(outcome)[:500]!r})",
-                             # Also once this child has started its last job: its successor is due then.
-                             "successor_fits": runtime.room_for_a_successor()})
+                             "successor_fits": runtime.may_hand_over()})
 
 
 def serve(epoch: int, room: int) -> dict[str, Any]:

@@ -249,6 +249,14 @@ def room() -> int:
     return 0 if recycle.requested() else max(0, settings.max_tasks_per_child - _task_index)
 
 
+def may_hand_over() -> bool:
+    """Whether this child's successor may load beside it now: no memory guard asked for its replacement
+    (a second child beside one over its memory limit would add to it; billiard replaces that one once
+    it has left), and the GPU has room (``room_for_a_successor``). A child that has only started its
+    last job (``GLYPHQ_MAX_TASKS_PER_CHILD``) may: its successor is due then."""
+    return recycle.requested() in (None, "tasks") and room_for_a_successor()
+
+
 def room_for_a_successor() -> bool:
     """Whether a successor could load beside this child now (GPU memory; always True on the CPU)."""
     from glyphq.worker import memory
