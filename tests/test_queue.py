@@ -78,21 +78,24 @@ def test_priority_9_overtakes_queued_work(start_worker):
 
 
 def test_rss_guard_recycles_without_losing_jobs(start_worker):
-    """max-memory-per-child (the path the GPU guard also takes) replaces the child after every batch."""
+    """max-memory-per-child (the path the GPU guard also takes) replaces the child once its running jobs end.
+
+    The guard trips when a child's first job ends: the job decoding beside it finishes, nothing else
+    starts in that child, and the rest go to the next child. Whether a child's second job joined
+    before its first ended depends on when its page was decoded, so a child may answer one or two.
+    """
     jobs = [submit(png_bytes(seed=40 + i), "guard", max_new_tokens=64) for i in range(4)]
     start_worker(max_memory_per_child_mb=1, max_batch=2)
     results = [j.result(timeout=120) for j in jobs]
     by_child: dict[int, list[dict]] = {}
     for r in results:
         by_child.setdefault(r["worker"]["pid"], []).append(r["worker"])
-    assert len(by_child) == 2, by_child
-    for answered in by_child.values():  # one batch of two per child, then a new child
-        assert sorted(w["task_index"] for w in answered) == [1, 2]
-        # They decoded side by side; the one whose page was ready first may start a step earlier and
-        # end first, and the other then ends alone.
-        assert max(w["batch_size"] for w in answered) == 2
-
-
+    assert len(by_child) >= 2, by_child
+    for answered in by_child.values():
+        assert sorted(w["task_index"] for w in answered) == list(range(1, len(answered) + 1)), by_child
+        assert len(answered) <= 2, by_child
+        if len(answered) == 2:  # the second started while the first was still decoding
+            assert max(w["batch_size"] for w in answered) == 2, by_child
 
 
 def test_parent_preloads_torch_and_render_worker_does_not(start_worker):
