@@ -20,6 +20,7 @@ import json
 import os
 import select
 import struct
+import time
 from typing import Any
 
 #: Largest write the kernel keeps whole on a pipe (POSIX PIPE_BUF on Linux).
@@ -65,6 +66,19 @@ class Channel:
         """In the child: tell the main process about a job. Never blocks: what does not fit now waits
         for the next call or :meth:`unsent`."""
         self._unsent += self._frames(0, message)
+        self._write_pending()
+
+    def flush(self, timeout: float) -> bool:
+        """In the child, before it exits: wait up to ``timeout`` seconds for room for the reports not
+        yet written. Returns whether every one was written."""
+        end = time.monotonic() + timeout
+        while self._unsent and (left := end - time.monotonic()) > 0:
+            select.select([], [self.reports_w], [], left)
+            self._write_pending()
+        return not self._unsent
+
+    def _write_pending(self) -> None:
+        """Write what the pipe has room for of the reports not yet written."""
         while self._unsent:
             try:
                 os.write(self.reports_w, self._unsent[0])

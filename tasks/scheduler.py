@@ -11,9 +11,10 @@ The path of one job, start to end:
    ``Request.on_accepted``: task-started for Flower, the job is active in ``inspect active``) and,
    once its result is stored, "succeeded" or "failed" with its runtime: the scheduler acknowledges
    the message (``Request.acknowledge``) and sends the task-succeeded or task-failed event.
-4. When the child dies, every job handed to it that has not ended goes through Celery's
+4. When the child dies, every job it started and did not end goes through Celery's
    ``Request.on_failure`` with ``WorkerLostError``: requeued (``task_reject_on_worker_lost``), or
-   acknowledged if its result was already stored. A job past ``GLYPHQ_TIME_LIMIT`` fails with
+   acknowledged if its result was already stored. The jobs handed to it that it had not started
+   are handed to the next child. A job past ``GLYPHQ_TIME_LIMIT`` fails with
    Celery's ``Request.on_timeout`` and its child is killed, as billiard's hard limit does.
 5. When the broker connection is lost, Celery cancels the jobs that run: their child is killed, and
    ``tasks.private.CancelledForRedelivery`` stores nothing for them. Every job the scheduler held
@@ -233,8 +234,9 @@ class Scheduler:
         self.pump()
 
     def lost(self, epoch: int, exc_info: Any) -> None:
-        """The child died (or was killed): every job it had not ended goes back through Celery, or, when
-        the broker connection is gone (Celery killed the child for that), stays unacknowledged.
+        """The child died (or was killed): every job it started and had not ended goes back through
+        Celery, those it had not started wait for the next child, or, when the broker connection is
+        gone (Celery killed the child for that), every one stays unacknowledged.
 
         Celery's ``on_failure`` would take a job that was not cancelled itself, but died beside one that
         was, as terminated: stored as REVOKED and acknowledged, and never run again.
@@ -249,6 +251,9 @@ class Scheduler:
                 continue  # failed and acknowledged already
             if connection_lost:
                 private.request_reserved(handed.request)  # Redis delivers it again
+                continue
+            if handed.started is None:  # the child never started it, so it did not kill the child
+                self.waiting.append((_redis_priority(handed.request), 0, handed.request))
                 continue
             handed.request.on_failure(exc_info)
         self.serving = False

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import states
 from celery.app.task import Context
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 IDLE_S = 0.25
 #: Longest wait for the channel while rows are still waiting for a session turn.
 POLL_S = 0.01
+#: The exit status of a child whose running batch failed (``os.EX_SOFTWARE``).
+EXIT_BATCH_FAILED = 70
 
 
 @dataclass
@@ -115,7 +117,11 @@ class Server:
                 self._admit()
             if self.running.busy:
                 idle_since = None
-                for finished in self.running.step():
+                try:
+                    ended = self.running.step()
+                except Exception as exc:  # the step itself failed, not one job
+                    self._leave(exc)
+                for finished in ended:
                     self._finish(finished.key, finished.outcome)
                 continue
             if self.queued and runtime.room() > 0 and not self.draining:
@@ -178,6 +184,18 @@ class Server:
             self.sessions.add(session)
         self.running.add(job, runtime.engine_job(job.fetched, job.history), job.priority,
                          deadline=job.started_monotonic + settings.soft_time_limit_s)
+
+    def _leave(self, exc: BaseException) -> NoReturn:
+        """Exit this child after a failed decode step or a failed device: the jobs it holds are not
+        failed but given back, as when a child dies (``tasks.scheduler``): the ones it started come
+        back through Redis as redelivered, each counted as a run, and a successor with a fresh device
+        context answers them."""
+        held = len(self.queued) + self.running.held
+        log.critical("the running batch failed (%s: %s); this child exits and its %d job(s) go to its successor",
+                     type(exc).__name__, exc, held, exc_info=exc)
+        self.channel.flush(timeout=5.0)
+        logging.shutdown()
+        os._exit(EXIT_BATCH_FAILED)
 
     def _succeeded(self, task_id: str) -> bool:
         try:

@@ -209,3 +209,47 @@ def test_compiled_slot_decoding_equals_generate(tiny_model):
     # duck shaping, see worker.decode._compile_decoder_layers). Never one per layer, nor per bucket.
     assert 0 < counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
     assert [layer.self_attn.layer_idx for layer in compiled.model.get_decoder().layers] == list(range(layers))
+
+
+@pytest.mark.parametrize("error", ["job", "device"])
+def test_a_failed_prefill_fails_its_job_unless_the_device_failed(endless_model, monkeypatch, error):
+    """A prefill that raises fails that job alone, and the rows decoding go on; a CUDA error
+    (``torch.AcceleratorError``) in a prefill is the device's, so it leaves the step as
+    ``DeviceFailed`` and fails no job."""
+    import torch
+
+    from glyphq.worker.errors import DeviceFailed, ModelError
+    from glyphq.worker.slots import SlotDecoder
+
+    engine = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "4"}))
+    running = Continuous(engine, (320, 240))
+    page = Image.open(io.BytesIO(png_bytes(seed=5)))
+    running.add("busy", EngineJob([page], "long", 60))
+    running.step()
+    real_admit = SlotDecoder.admit
+    failure = RuntimeError("bad shapes") if error == "job" else torch.AcceleratorError("CUDA error: illegal address")
+
+    def failing_admit(self, admissions):
+        raise failure
+
+    monkeypatch.setattr(SlotDecoder, "admit", failing_admit)
+    running.add("joining", EngineJob([page], "short", 8))
+    outcomes: dict = {}
+
+    def step_until_joining_is_admitted() -> None:
+        while any(w.key == "joining" for w in running.waiting):  # its page is decoded in a thread first
+            outcomes.update({f.key: f.outcome for f in running.step()})
+
+    try:
+        if error == "device":
+            with pytest.raises(DeviceFailed, match="illegal address"):
+                step_until_joining_is_admitted()
+            assert not outcomes and [row.waiting.key for row in running.rows.values()] == ["busy"], "no job failed"
+            return
+        step_until_joining_is_admitted()
+        assert isinstance(outcomes["joining"], ModelError) and "bad shapes" in str(outcomes["joining"])
+        monkeypatch.setattr(SlotDecoder, "admit", real_admit)
+        rest = {f.key: f.outcome for f in running.run()}
+        assert rest["busy"].tokens_out == 60
+    finally:
+        running.close()

@@ -15,6 +15,10 @@ Each :meth:`Continuous.step` is one scheduling iteration:
 3. Rows that wrote a stop token, reached their ``max_new_tokens`` or passed their deadline end; their
    slots are free for the next iteration's admission, and the results are returned at once.
 
+A prefill that fails is retried job by job, and then fails only its own job, unless the device
+itself failed (a CUDA error): that raises ``DeviceFailed`` out of :meth:`Continuous.step`, as a
+failing decode step does, since no row could go on.
+
 Nothing here knows about Celery or Redis.
 """
 
@@ -32,7 +36,7 @@ import torch
 
 from glyphq.worker import reasoning
 from glyphq.worker.decode import CHECK_EVERY, prefill_groups
-from glyphq.worker.errors import ModelError, WorkerError
+from glyphq.worker.errors import DeviceFailed, ModelError, WorkerError
 from glyphq.worker.images import Box, fit_image, smaller_box
 from glyphq.worker.slots import Admission
 
@@ -145,6 +149,11 @@ class Continuous:
     @property
     def busy(self) -> bool:
         return bool(self.rows or self.waiting)
+
+    @property
+    def held(self) -> int:
+        """Jobs added and not yet ended: decoding or waiting."""
+        return len(self.rows) + len(self.waiting)
 
     @property
     def free_slots(self) -> int:
@@ -279,6 +288,8 @@ class Continuous:
     def _retry(self, group: list[_Waiting], exc: BaseException, now: float) -> list[Finished]:
         out_of_memory = isinstance(exc, torch.OutOfMemoryError)
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if isinstance(exc, torch.AcceleratorError):  # the device broke, not the job: every later job would fail too
+            raise DeviceFailed(f"the device failed in a prefill: {message}") from exc
         traceback.clear_frames(exc.__traceback__)
         del exc
         self.engine.cleanup()

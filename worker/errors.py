@@ -5,7 +5,8 @@ This module imports no torch, so a producer can rebuild these exceptions from a 
 
 from glyphq.producer.errors import BlobMissing, GlyphqError
 
-__all__ = ["WorkerError", "ModelError", "PoisonJob", "BlobMissing"]  # BlobMissing is raised by producer.store
+# BlobMissing is raised by producer.store
+__all__ = ["WorkerError", "ModelError", "DeviceFailed", "PoisonJob", "BlobMissing"]
 
 
 class WorkerError(GlyphqError):
@@ -15,6 +16,13 @@ class WorkerError(GlyphqError):
 class ModelError(WorkerError):
     """Raised when the model failed to load or to generate (CUDA out of memory twice, for example)."""
 
+
+class DeviceFailed(WorkerError):
+    """Raised when the device failed under a running batch (a CUDA error), not because of one job.
+
+    The worker child cannot trust its device afterwards: it leaves, and the jobs it held are answered
+    by its successor (see ``tasks.serve``).
+    """
 
 
 class PoisonJob(WorkerError):
