@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 IDLE_S = 0.25
 #: Longest wait for the channel while rows are still waiting for a session turn.
 POLL_S = 0.01
+#: How often a busy child frees what its batch no longer uses, reads GPU memory and checks the GPU
+#: guard (an idle one does at once). Emptying the CUDA cache waits for the GPU's queued steps.
+TIDY_S = 30.0
 #: The exit status of a child whose running batch failed (``os.EX_SOFTWARE``).
 EXIT_BATCH_FAILED = 70
 
@@ -91,6 +94,7 @@ class Server:
         self.sessions: set[str] = set()
         self.alone: _Job | None = None  # a redelivered job running by itself
         self.draining = False  # the worker is stopping: start nothing more
+        self.tidied = time.monotonic()
         self._order = 0
 
     def run(self) -> dict[str, Any]:
@@ -123,10 +127,12 @@ class Server:
                     self._leave(exc)
                 for finished in ended:
                     self._finish(finished.key, finished.outcome)
+                if time.monotonic() - self.tidied >= TIDY_S:
+                    self._tidy(idle=False)
                 continue
             if self.queued and runtime.room() > 0 and not self.draining:
                 continue
-            runtime.after_batch(self.engine)
+            self._tidy(idle=True)
             if runtime.room() == 0 or self.draining:
                 break
             now = time.monotonic()
@@ -135,6 +141,12 @@ class Server:
                 break
         return {"room": runtime.room(), "room_for_a_successor": runtime.room_for_a_successor(),
                 "unsent": self.channel.unsent()}
+
+    def _tidy(self, idle: bool) -> None:
+        from glyphq.worker import runtime
+
+        runtime.tidy(self.engine, idle)
+        self.tidied = time.monotonic()
 
     def _admit(self) -> None:
         """Start queued jobs while the running batch has free slots (most urgent, then oldest).

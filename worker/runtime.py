@@ -319,9 +319,11 @@ def after_job() -> None:
 _last_gpu: dict[str, float] | None = None
 
 
-def after_batch(eng: Any) -> float:
-    """Once nothing is running: free what the batch left, check the GPU guard, publish GPU memory and
-    the decode steps in use. Returns the seconds the cleanup took."""
+def tidy(eng: Any, idle: bool = True) -> float:
+    """Free what the running batch no longer uses, read GPU memory (the ``gpu`` of the results that
+    follow), check the GPU guard, and publish GPU memory and the decode steps in use. The child calls
+    it once nothing is running (``idle``: the peak measurement starts again), and every
+    ``tasks.serve.TIDY_S`` seconds while its batch runs. Returns the seconds the cleanup took."""
     from glyphq.worker import memory
 
     global _last_gpu
@@ -331,7 +333,8 @@ def after_batch(eng: Any) -> float:
     _record_gpu_memory(eng.device, gpu)
     status.publish(gpu=_gpu_section(eng.device))
     _publish_decode_buckets(eng)
-    memory.reset_peak(eng.device)
+    if idle:  # a busy child keeps its peak since it last went idle: a successor must fit beside that
+        memory.reset_peak(eng.device)
     return cleanup_s
 
 
@@ -343,7 +346,7 @@ def answer_alone(raw_job: object, job_id: str) -> dict[str, Any]:
     started = time.time()
     (result,) = eng.answer([engine_job(fetched, turns)], settings.max_image_size)
     record_turn(fetched, result)
-    after_batch(eng)
+    tidy(eng)
     after_job()
     return output(fetched, result, turns, started)
 
