@@ -30,6 +30,12 @@ relies on; ``pyproject.toml`` pins the three packages to the ranges those tests 
    (glyphq issue 14). Its cancel stores nothing, as Celery's own shutdown cancel does for late-ack
    tasks (``Consumer.cancel_active_requests``): the message stays unacknowledged and Redis delivers it
    again. Upstream: celery/celery#7185 (that cancel writes to the result backend while it is down).
+   Its ``terminate`` ends one job alone: Celery's revoke control (``celery.worker.control._revoke``)
+   flags the id as revoked and then calls ``Request.terminate(pool, signal)``, which signals the
+   request's process, and a GPU child runs up to ``GLYPHQ_MAX_BATCH`` jobs at once. The worker's
+   scheduler drops the job from the running batch instead (``tasks.scheduler.Scheduler.terminate``).
+   Celery has no hook for a pool that runs several requests in one process; a process per request
+   is its model.
 """
 
 from __future__ import annotations
@@ -153,12 +159,20 @@ def fix_kombu_close() -> None:
     kombu_redis.Channel.close = close  # type: ignore[method-assign]
 
 
-# -- 6. the cancel on a lost connection -----------------------------------------------------------
+# -- 6. the cancel on a lost connection, and terminate ------------------------------------------
 
 class CancelledForRedelivery(Request):
-    """A GPU task's request: cancelled on a lost connection without storing a state (see point 6)."""
+    """A GPU task's request: cancelled on a lost connection without storing a state, and terminated
+    alone (see point 6)."""
 
     def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
         """Stop the request's child, as Celery does, and leave its message for Redis to deliver again."""
         super().cancel(pool, signal=signal, emit_retry=False)
 
+    def terminate(self, pool: Any, signal: Any = None) -> None:
+        """End this job alone when the worker's scheduler holds it, not its child and every job beside it
+        (``signal`` is then unused); else terminate it as Celery does."""
+        from glyphq.tasks import scheduler
+
+        if not scheduler.terminate(self):
+            super().terminate(pool, signal=signal)

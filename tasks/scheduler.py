@@ -16,7 +16,14 @@ The path of one job, start to end:
    acknowledged if its result was already stored. The jobs handed to it that it had not started
    are handed to the next child. A job past ``GLYPHQ_TIME_LIMIT`` fails with
    Celery's ``Request.on_timeout`` and its child is killed, as billiard's hard limit does.
-5. When the broker connection is lost, Celery cancels the jobs that run: their child is killed, and
+5. ``celery revoke --terminate`` (Flower's Terminate) of a job the scheduler holds ends that job
+   alone (:meth:`Scheduler.terminate`, called by the GPU request's ``terminate``): one still waiting
+   here is announced revoked at once (``Request.revoked``: REVOKED stored, task-revoked sent,
+   acknowledged); one handed to the child gets a "cancel" control frame, the child drops it from
+   its running batch and reports "revoked", and the scheduler announces it the same way. Celery's
+   own terminate would kill the child and every job beside it. A job that ended before the frame
+   came keeps its outcome; if the child dies first, the job comes back and is discarded as revoked.
+6. When the broker connection is lost, Celery cancels the jobs that run: their child is killed, and
    ``tasks.private.CancelledForRedelivery`` stores nothing for them. Every job the scheduler held
    belongs to that connection: none that dies with the child, or still waits, is acknowledged,
    rejected or stored, so Redis delivers each message again (at once when the worker closes the
@@ -76,6 +83,7 @@ class _Handed:
     epoch: int
     started: float | None = None  # time.monotonic() the child started it
     timed_out: bool = False
+    cancelling: bool = False  # revoked with terminate: the child was told to drop it
 
 
 class Scheduler:
@@ -143,6 +151,26 @@ class Scheduler:
         if self.serving:
             self.channel.hand_over(self.epoch, {"control": "drain"})
 
+    def terminate(self, request: Any) -> bool:
+        """End one held request alone (``celery revoke --terminate``); False if this scheduler does not hold it.
+
+        A waiting one is announced revoked at once. One handed to the child is dropped there, by a
+        control frame, while the jobs beside it decode on; the child reports it "revoked", or, if it
+        ended first, its outcome, which stands.
+        """
+        for item in self.waiting:
+            if item[2].id == request.id:
+                self.waiting.remove(item)
+                _announce_revoked(item[2])
+                return True
+        handed = self.handed.get(request.id)
+        if handed is None:
+            return False
+        if not handed.cancelling:
+            handed.cancelling = True
+            self.channel.hand_over(handed.epoch, {"control": "cancel", "id": request.id})
+        return True
+
     def connection_lost(self) -> bool:
         """Whether the broker connection the requests came on is gone (the consumer reconnects with a new one)."""
         return self.consumer.connection is not self.connection
@@ -187,6 +215,12 @@ class Scheduler:
             request.on_accepted(self.pid or report.get("pid"), time.monotonic())
             return
         del self.handed[request.id]
+        if event == "revoked":  # dropped from the running batch (see terminate)
+            if handed.started is None and self.room is not None:
+                self.room += 1  # the child never started it, so never counted it
+            _announce_revoked(request)
+            self.pump()
+            return
         if event == "unstored":  # the result backend failed: the message goes back to the queue
             private.request_done(request, successful=False)
             request.reject(requeue=True)
@@ -221,6 +255,8 @@ class Scheduler:
                 del self.handed[task_id]
                 if self.connection_lost():
                     private.request_reserved(handed.request)  # Redis delivers it again
+                elif handed.cancelling:
+                    _announce_revoked(handed.request)
                 else:
                     self.waiting.append((_redis_priority(handed.request), 0, handed.request))
         self.serving = False
@@ -332,6 +368,27 @@ def _lost_info(message: str) -> ExceptionInfo:
         return ExceptionInfo()
 
 
+def _announce_revoked(request: Any) -> None:
+    """Acknowledge a revoked request, store REVOKED, send task-revoked and Celery's ``task_revoked``
+    signal (whose handler in ``tasks.signals`` releases the job's blobs).
+
+    ``Request.revoked`` does all of it for an id in the worker's revoked set, where Celery's revoke
+    control puts it before it terminates; the rest covers a terminate without a revoke.
+    """
+    if request.revoked():
+        return
+    from celery import signals
+
+    from glyphq.tasks.serve import context
+
+    private.request_done(request, successful=False)
+    request.acknowledge()
+    recorded = context(_message(request))
+    request.task.backend.mark_as_revoked(request.id, "terminated", request=recorded, store_result=True)
+    request.send_event("task-revoked", terminated=True, signum=None, expired=False)
+    signals.task_revoked.send(sender=request.task, request=recorded, terminated=True, signum=None, expired=False)
+
+
 def _redis_priority(request: Any) -> int:
     """The message's Redis priority (0 is most urgent, see ``producer.submit``)."""
     priority = (request.delivery_info or {}).get("priority")
@@ -371,6 +428,12 @@ def drain() -> None:
     """On a warm shutdown: the child finishes the jobs it runs and starts none of those still waiting."""
     if _Current.scheduler is not None:
         _Current.scheduler.drain()
+
+
+def terminate(request: Any) -> bool:
+    """End a GPU request alone if the worker's scheduler holds it (see :meth:`Scheduler.terminate`)."""
+    current = _Current.scheduler
+    return current is not None and current.terminate(request)
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:

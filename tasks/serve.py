@@ -7,6 +7,10 @@ the oldest, counts its run (the poison guard), fetches its blobs and admits it. 
 is handled at once, here: its result stored with the result backend's ``mark_as_done`` (or
 ``mark_as_failure``), its session turn appended, its blobs released, and a report sent that lets
 the main process acknowledge its message and send Flower its task-succeeded or task-failed event.
+Besides jobs, the channel carries control frames: "drain" (start nothing more) and "cancel" (a
+``celery revoke --terminate``): the job is dropped, from the queue or from its row, which frees its
+slot while the others decode on; nothing is stored for it, and its "revoked" report lets the main
+process announce it.
 
 :func:`serve` returns once nothing is running or waiting for a moment, or when this child has
 answered its ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs, or a memory guard asked for its replacement;
@@ -68,12 +72,16 @@ class _Job:
 
     def context(self) -> Context:
         """The request as the result backend records it (``result_extended``)."""
-        m = self.message
-        return Context(id=self.id, task=m.get("task"), args=m.get("args"), kwargs=m.get("kwargs"),
-                       hostname=m.get("hostname"), retries=m.get("retries") or 0,
-                       delivery_info=m.get("delivery_info") or {}, group=m.get("group"),
-                       parent_id=m.get("parent_id"), root_id=m.get("root_id"), chord=None,
-                       ignore_result=False)
+        return context(self.message)
+
+
+def context(message: dict[str, Any]) -> Context:
+    """A handed-over job's request as the result backend records it (``result_extended``)."""
+    m = message
+    return Context(id=str(m.get("id")), task=m.get("task"), args=m.get("args"), kwargs=m.get("kwargs"),
+                   hostname=m.get("hostname"), retries=m.get("retries") or 0,
+                   delivery_info=m.get("delivery_info") or {}, group=m.get("group"),
+                   parent_id=m.get("parent_id"), root_id=m.get("root_id"), chord=None, ignore_result=False)
 
 
 class Server:
@@ -113,6 +121,9 @@ class Server:
             for message in self.channel.receive(self.epoch, wait):
                 if message.get("control") == "drain":
                     self.draining = True
+                    continue
+                if message.get("control") == "cancel":
+                    self._cancel(str(message.get("id")))
                     continue
                 self._order += 1
                 self.queued.append(_Job(message, self._order))
@@ -227,11 +238,7 @@ class Server:
             outcome = SoftTimeLimitExceeded(str(outcome))
         runtime_s = time.monotonic() - job.started_monotonic if job.started_monotonic else 0.0
         name = str(job.message.get("task"))
-        session = job.fetched.job.session if job.fetched is not None else None
-        if session:
-            self.sessions.discard(session)
-        if self.alone is job:
-            self.alone = None
+        self._ended(job)
         ok = not isinstance(outcome, BaseException)
         try:
             if ok:
@@ -256,6 +263,34 @@ class Server:
         self.channel.report({"id": job.id, "event": "succeeded" if ok else "failed", "runtime": round(runtime_s, 6),
                              "exception": None if ok else f"{type(outcome).__name__}({str(outcome)[:500]!r})",
                              "successor_fits": runtime.may_hand_over()})
+
+    def _ended(self, job: _Job) -> None:
+        """A started job is no longer running: the next turn of its session, and other jobs beside a
+        redelivered one, may start."""
+        session = job.fetched.job.session if job.fetched is not None else None
+        if session:
+            self.sessions.discard(session)
+        if self.alone is job:
+            self.alone = None
+
+    def _cancel(self, task_id: str) -> None:
+        """Drop a revoked job (``celery revoke --terminate``) while the others decode on, and report it
+        "revoked": the main process acknowledges it, stores REVOKED and releases its blobs. A job that
+        has ended already keeps its outcome; the cancel came too late and is ignored."""
+        from glyphq.worker import runtime
+
+        job = next((job for job in self.queued if job.id == task_id), None)
+        if job is not None:
+            self.queued.remove(job)
+            log.info("Task %s[%s] revoked before it started", job.message.get("task"), task_id)
+        else:
+            job = next((key for key in self.running.in_hand() if key.id == task_id), None)
+            if job is None or not self.running.cancel(job):
+                return
+            self._ended(job)
+            runtime.after_job()  # its run was counted when it started
+            log.info("Task %s[%s] revoked: its row left the running batch", job.message.get("task"), task_id)
+        self.channel.report({"id": task_id, "event": "revoked"})
 
 
 def serve(epoch: int, room: int) -> dict[str, Any]:

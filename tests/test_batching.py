@@ -52,6 +52,28 @@ def test_rows_join_and_leave_between_steps(endless_model):
     assert sorted(order) == sorted(lengths)
 
 
+def test_a_cancelled_job_frees_its_slot_and_the_others_decode_on(endless_model):
+    """A row dropped between steps frees its slot for a waiting job; a waiting job is dropped unstarted;
+    every other job writes exactly the tokens it writes alone."""
+    engine = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "2"}))
+    jobs = {key: EngineJob([Image.open(io.BytesIO(png_bytes(size=(200 + 40 * i, 150), seed=20 + i)))],
+                           QUESTIONS[i], 40) for i, key in enumerate(("a", "b", "c", "d"))}
+    running = Continuous(engine, (1280, 720))
+    for key, job in jobs.items():
+        running.add(key, job)
+    while len(running.rows) < 2:
+        assert running.step() == []
+    assert sorted(running.in_hand()) == ["a", "b", "c", "d"]
+    assert running.cancel("b") and running.cancel("d"), "a decoding row and a waiting job"
+    assert not running.cancel("b"), "dropped already"
+    assert running.free_slots == 1 and running.in_hand() == ["c", "a"]
+    finished = {f.key: f.outcome for f in running.run()}
+    assert sorted(finished) == ["a", "c"]
+    for key, outcome in finished.items():
+        alone = engine.answer([jobs[key]], (1280, 720))[0]
+        assert (outcome.answer, outcome.tokens_out) == (alone.answer, alone.tokens_out), key
+
+
 def test_a_kept_slot_takes_an_urgent_job_while_others_wait(endless_model):
     """Sixteen slots keep one for urgent jobs: fifteen long rows and a waiting job of normal priority
     leave it free, and an urgent job added later starts at the next iteration."""

@@ -15,6 +15,7 @@ import billiard.pool
 import pytest
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import Terminated
+from celery.worker import control as celery_control
 from celery.worker import state
 from celery.worker import strategy as celery_strategy
 from celery.worker.consumer import consumer as celery_consumer
@@ -127,3 +128,24 @@ def test_celery_cancel_stores_retry_and_the_gpu_request_stores_nothing():
     assert stores == [], "no RETRY, and no REVOKED once its child is gone"
     assert acks == [] and not request.acknowledged, "the message stays unacknowledged: Redis delivers it again"
     assert request not in state.active_requests
+
+
+def test_revoke_terminate_flags_the_id_then_calls_request_terminate():
+    """No upstream issue: Celery terminates a request by signalling its process, one process per request
+    being its model. The GPU request's ``terminate`` ends one job of the running batch instead, which
+    relies on the revoke control flagging the id as revoked first, so that ``Request.revoked`` announces it."""
+    source = inspect.getsource(celery_control._revoke)
+    flagged = source.index("worker_state.revoked.update(task_ids)")
+    assert flagged < source.index("request.terminate(state.consumer.pool, signal=signum)")
+    assert list(inspect.signature(Request.terminate).parameters) == ["self", "pool", "signal"]
+
+
+def test_a_gpu_request_no_scheduler_holds_is_terminated_as_celery_does():
+    acks: list[object] = []
+    request = _started_request(private.CancelledForRedelivery, acks)
+    pool = mock.Mock()
+    with mock.patch.object(request.task.backend, "store_result") as store:
+        request.terminate(pool, signal="TERM")
+    pool.terminate_job.assert_called_once_with(1234, 15)
+    assert [call.args[2] for call in store.call_args_list] == ["REVOKED"]
+    assert acks, "acknowledged"

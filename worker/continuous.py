@@ -19,6 +19,9 @@ A prefill that fails is retried job by job, and then fails only its own job, unl
 itself failed (a CUDA error): that raises ``DeviceFailed`` out of :meth:`Continuous.step`, as a
 failing decode step does, since no row could go on.
 
+Between two iterations :meth:`Continuous.cancel` drops one job (a revoke): its row ends unanswered
+and frees its slot as a finished one does.
+
 Nothing here knows about Celery or Redis.
 """
 
@@ -145,6 +148,26 @@ class Continuous:
         if self._page_threads is not None:
             self._page_threads.shutdown(wait=True, cancel_futures=True)
             self._page_threads = None
+
+    def in_hand(self) -> list[Any]:
+        """The keys of the jobs in hand: waiting, then decoding."""
+        return [w.key for w in self.waiting] + [row.waiting.key for row in self.rows.values()]
+
+    def cancel(self, key: Any) -> bool:
+        """Drop the job added as ``key``, waiting or decoding, between two steps: its slot is free for the
+        next admission and the other rows decode on. False if it is not in hand (it ended already)."""
+        for waiting in self.waiting:
+            if waiting.key is key:
+                self.waiting.remove(waiting)
+                if waiting.pages is not None:
+                    waiting.pages.cancel()  # a page thread that already runs it finishes, unread
+                return True
+        slot = next((slot for slot, row in self.rows.items() if row.waiting.key is key), None)
+        if slot is None:
+            return False
+        del self.rows[slot]
+        self.decoder.release(slot)
+        return True
 
     @property
     def busy(self) -> bool:
