@@ -55,6 +55,7 @@ class _Job:
     fetched: Any = None  # worker.runtime.Fetched once admitted
     history: list[dict[str, str]] = field(default_factory=list)
     started: float = 0.0  # time.time() at admission
+    earlier_runs: int | None = None  # starts counted before this delivery (read for redelivered jobs)
     started_monotonic: float = 0.0
 
     @property
@@ -100,7 +101,7 @@ class Server:
                                   urgent_priority=celery_priority(PRIORITY_LEVELS - 1))
         self.queued: list[_Job] = []
         self.sessions: set[str] = set()
-        self.alone: _Job | None = None  # a redelivered job running by itself
+        self.alone: _Job | None = None  # a job whose last run died, running by itself
         self.draining = False  # the worker is stopping: start nothing more
         self.tidied = time.monotonic()
         self._order = 0
@@ -162,8 +163,9 @@ class Server:
     def _admit(self) -> None:
         """Start queued jobs while the running batch has free slots (most urgent, then oldest).
 
-        A redelivered job (its last run died with its child) runs alone, so a job that kills its
-        child takes the jobs beside it down once at most, not on every delivery.
+        A job whose last run died with its child runs alone, so a job that kills its child takes the
+        jobs beside it down once at most, not on every delivery. A redelivered job that no child had
+        started (the worker held it when it stopped or lost Redis) runs in the batch.
         """
         self.queued.sort(key=lambda job: (job.priority, job.order))
         for job in list(self.queued):
@@ -171,7 +173,7 @@ class Server:
                 return
             if self.running.room_for(job.priority) <= 0:
                 continue  # a more urgent job may still fit a kept slot
-            if job.redelivered and self.running.busy:
+            if self._died_before(job) and self.running.busy:
                 continue
             session = (job.message.get("kwargs") or {}).get("job", {})
             session = session.get("session") if isinstance(session, dict) else None
@@ -179,9 +181,25 @@ class Server:
                 continue  # the turn before it is still running: it needs that answer in its history
             self.queued.remove(job)
             self._start(job, session if isinstance(session, str) else None)
-            if job.redelivered and job.fetched is not None:
+            if self._died_before(job) and job.fetched is not None:
                 self.alone = job
+                log.info("Task %s[%s] runs alone: its last run ended with its child", job.message.get("task"), job.id)
                 return
+
+    def _died_before(self, job: _Job) -> bool:
+        """Whether ``job`` was started before and never ended: redelivered, with a run counted (read
+        once, before this run counts). Unknown counts as yes."""
+        from glyphq.worker import runtime
+
+        if not job.redelivered:
+            return False
+        if job.earlier_runs is None:
+            try:
+                job.earlier_runs = runtime.earlier_runs(job.id)
+            except Exception:  # noqa: BLE001  (Redis unreadable or a bad value: run it alone, to be safe)
+                log.warning("could not read the runs of %s; it runs alone", job.id, exc_info=True)
+                job.earlier_runs = 1
+        return job.earlier_runs > 0
 
     def _start(self, job: _Job, session: str | None) -> None:
         from glyphq.tasks.answer import JOB_MESSAGE

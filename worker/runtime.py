@@ -244,6 +244,11 @@ def engine() -> Any:
     return _loaded_engine()
 
 
+def earlier_runs(job_id: str) -> int:
+    """How many times a worker has started ``job_id`` (``glyphq:runs:<id>``)."""
+    return Store(settings).runs(job_id)
+
+
 def room() -> int:
     """How many more jobs this child answers before it is replaced (0 once a recycle is requested)."""
     return 0 if recycle.requested() else max(0, settings.max_tasks_per_child - _task_index)

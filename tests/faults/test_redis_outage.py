@@ -50,9 +50,9 @@ def test_redis_restart_from_aof_same_worker_keeps_consuming_with_recycling(
 
     The worker runs with GLYPHQ_MAX_TASKS_PER_CHILD=2 (celery#7800: a worker that recycles children
     could stop consuming after a reconnect), so its child takes the two long jobs and the queued ones
-    wait in the worker. The two that were decoding are cancelled and run again, once each; the queued
-    jobs survive the restart and run once; and the same worker process, never restarted, keeps
-    consuming and recycling children after it.
+    wait in the worker. The two that were decoding are cancelled and run again, once each, alone; the
+    queued jobs survive the restart and run once, in the batch; and the same worker process, never
+    restarted, keeps consuming and recycling children after it.
     """
     redis = fault_redis(appendonly=True)
     settings = _settings(redis, max_tasks_per_child=2)
@@ -73,6 +73,11 @@ def test_redis_restart_from_aof_same_worker_keeps_consuming_with_recycling(
         for job_id in queued:
             assert producer.result(job_id, timeout=90)["answer"], tail(worker)
             assert runs(client, job_id) == 1
+        log = worker.log()
+        for job_id in side_by_side:  # its run died with the child: it runs alone once
+            assert f"[{job_id}] runs alone" in log, tail(worker)
+        for job_id in queued:  # redelivered too, but no child had started it: it runs in the batch
+            assert f"[{job_id}] runs alone" not in log, tail(worker)
         after = [producer.submit(seed=310 + i) for i in range(6)]
         results = [producer.result(job_id, timeout=90) for job_id in after]
         assert all(r["answer"] for r in results)
