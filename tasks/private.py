@@ -36,6 +36,10 @@ relies on; ``pyproject.toml`` pins the three packages to the ranges those tests 
    scheduler drops the job from the running batch instead (``tasks.scheduler.Scheduler.terminate``).
    Celery has no hook for a pool that runs several requests in one process; a process per request
    is its model.
+7. :func:`is_revoked`: whether an id is in the worker's revoked set (``celery.worker.state.revoked``,
+   which Celery's revoke control fills and ``Request.revoked`` reads). Celery checks it only when a
+   request is about to run; a GPU job handed to the child waits there for a slot, so the scheduler
+   looks for plain revokes (no terminate) of those jobs itself. Same reason as the terminate in 6.
 """
 
 from __future__ import annotations
@@ -176,3 +180,12 @@ class CancelledForRedelivery(Request):
 
         if not scheduler.terminate(self):
             super().terminate(pool, signal=signal)
+
+
+# -- 7. the revoked set -----------------------------------------------------------------------------
+
+def is_revoked(task_id: str) -> bool:
+    """Whether ``task_id`` is in the worker's revoked set (a ``celery revoke`` since the worker started)."""
+    from celery.worker import state
+
+    return task_id in state.revoked

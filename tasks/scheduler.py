@@ -23,6 +23,8 @@ The path of one job, start to end:
    its running batch and reports "revoked", and the scheduler announces it the same way. Celery's
    own terminate would kill the child and every job beside it. A job that ended before the frame
    came keeps its outcome; if the child dies first, the job comes back and is discarded as revoked.
+   A plain ``celery revoke`` of a job the child holds but has not started is dropped the same way
+   (the scheduler looks every ``WATCH_S``).
 6. When the broker connection is lost, Celery cancels the jobs that run: their child is killed, and
    ``tasks.private.CancelledForRedelivery`` stores nothing for them. Every job the scheduler held
    belongs to that connection: none that dies with the child, or still waits, is acknowledged,
@@ -83,7 +85,7 @@ class _Handed:
     epoch: int
     started: float | None = None  # time.monotonic() the child started it
     timed_out: bool = False
-    cancelling: bool = False  # revoked with terminate: the child was told to drop it
+    cancelling: bool = False  # revoked: the child was told to drop it
 
 
 class Scheduler:
@@ -298,8 +300,10 @@ class Scheduler:
         self.pump()
 
     def _watch(self) -> None:
-        """Fail a job past ``GLYPHQ_TIME_LIMIT`` as Celery does (``Request.on_timeout``) and kill its child,
-        which is stuck in it: the soft limit ends a job between two decode steps, in the child."""
+        """Drop the revoked jobs the child holds but has not started (``_drop_revoked``). Fail a job past
+        ``GLYPHQ_TIME_LIMIT`` as Celery does (``Request.on_timeout``) and kill its child, which is stuck
+        in it: the soft limit ends a job between two decode steps, in the child."""
+        self._drop_revoked()
         now = time.monotonic()
         late = [h for h in self.handed.values()
                 if h.started is not None and not h.timed_out and now - h.started > settings.time_limit_s]
@@ -311,6 +315,14 @@ class Scheduler:
         log.error("killing child %d: %d job(s) past the hard time limit", self.pid, len(late))
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
+
+    def _drop_revoked(self) -> None:
+        """A plain ``celery revoke`` (no terminate) of a job handed to the child that has not started
+        it: Celery would discard a reserved job when it comes to run it, so the child drops it from
+        its queue, as for a terminate (a job that starts meanwhile is dropped from its row)."""
+        for handed in list(self.handed.values()):
+            if handed.started is None and not handed.cancelling and private.is_revoked(handed.request.id):
+                self.terminate(handed.request)
 
     def _until_gone(self) -> None:
         """Hold the next jobs until the child that is leaving has been reaped, so none is handed to a

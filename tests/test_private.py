@@ -140,6 +140,19 @@ def test_revoke_terminate_flags_the_id_then_calls_request_terminate():
     assert list(inspect.signature(Request.terminate).parameters) == ["self", "pool", "signal"]
 
 
+def test_the_revoked_set_is_the_one_revoke_fills_and_requests_read():
+    """No upstream issue (see point 7): the scheduler reads the set Celery's revoke control fills."""
+    from celery.worker import request as celery_request
+
+    assert celery_request.revoked_tasks is state.revoked
+    assert "worker_state.revoked.update(task_ids)" in inspect.getsource(celery_control._revoke)
+    state.revoked.add("canary-revoked")
+    try:
+        assert private.is_revoked("canary-revoked") and not private.is_revoked("canary-other")
+    finally:
+        state.revoked.discard("canary-revoked")
+
+
 def test_a_gpu_request_no_scheduler_holds_is_terminated_as_celery_does():
     acks: list[object] = []
     request = _started_request(private.CancelledForRedelivery, acks)

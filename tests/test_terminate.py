@@ -98,6 +98,25 @@ class TestTerminate:
         assert "WorkerLostError" not in worker.log(), tail(worker)
 
 
+    def test_a_plain_revoke_drops_a_job_waiting_in_the_child(self, worker, redis_client):
+        """Without terminate, Celery discards a reserved job when it would run it; the child holds such
+        a job while it waits for a slot, and drops it too. A job already decoding runs to its end."""
+        running = [submit_long(seed=2400 + i, tokens=TOKENS) for i in range(SLOTS)]
+        for job in running:
+            wait_started(redis_client, job)
+        waiting = submit_long(seed=2410)
+        child = only_child(worker)
+        assert wait_until(lambda: f"glyphq.answer[{waiting.id}] received" in worker.log(), 15), tail(worker)
+
+        app.control.revoke([waiting.id, running[0].id])
+        assert wait_until(lambda: _ended(redis_client, waiting), 15), f"state {waiting.state}\n{tail(worker)}"
+        assert runs(redis_client, waiting.id) == 0
+        assert f"glyphq.answer[{waiting.id}] revoked before it started" in worker.log(), tail(worker)
+        results = [job.result(timeout=180) for job in running]
+        assert [r["tokens_out"] for r in results] == [TOKENS] * SLOTS, "a plain revoke stopped a running job"
+        assert {r["worker"]["pid"] for r in results} == {child}
+
+
 class TestTerminateHeldBack:
     """Its own class, so that its worker is the only one consuming."""
 
