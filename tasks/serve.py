@@ -55,8 +55,8 @@ class _Job:
     fetched: Any = None  # worker.runtime.Fetched once admitted
     history: list[dict[str, str]] = field(default_factory=list)
     started: float = 0.0  # time.time() at admission
-    earlier_runs: int | None = None  # starts counted before this delivery (read for redelivered jobs)
     started_monotonic: float = 0.0
+    earlier_runs: int | None = None  # starts counted before this delivery (read for redelivered jobs)
 
     @property
     def id(self) -> str:
@@ -283,8 +283,8 @@ class Server:
                              "successor_fits": runtime.may_hand_over()})
 
     def _ended(self, job: _Job) -> None:
-        """A started job is no longer running: the next turn of its session, and other jobs beside a
-        redelivered one, may start."""
+        """A started job is no longer running: the next turn of its session may start, and so may
+        other jobs, if it ran alone."""
         session = job.fetched.job.session if job.fetched is not None else None
         if session:
             self.sessions.discard(session)
