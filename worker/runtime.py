@@ -67,8 +67,8 @@ def init_child() -> None:
     once the predecessor has left and it holds its full cache (``_take_over_from``). Until then it
     takes no job, so one child answers at a time.
     """
-    global _engine, _task_index
-    from glyphq.worker import engine
+    global _engine, _task_index, _last_gpu
+    from glyphq.worker import engine, memory
 
     recycle.install()
     _task_index = 0
@@ -96,6 +96,8 @@ def init_child() -> None:
         waited_s = _wait_for(predecessor, deadline=start + limit_s - min(ALIVE_MARGIN_S, limit_s / 10))
         log.info("taking over from child %d: %s, then waited %.1f s for it to leave", predecessor, warmed, waited_s)
         _take_over_from(predecessor, until=start + limit_s - 1)
+    _engine.cleanup()
+    _last_gpu = memory.gpu_stats(_engine.device)  # the first results' reading, until the first tidy
     previous = status.read()
     status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
                    device_name=_device_name(_engine.device), task_index=0,

@@ -58,13 +58,14 @@ def test_recycling_with_cuda(start_worker, glm4v_tiny):
     assert len({r["worker"]["pid"] for r in results}) == 3
 
 
-def test_gpu_guard_replaces_child_after_each_job(start_worker, glm4v_tiny):
+def test_gpu_guard_replaces_the_child_once_its_batch_ends(start_worker, glm4v_tiny):
+    """Past the guard, a child finishes the jobs it runs and is replaced. Jobs sent one at a time each
+    end a batch, so each goes to a new child."""
     start_worker(model=glm4v_tiny, gpu_guard_mb=1)
-    jobs = [submit(png_bytes(seed=10 + i), "guard", max_new_tokens=4) for i in range(3)]
-    results = [j.result(timeout=180) for j in jobs]
+    results = [submit(png_bytes(seed=10 + i), "guard", max_new_tokens=4).result(timeout=180) for i in range(3)]
     assert len({r["worker"]["pid"] for r in results}) == 3
     assert all(r["worker"]["task_index"] == 1 for r in results)
-    assert all(r["gpu"]["reserved_mb"] > 1 for r in results)
+    assert all(r["gpu"]["reserved_mb"] > 1 for r in results), "a reading from the child's load on"
 
 
 def test_document_pages_in_one_glm4v_prompt(start_worker, glm4v_tiny):
