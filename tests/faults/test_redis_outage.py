@@ -28,6 +28,13 @@ def _settings(redis, **extra: str | int) -> dict[str, str | int]:
             "visibility_timeout": VISIBILITY_TIMEOUT, "max_new_tokens_limit": LONG_TOKENS, **extra}
 
 
+def _durable_redis(fault_redis):
+    """A Redis that writes its append-only file on every command. With the deployed ``everysec`` a
+    crash loses up to the last second of writes (docs/deploy.md), which would make these tests' counts
+    depend on how soon after the submissions Redis is killed."""
+    return fault_redis(appendonly=True, appendfsync="always")
+
+
 def _wait_running(producer, client, job_id: str) -> None:
     assert wait_until(lambda: runs(client, job_id) == 1 and producer.call("state", job_id=job_id)["state"]
                       == "STARTED", 90), f"job {job_id} never started"
@@ -54,7 +61,7 @@ def test_redis_restart_from_aof_same_worker_keeps_consuming_with_recycling(
     queued jobs survive the restart and run once, in the batch; and the same worker process, never
     restarted, keeps consuming and recycling children after it.
     """
-    redis = fault_redis(appendonly=True)
+    redis = _durable_redis(fault_redis)
     settings = _settings(redis, max_tasks_per_child=2)
     worker = start_worker(model=endless_model, **settings)
     producer = producer_process(**settings)
@@ -99,7 +106,7 @@ def test_job_running_when_redis_restarts_is_redelivered_and_answered(
     is answered, its message must be queued or unacknowledged (so that it is redelivered), or the
     job running again. The wait allows the visibility timeout plus kombu's 100 s restore sweep.
     """
-    redis = fault_redis(appendonly=True)
+    redis = _durable_redis(fault_redis)
     settings = _settings(redis)
     worker = start_worker(model=endless_model, **settings)
     producer = producer_process(**settings)
@@ -139,7 +146,7 @@ def test_redis_down_10s_submit_raises_and_worker_resumes_by_itself(
     (glyphq issue 14): the three that were decoding run again once each, the next turn of a session,
     which waited in the child for the turn before it, runs once; then the jobs submitted after the outage.
     """
-    redis = fault_redis(appendonly=True)
+    redis = _durable_redis(fault_redis)
     settings = _settings(redis)
     worker = start_worker(model=endless_model, **settings)
     producer = producer_process(**settings)
