@@ -205,7 +205,7 @@ class Server:
         from glyphq.tasks.answer import JOB_MESSAGE
         from glyphq.worker import runtime
 
-        if (job.message.get("delivery_info") or {}).get("redelivered") and self._succeeded(job.id):
+        if job.redelivered and self._succeeded(job.id):
             self.channel.report({"id": job.id, "event": "duplicate"})  # worker_deduplicate_successful_tasks
             return
         job.started, job.started_monotonic = time.time(), time.monotonic()

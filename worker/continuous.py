@@ -171,7 +171,7 @@ class Continuous:
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return self.held > 0
 
     @property
     def held(self) -> int:
