@@ -98,6 +98,8 @@ def parse_box(text: str, name: str = "GLYPHQ_MAX_IMAGE_SIZE") -> tuple[int, int]
 #: Vision tokens of one A4 page rendered at Glyph's 72 dpi (630 on GLM-4.1V), with its image tags and
 #: some room: what ``GLYPHQ_DECODE_MAX_TOKENS`` counts per page of ``GLYPHQ_MAX_PAGES``.
 A4_PAGE_TOKENS = 640
+#: Room in a GPU job's message for everything but its question and history: ids, keys, sizes, options.
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
 #: Room in the static cache for the chat template, the question and up to three earlier turns.
 PROMPT_TOKENS = 1024
 
@@ -139,6 +141,9 @@ class Settings:
     max_aspect_ratio: int = 200
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
     max_question_chars: int = 2000
+    # Largest GPU job message the worker hands to its child (UTF-8 JSON): a job within every other
+    # limit is far below it (2,000 + 16,000 characters of at most 4 bytes each, plus keys and sizes).
+    max_message_bytes: int = 1024 * 1024
     max_document_chars: int = 1_000_000
     max_pages: int = 40
     render_config: str = ""
@@ -193,6 +198,13 @@ class Settings:
         if broker.startswith("sentinel://") and not sentinel_master:
             raise SettingsError("GLYPHQ_BROKER_URL is a sentinel:// URL: set GLYPHQ_SENTINEL_MASTER to its master")
         formats = _str(env, "GLYPHQ_IMAGE_FORMATS", ",".join(cls.image_formats))
+        max_question = _int(env, "GLYPHQ_MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1)
+        max_history = _int(env, "GLYPHQ_MAX_HISTORY_CHARS", cls.max_history_chars)
+        needed = 4 * (max_question + max_history) + MESSAGE_OVERHEAD_BYTES
+        max_message = _int(env, "GLYPHQ_MAX_MESSAGE_BYTES", max(cls.max_message_bytes, needed))
+        if max_message < needed:
+            raise SettingsError(f"GLYPHQ_MAX_MESSAGE_BYTES={max_message} must be at least {needed}: a job within "
+                                f"GLYPHQ_MAX_QUESTION_CHARS and GLYPHQ_MAX_HISTORY_CHARS can be that large")
         return cls(
             broker_url=broker,
             result_backend=_str(env, "GLYPHQ_RESULT_BACKEND", broker),
@@ -211,7 +223,7 @@ class Settings:
             max_memory_per_child_mb=_int(env, "GLYPHQ_MAX_MEMORY_PER_CHILD_MB", cls.max_memory_per_child_mb),
             gpu_guard_mb=_int(env, "GLYPHQ_GPU_GUARD_MB", cls.gpu_guard_mb),
             history_turns=_int(env, "GLYPHQ_HISTORY_TURNS", cls.history_turns),
-            max_history_chars=_int(env, "GLYPHQ_MAX_HISTORY_CHARS", cls.max_history_chars),
+            max_history_chars=max_history,
             soft_time_limit_s=soft_limit,
             time_limit_s=time_limit,
             visibility_timeout_s=visibility,
@@ -224,7 +236,8 @@ class Settings:
             max_image_pixels=_int(env, "GLYPHQ_MAX_IMAGE_PIXELS", cls.max_image_pixels, minimum=1),
             max_aspect_ratio=_int(env, "GLYPHQ_MAX_ASPECT_RATIO", cls.max_aspect_ratio, minimum=1),
             image_formats=tuple(f.strip().upper() for f in formats.split(",") if f.strip()),
-            max_question_chars=_int(env, "GLYPHQ_MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1),
+            max_question_chars=max_question,
+            max_message_bytes=max_message,
             max_document_chars=_int(env, "GLYPHQ_MAX_DOCUMENT_CHARS", cls.max_document_chars, minimum=1),
             max_pages=max_pages,
             render_config=_str(env, "GLYPHQ_RENDER_CONFIG", cls.render_config),

@@ -14,6 +14,8 @@ from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, set
 from glyphq.tasks.app import app
 
 SCHEDULING_STRATEGY = "glyphq.tasks.scheduler:strategy"
+#: A message the render task can't be made into a request from fails alone (``tasks.intake``).
+GUARDED_STRATEGY = "glyphq.tasks.intake:strategy"
 #: Their requests: on a lost broker connection, cancelled without storing a state (``tasks.private``).
 GPU_REQUEST = "glyphq.tasks.private:CancelledForRedelivery"
 
@@ -42,7 +44,7 @@ def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
     return runtime.answer_alone(image_job(job), job_id=self.request.id)
 
 
-@app.task(name=RENDER_TASK, bind=True)
+@app.task(name=RENDER_TASK, bind=True, Strategy=GUARDED_STRATEGY)
 def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
     """Render a document into page blobs (queue ``render``, on CPU); the next task in the chain answers."""
     from glyphq.producer.errors import InvalidJob

@@ -1,8 +1,13 @@
-"""The channel between a GPU worker's main process and its child: two pipes made before the pool forks.
+"""The channel between a GPU worker's main process and its child: two pipes and a flag made before the pool forks.
 
 - ``jobs``: the main process hands over each job it reserved (task id, name, arguments, priority)
-  while the child is serving. Only the main process writes it.
+  while the child is serving. Only the main process writes it, and never waits for room: frames the
+  pipe has no room for wait in the main process until the event loop finds the pipe writable
+  (:meth:`Channel.write_jobs`), so a child that is still loading its model, or busy in a long step,
+  never blocks the worker's event loop.
 - ``reports``: the child says when a job started and when it ended. Only the child that serves writes it.
+- ``draining``: set by the main process when the worker stops; every child reads it, whatever is still
+  queued in the jobs pipe.
 
 Every frame is written with one ``os.write`` of at most ``PIPE_BUF`` bytes, which Linux keeps whole,
 and read with a buffer larger than the pipe, so a reader never sees part of a frame, even when the
@@ -17,16 +22,25 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import select
 import struct
 import time
+from collections import deque
 from typing import Any
 
 #: Largest write the kernel keeps whole on a pipe (POSIX PIPE_BUF on Linux).
 FRAME_BYTES = 4096
 _HEADER = struct.Struct("<IIHHI")  # length of the part, epoch, part, parts, message number
 _READ_BYTES = 1 << 20  # more than a pipe holds: one read takes every whole frame there is
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """A message as the channel sends it: compact UTF-8 JSON. Lone surrogates, which a JSON message may
+    carry as escapes, pass through as ``json.loads`` reads them back."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8",
+                                                                                                "surrogatepass")
 
 
 class Channel:
@@ -38,34 +52,61 @@ class Channel:
         for fd in (self.jobs_r, self.jobs_w, self.reports_r, self.reports_w):
             os.set_blocking(fd, False)
             fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) & ~fcntl.FD_CLOEXEC)
+        self._draining = mmap.mmap(-1, 1)  # anonymous and MAP_SHARED: the children see the parent's write
         self._number = 0
         self._parts: dict[tuple[int, int], list[bytes]] = {}
         self._unsent: list[bytes] = []
+        self._outbox: deque[tuple[int, bytes]] = deque()  # (epoch, frame) not yet written to the jobs pipe
 
     # -- writing --------------------------------------------------------------------------------
 
-    def _frames(self, epoch: int, message: dict[str, Any]) -> list[bytes]:
-        data = json.dumps(message, separators=(",", ":"), default=str).encode()
+    def _frames(self, epoch: int, data: bytes) -> list[bytes]:
         size = FRAME_BYTES - _HEADER.size
         chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
         self._number += 1
         return [_HEADER.pack(len(chunk), epoch, i, len(chunks), self._number) + chunk
                 for i, chunk in enumerate(chunks)]
 
-    def hand_over(self, epoch: int, message: dict[str, Any]) -> None:
-        """In the main process: hand one job to the child serving ``epoch``. Blocks while the pipe is full."""
-        for frame in self._frames(epoch, message):
-            while True:
-                try:
-                    os.write(self.jobs_w, frame)
-                    break
-                except BlockingIOError:
-                    select.select([], [self.jobs_w], [], 1.0)
+    def hand_over(self, epoch: int, message: dict[str, Any] | bytes) -> bool:
+        """In the main process: hand one job (or control frame; bytes from :func:`encode`) to the child
+        serving ``epoch``. Never blocks: returns whether every frame is in the pipe; if not, the rest
+        waits for :meth:`write_jobs`."""
+        data = message if isinstance(message, bytes) else encode(message)
+        self._outbox.extend((epoch, frame) for frame in self._frames(epoch, data))
+        return self.write_jobs()
+
+    def write_jobs(self) -> bool:
+        """In the main process: write what the jobs pipe has room for of the frames waiting. Returns
+        whether none is left waiting (the event loop calls it again when the pipe is writable)."""
+        while self._outbox:
+            try:
+                os.write(self.jobs_w, self._outbox[0][1])
+            except BlockingIOError:
+                return False
+            self._outbox.popleft()
+        return True
+
+    def forget(self, epoch: int) -> None:
+        """In the main process: drop the frames still waiting for ``epoch``, whose child stopped serving."""
+        self._outbox = deque(item for item in self._outbox if item[0] != epoch)
+
+    @property
+    def waiting_bytes(self) -> int:
+        """Bytes of frames waiting in the main process for room in the jobs pipe."""
+        return sum(len(frame) for _epoch, frame in self._outbox)
+
+    def drain(self) -> None:
+        """In the main process, as the worker stops: every child starts no new job."""
+        self._draining[0] = 1
+
+    def draining(self) -> bool:
+        """In a child: whether the worker is stopping."""
+        return bool(self._draining[0])
 
     def report(self, message: dict[str, Any]) -> None:
         """In the child: tell the main process about a job. Never blocks: what does not fit now waits
         for the next call or :meth:`unsent`."""
-        self._unsent += self._frames(0, message)
+        self._unsent += self._frames(0, encode(message))
         self._write_pending()
 
     def flush(self, timeout: float) -> bool:

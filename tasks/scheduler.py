@@ -53,8 +53,9 @@ from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 
 from glyphq.celeryconfig import settings
+from glyphq.producer.errors import InvalidJob
 from glyphq.tasks import channel as channels
-from glyphq.tasks import handover, private
+from glyphq.tasks import handover, intake, private
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Scheduler:
             from kombu.asynchronous import get_event_loop
 
             hub = get_event_loop()
+        self.hub = hub
         if hub is not None:
             hub.add_reader(channel.reports_r, self.read_reports)
         else:  # pragma: no cover  (a worker without an event loop)
@@ -122,7 +124,13 @@ class Scheduler:
     # -- intake ---------------------------------------------------------------------------------
 
     def add(self, request: Any) -> None:
-        """Take a request that Celery's strategy accepted (not revoked, not expired, no ETA)."""
+        """Take a request that Celery's strategy accepted (not revoked, not expired, no ETA). One whose
+        arguments are not a job's, or too large to hand to the child, fails alone (``tasks.intake``)."""
+        try:
+            _encoded(request)
+        except InvalidJob as exc:
+            intake.refuse_request(request, exc)
+            return
         self._arrivals += 1
         self.waiting.append((_redis_priority(request), self._arrivals, request))
         self.pump()
@@ -146,12 +154,32 @@ class Scheduler:
                 continue
             self.handed[request.id] = _Handed(request, self.epoch)
             self.room = self.room_left() - 1
-            self.channel.hand_over(self.epoch, _message(request))
+            self._hand_over(self.epoch, _encoded(request))
+
+    def _hand_over(self, epoch: int, message: dict[str, Any] | bytes) -> None:
+        """Hand a frame to the child without waiting: what the pipe has no room for is written when the
+        event loop finds it writable (a child still loading its model reads nothing yet)."""
+        if not self.channel.hand_over(epoch, message):
+            self._write_when_ready()
+
+    def _write_when_ready(self) -> None:
+        if self.hub is not None:
+            self.hub.add_writer(self.channel.jobs_w, self._write_jobs)
+        else:  # pragma: no cover  (a worker without an event loop)
+            self.timer.call_after(0.01, self._write_jobs)
+
+    def _write_jobs(self) -> None:
+        """The jobs pipe has room: write the frames waiting for it, and stop watching once none waits."""
+        if not self.channel.write_jobs():
+            if self.hub is None:  # pragma: no cover
+                self._write_when_ready()
+            return
+        if self.hub is not None:
+            self.hub.remove_writer(self.channel.jobs_w)
 
     def drain(self) -> None:
-        """The worker is stopping: tell the child to start no new job (what it has not started comes back)."""
-        if self.serving:
-            self.channel.hand_over(self.epoch, {"control": "drain"})
+        """The worker is stopping: every child starts no new job (what it has not started comes back)."""
+        self.channel.drain()
 
     def terminate(self, request: Any) -> bool:
         """End one held request alone (``celery revoke --terminate``); False if this scheduler does not hold it.
@@ -170,7 +198,7 @@ class Scheduler:
             return False
         if not handed.cancelling:
             handed.cancelling = True
-            self.channel.hand_over(handed.epoch, {"control": "cancel", "id": request.id})
+            self._hand_over(handed.epoch, {"control": "cancel", "id": request.id})
         return True
 
     def connection_lost(self) -> bool:
@@ -250,6 +278,7 @@ class Scheduler:
     def served(self, epoch: int, returned: dict[str, Any]) -> None:
         """The child stopped serving ``epoch``: what it handed back goes to the front of the queue."""
         self.read_reports()
+        self.channel.forget(epoch)
         for report in returned.get("unsent") or []:
             self._report(report)
         for task_id, handed in list(self.handed.items()):
@@ -280,6 +309,7 @@ class Scheduler:
         was, as terminated: stored as REVOKED and acknowledged, and never run again.
         """
         self.read_reports()
+        self.channel.forget(epoch)
         connection_lost = self.connection_lost()
         for task_id, handed in list(self.handed.items()):
             if handed.epoch != epoch:
@@ -407,11 +437,26 @@ def _redis_priority(request: Any) -> int:
     return int(priority) if isinstance(priority, int) else 9
 
 
+def _encoded(request: Any) -> bytes:
+    """The request's message as the channel carries it; raises ``InvalidJob`` if it is too large to hand over."""
+    data = channels.encode(_message(request))
+    if len(data) > settings.max_message_bytes:
+        raise InvalidJob("message", f"is {len(data)} bytes, more than the worker's limit of "
+                                    f"{settings.max_message_bytes} (GLYPHQ_MAX_MESSAGE_BYTES)")
+    return data
+
+
 def _message(request: Any) -> dict[str, Any]:
-    """What the child needs of a request: id, task, arguments, and what the result backend records."""
+    """What the child needs of a request: id, task, arguments, and what the result backend records.
+    Raises ``InvalidJob`` if the arguments are not a list and an object."""
+    args, kwargs = request.args, request.kwargs
+    if not isinstance(args, (list, tuple)):
+        raise InvalidJob("args", f"must be a list, got {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise InvalidJob("kwargs", f"must be an object, got {type(kwargs).__name__}")
     delivery = request.delivery_info or {}
-    return {"id": request.id, "task": request.name, "args": list(request.args or ()),
-            "kwargs": dict(request.kwargs or {}), "priority": _redis_priority(request),
+    return {"id": request.id, "task": request.name, "args": list(args),
+            "kwargs": dict(kwargs), "priority": _redis_priority(request),
             "hostname": request.hostname,
             "delivery_info": {"routing_key": delivery.get("routing_key"), "priority": delivery.get("priority"),
                               "redelivered": bool(delivery.get("redelivered"))},
@@ -462,4 +507,5 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
         found = channels.current() or channels.create()
         current = _Current.scheduler = Scheduler(consumer, found)
     current.task_names.add(task.name)
-    return private.default_strategy(task, app, _SchedulingConsumer(consumer, current), **kwargs)
+    handler = private.default_strategy(task, app, _SchedulingConsumer(consumer, current), **kwargs)
+    return intake.guard(task, consumer, handler)

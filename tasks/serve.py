@@ -7,10 +7,10 @@ the oldest, counts its run (the poison guard), fetches its blobs and admits it. 
 is handled at once, here: its result stored with the result backend's ``mark_as_done`` (or
 ``mark_as_failure``), its session turn appended, its blobs released, and a report sent that lets
 the main process acknowledge its message and send Flower its task-succeeded or task-failed event.
-Besides jobs, the channel carries control frames: "drain" (start nothing more) and "cancel" (a
-``celery revoke --terminate``): the job is dropped, from the queue or from its row, which frees its
-slot while the others decode on; nothing is stored for it, and its "revoked" report lets the main
-process announce it.
+Besides jobs, the channel carries "cancel" control frames (a ``celery revoke --terminate``): the
+job is dropped, from the queue or from its row, which frees its slot while the others decode on;
+nothing is stored for it, and its "revoked" report lets the main process announce it. When the
+worker stops, the channel's draining flag tells the child to start nothing more.
 
 :func:`serve` returns once nothing is running or waiting for a moment, or when this child has
 answered its ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs, or a memory guard asked for its replacement;
@@ -119,10 +119,8 @@ class Server:
         idle_since: float | None = None
         while True:
             wait = 0.0 if self.running.busy else (POLL_S if self.queued else IDLE_S)
+            self.draining = self.draining or self.channel.draining()
             for message in self.channel.receive(self.epoch, wait):
-                if message.get("control") == "drain":
-                    self.draining = True
-                    continue
                 if message.get("control") == "cancel":
                     self._cancel(str(message.get("id")))
                     continue

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, queued_messages, wait_until
+from faults.helpers import publish_raw
 
-from glyphq.celeryconfig import Settings
-from glyphq.producer import InvalidJob, JobFailed, submit_document
+from glyphq.celeryconfig import RENDER_TASK, Settings
+from glyphq.producer import InvalidJob, Job, JobFailed, submit_document
 from glyphq.producer.documents import RENDER_KEYS
 from glyphq.producer.store import blob_key
 from glyphq.worker.render import RenderConfig
@@ -124,6 +125,13 @@ class TestRenderAndGpuWorkers:
         text_key = blob_key(hashlib.sha256(TEXT.encode()).hexdigest())
         assert wait_until(lambda: set(redis_client.keys("glyphq:blob:*")) == blobs_before)
         assert not redis_client.exists(text_key)
+
+    def test_a_malformed_render_message_fails_alone_and_the_render_worker_goes_on(self, render_and_gpu_workers):
+        task_id = "bad-render.render"
+        publish_raw({"not": "a list"}, {"task": RENDER_TASK, "id": task_id, "lang": "py"}, queue_name="render")
+        with pytest.raises(JobFailed, match="InvalidJob: message: could not be read as a glyphq.render request"):
+            Job(task_id).result(timeout=60)
+        assert submit_document("Some text.", "Still rendering?", max_new_tokens=4).result(timeout=120)["answer"]
 
     def test_bad_render_value_fails_the_job_clearly(self, render_and_gpu_workers):
         job = submit_document("Some text.", "q", render={"dpi": -5})

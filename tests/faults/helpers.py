@@ -284,3 +284,19 @@ def rational_strip_offsets_tiff() -> bytes:
     entries = [(256, 4, 1, 45), (257, 4, 1, 9), (273, 10, 1, 0)]  # width 45, height 9, StripOffsets (SRATIONAL)
     ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
     return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4
+
+
+#: The third part of a Celery message body: no callbacks, errbacks, chain or chord.
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def publish_raw(body: object, headers: dict[str, Any], queue_name: str = "gpu") -> None:
+    """Put a message on a glyphq queue as any process that can write to the Redis could."""
+    from kombu import Producer
+
+    from glyphq.tasks.app import app
+
+    queue = app.amqp.queues[queue_name]
+    with app.connection_for_write() as connection:
+        Producer(connection).publish(body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                                     headers=headers, serializer="json")

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WorkerProcess, png_bytes, raw_job, wait_until
+from conftest import WorkerProcess, png_bytes, queued_messages, raw_job, wait_until
 from PIL import Image
 
-from faults.helpers import ready_worker, tail
+from faults.helpers import EMBED, publish_raw, ready_worker, tail
 from glyphq.producer import Job, JobFailed, submit
 from glyphq.producer.schema import ANSWER_PAGES_TASK, ANSWER_TASK
 from glyphq.producer.store import blob_key
@@ -141,3 +141,33 @@ def test_session_turns_that_are_not_glyphq_values_are_left_out(worker, redis_cli
                     max_new_tokens=4).result(timeout=60)
     assert result["session"] == {"id": session, "turns_used": 0}
     still_answers(worker, 809)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"not": "a list"}, "message"),  # Celery's request would raise ValueError('too many values to unpack')
+    ([[], ["not", "an", "object"], EMBED], "kwargs"),  # Celery takes it; glyphq must not turn it into a dict
+], ids=["body-not-args-kwargs-embed", "kwargs-a-list"])
+def test_a_malformed_message_with_an_id_fails_alone(worker, redis_client, body, field):
+    task_id = uuid.uuid4().hex
+    publish_raw(body, {"task": ANSWER_TASK, "id": task_id, "lang": "py", "argsrepr": "", "kwargsrepr": ""})
+    error = failure(Job(task_id), worker)
+    assert error.error_type == "InvalidJob" and error.message.startswith(f"{field}:"), error.message
+    still_answers(worker, 810)
+    assert wait_until(lambda: not queued_messages(redis_client) and not redis_client.hkeys("glyphq:unacked"))
+
+
+def test_a_message_without_an_id_is_dropped_with_an_error_line(worker, redis_client):
+    publish_raw([[], {"job": {"question": "q"}}, EMBED], {"task": ANSWER_TASK, "lang": "py"})
+    still_answers(worker, 811)
+    assert wait_until(lambda: "dropped a glyphq.answer message without a usable id" in worker.log()), tail(worker)
+    assert wait_until(lambda: not queued_messages(redis_client) and not redis_client.hkeys("glyphq:unacked"))
+    still_answers(worker, 812)  # and no reconnect loop: it still consumes
+    assert "Connection to broker lost" not in worker.log()
+
+
+def test_a_message_for_an_unknown_task_without_an_id_is_dropped(worker, redis_client):
+    publish_raw([[], {}, EMBED], {"task": "someone.elses.task", "lang": "py"})
+    still_answers(worker, 813)
+    assert wait_until(lambda: not queued_messages(redis_client) and not redis_client.hkeys("glyphq:unacked"))
+    still_answers(worker, 814)
+    assert "Connection to broker lost" not in worker.log()

@@ -1,0 +1,87 @@
+"""The channel between a GPU worker's main process and its child: the main process never waits for room
+in the jobs pipe, frames are UTF-8, and the draining flag reaches a forked child."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from glyphq.tasks.channel import Channel, encode
+
+
+def _pipe_capacity(channel: Channel) -> int:
+    import fcntl
+
+    return int(fcntl.fcntl(channel.jobs_w, 1032))  # F_GETPIPE_SZ
+
+
+def test_hand_over_returns_at_once_when_the_pipe_is_full_and_the_rest_follows_when_read():
+    channel = Channel()
+    question = "请总结这份合同的付款条款" * 10  # what froze the worker: a backlog of Chinese questions
+    jobs = [{"id": f"job-{i}", "question": question} for i in range(400)]
+    written = [channel.hand_over(1, job) for job in jobs]  # a child still loading reads nothing
+    assert not all(written), "400 jobs should not fit a pipe nobody reads"
+    assert channel.waiting_bytes > 0
+    received: list[dict] = []
+    for _ in range(1000):
+        received += channel.receive(1)
+        if channel.write_jobs() and len(received) == len(jobs):
+            break
+    received += channel.receive(1)
+    assert [job["id"] for job in received] == [job["id"] for job in jobs]
+    assert received[0]["question"] == question
+    assert channel.waiting_bytes == 0
+
+
+def test_frames_are_utf8_not_escapes_and_a_lone_surrogate_survives():
+    message = {"question": "合同" + "\ud800", "id": "x"}
+    data = encode(message)
+    assert "合同".encode() in data
+    assert b"\\u" not in data
+    assert json.loads(data) == message
+    channel = Channel()
+    assert channel.hand_over(3, message)
+    assert channel.receive(3) == [message]
+
+
+def test_a_message_longer_than_the_pipe_arrives_whole():
+    channel = Channel()
+    big = {"id": "big", "history": "长" * (_pipe_capacity(channel) // 2)}  # 1.5 pipes of UTF-8
+    assert not channel.hand_over(1, big)
+    received: list[dict] = []
+    while not received:
+        received = channel.receive(1)
+        channel.write_jobs()
+    assert received == [big]
+
+
+def test_frames_of_an_epoch_that_ended_are_forgotten():
+    channel = Channel()
+    filler = {"id": "filler", "pad": "x" * 1000}
+    while channel.hand_over(1, filler):
+        pass
+    channel.hand_over(2, {"id": "for-the-next-child"})
+    channel.forget(1)
+    while channel.receive(1):  # the child of epoch 1 reads what was written before it stopped
+        pass
+    assert channel.write_jobs()
+    assert channel.receive(2) == [{"id": "for-the-next-child"}]
+
+
+def test_the_draining_flag_reaches_a_forked_child():
+    channel = Channel()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child waits for the parent's drain, then says what it saw
+        os.close(read_end)
+        deadline = time.monotonic() + 10
+        while not channel.draining() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.write(write_end, b"1" if channel.draining() else b"0")
+        os._exit(0)
+    os.close(write_end)
+    assert not channel.draining()
+    channel.drain()
+    assert os.read(read_end, 1) == b"1"
+    os.waitpid(pid, 0)
