@@ -321,6 +321,8 @@ task_reject_on_worker_lost = True
 worker_deduplicate_successful_tasks = True
 
 worker_pool = "prefork"
+# Celery's consumer, guarded against a message for an unknown task without an id (``tasks.private``).
+worker_consumer = "glyphq.tasks.private:GuardedConsumer"
 worker_concurrency = 1
 worker_prefetch_multiplier = 1
 worker_max_tasks_per_child = settings.max_tasks_per_child

@@ -40,6 +40,12 @@ relies on; ``pyproject.toml`` pins the three packages to the ranges those tests 
    which Celery's revoke control fills and ``Request.revoked`` reads). Celery checks it only when a
    request is about to run; a GPU job handed to the child waits there for a slot, so the scheduler
    looks for plain revokes (no terminate) of those jobs itself. Same reason as the terminate in 6.
+8. :class:`GuardedConsumer`: the worker's consumer class (the documented ``worker_consumer`` setting),
+   whose ``on_unknown_task`` reads the message's ``id`` header without a guard. A message for a task
+   no worker knows, sent without an id, raises ``KeyError`` there, which the connection loop takes for
+   a lost broker: the worker reconnects, the message is restored, and the loop never ends. The guard
+   rejects such a message with an ERROR line. Upstream: celery/celery#493 (messages with missing fields
+   crash the worker; the protocol says ``id`` is required, and Celery trusts it).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
 log = logging.getLogger(__name__)
@@ -189,3 +196,20 @@ def is_revoked(task_id: str) -> bool:
     from celery.worker import state
 
     return task_id in state.revoked
+
+
+# -- 8. a message for an unknown task, without an id -----------------------------------------------
+
+class GuardedConsumer(Consumer):
+    """Celery's consumer, which drops a message for an unknown task that it cannot even fail (see point 8)."""
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """Refuse a message for a task this worker does not have, as Celery does; one without an id is
+        rejected with an ERROR line instead of breaking the connection loop."""
+        try:
+            super().on_unknown_task(body, message, exc)
+        except Exception as error:  # noqa: BLE001  (whatever the message holds, it goes alone)
+            log.error("dropped a message for an unknown task (%s) that could not be refused the usual way: %s: %s",
+                      str(exc)[:120], type(error).__name__, str(error)[:200])
+            if not message.acknowledged:
+                message.reject_log_error(log, self.connection_errors)

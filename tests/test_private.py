@@ -162,3 +162,14 @@ def test_a_gpu_request_no_scheduler_holds_is_terminated_as_celery_does():
     pool.terminate_job.assert_called_once_with(1234, 15)
     assert [call.args[2] for call in store.call_args_list] == ["REVOKED"]
     assert acks, "acknowledged"
+
+
+def test_the_consumer_refuses_unknown_tasks_in_on_unknown_task_reading_the_id_header():
+    from glyphq import celeryconfig
+
+    assert celeryconfig.worker_consumer == "glyphq.tasks.private:GuardedConsumer"
+    parameters = list(inspect.signature(celery_consumer.Consumer.on_unknown_task).parameters)
+    assert parameters == ["self", "body", "message", "exc"], parameters
+    source = inspect.getsource(celery_consumer.Consumer.create_task_handler)
+    assert "on_unknown_task(None, message, exc)" in source
+    assert "message.headers['id']" in inspect.getsource(celery_consumer.Consumer.on_unknown_task)
