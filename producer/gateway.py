@@ -3,6 +3,7 @@
 Endpoints: ``POST /v1/chat/completions`` (waits for the answer, or streams it as server-sent events),
 ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` (the same without waiting), ``GET /v1/models``, ``GET /health``
 and ``GET /metrics``. Errors answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Each API key is a tenant: it reads only the jobs it made (see ``Keys.tenant`` and ``job_status``).
 Producer side only: this process imports no torch. See docs/openai-api.md.
 """
 
@@ -15,14 +16,17 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glyphq.celeryconfig import Settings
 from glyphq.celeryconfig import settings as default_settings
@@ -39,7 +43,7 @@ from glyphq.producer.errors import (
     QueueFull,
     RequestRefused,
 )
-from glyphq.producer.store import check_broker
+from glyphq.producer.store import Store, broker_error, check_broker
 from glyphq.producer.submit import LOST_CHECK_S, Job, submit
 from glyphq.producer.validation import check_identifier
 
@@ -58,6 +62,10 @@ RETRY_AFTER = {QueueFull: "10", BrokerFull: "30", BrokerUnavailable: "5", JobLos
 #: Room in a request body besides the image: the JSON around it, escaped text (up to 12 bytes a
 #: character for \\u escapes of surrogate pairs) of the question, a system prompt and the history.
 BODY_SLACK_BYTES = 64 * 1024
+#: Deepest nesting of arrays and objects a request body may have; a chat request nests 6 deep.
+MAX_JSON_DEPTH = 32
+#: The tenant of every request to a gateway without API keys: its callers are one tenant.
+NO_KEY_TENANT = "no-key"
 
 
 def body_limit(cfg: Settings) -> int:
@@ -73,6 +81,8 @@ def error_response(exc: GlyphqError) -> JSONResponse:
     headers = {"Retry-After": RETRY_AFTER[type(exc)]} if type(exc) in RETRY_AFTER else {}
     if isinstance(exc, RequestRefused) and status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if status == 408:  # the rest of the body is never read: the connection cannot serve another request
+        headers["Connection"] = "close"
     if "job_id" in extra:
         headers[JOB_HEADER] = extra["job_id"]
     return JSONResponse(chat.error_body(str(exc), kind, param, code, **extra), status_code=status, headers=headers)
@@ -102,7 +112,7 @@ def _describe(exc: GlyphqError) -> tuple[int, str, str | None, str | None, dict[
 
 
 class Keys:
-    """The API keys of ``GLYPHQ_API_KEYS``, compared in constant time."""
+    """The API keys of ``GLYPHQ_API_KEYS``, compared in constant time. Each key is a tenant."""
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self._keys = [hashlib.sha256(k.encode()).digest() for k in keys]
@@ -111,10 +121,11 @@ class Keys:
     def required(self) -> bool:
         return bool(self._keys)
 
-    def check(self, authorization: str | None) -> None:
-        """Raise ``RequestRefused`` (401) unless ``authorization`` is ``Bearer <one of the keys>``."""
+    def tenant(self, authorization: str | None) -> str:
+        """The tenant of a request: the SHA-256 (hex) of its key, or ``NO_KEY_TENANT`` on a gateway without
+        keys. Raises ``RequestRefused`` (401) unless ``authorization`` is ``Bearer <one of the keys>``."""
         if not self._keys:
-            return
+            return NO_KEY_TENANT
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise RequestRefused(401, "missing API key: send it as the header 'Authorization: Bearer <key>'",
@@ -126,14 +137,36 @@ class Keys:
             matched |= hmac.compare_digest(given, key)
         if not matched:
             raise RequestRefused(401, "incorrect API key", code="invalid_api_key")
+        return given.hex()
+
+    def admits(self, authorization: str | None) -> bool:
+        """True if ``authorization`` carries one of the keys, or the gateway has none."""
+        try:
+            self.tenant(authorization)
+        except RequestRefused:
+            return False
+        return True
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body, refused (413) past ``limit`` bytes before it is all read."""
+async def read_json(request: Request, limit: int, timeout: float) -> Any:
+    """The request's JSON body, refused (413) past ``limit`` bytes before it is all read, and (408) when it
+    has not all arrived within ``timeout`` seconds."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestRefused(413, f"the request body is {declared} bytes; the limit is {limit} (from "
                                   "GLYPHQ_MAX_IMAGE_BYTES and the text limits)", code="body_too_large")
+    try:
+        data = await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise RequestRefused(408, f"the request body did not arrive within {timeout:g} s "
+                                  "(GLYPHQ_GATEWAY_BODY_TIMEOUT)", code="body_timeout") from None
+    except ClientDisconnect:
+        raise RequestRefused(400, "the client closed the connection before its body arrived",
+                             code="client_disconnected") from None
+    return parse_json(data)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     async for part in request.stream():
@@ -142,18 +175,79 @@ async def read_json(request: Request, limit: int) -> Any:
             raise RequestRefused(413, f"the request body is over {limit} bytes (from GLYPHQ_MAX_IMAGE_BYTES and "
                                       "the text limits)", code="body_too_large")
         parts.append(part)
+    return b"".join(parts)
+
+
+def parse_json(data: bytes) -> Any:
+    """A body's JSON value; ``InvalidJob`` (field ``body``) unless it is plain JSON (no NaN or Infinity)
+    nested at most ``MAX_JSON_DEPTH`` deep."""
     try:
-        return json.loads(b"".join(parts))
+        value = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:  # deeper than Python's recursion limit: far past MAX_JSON_DEPTH
+        raise InvalidJob("body", f"is nested more than {MAX_JSON_DEPTH} deep") from None
     except ValueError as exc:
         raise InvalidJob("body", f"is not valid JSON: {exc}") from None
+    _check_depth(value)
+    return value
 
 
-def _job_id(request: Request) -> str | None:
-    """A job id from an ``Idempotency-Key`` header: a retried request re-attaches to its first job."""
-    key = request.headers.get("idempotency-key")
-    if not key:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse a value nested deeper than ``MAX_JSON_DEPTH``, walked without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidJob("body", f"is nested more than {MAX_JSON_DEPTH} deep")
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def body_digest(body: Any) -> str:
+    """The SHA-256 (hex) of a request body's JSON value, whatever its key order and spacing."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def idempotent_job_id(tenant: str, idempotency_key: str | None) -> str | None:
+    """The job id of an ``Idempotency-Key`` within a tenant: a retried request re-attaches to its first job,
+    and another key's header with the same text names another job."""
+    if not idempotency_key:
         return None
-    return "idem-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+    return "idem-" + hashlib.sha256(f"{tenant}\n{idempotency_key}".encode()).hexdigest()[:40]
+
+
+def claim_job_id(cfg: Settings, job_id: str, tenant: str, digest: str) -> bool:
+    """Record ``tenant`` as the maker of ``job_id`` from a body of hash ``digest``. True if recorded now, False
+    if the same tenant and body made it before (a retry); ``RequestRefused`` (409) if another body did."""
+    owner = f"{tenant} {digest}"
+    try:
+        current = Store(cfg).record_owner(job_id, owner)
+    except redis.RedisError as exc:
+        raise broker_error(cfg, exc) from exc
+    if current is None:
+        return True
+    if current != owner:
+        raise RequestRefused(409, "this Idempotency-Key was sent before with a different request body; a new "
+                                  "request needs a new Idempotency-Key", code="idempotency_key_reused")
+    return False
+
+
+def submit_as(tenant: str, job_id: str, digest: str, parsed: chat.ChatRequest, cfg: Settings) -> Job:
+    """Submit ``parsed`` as ``tenant``'s job ``job_id``. Its owner is recorded first, so that the job is never
+    readable by another key; a job that is refused leaves no record behind."""
+    recorded = claim_job_id(cfg, job_id, tenant, digest)
+    try:
+        return submit(parsed.image, parsed.question, job_id=job_id, settings=cfg, **parsed.submit_kwargs())
+    except BaseException:
+        if recorded:
+            try:
+                Store(cfg).forget_owner(job_id)
+            except redis.RedisError:
+                log.warning("could not forget the owner of refused job %s; the record expires on its own", job_id)
+        raise
 
 
 async def wait_result(job: Job, timeout: float) -> dict[str, Any]:
@@ -287,15 +381,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def _authorized(request: Request) -> _Context:
     ctx = _context(request)
-    ctx.keys.check(request.headers.get("authorization"))
+    ctx.keys.tenant(request.headers.get("authorization"))
     return ctx
+
+
+def _tenant(request: Request) -> str:
+    return _context(request).keys.tenant(request.headers.get("authorization"))
 
 
 async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequest]:
     """Check the key and the body, then submit the job; raises what refuses it."""
-    ctx = _authorized(request)
+    tenant = _tenant(request)
+    ctx = _context(request)
     cfg = ctx.cfg
-    body = await read_json(request, ctx.limit)
+    body = await read_json(request, ctx.limit, cfg.gateway_body_timeout_s)
     model = body.get("model") if isinstance(body, dict) else None
     if model is not None and model != cfg.model:
         raise RequestRefused(404, f"model {model!r} is not served here; the workers serve "
@@ -305,8 +404,10 @@ async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequ
         raise InvalidJob("stream", "is not allowed here: GET /v1/jobs/{id} gives the result")
     # Celery retries a send to an unreachable Redis for seconds; a PING first answers 503 at once.
     await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
-    job = await run_in_threadpool(lambda: submit(parsed.image, parsed.question, job_id=_job_id(request),
-                                                 settings=cfg, **parsed.submit_kwargs()))
+    idempotent_id = idempotent_job_id(tenant, request.headers.get("idempotency-key"))
+    # Only a retry can meet its job again, so only an idempotent job needs its body's hash.
+    digest = await run_in_threadpool(body_digest, body) if idempotent_id else ""
+    job = await run_in_threadpool(submit_as, tenant, idempotent_id or uuid.uuid4().hex, digest, parsed, cfg)
     return job, parsed
 
 
@@ -336,8 +437,9 @@ async def create_job(request: Request) -> JSONResponse:
 
 
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    """``GET /v1/jobs/{id}``."""
-    return await run_in_threadpool(job_status, job_id, _authorized(request).cfg)
+    """``GET /v1/jobs/{id}``: a job the request's key made."""
+    tenant = _tenant(request)
+    return await run_in_threadpool(job_status, job_id, _context(request).cfg, tenant)
 
 
 async def models(request: Request) -> dict[str, Any]:
@@ -347,13 +449,15 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 async def health(request: Request) -> JSONResponse:
-    """``GET /health``: 200 while Redis answers PING; needs no key."""
-    cfg = _context(request).cfg
+    """``GET /health``: 200 while Redis answers PING. It needs no key; without a valid key it says only ok or
+    unavailable (no model, host or error text)."""
+    ctx = _context(request)
+    detailed = ctx.keys.admits(request.headers.get("authorization"))
     try:
-        await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
+        await run_in_threadpool(check_broker, ctx.cfg, HEALTH_TIMEOUT_S)
     except BrokerUnavailable as exc:
-        return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ok", "model": cfg.model})
+        return JSONResponse({"status": "unavailable", **({"error": str(exc)} if detailed else {})}, status_code=503)
+    return JSONResponse({"status": "ok", **({"model": ctx.cfg.model} if detailed else {})})
 
 
 async def metrics_text(request: Request) -> Response:
@@ -380,17 +484,28 @@ def create_app(cfg: Settings | None = None) -> FastAPI:
     return app
 
 
-def job_status(job_id: str, cfg: Settings) -> dict[str, Any]:
-    """``GET /v1/jobs/{id}``: the state, with the completion once it succeeded or the error once it failed."""
+def job_status(job_id: str, cfg: Settings, tenant: str) -> dict[str, Any]:
+    """``GET /v1/jobs/{id}``: the state, with the completion once it succeeded or the error once it failed.
+
+    Only ``tenant``'s own jobs are found: another key's job, and a job that no key made (a producer's or a
+    batch's), are a 404 like an unknown id.
+    """
     try:
         check_identifier("job_id", job_id)
     except InvalidJob:
         raise RequestRefused(404, f"no job {job_id[:200]!r}", code="not_found") from None
+    missing = RequestRefused(404, f"no job {job_id!r} of this API key (never submitted through the gateway with "
+                                  "it, expired, or lost with Redis's data)", code="not_found")
+    try:
+        owner = Store(cfg).owner(job_id)
+    except redis.RedisError as exc:
+        raise broker_error(cfg, exc) from exc
+    if owner is None or owner.split(" ")[0] != tenant:
+        raise missing
     job = Job(job_id, cfg)
     state = job.state
     if state == "UNKNOWN":
-        raise RequestRefused(404, f"no job {job_id!r} (never submitted, expired, or lost with Redis's data)",
-                             code="not_found")
+        raise missing
     body: dict[str, Any] = {"id": job_id, "object": "glyphq.job", "state": state}
     if state in ("SUCCESS", "FAILURE", "EXPIRED", "REVOKED"):
         try:
@@ -415,9 +530,13 @@ def serve(host: str | None = None, port: int | None = None, cfg: Settings | None
     """Run the gateway under uvicorn until it is stopped (``glyphq serve``)."""
     import uvicorn
 
+    from glyphq.tasks.private import header_deadline_protocol
+
     cfg = cfg or default_settings
     host = host or cfg.gateway_host
     check_bind(host, cfg)
     log.info("glyphq gateway on %s:%d, model %s, %s", host, port or cfg.gateway_port, cfg.model,
              "API keys required" if cfg.api_keys else "no API keys")
-    uvicorn.run(create_app(cfg), host=host, port=port or cfg.gateway_port, log_level="info", access_log=False)
+    uvicorn.run(create_app(cfg), host=host, port=port or cfg.gateway_port, log_level="info", access_log=False,
+                http=header_deadline_protocol(cfg.gateway_header_timeout_s),
+                timeout_keep_alive=cfg.gateway_keep_alive_s, limit_concurrency=cfg.gateway_max_concurrency)
