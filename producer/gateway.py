@@ -3,15 +3,13 @@
 Endpoints: ``POST /v1/chat/completions`` (waits for the answer, or streams it as server-sent events),
 ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` (the same without waiting), ``GET /v1/models``, ``GET /health``
 and ``GET /metrics``. Errors answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
-Each API key is a tenant: it reads only the jobs it made (see ``Keys.tenant`` and ``job_status``).
+Each API key is a tenant: it reads only the jobs it made (see ``producer.tenants``).
 Producer side only: this process imports no torch. See docs/openai-api.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import threading
@@ -21,12 +19,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from glyphq.celeryconfig import Settings
 from glyphq.celeryconfig import settings as default_settings
@@ -43,8 +39,10 @@ from glyphq.producer.errors import (
     QueueFull,
     RequestRefused,
 )
-from glyphq.producer.store import Store, broker_error, check_broker
-from glyphq.producer.submit import LOST_CHECK_S, Job, submit
+from glyphq.producer.request_body import body_limit, read_json
+from glyphq.producer.store import check_broker
+from glyphq.producer.submit import LOST_CHECK_S, Job
+from glyphq.producer.tenants import Keys, body_digest, idempotent_job_id, owns, submit_as
 from glyphq.producer.validation import check_identifier
 
 log = logging.getLogger(__name__)
@@ -59,20 +57,6 @@ KEEPALIVE_S = 10.0
 POLL_MIN_S, POLL_MAX_S, POLL_SHARE = 0.005, 0.25, 0.05
 #: Retry-After (seconds) of each refusal that a later try may not meet.
 RETRY_AFTER = {QueueFull: "10", BrokerFull: "30", BrokerUnavailable: "5", JobLost: "5"}
-#: Room in a request body besides the image: the JSON around it, escaped text (up to 12 bytes a
-#: character for \\u escapes of surrogate pairs) of the question, a system prompt and the history.
-BODY_SLACK_BYTES = 64 * 1024
-#: Deepest nesting of arrays and objects a request body may have; a chat request nests 6 deep.
-MAX_JSON_DEPTH = 32
-#: The tenant of every request to a gateway without API keys: its callers are one tenant.
-NO_KEY_TENANT = "no-key"
-
-
-def body_limit(cfg: Settings) -> int:
-    """The largest request body accepted: a base64 image of ``GLYPHQ_MAX_IMAGE_BYTES`` plus its text."""
-    image = (cfg.max_image_bytes + 2) // 3 * 4
-    text = 12 * (2 * cfg.max_question_chars + cfg.max_history_chars)
-    return image + text + BODY_SLACK_BYTES
 
 
 def error_response(exc: GlyphqError) -> JSONResponse:
@@ -109,145 +93,6 @@ def _describe(exc: GlyphqError) -> tuple[int, str, str | None, str | None, dict[
             return 400, "invalid_request_error", exc.error_type, None, {"job_id": exc.job_id}
         return 500, "server_error", exc.error_type, None, {"job_id": exc.job_id}
     return 500, "server_error", type(exc).__name__, None, {}
-
-
-class Keys:
-    """The API keys of ``GLYPHQ_API_KEYS``, compared in constant time. Each key is a tenant."""
-
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self._keys = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
-    def tenant(self, authorization: str | None) -> str:
-        """The tenant of a request: the SHA-256 (hex) of its key, or ``NO_KEY_TENANT`` on a gateway without
-        keys. Raises ``RequestRefused`` (401) unless ``authorization`` is ``Bearer <one of the keys>``."""
-        if not self._keys:
-            return NO_KEY_TENANT
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise RequestRefused(401, "missing API key: send it as the header 'Authorization: Bearer <key>'",
-                                 code="invalid_api_key")
-        # Hashing first gives every comparison the same length; every key is compared, match or not.
-        given = hashlib.sha256(token.strip().encode()).digest()
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(given, key)
-        if not matched:
-            raise RequestRefused(401, "incorrect API key", code="invalid_api_key")
-        return given.hex()
-
-    def admits(self, authorization: str | None) -> bool:
-        """True if ``authorization`` carries one of the keys, or the gateway has none."""
-        try:
-            self.tenant(authorization)
-        except RequestRefused:
-            return False
-        return True
-
-
-async def read_json(request: Request, limit: int, timeout: float) -> Any:
-    """The request's JSON body, refused (413) past ``limit`` bytes before it is all read, and (408) when it
-    has not all arrived within ``timeout`` seconds."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RequestRefused(413, f"the request body is {declared} bytes; the limit is {limit} (from "
-                                  "GLYPHQ_MAX_IMAGE_BYTES and the text limits)", code="body_too_large")
-    try:
-        data = await asyncio.wait_for(_read_body(request, limit), timeout)
-    except asyncio.TimeoutError:
-        raise RequestRefused(408, f"the request body did not arrive within {timeout:g} s "
-                                  "(GLYPHQ_GATEWAY_BODY_TIMEOUT)", code="body_timeout") from None
-    except ClientDisconnect:
-        raise RequestRefused(400, "the client closed the connection before its body arrived",
-                             code="client_disconnected") from None
-    return parse_json(data)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise RequestRefused(413, f"the request body is over {limit} bytes (from GLYPHQ_MAX_IMAGE_BYTES and "
-                                      "the text limits)", code="body_too_large")
-        parts.append(part)
-    return b"".join(parts)
-
-
-def parse_json(data: bytes) -> Any:
-    """A body's JSON value; ``InvalidJob`` (field ``body``) unless it is plain JSON (no NaN or Infinity)
-    nested at most ``MAX_JSON_DEPTH`` deep."""
-    try:
-        value = json.loads(data, parse_constant=_no_constant)
-    except RecursionError:  # deeper than Python's recursion limit: far past MAX_JSON_DEPTH
-        raise InvalidJob("body", f"is nested more than {MAX_JSON_DEPTH} deep") from None
-    except ValueError as exc:
-        raise InvalidJob("body", f"is not valid JSON: {exc}") from None
-    _check_depth(value)
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _check_depth(value: Any) -> None:
-    """Refuse a value nested deeper than ``MAX_JSON_DEPTH``, walked without recursion."""
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidJob("body", f"is nested more than {MAX_JSON_DEPTH} deep")
-        children = item.values() if isinstance(item, dict) else item
-        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-
-
-def body_digest(body: Any) -> str:
-    """The SHA-256 (hex) of a request body's JSON value, whatever its key order and spacing."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def idempotent_job_id(tenant: str, idempotency_key: str | None) -> str | None:
-    """The job id of an ``Idempotency-Key`` within a tenant: a retried request re-attaches to its first job,
-    and another key's header with the same text names another job."""
-    if not idempotency_key:
-        return None
-    return "idem-" + hashlib.sha256(f"{tenant}\n{idempotency_key}".encode()).hexdigest()[:40]
-
-
-def claim_job_id(cfg: Settings, job_id: str, tenant: str, digest: str) -> bool:
-    """Record ``tenant`` as the maker of ``job_id`` from a body of hash ``digest``. True if recorded now, False
-    if the same tenant and body made it before (a retry); ``RequestRefused`` (409) if another body did."""
-    owner = f"{tenant} {digest}"
-    try:
-        current = Store(cfg).record_owner(job_id, owner)
-    except redis.RedisError as exc:
-        raise broker_error(cfg, exc) from exc
-    if current is None:
-        return True
-    if current != owner:
-        raise RequestRefused(409, "this Idempotency-Key was sent before with a different request body; a new "
-                                  "request needs a new Idempotency-Key", code="idempotency_key_reused")
-    return False
-
-
-def submit_as(tenant: str, job_id: str, digest: str, parsed: chat.ChatRequest, cfg: Settings) -> Job:
-    """Submit ``parsed`` as ``tenant``'s job ``job_id``. Its owner is recorded first, so that the job is never
-    readable by another key; a job that is refused leaves no record behind."""
-    recorded = claim_job_id(cfg, job_id, tenant, digest)
-    try:
-        return submit(parsed.image, parsed.question, job_id=job_id, settings=cfg, **parsed.submit_kwargs())
-    except BaseException:
-        if recorded:
-            try:
-                Store(cfg).forget_owner(job_id)
-            except redis.RedisError:
-                log.warning("could not forget the owner of refused job %s; the record expires on its own", job_id)
-        raise
 
 
 async def wait_result(job: Job, timeout: float) -> dict[str, Any]:
@@ -496,11 +341,7 @@ def job_status(job_id: str, cfg: Settings, tenant: str) -> dict[str, Any]:
         raise RequestRefused(404, f"no job {job_id[:200]!r}", code="not_found") from None
     missing = RequestRefused(404, f"no job {job_id!r} of this API key (never submitted through the gateway with "
                                   "it, expired, or lost with Redis's data)", code="not_found")
-    try:
-        owner = Store(cfg).owner(job_id)
-    except redis.RedisError as exc:
-        raise broker_error(cfg, exc) from exc
-    if owner is None or owner.split(" ")[0] != tenant:
+    if not owns(cfg, job_id, tenant):
         raise missing
     job = Job(job_id, cfg)
     state = job.state
