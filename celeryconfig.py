@@ -165,6 +165,10 @@ class Settings:
     gateway_port: int = 8000
     gateway_timeout_s: int = 600
     gateway_allow_no_keys: str = "off"
+    gateway_header_timeout_s: int = 10
+    gateway_body_timeout_s: int = 60
+    gateway_keep_alive_s: int = 5
+    gateway_max_concurrency: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -260,6 +264,12 @@ class Settings:
             gateway_timeout_s=_int(env, "GLYPHQ_GATEWAY_TIMEOUT", cls.gateway_timeout_s, minimum=1),
             gateway_allow_no_keys=_choice(env, "GLYPHQ_GATEWAY_ALLOW_NO_KEYS", cls.gateway_allow_no_keys,
                                           ("on", "off")),
+            gateway_header_timeout_s=_int(env, "GLYPHQ_GATEWAY_HEADER_TIMEOUT", cls.gateway_header_timeout_s,
+                                          minimum=1),
+            gateway_body_timeout_s=_int(env, "GLYPHQ_GATEWAY_BODY_TIMEOUT", cls.gateway_body_timeout_s, minimum=1),
+            gateway_keep_alive_s=_int(env, "GLYPHQ_GATEWAY_KEEP_ALIVE", cls.gateway_keep_alive_s, minimum=1),
+            gateway_max_concurrency=_int(env, "GLYPHQ_GATEWAY_MAX_CONCURRENCY", cls.gateway_max_concurrency,
+                                         minimum=1),
         )
 
 

@@ -3,18 +3,18 @@
 Endpoints: ``POST /v1/chat/completions`` (waits for the answer, or streams it as server-sent events),
 ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` (the same without waiting), ``GET /v1/models``, ``GET /health``
 and ``GET /metrics``. Errors answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Each API key is a tenant: it reads only the jobs it made (see ``producer.tenants``).
 Producer side only: this process imports no torch. See docs/openai-api.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +39,10 @@ from glyphq.producer.errors import (
     QueueFull,
     RequestRefused,
 )
+from glyphq.producer.request_body import body_limit, read_json
 from glyphq.producer.store import check_broker
-from glyphq.producer.submit import LOST_CHECK_S, Job, submit
+from glyphq.producer.submit import LOST_CHECK_S, Job
+from glyphq.producer.tenants import Keys, body_digest, idempotent_job_id, owns, submit_as
 from glyphq.producer.validation import check_identifier
 
 log = logging.getLogger(__name__)
@@ -55,16 +57,6 @@ KEEPALIVE_S = 10.0
 POLL_MIN_S, POLL_MAX_S, POLL_SHARE = 0.005, 0.25, 0.05
 #: Retry-After (seconds) of each refusal that a later try may not meet.
 RETRY_AFTER = {QueueFull: "10", BrokerFull: "30", BrokerUnavailable: "5", JobLost: "5"}
-#: Room in a request body besides the image: the JSON around it, escaped text (up to 12 bytes a
-#: character for \\u escapes of surrogate pairs) of the question, a system prompt and the history.
-BODY_SLACK_BYTES = 64 * 1024
-
-
-def body_limit(cfg: Settings) -> int:
-    """The largest request body accepted: a base64 image of ``GLYPHQ_MAX_IMAGE_BYTES`` plus its text."""
-    image = (cfg.max_image_bytes + 2) // 3 * 4
-    text = 12 * (2 * cfg.max_question_chars + cfg.max_history_chars)
-    return image + text + BODY_SLACK_BYTES
 
 
 def error_response(exc: GlyphqError) -> JSONResponse:
@@ -73,6 +65,8 @@ def error_response(exc: GlyphqError) -> JSONResponse:
     headers = {"Retry-After": RETRY_AFTER[type(exc)]} if type(exc) in RETRY_AFTER else {}
     if isinstance(exc, RequestRefused) and status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if status == 408:  # the rest of the body is never read: the connection cannot serve another request
+        headers["Connection"] = "close"
     if "job_id" in extra:
         headers[JOB_HEADER] = extra["job_id"]
     return JSONResponse(chat.error_body(str(exc), kind, param, code, **extra), status_code=status, headers=headers)
@@ -99,61 +93,6 @@ def _describe(exc: GlyphqError) -> tuple[int, str, str | None, str | None, dict[
             return 400, "invalid_request_error", exc.error_type, None, {"job_id": exc.job_id}
         return 500, "server_error", exc.error_type, None, {"job_id": exc.job_id}
     return 500, "server_error", type(exc).__name__, None, {}
-
-
-class Keys:
-    """The API keys of ``GLYPHQ_API_KEYS``, compared in constant time."""
-
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self._keys = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
-    def check(self, authorization: str | None) -> None:
-        """Raise ``RequestRefused`` (401) unless ``authorization`` is ``Bearer <one of the keys>``."""
-        if not self._keys:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise RequestRefused(401, "missing API key: send it as the header 'Authorization: Bearer <key>'",
-                                 code="invalid_api_key")
-        # Hashing first gives every comparison the same length; every key is compared, match or not.
-        given = hashlib.sha256(token.strip().encode()).digest()
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(given, key)
-        if not matched:
-            raise RequestRefused(401, "incorrect API key", code="invalid_api_key")
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body, refused (413) past ``limit`` bytes before it is all read."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RequestRefused(413, f"the request body is {declared} bytes; the limit is {limit} (from "
-                                  "GLYPHQ_MAX_IMAGE_BYTES and the text limits)", code="body_too_large")
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise RequestRefused(413, f"the request body is over {limit} bytes (from GLYPHQ_MAX_IMAGE_BYTES and "
-                                      "the text limits)", code="body_too_large")
-        parts.append(part)
-    try:
-        return json.loads(b"".join(parts))
-    except ValueError as exc:
-        raise InvalidJob("body", f"is not valid JSON: {exc}") from None
-
-
-def _job_id(request: Request) -> str | None:
-    """A job id from an ``Idempotency-Key`` header: a retried request re-attaches to its first job."""
-    key = request.headers.get("idempotency-key")
-    if not key:
-        return None
-    return "idem-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
 async def wait_result(job: Job, timeout: float) -> dict[str, Any]:
@@ -287,15 +226,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def _authorized(request: Request) -> _Context:
     ctx = _context(request)
-    ctx.keys.check(request.headers.get("authorization"))
+    ctx.keys.tenant(request.headers.get("authorization"))
     return ctx
+
+
+def _tenant(request: Request) -> str:
+    return _context(request).keys.tenant(request.headers.get("authorization"))
 
 
 async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequest]:
     """Check the key and the body, then submit the job; raises what refuses it."""
-    ctx = _authorized(request)
+    tenant = _tenant(request)
+    ctx = _context(request)
     cfg = ctx.cfg
-    body = await read_json(request, ctx.limit)
+    body = await read_json(request, ctx.limit, cfg.gateway_body_timeout_s)
     model = body.get("model") if isinstance(body, dict) else None
     if model is not None and model != cfg.model:
         raise RequestRefused(404, f"model {model!r} is not served here; the workers serve "
@@ -305,8 +249,10 @@ async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequ
         raise InvalidJob("stream", "is not allowed here: GET /v1/jobs/{id} gives the result")
     # Celery retries a send to an unreachable Redis for seconds; a PING first answers 503 at once.
     await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
-    job = await run_in_threadpool(lambda: submit(parsed.image, parsed.question, job_id=_job_id(request),
-                                                 settings=cfg, **parsed.submit_kwargs()))
+    idempotent_id = idempotent_job_id(tenant, request.headers.get("idempotency-key"))
+    # Only a retry can meet its job again, so only an idempotent job needs its body's hash.
+    digest = await run_in_threadpool(body_digest, body) if idempotent_id else ""
+    job = await run_in_threadpool(submit_as, tenant, idempotent_id or uuid.uuid4().hex, digest, parsed, cfg)
     return job, parsed
 
 
@@ -336,8 +282,9 @@ async def create_job(request: Request) -> JSONResponse:
 
 
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    """``GET /v1/jobs/{id}``."""
-    return await run_in_threadpool(job_status, job_id, _authorized(request).cfg)
+    """``GET /v1/jobs/{id}``: a job the request's key made."""
+    tenant = _tenant(request)
+    return await run_in_threadpool(job_status, job_id, _context(request).cfg, tenant)
 
 
 async def models(request: Request) -> dict[str, Any]:
@@ -347,13 +294,15 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 async def health(request: Request) -> JSONResponse:
-    """``GET /health``: 200 while Redis answers PING; needs no key."""
-    cfg = _context(request).cfg
+    """``GET /health``: 200 while Redis answers PING. It needs no key; without a valid key it says only ok or
+    unavailable (no model, host or error text)."""
+    ctx = _context(request)
+    detailed = ctx.keys.admits(request.headers.get("authorization"))
     try:
-        await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
+        await run_in_threadpool(check_broker, ctx.cfg, HEALTH_TIMEOUT_S)
     except BrokerUnavailable as exc:
-        return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ok", "model": cfg.model})
+        return JSONResponse({"status": "unavailable", **({"error": str(exc)} if detailed else {})}, status_code=503)
+    return JSONResponse({"status": "ok", **({"model": ctx.cfg.model} if detailed else {})})
 
 
 async def metrics_text(request: Request) -> Response:
@@ -380,17 +329,24 @@ def create_app(cfg: Settings | None = None) -> FastAPI:
     return app
 
 
-def job_status(job_id: str, cfg: Settings) -> dict[str, Any]:
-    """``GET /v1/jobs/{id}``: the state, with the completion once it succeeded or the error once it failed."""
+def job_status(job_id: str, cfg: Settings, tenant: str) -> dict[str, Any]:
+    """``GET /v1/jobs/{id}``: the state, with the completion once it succeeded or the error once it failed.
+
+    Only ``tenant``'s own jobs are found: another key's job, and a job that no key made (a producer's or a
+    batch's), are a 404 like an unknown id.
+    """
     try:
         check_identifier("job_id", job_id)
     except InvalidJob:
         raise RequestRefused(404, f"no job {job_id[:200]!r}", code="not_found") from None
+    missing = RequestRefused(404, f"no job {job_id!r} of this API key (never submitted through the gateway with "
+                                  "it, expired, or lost with Redis's data)", code="not_found")
+    if not owns(cfg, job_id, tenant):
+        raise missing
     job = Job(job_id, cfg)
     state = job.state
     if state == "UNKNOWN":
-        raise RequestRefused(404, f"no job {job_id!r} (never submitted, expired, or lost with Redis's data)",
-                             code="not_found")
+        raise missing
     body: dict[str, Any] = {"id": job_id, "object": "glyphq.job", "state": state}
     if state in ("SUCCESS", "FAILURE", "EXPIRED", "REVOKED"):
         try:
@@ -415,9 +371,13 @@ def serve(host: str | None = None, port: int | None = None, cfg: Settings | None
     """Run the gateway under uvicorn until it is stopped (``glyphq serve``)."""
     import uvicorn
 
+    from glyphq.tasks.private import header_deadline_protocol
+
     cfg = cfg or default_settings
     host = host or cfg.gateway_host
     check_bind(host, cfg)
     log.info("glyphq gateway on %s:%d, model %s, %s", host, port or cfg.gateway_port, cfg.model,
              "API keys required" if cfg.api_keys else "no API keys")
-    uvicorn.run(create_app(cfg), host=host, port=port or cfg.gateway_port, log_level="info", access_log=False)
+    uvicorn.run(create_app(cfg), host=host, port=port or cfg.gateway_port, log_level="info", access_log=False,
+                http=header_deadline_protocol(cfg.gateway_header_timeout_s),
+                timeout_keep_alive=cfg.gateway_keep_alive_s, limit_concurrency=cfg.gateway_max_concurrency)

@@ -38,6 +38,17 @@ return 0
 """
 
 
+# Record a job's owner unless it has one; either way answer the record that was there before (nil: none).
+_RECORD_OWNER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  return current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+
 _BLOB_KEY = re.compile(rf"^{KEY_PREFIX}blob:([0-9a-f]{{64}})$")
 
 
@@ -70,6 +81,11 @@ def job_key(job_id: str) -> str:
 def runs_key(job_id: str) -> str:
     """Key counting how many times a worker started this job."""
     return f"{KEY_PREFIX}runs:{job_id}"
+
+
+def owner_key(job_id: str) -> str:
+    """Key recording who made a job through the gateway (see ``Store.record_owner``)."""
+    return f"{KEY_PREFIX}owner:{job_id}"
 
 
 def session_key(session: str) -> str:
@@ -137,6 +153,25 @@ class Store:
     def unclaim_job(self, job_id: str) -> None:
         """Forget a claim whose job never reached the queue."""
         self.redis.delete(job_key(job_id))
+
+    def record_owner(self, job_id: str, owner: str) -> str | None:
+        """Record ``owner`` as the maker of ``job_id`` unless it has one: None if recorded now, else the record
+        already there.
+
+        The record lasts twice ``GLYPHQ_RESULT_EXPIRES``: a job's claim lasts that long from its submit, and its
+        result that long from its end.
+        """
+        current = self.redis.eval(_RECORD_OWNER, 1, owner_key(job_id), owner, 2 * self.settings.result_expires_s)
+        return current.decode() if isinstance(current, bytes) else None
+
+    def owner(self, job_id: str) -> str | None:
+        """The owner recorded for ``job_id``; None if no one recorded it (or the record expired)."""
+        current = self.redis.get(owner_key(job_id))
+        return current.decode() if isinstance(current, bytes) else None
+
+    def forget_owner(self, job_id: str) -> None:
+        """Forget the owner of a job that never reached the queue."""
+        self.redis.delete(owner_key(job_id))
 
     def put_blob(self, data: bytes, job_id: str) -> str:
         """Store bytes under their content address for ``job_id``; return the key.

@@ -1,4 +1,4 @@
-"""Every use of Celery's, kombu's and billiard's private parts, in one place, each with its reason.
+"""Every use of Celery's, kombu's, billiard's and uvicorn's private parts, in one place, each with its reason.
 
 Each one has a canary test in ``tests/test_private.py`` that fails when an upgrade changes what it
 relies on; ``pyproject.toml`` pins the three packages to the ranges those tests passed on.
@@ -46,10 +46,19 @@ relies on; ``pyproject.toml`` pins the three packages to the ranges those tests 
    a lost broker: the worker reconnects, the message is restored, and the loop never ends. The guard
    rejects such a message with an ERROR line. Upstream: celery/celery#493 (messages with missing fields
    crash the worker; the protocol says ``id`` is required, and Celery trusts it).
+9. :func:`header_deadline_protocol`: uvicorn (0.54) closes a kept-alive connection idle between
+   requests (``timeout_keep_alive``) but sets no deadline on receiving a request's head: a client that
+   sends a header byte every few seconds holds its connection for ever, before the gateway reads any API
+   key (slowloris). ``uvicorn.Config(http=...)`` takes a protocol class, which is public; the subclass of
+   ``uvicorn.protocols.http.h11_impl.H11Protocol`` reads its ``cycle``, ``loop``, ``transport`` and
+   ``client`` and ``RequestResponseCycle.response_complete``, which are not. The deadline counts the way
+   hyper's header read timeout does (hyperium/hyper#2675): from the connection's opening, or from the
+   first byte of its next request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -213,3 +222,47 @@ class GuardedConsumer(Consumer):
                       str(exc)[:120], type(error).__name__, str(error)[:200])
             if not message.acknowledged:
                 message.reject_log_error(log, self.connection_errors)
+
+
+# -- 9. uvicorn's HTTP/1.1 protocol -----------------------------------------------------------------
+
+def header_deadline_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head ``seconds`` after
+    it opened, or after the first byte of its next request on a kept-alive connection (see point 9)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):  # type: ignore[misc]
+        _deadline: asyncio.TimerHandle | None = None
+        _waiting_after: object = None  # the request cycle that was current when the deadline was set
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._set_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+                self._set_deadline()
+            super().data_received(data)
+            if self._deadline is not None and self.cycle is not self._waiting_after:
+                self._clear_deadline()  # a new request's head arrived
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._clear_deadline()
+            super().connection_lost(exc)
+
+        def _set_deadline(self) -> None:
+            self._waiting_after = self.cycle
+            self._deadline = self.loop.call_later(seconds, self._head_too_slow)
+
+        def _clear_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _head_too_slow(self) -> None:
+            self._deadline = None
+            if self.cycle is self._waiting_after and not self.transport.is_closing():
+                log.debug("closing %s: no whole request head within %g s", self.client, seconds)
+                self.transport.close()
+
+    return HeaderDeadline

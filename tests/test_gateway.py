@@ -10,6 +10,8 @@ import base64
 import contextlib
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -22,10 +24,14 @@ import pytest
 from conftest import ROOT, free_port, png_bytes
 from faults.helpers import ready_worker
 
+from glyphq.producer.submit import submit
 from glyphq.worker.tiny import build, script
 
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 KEY = "test-key-0123456789abcdef"
+OTHER = "other-key-0123456789abcdef"
+#: Seconds the module's gateway gives a client to send a request's headers, and then its body.
+HEADER_TIMEOUT, BODY_TIMEOUT = 3, 4
 #: The stand-in reasons in four words, then answers "ten" in GLM-4.1V's wrapper.
 ANSWERS = "<|assistant|> <think> read the total line </think> <answer> <|begin_of_box|> ten <|end_of_box|> </answer>"
 
@@ -80,7 +86,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gateway(model: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     folder = tmp_path_factory.mktemp("gateway")
     with ready_worker(redis_url, model, folder / "worker.log"):
-        server = Gateway(folder / "serve.log", broker_url=redis_url, model=str(model), api_keys=KEY)
+        server = Gateway(folder / "serve.log", broker_url=redis_url, model=str(model), api_keys=f"{KEY},{OTHER}",
+                         gateway_header_timeout=str(HEADER_TIMEOUT), gateway_body_timeout=str(BODY_TIMEOUT))
         yield server
         server.stop()
 
@@ -224,6 +231,126 @@ def test_keys_body_limit_health_metrics_and_no_torch(gateway, model):
     assert "libtorch" not in Path(f"/proc/{gateway.proc.pid}/maps").read_text()
 
 
+def wait_state(url: str, job_id: str, key: str = KEY) -> dict:
+    deadline = time.monotonic() + 60
+    while (body := httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"},
+                             timeout=30).json()).get("state") in ("PENDING", "STARTED") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return body
+
+
+def assert_no_such_job(response: httpx.Response) -> None:
+    assert response.status_code == 404, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.json()["error"]["code"] == "not_found" and "completion" not in response.text
+
+
+def test_a_key_sees_its_own_jobs_only(gateway, model):
+    mine, theirs = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {OTHER}"}
+    made = httpx.post(f"{gateway.url}/v1/jobs", json={"messages": ask("Mine?", seed=8), "max_tokens": 64},
+                      headers=mine, timeout=30)
+    job_id = made.json()["id"]
+    assert wait_state(gateway.url, job_id)["state"] == "SUCCESS"
+    assert_no_such_job(httpx.get(f"{gateway.url}/v1/jobs/{job_id}", headers=theirs, timeout=30))
+
+    # Jobs no key made (a producer's, a batch's) are no key's, however guessable their ids.
+    invoice = submit(png_bytes(seed=9), "Invoice total?", job_id="invoice-0001", max_new_tokens=8)
+    invoice.result(timeout=60)
+    for headers in (mine, theirs):
+        assert_no_such_job(httpx.get(f"{gateway.url}/v1/jobs/{invoice.id}", headers=headers, timeout=30))
+
+
+def test_an_idempotency_key_belongs_to_its_api_key_and_its_body(gateway, model, redis_client):
+    mine, theirs = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {OTHER}"}
+    header = {"Idempotency-Key": "order-18"}
+    body = {"messages": ask("Which order?", seed=10), "max_tokens": 64}
+    # The other key sends the header first: it gets a job of its own, not one the first key will read.
+    first_theirs = httpx.post(f"{gateway.url}/v1/jobs", json={"messages": ask("Theirs?", seed=11), "max_tokens": 64},
+                              headers={**theirs, **header}, timeout=30)
+    first = httpx.post(f"{gateway.url}/v1/jobs", json=body, headers={**mine, **header}, timeout=30)
+    retry = httpx.post(f"{gateway.url}/v1/jobs", json=body, headers={**mine, **header}, timeout=30)
+    assert first_theirs.status_code == first.status_code == retry.status_code == 202
+    assert first.json()["id"] == retry.json()["id"] != first_theirs.json()["id"]
+    assert wait_state(gateway.url, first.json()["id"])["state"] == "SUCCESS"
+    assert_no_such_job(httpx.get(f"{gateway.url}/v1/jobs/{first.json()['id']}", headers=theirs, timeout=30))
+    assert_no_such_job(httpx.get(f"{gateway.url}/v1/jobs/{first_theirs.json()['id']}", headers=mine, timeout=30))
+
+    # The same header with another body is a conflict, and queues nothing.
+    claims = len(redis_client.keys("glyphq:job:*"))
+    changed = httpx.post(f"{gateway.url}/v1/chat/completions", headers={**mine, **header}, timeout=30,
+                         json={"messages": ask("Which other order?", seed=10), "max_tokens": 64})
+    assert changed.status_code == 409, changed.text
+    assert set(changed.json()["error"]) == {"message", "type", "param", "code"}
+    assert "Idempotency-Key" in changed.json()["error"]["message"] and "x-glyphq-job-id" not in changed.headers
+    assert len(redis_client.keys("glyphq:job:*")) == claims
+    # Who made each job is kept at least as long as its result.
+    from glyphq.celeryconfig import settings
+
+    owners = redis_client.keys("glyphq:owner:*")
+    assert owners and all(settings.result_expires_s < redis_client.ttl(key) <= 2 * settings.result_expires_s
+                          for key in owners)
+
+
+def test_nested_or_broken_json_is_a_400_and_no_traceback(gateway):
+    logged = gateway.log.stat().st_size
+    bodies = [b"[" * 1000 + b"]" * 1000, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+              b'{"messages": [' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"]}", b'{"messages": [], "timeout": NaN}',
+              b"{not json", b"\xff\xfe"]
+    for content in bodies:
+        refused = httpx.post(f"{gateway.url}/v1/chat/completions", content=content, timeout=30,
+                             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert refused.status_code == 400, (content[:40], refused.text[:300])
+        error = refused.json()["error"]
+        assert error["param"] == "body" and error["type"] == "invalid_request_error", error
+    assert "nested more than" in error_for(gateway, bodies[0])
+    time.sleep(0.5)
+    assert "Traceback" not in gateway.log.read_bytes()[logged:].decode(errors="replace")
+
+
+def error_for(gateway: Gateway, content: bytes) -> str:
+    return str(httpx.post(f"{gateway.url}/v1/jobs", content=content, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=30).json()["error"]["message"])
+
+
+def test_slow_clients_are_cut_off(gateway):
+    """Slowloris: headers sent a byte at a time are cut off after GLYPHQ_GATEWAY_HEADER_TIMEOUT (before any key
+    is checked), and a body sent a byte at a time gets a 408 after GLYPHQ_GATEWAY_BODY_TIMEOUT."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    slow_heads = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(5)]
+    slow_body = socket.create_connection(("127.0.0.1", gateway.port))
+    slow_body.sendall(head)
+    started = time.monotonic()
+    closed: dict[socket.socket, float] = {}
+    answered = b""
+    try:
+        while len(closed) < 6 and time.monotonic() - started < HEADER_TIMEOUT + BODY_TIMEOUT + 6:
+            for sock in [*slow_heads, slow_body]:
+                if sock not in closed:
+                    with contextlib.suppress(OSError):
+                        sock.send(head[:1] if sock is not slow_body else b" ")
+            readable, _, _ = select.select([s for s in [*slow_heads, slow_body] if s not in closed], [], [], 0.25)
+            for sock in readable:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if sock is slow_body:
+                    answered += data
+                if not data:
+                    closed[sock] = time.monotonic() - started
+        assert all(sock in closed for sock in slow_heads), f"{len(closed)} of 6 closed"
+        assert max(closed[s] for s in slow_heads) < HEADER_TIMEOUT + 2, closed
+        assert slow_body in closed and closed[slow_body] < BODY_TIMEOUT + 2, closed
+        assert answered.startswith(b"HTTP/1.1 408"), answered[:200]
+        assert b'"code":"body_timeout"' in answered
+    finally:
+        for sock in [*slow_heads, slow_body]:
+            sock.close()
+    # The gateway still answers.
+    assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+
+
 def test_full_queue_is_429_with_retry_after_and_a_long_wait_is_504_with_the_job_id(idle, model):
     client = idle.client("no-key-needed-on-localhost")
     with pytest.raises(openai.APIStatusError) as waited:
@@ -242,14 +369,23 @@ def test_full_queue_is_429_with_retry_after_and_a_long_wait_is_504_with_the_job_
 
 
 def test_unreachable_redis_is_a_fast_503_and_wide_binds_need_keys(model, tmp_path):
-    down = Gateway(tmp_path / "down.log", broker_url=f"redis://127.0.0.1:{free_port()}/0", model=str(model))
+    port = free_port()
+    down = Gateway(tmp_path / "down.log", broker_url=f"redis://127.0.0.1:{port}/0", model=str(model), api_keys=KEY)
+    key = {"Authorization": f"Bearer {KEY}"}
     try:
         started = time.monotonic()
-        response = httpx.post(f"{down.url}/v1/chat/completions", json={"messages": ask("Up?")}, timeout=30)
+        response = httpx.post(f"{down.url}/v1/chat/completions", json={"messages": ask("Up?")}, headers=key,
+                              timeout=30)
         assert response.status_code == 503 and response.headers["retry-after"], response.text
         assert "cannot reach Redis" in response.json()["error"]["message"]
         assert time.monotonic() - started < 1.5
-        assert httpx.get(f"{down.url}/health", timeout=10).status_code == 503
+        # Without a valid key /health says only whether it is well: no host, port or error text.
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789abcdef"}):
+            anonymous = httpx.get(f"{down.url}/health", headers=headers, timeout=10)
+            assert anonymous.status_code == 503 and anonymous.json() == {"status": "unavailable"}
+            assert str(port) not in anonymous.text and "127.0.0.1" not in anonymous.text
+        detailed = httpx.get(f"{down.url}/health", headers=key, timeout=10)
+        assert detailed.status_code == 503 and f"127.0.0.1:{port}" in detailed.json()["error"]
     finally:
         down.stop()
     wide = subprocess.run([GLYPHQ, "serve", "--host", "0.0.0.0", "--port", str(free_port())], cwd=ROOT,

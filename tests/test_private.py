@@ -173,3 +173,62 @@ def test_the_consumer_refuses_unknown_tasks_in_on_unknown_task_reading_the_id_he
     source = inspect.getsource(celery_consumer.Consumer.create_task_handler)
     assert "on_unknown_task(None, message, exc)" in source
     assert "message.headers['id']" in inspect.getsource(celery_consumer.Consumer.on_unknown_task)
+
+
+def test_uvicorn_h11_protocol_keeps_its_request_cycle_where_the_header_deadline_reads_it():
+    """No upstream option (see point 9): uvicorn serves a real app with the protocol; a head trickled a byte at
+    a time is cut off, on a new connection and on a kept-alive one, and a whole request is answered."""
+    import socket
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from conftest import free_port
+
+    assert version("uvicorn").startswith("0.54."), version("uvicorn")
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=private.header_deadline_protocol(1),
+                                           lifespan="off", log_level="warning", timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        def trickled_until_closed(sock: socket.socket) -> float:
+            started = time.monotonic()
+            sock.settimeout(0.2)
+            for byte in request[:-2] * 10:
+                try:
+                    sock.send(bytes([byte]))
+                    if sock.recv(100) == b"":
+                        return time.monotonic() - started
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return time.monotonic() - started
+            return float("inf")
+
+        with socket.create_connection(("127.0.0.1", port)) as fresh:
+            assert trickled_until_closed(fresh) < 2.5
+        with socket.create_connection(("127.0.0.1", port)) as kept:
+            kept.sendall(request)
+            assert kept.recv(1000).startswith(b"HTTP/1.1 200")
+            time.sleep(1.5)  # longer than the deadline, idle: the keep-alive timeout's business, not the deadline's
+            assert trickled_until_closed(kept) < 2.5
+        with socket.create_connection(("127.0.0.1", port)) as whole:
+            time.sleep(0.5)
+            whole.sendall(request)
+            assert whole.recv(1000).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)
