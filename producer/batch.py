@@ -48,6 +48,8 @@ from glyphq.producer.store import Store, unavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 32
+#: The most levels of lists and objects a line may nest; a chat completion request with an image needs 7.
+MAX_NESTING = 64
 FIELDS = ("image", "question", "id", "max_new_tokens", "priority", "thinking_budget")
 #: How long the broker may stay unreachable mid-batch before the batch stops (exit 4); rerun to go on.
 BROKER_GRACE_S = 300.0
@@ -191,19 +193,37 @@ def parse_lines(path: Path, prefix: str) -> Iterator[Item | BadLine]:
 
 
 def _load_json(raw: bytes) -> Any:
-    """``json.loads``, raising ``ValueError`` for whatever it cannot parse: bad UTF-8, bad JSON, and JSON
-    nested deeper than Python's parser goes (a ``RecursionError`` from ``json``)."""
+    """The JSON value of one line; ``ValueError`` if it is not UTF-8 JSON or nests more than ``MAX_NESTING`` deep.
+
+    Deep nesting makes ``json`` raise ``RecursionError``, and a line that only just parses here could fail
+    when read again deeper in the stack (an OpenAI Batch line is, at submit), so the limit is far below that.
+    """
+    too_deep = f"nested more than {MAX_NESTING} levels deep"
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except RecursionError:
-        raise ValueError("nested too deeply") from None
+        raise ValueError(too_deep) from None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if _nesting(data) > MAX_NESTING:
+        raise ValueError(too_deep)
+    return data
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of lists and objects ``value`` has (0 for a string or number), found without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, level = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
-    try:
-        data = _load_json(raw)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
-        raise ValueError(f"not valid JSON: {exc}") from None
+    data = _load_json(raw)
     if not isinstance(data, dict):
         raise ValueError(f"must be a JSON object, got {type(data).__name__}")
     unknown = sorted(str(k) for k in data if k not in FIELDS)
@@ -228,11 +248,7 @@ def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
 
 
 def _parse_openai_line(raw: bytes, number: int, offset: int, path: Path, prefix: str) -> Item:
-    try:
-        data = _load_json(raw)
-    except ValueError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    custom_id = batch_openai.check_envelope(data)
+    custom_id = batch_openai.check_envelope(_load_json(raw))
     return Item(line=number, id=custom_id, job_id=job_id_for(prefix, custom_id), image=path, question=None,
                 offset=offset)
 

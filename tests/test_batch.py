@@ -213,24 +213,41 @@ class TestDefaultWorker:
             assert message in run.stderr, (message, run.stderr)
         assert sorted(r["id"] for r in records(out)) == ["a", "line-10"]
 
-    def test_a_line_nested_too_deeply_is_a_bad_line_and_the_batch_goes_on(self, class_worker, tmp_path):
-        """A line nested 5,000 deep stopped the whole batch with a RecursionError. The first line is one,
-        so the check of whether the file is an OpenAI Batch file meets it too."""
-        deep = 5000
+    def test_lines_nested_too_deeply_are_bad_lines_and_the_batch_goes_on(self, class_worker, tmp_path):
+        """A line nested 5,000 deep stopped the whole batch with a RecursionError. The first line is one, so the
+        check of whether the file is an OpenAI Batch file meets it too. An OpenAI Batch line is read again
+        at submit, deeper in the stack: one that only just parsed at the start stopped the batch there."""
+        deep, limit = 5000, 64
         source = write_batch(tmp_path, [
             "[" * deep + "]" * deep,                                                          # 1
             {"image": "img0.png", "question": "fine", "max_new_tokens": 3},                    # 2
             '{"image": "img1.png", "question": "q", "id": ' + '{"a":' * deep + "1" + "}" * deep + "}",  # 3
             {"image": "img1.png", "question": "fine too", "max_new_tokens": 3},                # 4
+            '{"image": "img1.png", "question": ' + "[" * limit + "]" * limit + "}",           # 5: 65 levels
         ])
         out = tmp_path / "results.jsonl"
         run = batch(str(source), "--out", str(out), "--no-progress")
         assert run.returncode == 1, run.stderr
         summary = json.loads(run.stdout)
-        assert (summary["total"], summary["done"], summary["skipped_bad"]) == (4, 2, 2)
-        assert summary["bad_lines"] == [{"line": n, "error": "not valid JSON: nested too deeply"} for n in (1, 3)]
-        assert "jobs.jsonl:1: skipped: not valid JSON: nested too deeply" in run.stderr
+        assert (summary["total"], summary["done"], summary["skipped_bad"]) == (5, 2, 3)
+        too_deep = f"nested more than {limit} levels deep"
+        assert summary["bad_lines"] == [{"line": n, "error": too_deep} for n in (1, 3, 5)]
+        assert f"jobs.jsonl:1: skipped: {too_deep}" in run.stderr
         assert sorted(r["id"] for r in records(out)) == ["line-2", "line-4"]
+
+        folder = tmp_path / "openai"
+        folder.mkdir()
+        good, _ = _openai_batch(folder, jobs=1, tokens=3)
+        request = good.read_text().splitlines()[0]
+        depths = range(900, 1000, 2)  # up to about where json gives up
+        deep_lines = [request.replace('"custom_id": "req-0"', f'"custom_id": "deep-{depth}"')[:-2]
+                      + ', "metadata": ' + "[" * depth + "]" * depth + "}}" for depth in depths]
+        good.write_text("\n".join([request, *deep_lines]) + "\n")
+        run = batch(str(good), "--out", str(folder / "output.jsonl"), "--no-progress")
+        assert run.returncode == 1, run.stderr
+        summary = json.loads(run.stdout)
+        assert (summary["done"], summary["skipped_bad"]) == (1, len(depths))
+        assert {b["error"] for b in summary["bad_lines"]} == {too_deep}
 
     def test_a_full_disk_stops_the_batch_with_its_summary_and_the_rerun_resumes(
             self, class_worker, tmp_path, redis_client):
