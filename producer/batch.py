@@ -3,7 +3,8 @@
 Each input line is an object ``{"image": path, "question": str, "id"?: str|int, "max_new_tokens"?: int,
 "priority"?: int, "thinking_budget"?: int}``; image paths are relative to the input file's folder. At
 most ``window`` jobs are in flight at once. Results are appended to the output as they finish, one
-JSON object per line, written with a single ``write`` and fsync'd, so a kill leaves whole lines only:
+JSON object per line, written with a single ``write`` and fsync'd, so a kill leaves whole lines only
+(a run locks the output, so a second run on it is refused):
 
     {"id": ..., "job_id": ..., "line": N, "ok": true, "result": {...}}
     {"id": ..., "job_id": ..., "line": N, "ok": false, "error_type": ..., "error": ...}
@@ -20,12 +21,14 @@ file, and gets OpenAI Batch output lines (``producer.batch_openai``).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +48,8 @@ from glyphq.producer.store import Store, unavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 32
+#: The most levels of lists and objects a line may nest; a chat completion request with an image needs 7.
+MAX_NESTING = 64
 FIELDS = ("image", "question", "id", "max_new_tokens", "priority", "thinking_budget")
 #: How long the broker may stay unreachable mid-batch before the batch stops (exit 4); rerun to go on.
 BROKER_GRACE_S = 300.0
@@ -187,11 +192,38 @@ def parse_lines(path: Path, prefix: str) -> Iterator[Item | BadLine]:
             yield item
 
 
-def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
+def _load_json(raw: bytes) -> Any:
+    """The JSON value of one line; ``ValueError`` if it is not UTF-8 JSON or nests more than ``MAX_NESTING`` deep.
+
+    Deep nesting makes ``json`` raise ``RecursionError``, and a line that only just parses here could fail
+    when read again deeper in the stack (an OpenAI Batch line is, at submit), so the limit is far below that.
+    """
+    too_deep = f"nested more than {MAX_NESTING} levels deep"
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ValueError(too_deep) from None
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
         raise ValueError(f"not valid JSON: {exc}") from None
+    if _nesting(data) > MAX_NESTING:
+        raise ValueError(too_deep)
+    return data
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of lists and objects ``value`` has (0 for a string or number), found without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, level = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
+    data = _load_json(raw)
     if not isinstance(data, dict):
         raise ValueError(f"must be a JSON object, got {type(data).__name__}")
     unknown = sorted(str(k) for k in data if k not in FIELDS)
@@ -216,11 +248,7 @@ def _parse_line(raw: bytes, number: int, base: Path, prefix: str) -> Item:
 
 
 def _parse_openai_line(raw: bytes, number: int, offset: int, path: Path, prefix: str) -> Item:
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    custom_id = batch_openai.check_envelope(data)
+    custom_id = batch_openai.check_envelope(_load_json(raw))
     return Item(line=number, id=custom_id, job_id=job_id_for(prefix, custom_id), image=path, question=None,
                 offset=offset)
 
@@ -229,7 +257,8 @@ _RECORD_START = b'{"id":'
 
 
 def read_finished(path: Path, warn: Callable[[str], None]) -> dict[str, bool]:
-    """Ids already in the output, mapped to their ``ok``. A trailing partial line (a kill mid-write) is cut off.
+    """Ids already in the output, mapped to whether they succeeded (``"ok": true`` exactly). A trailing partial
+    line (a kill mid-write) is cut off.
 
     A file that is not a results file of ``glyphq batch`` raises ``BatchUsageError`` and is left alone.
     """
@@ -242,12 +271,12 @@ def read_finished(path: Path, warn: Callable[[str], None]) -> dict[str, bool]:
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw)
+            record = _load_json(raw)
             if "custom_id" in record:
                 done, ok = batch_openai.finished(record)
                 finished[done] = ok
             else:
-                finished[str(record["id"])] = bool(record["ok"])
+                finished[str(record["id"])] = record["ok"] is True
         except (ValueError, KeyError, TypeError):
             raise BatchUsageError(f"{path} is not a results file of glyphq batch (line {number}); "
                                   "choose another --out") from None
@@ -260,10 +289,24 @@ def read_finished(path: Path, warn: Callable[[str], None]) -> dict[str, bool]:
 
 
 class ResultWriter:
-    """Appends one JSON line per result: a single ``write`` call per line, then fsync."""
+    """Appends one JSON line per result: a single ``write`` call per line, then fsync.
+
+    It holds an exclusive lock (``flock``) on the file until closed, so two runs never write to one output:
+    the second is refused with ``BatchUsageError``. The kernel drops the lock when the process ends, however
+    it ends.
+    """
 
     def __init__(self, path: Path) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise BatchUsageError(f"--out {path} is in use by another glyphq batch run; wait for it to end "
+                                  "or choose another --out") from None
+        except OSError:
+            os.close(self.fd)
+            raise
 
     def write(self, record: dict[str, Any]) -> None:
         """``record`` must start with ``id``: a partial last line is recognised by that start."""
@@ -295,10 +338,16 @@ def run_batch(input_path: str | os.PathLike[str], output_path: str | os.PathLike
     _check_reachable(cfg)
     start = time.monotonic()
     summary = Summary(input=str(source), output=str(out), job_prefix=prefix)
-    todo = _plan(source, out, prefix, summary, lambda text: _warn(err, text))
+    writer = _open_output(out)  # before reading it: the lock keeps a second run from reading or writing it
+    try:
+        todo = _plan(source, out, prefix, summary, lambda text: _warn(err, text))
+    except BaseException:
+        writer.close()
+        raise
     from glyphq.producer.batch_runner import Progress, Runner
 
-    Runner(cfg, source, out, summary, todo, window, timeout, Progress(len(todo), progress, err), poll_s).run()
+    Runner(cfg, source, out, writer, summary, todo, window, timeout, Progress(len(todo), progress, err),
+           poll_s).run()
     summary.elapsed = time.monotonic() - start
     if summary.interrupted or summary.broker_unavailable or summary.output_error or summary.in_flight \
             or summary.timed_out:
@@ -322,10 +371,37 @@ def _check_usage(source: Path, out: Path, window: int, timeout: float | None, jo
         raise BatchUsageError("the output file must not be the input file")
     if not out.parent.is_dir():
         raise BatchUsageError(f"the output's folder does not exist: {out.parent}")
+    _check_output_kind(out)
     prefix = job_prefix or default_job_prefix(source, out)
     if not _SAFE_ID.match(prefix) or len(prefix) > 24:
         raise BatchUsageError(f"--job-prefix must be 1-24 of A-Z a-z 0-9 . _ : -, got {prefix!r}")
     return prefix
+
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_output_kind(out: Path) -> None:
+    """Refuse an ``--out`` that exists and is not a regular file: reading a device such as /dev/zero never
+    ends, and opening a FIFO blocks."""
+    try:
+        mode = out.stat().st_mode
+    except FileNotFoundError:  # a new path (or a link to one): created when opened
+        return
+    except OSError as exc:
+        raise BatchUsageError(f"--out: cannot use {out}: {exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+        raise BatchUsageError(f"--out must be a regular file or a new path; {out} is {kind}")
+
+
+def _open_output(out: Path) -> ResultWriter:
+    """The locked writer of ``out``; ``BatchUsageError`` if another run holds it or it cannot be opened."""
+    try:
+        return ResultWriter(out)
+    except OSError as exc:
+        raise BatchUsageError(f"cannot open {out} for writing: {exc}") from None
 
 
 def _check_reachable(cfg: Settings) -> None:

@@ -30,7 +30,7 @@ def is_openai_file(path: Path) -> bool:
             if raw.strip():
                 try:
                     data = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # a bad first line: glyphq's reading reports it
                     return False
                 return isinstance(data, dict) and "custom_id" in data
     return False

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from glyphq.celeryconfig import Settings
 from glyphq.producer.batch import BACKOFF_S, BROKER_ERRORS, BROKER_GRACE_S, BadLine, Item, ResultWriter, Summary
-from glyphq.producer.errors import BatchUsageError, BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
+from glyphq.producer.errors import BrokerUnavailable, GlyphqError, InvalidJob, JobFailed, JobTimeout
 from glyphq.producer.submit import LOST_CHECK_S
 
 
@@ -106,16 +106,11 @@ class StopFlag:
 class Runner:
     """One run of a batch: keeps at most ``window`` jobs in flight and writes each result as it comes."""
 
-    def __init__(self, cfg: Settings, source: Path, out: Path, summary: Summary, todo: list[Item], window: int,
-                 timeout: float | None, bar: Progress, poll_s: float) -> None:
-        self.cfg, self.source, self.summary = cfg, source, summary
+    def __init__(self, cfg: Settings, source: Path, out: Path, writer: ResultWriter, summary: Summary,
+                 todo: list[Item], window: int, timeout: float | None, bar: Progress, poll_s: float) -> None:
+        """``writer`` is the open, locked output; ``run`` closes it."""
+        self.cfg, self.source, self.out, self.writer, self.summary = cfg, source, out, writer, summary
         self.window, self.timeout, self.bar, self.poll_s = window, timeout, bar, poll_s
-        try:
-            self.writer = ResultWriter(out)
-        except OSError as exc:
-            bar.close()
-            raise BatchUsageError(f"cannot open {out} for writing: {exc}") from None
-        self.out = out
         self.stop = StopFlag()
         self.in_flight: dict[str, InFlight] = {}
         self.queue = iter(todo)

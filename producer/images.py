@@ -17,12 +17,17 @@ from glyphq.producer.pixels import to_rgb
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
+#: Formats read as another. A phone's MPO is a JPEG followed by more images (depth or gain maps); Pillow
+#: reads its first frame, the photo, as a plain JPEG, and nothing here ever seeks to the others.
+READ_AS = {"MPO": "JPEG"}
+
 
 @dataclass(frozen=True)
 class CheckedImage:
     """Image bytes that passed every check, with what the checks learned about them.
 
-    ``width`` and ``height`` are the size as a person sees it, after the EXIF orientation.
+    ``format`` is the format it is read as (an MPO is a ``JPEG``); ``width`` and ``height`` are the size as a
+    person sees it, after the EXIF orientation.
     """
 
     data: bytes
@@ -103,6 +108,7 @@ def _decode(data: bytes, settings: Settings) -> tuple[str, Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt = (img.format or "").upper()
+                fmt = READ_AS.get(fmt, fmt)
                 if fmt not in settings.image_formats:
                     allowed = ", ".join(settings.image_formats)
                     raise InvalidJob("image", f"format {fmt or 'unknown'} is not allowed; allowed: {allowed}")

@@ -13,6 +13,7 @@ import zlib
 from PIL import Image, ImageCms, ImageDraw
 
 SEEN_SIZE = (96, 64)
+DEPTH_SIZE = (48, 32)  # the second image of ``phone_mpo``
 RED, BLUE, WHITE, BLACK = (220, 30, 30), (30, 30, 220), (255, 255, 255), (0, 0, 0)
 
 #: What to do to the picture so that a viewer, applying the EXIF orientation, shows it upright again.
@@ -59,6 +60,34 @@ def phone_jpeg(orientation: int = 6, icc: bool = True, size: tuple[int, int] = S
     if icc:
         options["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     return _encode(stored, "JPEG", **options)
+
+
+def phone_mpo(orientation: int = 6) -> bytes:
+    """A phone's MPO: the camera JPEG of ``phone_jpeg`` first, then a depth map (grey, ``DEPTH_SIZE``, black).
+
+    Pillow opens it as format "MPO" with two frames.
+    """
+    stored = Image.open(io.BytesIO(phone_jpeg(orientation)))
+    exif = stored.getexif()
+    depth = Image.new("L", DEPTH_SIZE, 0)
+    return _encode(stored, "MPO", save_all=True, append_images=[depth], exif=exif.tobytes(), quality=100,
+                   subsampling=0)
+
+
+def claim_size(data: bytes, size: tuple[int, int], frame: int = 0) -> bytes:
+    """``data`` with the frame header (SOF) of its ``frame``-th JPEG claiming ``size``, the rest unchanged:
+    the header of a decompression bomb.
+
+    A frame starts with SOI then a marker (FF D8 FF); inside a JPEG an FF byte of the compressed data is
+    followed by 00, so that sequence marks only where a frame starts.
+    """
+    start = 0
+    for _ in range(frame):
+        start = data.index(b"\xff\xd8\xff", start + 2)
+    at = start + 2  # the first marker after SOI
+    while not 0xC0 <= data[at + 1] <= 0xC3:  # SOF0 to SOF3: FF Cn, length, precision, height, width
+        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    return data[:at + 5] + struct.pack(">HH", size[1], size[0]) + data[at + 9:]
 
 
 def grey16_png(levels: tuple[int, int, int] = (0, 32768, 65535)) -> bytes:

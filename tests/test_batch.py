@@ -20,12 +20,17 @@ from glyphq.producer.store import job_key, runs_key
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 
 
-@pytest.fixture(autouse=True)
-def _empty_queues(redis_client) -> None:
-    """Start with nothing queued, so only this test's jobs reach its worker."""
+def drop_queued(redis_client) -> None:
+    """Empty the GPU queues."""
     keys = [k for k in redis_client.keys("glyphq:gpu*") if redis_client.type(k) == b"list"]
     if keys:
         redis_client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
+def _empty_queues(redis_client) -> None:
+    """Start with nothing queued, so only this test's jobs reach its worker."""
+    drop_queued(redis_client)
 
 
 def write_batch(folder: Path, lines: list[dict | str], images: int = 3) -> Path:
@@ -77,6 +82,72 @@ def test_usage_errors_exit_2_and_unreachable_broker_exits_4(tmp_path):
     assert down.returncode == 4, down.stderr
     assert "cannot reach Redis" in down.stderr
     assert not out.exists() or out.read_bytes() == b""
+
+
+def refusal(run: subprocess.CompletedProcess[str]) -> str:
+    """The error of a ``glyphq batch`` run that refused to start: exit 2, the CLI's JSON error, no traceback."""
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr, run.stderr
+    error = json.loads(run.stdout)
+    assert (error["ok"], error["error_type"]) == (False, "BatchUsageError")
+    return str(error["error"])
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_path):
+    """A directory gave a traceback; /dev/zero and /dev/full were read until the kernel killed the run; a FIFO
+    blocked forever."""
+    source = write_batch(tmp_path, [{"image": "img0.png", "question": "q"}], images=1)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for out, kind in [(tmp_path, "a directory"), (Path("/dev/zero"), "a character device"),
+                      (Path("/dev/full"), "a character device"), (fifo, "a FIFO")]:
+        error = refusal(batch(str(source), "--out", str(out), timeout=30))
+        assert error == f"--out must be a regular file or a new path; {out} is {kind}"
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, redis_client):
+    """Two runs on one --out wrote every result twice. Here no worker answers, so the first run waits."""
+    source = write_batch(tmp_path, [{"image": "img0.png", "question": "q", "id": "a"}], images=1)
+    out = tmp_path / "results.jsonl"
+    first = start_batch(str(source), "--out", str(out), "--no-progress")
+    try:
+        assert wait_until(lambda: redis_client.exists(job_key(f"{default_job_prefix(source, out)}-a")), timeout=30)
+        error = refusal(batch(str(source), "--out", str(out), "--no-progress", timeout=30))
+        assert error == f"--out {out} is in use by another glyphq batch run; wait for it to end or choose another --out"
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=30) == 130
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate(timeout=10)
+        drop_queued(redis_client)
+    assert out.read_bytes() == b""
+    # The lock goes with the run that held it: the next run re-attaches to the job and waits for it.
+    after = batch(str(source), "--out", str(out), "--no-progress", "--timeout", "1", timeout=30)
+    assert after.returncode == 1, after.stderr
+    assert json.loads(after.stdout)["timed_out_ids"] == ["a"]
+
+
+def test_a_resume_line_is_a_success_only_when_its_ok_is_true(tmp_path):
+    """A hand-edited ``"ok": "no"`` counted as a success, so the batch exited 0."""
+    source = write_batch(tmp_path, [{"image": "img0.png", "question": "q", "id": name} for name in "abc"], images=1)
+    out = tmp_path / "results.jsonl"
+    out.write_text("".join(json.dumps({"id": name, "job_id": f"x-{name}", "line": line, "ok": ok}) + "\n"
+                           for line, (name, ok) in enumerate([("a", True), ("b", "no"), ("c", 1)], start=1)))
+    run = batch(str(source), "--out", str(out), "--no-progress")
+    assert run.returncode == 1, run.stderr
+    summary = json.loads(run.stdout)
+    assert (summary["already_done"], summary["previously_failed"], summary["done"]) == (3, 2, 0)
+
+
+def test_a_resume_line_nested_too_deeply_is_refused_as_not_a_results_file(tmp_path):
+    source = write_batch(tmp_path, [{"image": "img0.png", "question": "q"}], images=1)
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"id": "a", "ok": true, "result": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    before = out.read_bytes()
+    error = refusal(batch(str(source), "--out", str(out), "--no-progress"))
+    assert error == f"{out} is not a results file of glyphq batch (line 1); choose another --out"
+    assert out.read_bytes() == before
 
 
 class TestDefaultWorker:
@@ -141,6 +212,42 @@ class TestDefaultWorker:
             assert f"jobs.jsonl:{line}: skipped: " in run.stderr, (line, run.stderr)
             assert message in run.stderr, (message, run.stderr)
         assert sorted(r["id"] for r in records(out)) == ["a", "line-10"]
+
+    def test_lines_nested_too_deeply_are_bad_lines_and_the_batch_goes_on(self, class_worker, tmp_path):
+        """A line nested 5,000 deep stopped the whole batch with a RecursionError. The first line is one, so the
+        check of whether the file is an OpenAI Batch file meets it too. An OpenAI Batch line is read again
+        at submit, deeper in the stack: one that only just parsed at the start stopped the batch there."""
+        deep, limit = 5000, 64
+        source = write_batch(tmp_path, [
+            "[" * deep + "]" * deep,                                                          # 1
+            {"image": "img0.png", "question": "fine", "max_new_tokens": 3},                    # 2
+            '{"image": "img1.png", "question": "q", "id": ' + '{"a":' * deep + "1" + "}" * deep + "}",  # 3
+            {"image": "img1.png", "question": "fine too", "max_new_tokens": 3},                # 4
+            '{"image": "img1.png", "question": ' + "[" * limit + "]" * limit + "}",           # 5: 65 levels
+        ])
+        out = tmp_path / "results.jsonl"
+        run = batch(str(source), "--out", str(out), "--no-progress")
+        assert run.returncode == 1, run.stderr
+        summary = json.loads(run.stdout)
+        assert (summary["total"], summary["done"], summary["skipped_bad"]) == (5, 2, 3)
+        too_deep = f"nested more than {limit} levels deep"
+        assert summary["bad_lines"] == [{"line": n, "error": too_deep} for n in (1, 3, 5)]
+        assert f"jobs.jsonl:1: skipped: {too_deep}" in run.stderr
+        assert sorted(r["id"] for r in records(out)) == ["line-2", "line-4"]
+
+        folder = tmp_path / "openai"
+        folder.mkdir()
+        good, _ = _openai_batch(folder, jobs=1, tokens=3)
+        request = good.read_text().splitlines()[0]
+        depths = range(900, 1000, 2)  # up to about where json gives up
+        deep_lines = [request.replace('"custom_id": "req-0"', f'"custom_id": "deep-{depth}"')[:-2]
+                      + ', "metadata": ' + "[" * depth + "]" * depth + "}}" for depth in depths]
+        good.write_text("\n".join([request, *deep_lines]) + "\n")
+        run = batch(str(good), "--out", str(folder / "output.jsonl"), "--no-progress")
+        assert run.returncode == 1, run.stderr
+        summary = json.loads(run.stdout)
+        assert (summary["done"], summary["skipped_bad"]) == (1, len(depths))
+        assert {b["error"] for b in summary["bad_lines"]} == {too_deep}
 
     def test_a_full_disk_stops_the_batch_with_its_summary_and_the_rerun_resumes(
             self, class_worker, tmp_path, redis_client):

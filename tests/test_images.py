@@ -1,19 +1,21 @@
 """Fitting images into the box: aspect kept (never more extreme), never upscaled but to the processors'
-shortest side, orientation ignored; and the aspect-ratio limit at intake."""
+shortest side, orientation ignored; the aspect-ratio limit at intake; a phone's MPO read as its first JPEG."""
 
 from __future__ import annotations
 
 import functools
 import io
 
+import image_files as files
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from glyphq.celeryconfig import Settings
-from glyphq.producer import InvalidJob
+from glyphq.producer import InvalidJob, submit
 from glyphq.producer.images import check_image_bytes, decode_checked_image
+from glyphq.tasks.app import app
 from glyphq.worker.images import MIN_SIDE, fit_image, fit_size, processor_min_side, smaller_box
 
 LIMIT = Settings().max_aspect_ratio
@@ -147,3 +149,38 @@ def test_fit_image_keeps_small_images_untouched():
 def test_smaller_box_halves_with_a_floor():
     assert smaller_box((1280, 720)) == (640, 360)
     assert smaller_box((300, 300)) == (224, 224)
+
+
+def test_phone_mpo_is_accepted_at_submit_as_a_jpeg(redis_client):
+    """A phone's JPEG with a depth map after it opens in Pillow as format MPO, which was refused."""
+    data = files.phone_mpo()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    checked = check_image_bytes(data, Settings())
+    assert (checked.format, checked.width, checked.height) == ("JPEG", *files.SEEN_SIZE)
+    assert submit(data, "What is in the photo?").state == "PENDING"
+    app.control.purge()
+
+
+def test_phone_mpo_is_decoded_as_its_first_frame():
+    """What the worker decodes (``decode_checked_image``): the photo, turned upright, not the depth map."""
+    image = decode_checked_image(files.phone_mpo(), Settings())
+    assert (image.mode, image.size) == ("RGB", files.SEEN_SIZE)
+    width, height = files.SEEN_SIZE
+    for where, colour in [((2, 2), files.RED), ((width - 3, 2), files.BLUE), ((2, height - 3), files.WHITE)]:
+        assert all(abs(got - want) <= 12 for got, want in zip(image.getpixel(where), colour, strict=True)), where
+
+
+def test_phone_mpo_is_held_to_the_pixel_limit_from_its_header():
+    """A first frame claiming 8000x8000 pixels, with the data of 96x64: refused for its size, not as damaged."""
+    bomb = files.claim_size(files.phone_mpo(), (8000, 8000))
+    for check in (check_image_bytes, decode_checked_image):
+        with pytest.raises(InvalidJob) as info:
+            check(bomb, Settings())
+        assert str(info.value) == ("image: is 8000x8000 = 64000000 pixels; the limit is 40000000 "
+                                   "(GLYPHQ_MAX_IMAGE_PIXELS)")
+
+
+def test_phone_mpo_second_frame_is_never_decoded():
+    """Only the first frame is read: a second frame claiming 400 megapixels costs nothing."""
+    data = files.claim_size(files.phone_mpo(), (20_000, 20_000), frame=1)
+    assert decode_checked_image(data, Settings()).size == files.SEEN_SIZE
