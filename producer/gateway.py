@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -203,7 +203,8 @@ async def stream_answer(job: Job, request: chat.ChatRequest, cfg: Settings, time
     The job is queued by now; a failure after the first chunk is sent as an ``error`` event.
     """
     created = int(time.time())
-    yield _sse(chat.chunk(job.id, created, cfg.model, {"role": "assistant", "content": ""},
+    model = request.model or cfg.served_model_names[0]
+    yield _sse(chat.chunk(job.id, created, model, {"role": "assistant", "content": ""},
                           include_usage=request.include_usage))
     task = asyncio.ensure_future(wait_result(job, timeout))
     try:
@@ -219,7 +220,7 @@ async def stream_answer(job: Job, request: chat.ChatRequest, cfg: Settings, time
         return
     finally:
         task.cancel()
-    for piece in chat.stream_chunks(result, job.id, created, request.include_usage):
+    for piece in chat.stream_chunks(result, job.id, created, request.include_usage, model):
         yield _sse(piece)
     yield "data: [DONE]\n\n"
 
@@ -296,17 +297,22 @@ async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequ
     ctx = _authorized(request)
     cfg = ctx.cfg
     body = await read_json(request, ctx.limit)
-    model = body.get("model") if isinstance(body, dict) else None
-    if model is not None and model != cfg.model:
-        raise RequestRefused(404, f"model {model!r} is not served here; the workers serve "
-                                  f"{cfg.model!r} (GLYPHQ_MODEL), or omit model", "model_not_found", "model")
-    parsed = await run_in_threadpool(chat.parse_request, body, cfg)
+    requested = body.get("model") if isinstance(body, dict) else None
+    model = chat.served_model(requested, cfg)
+    if model is None:
+        raise RequestRefused(404, chat.not_served(requested, cfg), "model_not_found", "model")
+    parsed = replace(await run_in_threadpool(chat.parse_request, body, cfg), model=model)
     if parsed.stream and not streamable:
         raise InvalidJob("stream", "is not allowed here: GET /v1/jobs/{id} gives the result")
     # Celery retries a send to an unreachable Redis for seconds; a PING first answers 503 at once.
     await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
-    job = await run_in_threadpool(lambda: submit(parsed.image, parsed.question, job_id=_job_id(request),
-                                                 settings=cfg, **parsed.submit_kwargs()))
+    try:
+        job = await run_in_threadpool(lambda: submit(parsed.image, parsed.question, job_id=_job_id(request),
+                                                     settings=cfg, **parsed.submit_kwargs()))
+    except InvalidJob as exc:
+        if exc.field != "image":
+            raise
+        raise InvalidJob(parsed.image_param, exc.problem) from None  # named as the request's other errors are
     return job, parsed
 
 
@@ -325,7 +331,8 @@ async def chat_completions(request: Request) -> Response:
         result = await wait_result(job, timeout)
     finally:
         ctx.metrics.waiting.dec()
-    return JSONResponse(chat.completion(result, job.id), headers=headers)
+    return JSONResponse(chat.completion(result, job.id, parsed.model or ctx.cfg.served_model_names[0]),
+                        headers=headers)
 
 
 async def create_job(request: Request) -> JSONResponse:
@@ -341,9 +348,10 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
 
 
 async def models(request: Request) -> dict[str, Any]:
-    """``GET /v1/models``: the model the workers serve."""
-    model = _authorized(request).cfg.model
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "glyphq"}]}
+    """``GET /v1/models``: the names the gateway answers to (``GLYPHQ_SERVED_MODEL_NAME``)."""
+    names = _authorized(request).cfg.served_model_names
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "glyphq"}
+                                       for name in names]}
 
 
 async def health(request: Request) -> JSONResponse:
@@ -353,7 +361,7 @@ async def health(request: Request) -> JSONResponse:
         await run_in_threadpool(check_broker, cfg, HEALTH_TIMEOUT_S)
     except BrokerUnavailable as exc:
         return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ok", "model": cfg.model})
+    return JSONResponse({"status": "ok", "model": cfg.served_model_names[0]})
 
 
 async def metrics_text(request: Request) -> Response:
@@ -394,7 +402,7 @@ def job_status(job_id: str, cfg: Settings) -> dict[str, Any]:
     body: dict[str, Any] = {"id": job_id, "object": "glyphq.job", "state": state}
     if state in ("SUCCESS", "FAILURE", "EXPIRED", "REVOKED"):
         try:
-            body["completion"] = chat.completion(_ready_result(job), job_id)
+            body["completion"] = chat.completion(_ready_result(job), job_id, cfg.served_model_names[0])
         except (JobFailed, JobExpired) as exc:
             status, kind, code, param, _ = _describe(exc)
             body["error"] = chat.error_body(str(exc), kind, param, code, status=status)["error"]
