@@ -35,7 +35,7 @@ REFUSALS = [
     ({"image": "/no/such/file.png"}, "image: no such file"),
     ({"image": 42}, "image: must be a path, bytes or a PIL image"),
     ({"image": b"x" * 200_001}, "image: is 200001 bytes; the limit is 200000 (GLYPHQ_MAX_IMAGE_BYTES)"),
-    ({"image": _bomb_png(20_000, 20_000)}, "the limit is 1000000 pixels (GLYPHQ_MAX_IMAGE_PIXELS)"),
+    ({"image": _bomb_png(20_000, 20_000)}, "image: is 400000000 pixels; the limit is 1000000 (GLYPHQ_MAX_IMAGE_PIXELS)"),
     ({"image": _bomb_png(2_000, 1_000)},
      "is 2000x1000 = 2000000 pixels; the limit is 1000000 (GLYPHQ_MAX_IMAGE_PIXELS)"),
     ({"question": ""}, "question: must not be empty"),
