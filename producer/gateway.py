@@ -28,6 +28,7 @@ from glyphq.celeryconfig import Settings
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer import chat
 from glyphq.producer.errors import (
+    BrokerEvicts,
     BrokerFull,
     BrokerUnavailable,
     GlyphqError,
@@ -87,8 +88,9 @@ def _describe(exc: GlyphqError) -> tuple[int, str, str | None, str | None, dict[
         return 400, "invalid_request_error", None, exc.field, {}
     if isinstance(exc, QueueFull):
         return 429, "rate_limit_error", "queue_full", None, {}
-    if isinstance(exc, (BrokerFull, BrokerUnavailable, JobLost)):
-        code = {BrokerFull: "broker_full", BrokerUnavailable: "broker_unavailable"}.get(type(exc), "job_lost")
+    if isinstance(exc, (BrokerFull, BrokerUnavailable, BrokerEvicts, JobLost)):
+        code = {BrokerFull: "broker_full", BrokerUnavailable: "broker_unavailable",
+                BrokerEvicts: "broker_evicts"}.get(type(exc), "job_lost")
         return 503, "server_error", code, None, {}
     if isinstance(exc, (JobTimeout, JobExpired)):
         code = "timeout" if isinstance(exc, JobTimeout) else "deadline_expired"
