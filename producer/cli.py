@@ -1,12 +1,14 @@
 """The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
 
-Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input or a bad GLYPHQ_* setting), 3 not
-finished yet, 4 Redis unreachable, 5 the queue is full, 6 Redis is full (maxmemory), 7 no such job (never
-submitted, expired or lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
+Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input, a bad GLYPHQ_* setting, a missing
+extra), 3 not finished yet, 4 Redis unreachable (or evicting keys), 5 the queue is full, 6 Redis is full
+(maxmemory), 7 no such job (never submitted, expired or lost with Redis's data; ``status`` and ``result``).
+``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
 ``check-model``: 0 the parser knows the model's format (or it has none), 1 it has reasoning tags the parser
 does not recognise. ``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error,
 4 Redis unreachable, 8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
 ``serve``: runs until stopped; 2 when it cannot start (beyond localhost without GLYPHQ_API_KEYS, no gateway extra).
+The table per command is in docs/submitting.md.
 """
 
 from __future__ import annotations
