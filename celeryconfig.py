@@ -176,6 +176,7 @@ class Settings:
     redis_reserve_pct: int = 10
     allow_eviction: str = "off"
     metrics_port: int = 9808
+    metrics_host: str = "127.0.0.1"  # /metrics has no login: localhost unless widened on purpose
     metrics_dir: str = ""
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: kept out of logs
     gateway_host: str = "127.0.0.1"
@@ -264,6 +265,7 @@ class Settings:
             redis_reserve_pct=_int(env, "GLYPHQ_REDIS_RESERVE_PCT", cls.redis_reserve_pct, maximum=90),
             allow_eviction=_choice(env, "GLYPHQ_ALLOW_EVICTION", cls.allow_eviction, ("on", "off")),
             metrics_port=_int(env, "GLYPHQ_METRICS_PORT", cls.metrics_port, maximum=65535),
+            metrics_host=_str(env, "GLYPHQ_METRICS_HOST", cls.metrics_host),
             metrics_dir=_str(env, "GLYPHQ_METRICS_DIR", cls.metrics_dir),
             api_keys=_api_keys(env),
             gateway_host=_str(env, "GLYPHQ_GATEWAY_HOST", cls.gateway_host),
