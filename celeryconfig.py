@@ -83,6 +83,27 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
     return keys
 
 
+def default_served_name(model: str) -> str:
+    """The name the gateway answers to by default: the last part of ``GLYPHQ_MODEL``, lower-case
+    (``zai-org/Glyph`` -> ``glyph``, as Glyph's own scripts call it; a local path gives its folder's name)."""
+    return model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower() or "model"
+
+
+def _served_model_names(env: Mapping[str, str], model: str) -> tuple[str, ...]:
+    """``GLYPHQ_SERVED_MODEL_NAME``: comma-separated model names the gateway answers to, the first one the main."""
+    names = tuple(n.strip() for n in env.get("GLYPHQ_SERVED_MODEL_NAME", "").split(",") if n.strip())
+    return names or (default_served_name(model),)
+
+
+def _broker_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """A Redis URL setting; one without a scheme (``127.0.0.1:6379``) is refused, naming the variable."""
+    url = _str(env, name, default)
+    if "://" not in url:
+        raise SettingsError(f"{name}={url!r}: expected a Redis URL with its scheme, such as "
+                            "redis://127.0.0.1:6379/0 (or rediss://, unix://, sentinel://)")
+    return url
+
+
 def parse_box(text: str, name: str = "GLYPHQ_MAX_IMAGE_SIZE") -> tuple[int, int]:
     """Parse ``"1280x720"`` into ``(1280, 720)``."""
     parts = text.lower().replace("×", "x").split("x")
@@ -113,6 +134,7 @@ class Settings:
     sentinel_master: str = ""
     sentinel_password: str = ""
     model: str = "zai-org/Glyph"
+    served_model_names: tuple[str, ...] = ("glyph",)
     device: str = "auto"
     max_image_size: tuple[int, int] = (1280, 720)
     max_tasks_per_child: int = 1000
@@ -159,6 +181,7 @@ class Settings:
     redis_reserve_pct: int = 10
     allow_eviction: str = "off"
     metrics_port: int = 9808
+    metrics_host: str = "127.0.0.1"  # /metrics has no login: localhost unless widened on purpose
     metrics_dir: str = ""
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: kept out of logs
     gateway_host: str = "127.0.0.1"
@@ -174,7 +197,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every ``GLYPHQ_*`` variable from ``env`` (default: ``os.environ``)."""
         env = os.environ if env is None else env
-        broker = _str(env, "GLYPHQ_BROKER_URL", cls.broker_url)
+        broker = _broker_url(env, "GLYPHQ_BROKER_URL", cls.broker_url)
+        model = _str(env, "GLYPHQ_MODEL", cls.model)
         time_limit = _int(env, "GLYPHQ_TIME_LIMIT", cls.time_limit_s, minimum=1)
         soft_limit = _int(env, "GLYPHQ_SOFT_TIME_LIMIT", min(cls.soft_time_limit_s, time_limit), minimum=1)
         if soft_limit > time_limit:
@@ -211,10 +235,11 @@ class Settings:
                                 f"GLYPHQ_MAX_QUESTION_CHARS and GLYPHQ_MAX_HISTORY_CHARS can be that large")
         return cls(
             broker_url=broker,
-            result_backend=_str(env, "GLYPHQ_RESULT_BACKEND", broker),
+            result_backend=_broker_url(env, "GLYPHQ_RESULT_BACKEND", broker),
             sentinel_master=sentinel_master,
             sentinel_password=_str(env, "GLYPHQ_SENTINEL_PASSWORD", cls.sentinel_password),
-            model=_str(env, "GLYPHQ_MODEL", cls.model),
+            model=model,
+            served_model_names=_served_model_names(env, model),
             device=_str(env, "GLYPHQ_DEVICE", cls.device),
             max_image_size=parse_box(_str(env, "GLYPHQ_MAX_IMAGE_SIZE", "1280x720")),
             max_tasks_per_child=_int(env, "GLYPHQ_MAX_TASKS_PER_CHILD", cls.max_tasks_per_child, minimum=1),
@@ -257,6 +282,7 @@ class Settings:
             redis_reserve_pct=_int(env, "GLYPHQ_REDIS_RESERVE_PCT", cls.redis_reserve_pct, maximum=90),
             allow_eviction=_choice(env, "GLYPHQ_ALLOW_EVICTION", cls.allow_eviction, ("on", "off")),
             metrics_port=_int(env, "GLYPHQ_METRICS_PORT", cls.metrics_port, maximum=65535),
+            metrics_host=_str(env, "GLYPHQ_METRICS_HOST", cls.metrics_host),
             metrics_dir=_str(env, "GLYPHQ_METRICS_DIR", cls.metrics_dir),
             api_keys=_api_keys(env),
             gateway_host=_str(env, "GLYPHQ_GATEWAY_HOST", cls.gateway_host),

@@ -148,7 +148,10 @@ def main() -> int:
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0,
                                    timeout=600)
-            figures: dict = {"latency": latency(client, args.model_dir, args.jobs)}
+            from glyphq.celeryconfig import default_served_name
+
+            served = default_served_name(args.model_dir)  # the name the gateway answers to
+            figures: dict = {"latency": latency(client, served, args.jobs)}
 
             image = page((896, 504), 5)
             body = {"messages": messages(image, "Enqueue only?"), "max_tokens": 16}
@@ -162,7 +165,7 @@ def main() -> int:
             figures["intake_rps"] = {"gateway": round(gateway_rps, 1), "submit": round(submit_rps, 1)}
 
             count = 4 * args.clients
-            gateway_jps = rate(lambda i: via_gateway(client, args.model_dir, image, f"Q {i}?", 16), count,
+            gateway_jps = rate(lambda i: via_gateway(client, served, image, f"Q {i}?", 16), count,
                                args.clients)
             submit_jps = rate(lambda i: in_process(image, f"Q {i}?", 16), count, args.clients)
             figures["throughput_jobs_s"] = {"gateway": round(gateway_jps, 2), "submit": round(submit_jps, 2)}

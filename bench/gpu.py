@@ -47,6 +47,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,6 +75,15 @@ def page(size: tuple[int, int], seed: int) -> bytes:
 def job_list(count: int) -> list[tuple[bytes, str]]:
     images = {(size, seed): page(size, seed) for size in SIZES for seed in range(8)}
     return [(images[(SIZES[i % len(SIZES)], i % 8)], f"What is the total on invoice {i}?") for i in range(count)]
+
+
+def device_label(device: Any) -> str:
+    """The device the figures were measured on, as the run saw it: the GPU's name, or the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return "the CPU"
 
 
 def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
@@ -113,7 +123,8 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
         sync()
         return time.perf_counter() - t
 
-    figures: dict = {"load_s": round(load_s, 2)}
+    figures: dict = {"load_s": round(load_s, 2), "device": device_label(engine.device),
+                     "dtype": str(engine.dtype).removeprefix("torch.")}
     decoder = engine.slots
     # Slot decoding at batch 1 on a 1280x720 page (job 0); the first call captures the graph.
     capture = timed(lambda: engine.answer([engine_job(0, 8)], box))
@@ -369,7 +380,8 @@ def main() -> int:
             "queue_vs_inprocess", "queue_vs_inprocess_between_recycles",
             "recycle_downtime_s", "reserved_band_pct", "cleanup_ms_per_task",
             "cleanup_pct_of_job", "jobs", "git_sha"]
-    print(f"\nglyphq on the H200: {args.preset}, bf16, batch up to {args.max_batch}, {NEW_TOKENS} new tokens per job")
+    print(f"\nglyphq on {figures['device']}: {args.preset}, {figures['dtype']}, batch up to {args.max_batch}, "
+          f"{NEW_TOKENS} new tokens per job")
     for key in keys:
         print(f"  {key:<30} {figures.get(key)}")
     return 0

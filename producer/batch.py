@@ -85,12 +85,13 @@ class Item:
             raw = handle.readline()
         return batch_openai.job_args(raw, cfg)
 
-    def record(self, outcome: dict[str, Any]) -> dict[str, Any]:
-        """The output line of this item: glyphq's own, or an OpenAI Batch output line."""
+    def record(self, outcome: dict[str, Any], model: str) -> dict[str, Any]:
+        """The output line of this item: glyphq's own, or an OpenAI Batch output line (its completion under
+        the served model name ``model``)."""
         if self.offset is None:
             return {"id": self.id, "job_id": self.job_id, "line": self.line, **outcome}
         if outcome["ok"]:
-            return batch_openai.success(self.id, self.job_id, outcome["result"])
+            return batch_openai.success(self.id, self.job_id, outcome["result"], model)
         return batch_openai.failure(self.id, self.job_id, outcome["error_type"], outcome["error"])
 
 

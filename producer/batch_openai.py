@@ -61,10 +61,8 @@ def check_envelope(data: object) -> str:
 def job_args(raw: bytes, cfg: Settings) -> tuple[bytes, str, dict[str, Any]]:
     """(image, question, other ``submit`` arguments) of one OpenAI Batch line; ``InvalidJob`` if refused."""
     body = json.loads(raw)["body"]
-    model = body.get("model")
-    if model is not None and model != cfg.model:
-        raise InvalidJob("body.model", f"{model!r} is not served here; the workers serve {cfg.model!r} "
-                                       "(GLYPHQ_MODEL), or omit model")
+    if chat.served_model(body.get("model"), cfg) is None:
+        raise InvalidJob("body.model", chat.not_served(body.get("model"), cfg))
     for name, why in (("stream", "a batch line is answered whole"), ("timeout", "use glyphq batch --timeout")):
         if body.get(name):
             raise InvalidJob(f"body.{name}", f"is not used in batch files: {why}")
@@ -72,10 +70,10 @@ def job_args(raw: bytes, cfg: Settings) -> tuple[bytes, str, dict[str, Any]]:
     return request.image, request.question, request.submit_kwargs()
 
 
-def success(custom_id: str, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+def success(custom_id: str, job_id: str, result: dict[str, Any], model: str) -> dict[str, Any]:
     """The output line of a request the workers answered."""
     return {"id": f"batch_req_{job_id}", "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": job_id, "body": chat.completion(result, job_id)},
+            "response": {"status_code": 200, "request_id": job_id, "body": chat.completion(result, job_id, model)},
             "error": None}
 
 

@@ -36,6 +36,7 @@ class ChatRequest:
 
     image: bytes
     question: str
+    image_param: str = "messages"  # where the image is in the request, as OpenAI's errors name it
     history: list[dict[str, str]] = field(default_factory=list)
     max_new_tokens: int | None = None
     priority: int | None = None
@@ -53,6 +54,23 @@ class ChatRequest:
                 "history": self.history or None}
 
 
+def served_model(requested: object, settings: Settings) -> str | None:
+    """The served model name a request's ``model`` asks for: itself if it is one of
+    ``GLYPHQ_SERVED_MODEL_NAME``, the first of them when left out; ``None`` if it is not served here.
+
+    Responses carry this name, never ``GLYPHQ_MODEL``, which may be a local path.
+    """
+    if requested is None:
+        return settings.served_model_names[0]
+    return requested if isinstance(requested, str) and requested in settings.served_model_names else None
+
+
+def not_served(requested: object, settings: Settings) -> str:
+    """The message refusing a ``model`` that is not served here."""
+    names = ", ".join(repr(n) for n in settings.served_model_names)
+    return f"model {requested!r} is not served here; it serves {names} (GLYPHQ_SERVED_MODEL_NAME), or omit model"
+
+
 def parse_request(body: object, settings: Settings) -> ChatRequest:
     """Check a ``/v1/chat/completions`` body; ``InvalidJob`` names the field (as OpenAI spells it)."""
     if not isinstance(body, dict):
@@ -64,14 +82,15 @@ def parse_request(body: object, settings: Settings) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidJob("model", f"must be a string, got {model!r}")
-    image, question, history = _conversation(body.get("messages"), settings)
+    image_param, image, question, history = _conversation(body.get("messages"), settings)
     timeout = body.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidJob("timeout", f"must be a positive number of seconds, got {timeout!r}")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidJob("stream", f"must be true or false, got {stream!r}")
-    return ChatRequest(image=image, question=question, history=history, max_new_tokens=_max_tokens(body),
+    return ChatRequest(image=image, question=question, image_param=image_param, history=history,
+                       max_new_tokens=_max_tokens(body),
                        priority=body.get("priority"), thinking_budget=body.get("thinking_budget"),
                        deadline=body.get("deadline"), stream=bool(stream),
                        include_usage=_include_usage(body.get("stream_options"), bool(stream)), model=model,
@@ -105,8 +124,8 @@ def _include_usage(options: object, stream: bool) -> bool:
     return bool(options.get("include_usage", False))
 
 
-def _conversation(messages: object, settings: Settings) -> tuple[bytes, str, list[dict[str, str]]]:
-    """The image, the question (system text first) and the earlier turns of ``messages``."""
+def _conversation(messages: object, settings: Settings) -> tuple[str, bytes, str, list[dict[str, str]]]:
+    """Where the image is, the image, the question (system text first) and the earlier turns of ``messages``."""
     if not isinstance(messages, list) or not messages:
         raise InvalidJob("messages", "must be a non-empty list of messages")
     system: list[str] = []
@@ -132,7 +151,7 @@ def _conversation(messages: object, settings: Settings) -> tuple[bytes, str, lis
             images.extend(found)
     if not asked:
         raise InvalidJob("messages", "must end with a user message: the question")
-    image = _one_image(images)
+    image_param, image = _one_image(images)
     question = "\n".join(asked)
     if system:
         question = "\n\n".join([*system, question])
@@ -140,7 +159,7 @@ def _conversation(messages: object, settings: Settings) -> tuple[bytes, str, lis
         question = check_question(question, settings)
     except InvalidJob as exc:
         raise InvalidJob(f"messages[{len(messages) - 1}].content", exc.problem) from None
-    return image, question, turns[-settings.history_turns:] if settings.history_turns else []
+    return image_param, image, question, turns[-settings.history_turns:] if settings.history_turns else []
 
 
 def _text_only(content: object, where: str) -> str:
@@ -199,7 +218,7 @@ def decode_data_url(url: object, where: str, settings: Settings) -> bytes:
         raise InvalidJob(where, f"is not valid base64: {exc}") from None
 
 
-def _one_image(images: list[tuple[str, bytes]]) -> bytes:
+def _one_image(images: list[tuple[str, bytes]]) -> tuple[str, bytes]:
     if not images:
         raise InvalidJob("messages", "hold no image: glyphq answers questions about an image; add a part "
                                      '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}')
@@ -208,7 +227,7 @@ def _one_image(images: list[tuple[str, bytes]]) -> bytes:
         if data != first:
             raise InvalidJob(where, "is a second, different image; glyphq answers over one image per "
                                     "conversation")
-    return first
+    return f"{images[0][0]}.image_url.url", first
 
 
 # ---- responses ----------------------------------------------------------------------------------------
@@ -226,8 +245,8 @@ def usage(result: dict[str, Any]) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": int(result.get("thinking_tokens") or 0)}}
 
 
-def completion(result: dict[str, Any], job_id: str, created: int | None = None) -> dict[str, Any]:
-    """The ``chat.completion`` object for a glyphq result.
+def completion(result: dict[str, Any], job_id: str, model: str, created: int | None = None) -> dict[str, Any]:
+    """The ``chat.completion`` object for a glyphq result, under the served model name ``model``.
 
     The reasoning goes in ``message.reasoning`` (vLLM's name) and in ``reasoning_content`` too, the name
     Glyph's own scripts and older vLLM clients read; ``content`` is the answer alone.
@@ -236,7 +255,7 @@ def completion(result: dict[str, Any], job_id: str, created: int | None = None) 
                "reasoning_content": result.get("reasoning")}
     return {
         "id": completion_id(job_id), "object": "chat.completion", "created": created or int(time.time()),
-        "model": result.get("model"),
+        "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": result.get("finish_reason") or "stop",
                      "logprobs": None}],
         "usage": usage(result),
@@ -245,7 +264,7 @@ def completion(result: dict[str, Any], job_id: str, created: int | None = None) 
     }
 
 
-def chunk(job_id: str, created: int, model: str | None, delta: dict[str, Any] | None,
+def chunk(job_id: str, created: int, model: str, delta: dict[str, Any] | None,
           finish_reason: str | None = None, include_usage: bool = False) -> dict[str, Any]:
     """One ``chat.completion.chunk``; ``delta=None`` gives the final usage chunk with no choices."""
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
@@ -257,9 +276,9 @@ def chunk(job_id: str, created: int, model: str | None, delta: dict[str, Any] | 
     return data
 
 
-def stream_chunks(result: dict[str, Any], job_id: str, created: int, include_usage: bool) -> list[dict[str, Any]]:
+def stream_chunks(result: dict[str, Any], job_id: str, created: int, include_usage: bool,
+                  model: str) -> list[dict[str, Any]]:
     """The chunks after the first (the role chunk): reasoning, content, finish and, if asked, usage."""
-    model = result.get("model")
     chunks = []
     if result.get("reasoning"):
         chunks.append(chunk(job_id, created, model, {"reasoning": result["reasoning"],

@@ -1,12 +1,14 @@
 """The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
 
-Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input or a bad GLYPHQ_* setting), 3 not
-finished yet, 4 Redis unreachable, 5 the queue is full, 6 Redis is full (maxmemory), 7 no such job (never
-submitted, expired or lost with Redis's data). ``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
+Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input, a bad GLYPHQ_* setting, a missing
+extra), 3 not finished yet, 4 Redis unreachable (or evicting keys), 5 the queue is full, 6 Redis is full
+(maxmemory), 7 no such job (never submitted, expired or lost with Redis's data; ``status`` and ``result``).
+``health``: 0 healthy, 4 Redis unreachable, 1 any other failed check.
 ``check-model``: 0 the parser knows the model's format (or it has none), 1 it has reasoning tags the parser
 does not recognise. ``batch``: 0 every line done, 1 some line failed, bad or unfinished, 2 usage error,
 4 Redis unreachable, 8 the results file cannot be written (a full disk), 130 interrupted (rerun to resume).
 ``serve``: runs until stopped; 2 when it cannot start (beyond localhost without GLYPHQ_API_KEYS, no gateway extra).
+The table per command is in docs/submitting.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from glyphq.celeryconfig import EXIT_BAD_SETTING, GPU_QUEUE, RENDER_QUEUE
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.errors import (
     BatchUsageError,
+    BrokerEvicts,
     BrokerFull,
     BrokerUnavailable,
     GlyphqError,
@@ -32,6 +35,7 @@ from glyphq.producer.errors import (
     JobFailed,
     JobLost,
     JobTimeout,
+    MissingExtra,
     QueueFull,
     ServeUsageError,
     SettingsError,
@@ -47,22 +51,34 @@ def _print(data: dict[str, Any]) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _wait(job: Job, timeout: float | None) -> int:
+def _error(command: str, exc: GlyphqError, **fields: Any) -> None:
+    """Print an error in the documented shape: JSON on stdout (``ok: false`` and ``fields``), one line on stderr."""
+    _print({"ok": False, "error_type": type(exc).__name__, "error": str(exc), **fields})
+    print(f"glyphq {command}: {exc}", file=sys.stderr)
+
+
+def _wait(job: Job, timeout: float | None, command: str) -> int:
     try:
         _print(job.result(timeout=timeout))
         return EXIT_OK
     except JobFailed as exc:
-        _print({"job_id": job.id, "state": "FAILURE", "error_type": exc.error_type, "error": exc.message})
+        _error(command, exc, error_type=exc.error_type, job_id=job.id, state="FAILURE")
         return EXIT_FAILED
     except JobExpired as exc:
-        _print({"job_id": job.id, "state": "EXPIRED", "error": str(exc)})
+        _error(command, exc, job_id=job.id, state="EXPIRED")
         return EXIT_FAILED
     except JobTimeout:
         _print({"job_id": job.id, "state": job.state})
         return EXIT_NOT_READY
     except JobLost as exc:
-        _print({"job_id": job.id, "state": "UNKNOWN", "error": str(exc)})
+        _error(command, exc, job_id=job.id, state="UNKNOWN")
         return EXIT_NO_SUCH_JOB
+
+
+def _no_such_job(command: str, job_id: str) -> int:
+    _error(command, JobLost(f"no job {job_id!r}: never submitted, expired, or lost with Redis's data"),
+           job_id=job_id, state="UNKNOWN")
+    return EXIT_NO_SUCH_JOB
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -71,7 +87,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                  session=args.session, job_id=args.job_id, deadline=args.deadline,
                  thinking_budget=args.thinking_budget)
     if args.wait:
-        return _wait(job, args.timeout)
+        return _wait(job, args.timeout, "submit")
     _print({"job_id": job.id, "state": job.state})
     return EXIT_OK
 
@@ -85,7 +101,7 @@ def cmd_ask_doc(args: argparse.Namespace) -> int:
                           priority=args.priority, session=args.session, job_id=args.job_id, deadline=args.deadline,
                           thinking_budget=args.thinking_budget)
     if args.wait:
-        return _wait(job, args.timeout)
+        return _wait(job, args.timeout, "ask-doc")
     _print({"job_id": job.id, "state": job.state})
     return EXIT_OK
 
@@ -93,7 +109,11 @@ def cmd_ask_doc(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     """Render a text file into page PNGs locally, to see what the model will read."""
     from glyphq.producer.documents import check_render, check_text
-    from glyphq.worker.render import RenderConfig, png_bytes, render_pages
+
+    try:
+        from glyphq.worker.render import RenderConfig, png_bytes, render_pages
+    except ImportError as exc:  # reportlab and pypdfium2 are the render extra
+        raise MissingExtra(f"needs the render extra (pip install 'glyphq[render]'): {exc}") from None
 
     text = check_text(_read_text(args.file), default_settings)
     config = RenderConfig.from_dict(check_render(args.render_config))
@@ -116,8 +136,11 @@ def _read_text(path: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print a job's state."""
-    _print({"job_id": args.job_id, "state": Job(args.job_id).state})
+    """Print a job's state; exit 7 when Redis holds no record of it."""
+    state = Job(args.job_id).state
+    if state == "UNKNOWN":
+        return _no_such_job("status", args.job_id)
+    _print({"job_id": args.job_id, "state": state})
     return EXIT_OK
 
 
@@ -126,9 +149,11 @@ def cmd_result(args: argparse.Namespace) -> int:
     job = Job(args.job_id)
     if not args.wait and not job.ready():
         state = job.state
+        if state == "UNKNOWN":
+            return _no_such_job("result", job.id)
         _print({"job_id": job.id, "state": state})
-        return EXIT_NO_SUCH_JOB if state == "UNKNOWN" else EXIT_NOT_READY
-    return _wait(job, args.timeout if args.wait else 10.0)
+        return EXIT_NOT_READY
+    return _wait(job, args.timeout if args.wait else 10.0, "result")
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -268,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: other glyphq error exits 1.
 EXIT_FOR_ERROR: tuple[tuple[type[GlyphqError], int], ...] = (
     (InvalidJob, EXIT_REFUSED), (InvalidRenderConfig, EXIT_REFUSED), (BatchUsageError, EXIT_REFUSED),
-    (ServeUsageError, EXIT_REFUSED),
+    (ServeUsageError, EXIT_REFUSED), (MissingExtra, EXIT_REFUSED), (BrokerEvicts, EXIT_UNAVAILABLE),
     (BrokerFull, EXIT_BROKER_FULL), (BrokerUnavailable, EXIT_UNAVAILABLE), (QueueFull, EXIT_QUEUE_FULL),
     (JobLost, EXIT_NO_SUCH_JOB), (SettingsError, EXIT_BAD_SETTING),
 )
@@ -286,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             check_broker(default_settings, BROKER_CHECK_TIMEOUT_S)
         return int(args.func(args))
     except GlyphqError as exc:
-        _print({"ok": False, "error_type": type(exc).__name__, "error": str(exc)})
-        print(f"glyphq {args.command}: {exc}", file=sys.stderr)
+        _error(args.command, exc)
         return next((code for kind, code in EXIT_FOR_ERROR if isinstance(exc, kind)), EXIT_FAILED)
 
 

@@ -10,7 +10,7 @@ from glyphq.celeryconfig import GlyphqError, SettingsError
 
 __all__ = ["GlyphqError", "SettingsError", "InvalidJob", "BrokerUnavailable", "BrokerFull", "QueueFull",
            "JobExpired", "JobLost", "BlobMissing", "BlobCorrupt", "JobFailed", "InvalidRenderConfig",
-           "BatchUsageError", "JobTimeout"]
+           "BatchUsageError", "JobTimeout", "BrokerEvicts"]
 
 
 class InvalidJob(GlyphqError, ValueError):
@@ -33,6 +33,10 @@ class BrokerUnavailable(GlyphqError):
 class BrokerFull(GlyphqError):
     """Raised when Redis is at its memory limit (or within ``GLYPHQ_REDIS_RESERVE_PCT`` of it), so the job
     was not enqueued; the room left is kept for the workers that drain the queue."""
+
+
+class BrokerEvicts(GlyphqError):
+    """Raised when Redis's ``maxmemory-policy`` may evict keys, so no worker starts on it; nothing was enqueued."""
 
 
 class QueueFull(GlyphqError):
@@ -91,3 +95,7 @@ class RequestRefused(GlyphqError):
 
 class ServeUsageError(GlyphqError):
     """Raised when ``glyphq serve`` cannot start: for one, it would listen beyond localhost without API keys."""
+
+
+class MissingExtra(GlyphqError):
+    """Raised when a command needs an optional extra (``glyphq[render]``, ...) that is not installed."""

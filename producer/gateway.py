@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,7 @@ from glyphq.celeryconfig import Settings
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer import chat
 from glyphq.producer.errors import (
+    BrokerEvicts,
     BrokerFull,
     BrokerUnavailable,
     GlyphqError,
@@ -81,8 +82,9 @@ def _describe(exc: GlyphqError) -> tuple[int, str, str | None, str | None, dict[
         return 400, "invalid_request_error", None, exc.field, {}
     if isinstance(exc, QueueFull):
         return 429, "rate_limit_error", "queue_full", None, {}
-    if isinstance(exc, (BrokerFull, BrokerUnavailable, JobLost)):
-        code = {BrokerFull: "broker_full", BrokerUnavailable: "broker_unavailable"}.get(type(exc), "job_lost")
+    if isinstance(exc, (BrokerFull, BrokerUnavailable, BrokerEvicts, JobLost)):
+        code = {BrokerFull: "broker_full", BrokerUnavailable: "broker_unavailable",
+                BrokerEvicts: "broker_evicts"}.get(type(exc), "job_lost")
         return 503, "server_error", code, None, {}
     if isinstance(exc, (JobTimeout, JobExpired)):
         code = "timeout" if isinstance(exc, JobTimeout) else "deadline_expired"
@@ -142,7 +144,8 @@ async def stream_answer(job: Job, request: chat.ChatRequest, cfg: Settings, time
     The job is queued by now; a failure after the first chunk is sent as an ``error`` event.
     """
     created = int(time.time())
-    yield _sse(chat.chunk(job.id, created, cfg.model, {"role": "assistant", "content": ""},
+    model = request.model or cfg.served_model_names[0]
+    yield _sse(chat.chunk(job.id, created, model, {"role": "assistant", "content": ""},
                           include_usage=request.include_usage))
     task = asyncio.ensure_future(wait_result(job, timeout))
     try:
@@ -158,7 +161,7 @@ async def stream_answer(job: Job, request: chat.ChatRequest, cfg: Settings, time
         return
     finally:
         task.cancel()
-    for piece in chat.stream_chunks(result, job.id, created, request.include_usage):
+    for piece in chat.stream_chunks(result, job.id, created, request.include_usage, model):
         yield _sse(piece)
     yield "data: [DONE]\n\n"
 
@@ -240,11 +243,11 @@ async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequ
     ctx = _context(request)
     cfg = ctx.cfg
     body = await read_json(request, ctx.limit, cfg.gateway_body_timeout_s)
-    model = body.get("model") if isinstance(body, dict) else None
-    if model is not None and model != cfg.model:
-        raise RequestRefused(404, f"model {model!r} is not served here; the workers serve "
-                                  f"{cfg.model!r} (GLYPHQ_MODEL), or omit model", "model_not_found", "model")
-    parsed = await run_in_threadpool(chat.parse_request, body, cfg)
+    requested = body.get("model") if isinstance(body, dict) else None
+    model = chat.served_model(requested, cfg)
+    if model is None:
+        raise RequestRefused(404, chat.not_served(requested, cfg), "model_not_found", "model")
+    parsed = replace(await run_in_threadpool(chat.parse_request, body, cfg), model=model)
     if parsed.stream and not streamable:
         raise InvalidJob("stream", "is not allowed here: GET /v1/jobs/{id} gives the result")
     # Celery retries a send to an unreachable Redis for seconds; a PING first answers 503 at once.
@@ -252,7 +255,12 @@ async def _queue(request: Request, streamable: bool) -> tuple[Job, chat.ChatRequ
     idempotent_id = idempotent_job_id(tenant, request.headers.get("idempotency-key"))
     # Only a retry can meet its job again, so only an idempotent job needs its body's hash.
     digest = await run_in_threadpool(body_digest, body) if idempotent_id else ""
-    job = await run_in_threadpool(submit_as, tenant, idempotent_id or uuid.uuid4().hex, digest, parsed, cfg)
+    try:
+        job = await run_in_threadpool(submit_as, tenant, idempotent_id or uuid.uuid4().hex, digest, parsed, cfg)
+    except InvalidJob as exc:
+        if exc.field != "image":
+            raise
+        raise InvalidJob(parsed.image_param, exc.problem) from None  # named as the request's other errors are
     return job, parsed
 
 
@@ -271,7 +279,8 @@ async def chat_completions(request: Request) -> Response:
         result = await wait_result(job, timeout)
     finally:
         ctx.metrics.waiting.dec()
-    return JSONResponse(chat.completion(result, job.id), headers=headers)
+    return JSONResponse(chat.completion(result, job.id, parsed.model or ctx.cfg.served_model_names[0]),
+                        headers=headers)
 
 
 async def create_job(request: Request) -> JSONResponse:
@@ -288,9 +297,10 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
 
 
 async def models(request: Request) -> dict[str, Any]:
-    """``GET /v1/models``: the model the workers serve."""
-    model = _authorized(request).cfg.model
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "glyphq"}]}
+    """``GET /v1/models``: the names the gateway answers to (``GLYPHQ_SERVED_MODEL_NAME``)."""
+    names = _authorized(request).cfg.served_model_names
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "glyphq"}
+                                       for name in names]}
 
 
 async def health(request: Request) -> JSONResponse:
@@ -302,7 +312,7 @@ async def health(request: Request) -> JSONResponse:
         await run_in_threadpool(check_broker, ctx.cfg, HEALTH_TIMEOUT_S)
     except BrokerUnavailable as exc:
         return JSONResponse({"status": "unavailable", **({"error": str(exc)} if detailed else {})}, status_code=503)
-    return JSONResponse({"status": "ok", **({"model": ctx.cfg.model} if detailed else {})})
+    return JSONResponse({"status": "ok", **({"model": ctx.cfg.served_model_names[0]} if detailed else {})})
 
 
 async def metrics_text(request: Request) -> Response:
@@ -350,7 +360,7 @@ def job_status(job_id: str, cfg: Settings, tenant: str) -> dict[str, Any]:
     body: dict[str, Any] = {"id": job_id, "object": "glyphq.job", "state": state}
     if state in ("SUCCESS", "FAILURE", "EXPIRED", "REVOKED"):
         try:
-            body["completion"] = chat.completion(_ready_result(job), job_id)
+            body["completion"] = chat.completion(_ready_result(job), job_id, cfg.served_model_names[0])
         except (JobFailed, JobExpired) as exc:
             status, kind, code, param, _ = _describe(exc)
             body["error"] = chat.error_body(str(exc), kind, param, code, status=status)["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,10 @@ def read_image_bytes(image: ImageInput, settings: Settings) -> bytes:
         data = bytes(image)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
+        if not path.exists():
             raise InvalidJob("image", f"no such file: {path}")
+        if not path.is_file():
+            raise InvalidJob("image", f"not a file: {path} is a {'directory' if path.is_dir() else 'special file'}")
         check_image_size(path.stat().st_size, settings)
         data = path.read_bytes()
     else:
@@ -105,7 +108,8 @@ def check_dimensions(width: int, height: int, settings: Settings) -> None:
 def _decode(data: bytes, settings: Settings) -> tuple[str, Image.Image]:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # check_dimensions refuses by glyphq's own limit before anything is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt = (img.format or "").upper()
                 fmt = READ_AS.get(fmt, fmt)
@@ -117,18 +121,40 @@ def _decode(data: bytes, settings: Settings) -> tuple[str, Image.Image]:
                 return fmt, to_rgb(img)
     except InvalidJob:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidJob(
-            "image",
-            f"refused as a decompression bomb; the limit is {settings.max_image_pixels} pixels "
-            f"(GLYPHQ_MAX_IMAGE_PIXELS): {exc}",
-        ) from None
+    except Image.DecompressionBombError as exc:  # Pillow refuses past twice its own limit, before glyphq's check
+        raise InvalidJob("image", _bomb_problem(exc, settings)) from None
     except UnidentifiedImageError:  # its message is the repr of our buffer, which helps nobody
+        if _is_text(data):
+            raise InvalidJob("image", "cannot be decoded: it is text, not an image; to ask about a text document "
+                                      "use glyphq ask-doc (or submit_document)") from None
         allowed = ", ".join(settings.image_formats)
         raise InvalidJob("image", f"cannot be decoded: not an image file of a known format (allowed: {allowed})"
                          ) from None
     except Exception as exc:  # damaged files make Pillow's decoders raise almost anything
         raise InvalidJob("image", f"cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def _bomb_problem(exc: Image.DecompressionBombError, settings: Settings) -> str:
+    """glyphq's pixel-limit message for an image Pillow refused to open, with the pixel count it gives."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = int(found.group(1)) if found else None
+    if pixels is None or pixels > settings.max_image_pixels:
+        count = f"{pixels} pixels" if pixels else "too many pixels"
+        return f"is {count}; the limit is {settings.max_image_pixels} (GLYPHQ_MAX_IMAGE_PIXELS)"
+    # Only when GLYPHQ_MAX_IMAGE_PIXELS is set above what Pillow opens at all.
+    return f"is {pixels} pixels, more than Pillow opens: {exc}"
+
+
+def _is_text(data: bytes) -> bool:
+    """True if ``data`` starts like UTF-8 text: no NUL byte and valid UTF-8 (a cut last character allowed)."""
+    head = data[:4096]
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3  # only the character cut at 4096 bytes is incomplete
+    return True
 
 
 def _png_bytes(image: Image.Image, settings: Settings) -> bytes:

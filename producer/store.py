@@ -18,7 +18,14 @@ import redis
 from redis.sentinel import Sentinel
 
 from glyphq.celeryconfig import KEY_PREFIX, PRIORITY_LEVELS, Settings
-from glyphq.producer.errors import BlobCorrupt, BlobMissing, BrokerFull, BrokerUnavailable, InvalidJob
+from glyphq.producer.errors import (
+    BlobCorrupt,
+    BlobMissing,
+    BrokerEvicts,
+    BrokerFull,
+    BrokerUnavailable,
+    InvalidJob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +362,18 @@ def memory_info(client: redis.Redis) -> MemoryInfo | None:
 
 def check_memory_room(settings: Settings) -> None:
     """Raise ``BrokerFull`` once Redis uses more than ``100 - GLYPHQ_REDIS_RESERVE_PCT`` percent of its
-    ``maxmemory``: the rest is kept for the workers, which need to write results and acks to drain."""
+    ``maxmemory``: the rest is kept for the workers, which need to write results and acks to drain.
+
+    Raise ``BrokerEvicts`` when its ``maxmemory-policy`` may evict keys (unless ``GLYPHQ_ALLOW_EVICTION=on``):
+    no worker starts on such a Redis, so a job would wait forever. Both come from the one ``INFO memory``
+    reply read for every submit, so the policy check costs no extra round trip.
+    """
     info = memory_info(settings_client(settings))
+    if info is not None and info.evicts and settings.allow_eviction != "on":
+        raise BrokerEvicts(
+            f"Redis at {broker_location(settings.broker_url)} has maxmemory-policy {info.policy}: it may delete "
+            f"queued jobs and images when full, so workers refuse to start on it and nothing was enqueued. "
+            f"Set maxmemory-policy {SAFE_POLICY}, or GLYPHQ_ALLOW_EVICTION=on to run anyway")
     if info is None or not info.limit or not settings.redis_reserve_pct:
         return
     ceiling = info.limit * (100 - settings.redis_reserve_pct) // 100

@@ -7,17 +7,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=$VENV/bin/python
-DEMO_DIR=.demo
+DEMO_DIR=${DEMO_DIR:-.demo}
 DEMO_WAIT_S=${DEMO_WAIT_S:-600}
 mkdir -p "$DEMO_DIR"
-started=()
+started=()  # the workers and Flower, each the leader of its own process group
+redis_pid=""
 
-stop_all() {
-  for pid in "${started[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  for pid in "${started[@]}"; do
+stop() {  # pid...: TERM each (its main process only), wait up to 10 s, then KILL what is left of its group
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "$@"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
+}
+stop_all() {
+  # A worker's main process stops its own children (a TERM to the whole group would kill them
+  # mid-shutdown), and it needs Redis until it has stopped: Redis goes last.
+  stop "${started[@]}"
+  if [ -n "$redis_pid" ]; then stop "$redis_pid"; fi
 }
 trap stop_all EXIT
 
@@ -47,12 +54,14 @@ else
   say "starting a private redis-server on 127.0.0.1:$REDIS_PORT, nothing saved (stopped at the end)"
   setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     >"$DEMO_DIR/redis.log" 2>&1 &
-  started+=($!)
+  redis_pid=$!
   for _ in $(seq 50); do redis_answers "$GLYPHQ_BROKER_URL" && break; sleep 0.1; done
   redis_answers "$GLYPHQ_BROKER_URL" || fail "redis-server did not start; see $DEMO_DIR/redis.log"
 fi
 
+tiny=()
 if [ -z "${GLYPHQ_MODEL:-}" ]; then
+  tiny=(--tiny)
   export GLYPHQ_MODEL=$DEMO_DIR/tiny-model
   if [ ! -f "$GLYPHQ_MODEL/config.json" ]; then
     say "building the tiny random-weight model in $GLYPHQ_MODEL"
@@ -104,7 +113,7 @@ metrics_port() {  # the /metrics port `glyphq health` reported for the node
 }
 say "Prometheus metrics: worker http://127.0.0.1:$(metrics_port "$DEMO_DIR/health-gpu.json" "demo@$NODE_HOST")/metrics, render worker http://127.0.0.1:$(metrics_port "$DEMO_DIR/health-render.json" "demo-render@$NODE_HOST")/metrics"
 
-"$PY" scripts/demo_jobs.py
+"$PY" scripts/demo_jobs.py "${tiny[@]}"
 
 if [ "${DEMO_KEEP:-0}" = 1 ]; then
   say "DEMO_KEEP=1: Flower is at http://127.0.0.1:$FLOWER_PORT (tasks, workers, these jobs); the workers and Redis"

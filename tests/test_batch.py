@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port, png_bytes, wait_until
 
+from glyphq.celeryconfig import default_served_name
 from glyphq.producer.batch import default_job_prefix
 from glyphq.producer.store import job_key, runs_key
 
@@ -426,5 +427,6 @@ class TestLongJobs:
             assert response["status_code"] == 200 and response["request_id"] == job_id
             body = response["body"]
             assert body["object"] == "chat.completion" and body["id"] == f"chatcmpl-{job_id}"
+            assert body["model"] == default_served_name(os.environ.get("GLYPHQ_MODEL", "zai-org/Glyph"))
             assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == tokens
             assert redis_client.get(runs_key(job_id)) == b"1", "a job ran more than once"

@@ -91,17 +91,19 @@ def test_history_checks_and_travels_in_the_message():
 
 def test_results_become_completion_chunks_and_usage():
     result = {"job_id": "j1", "answer": "ten", "reasoning": "read", "finish_reason": "length", "tokens_in": 20,
-              "tokens_out": 5, "thinking_tokens": 2, "model": "m"}
-    completion = chat.completion(result, "j1", created=7)
+              "tokens_out": 5, "thinking_tokens": 2, "model": "/srv/models/glyph"}
+    completion = chat.completion(result, "j1", "glyph", created=7)
+    assert completion["model"] == "glyph", "the served name, not the worker's GLYPHQ_MODEL"
     assert completion["choices"][0]["message"]["content"] == "ten"
     assert completion["choices"][0]["finish_reason"] == "length"
     assert completion["usage"] == {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25,
                                    "completion_tokens_details": {"reasoning_tokens": 2}}
-    chunks = chat.stream_chunks(result, "j1", 7, include_usage=True)
+    chunks = chat.stream_chunks(result, "j1", 7, include_usage=True, model="glyph")
+    assert {c["model"] for c in chunks} == {"glyph"}
     assert [list(c["choices"][0]["delta"]) if c["choices"] else None for c in chunks] == \
         [["reasoning", "reasoning_content"], ["content"], [], None]
     assert chunks[-1]["usage"]["total_tokens"] == 25 and all(c["usage"] is None for c in chunks[:-1])
-    plain = chat.stream_chunks({**result, "reasoning": None}, "j1", 7, include_usage=False)
+    plain = chat.stream_chunks({**result, "reasoning": None}, "j1", 7, include_usage=False, model="glyph")
     assert [c["choices"][0]["delta"] for c in plain] == [{"content": "ten"}, {}]
     assert all("usage" not in c for c in plain)
 

@@ -87,7 +87,8 @@ def gateway(model: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactor
     folder = tmp_path_factory.mktemp("gateway")
     with ready_worker(redis_url, model, folder / "worker.log"):
         server = Gateway(folder / "serve.log", broker_url=redis_url, model=str(model), api_keys=f"{KEY},{OTHER}",
-                         gateway_header_timeout=str(HEADER_TIMEOUT), gateway_body_timeout=str(BODY_TIMEOUT))
+                         gateway_header_timeout=str(HEADER_TIMEOUT), gateway_body_timeout=str(BODY_TIMEOUT),
+                         served_model_name="glyph,glyph-9b")
         yield server
         server.stop()
 
@@ -112,13 +113,14 @@ def ask(question: str, seed: int = 1, url: str | None = None) -> list[dict]:
 
 def test_chat_completion_with_a_data_url_image_and_its_reasoning_apart(gateway, model):
     client = gateway.client()
-    assert [m.id for m in client.models.list().data] == [str(model)]
-    raw = client.chat.completions.with_raw_response.create(model=str(model), messages=ask("What is the total?"),
+    assert [m.id for m in client.models.list().data] == ["glyph", "glyph-9b"]
+    raw = client.chat.completions.with_raw_response.create(model="glyph", messages=ask("What is the total?"),
                                                            max_tokens=64)
     job_id = raw.headers["x-glyphq-job-id"]
     reply = raw.parse()
     assert reply.id == f"chatcmpl-{job_id}" and reply._request_id == job_id
     message = reply.choices[0].message
+    assert reply.model == "glyph", "the name asked for, never the worker's GLYPHQ_MODEL path"
     assert message.content == "ten", "the answer alone"
     assert message.reasoning == "read the total line" and message.reasoning_content == message.reasoning
     assert reply.choices[0].finish_reason == "stop"
@@ -129,16 +131,17 @@ def test_chat_completion_with_a_data_url_image_and_its_reasoning_apart(gateway, 
     later = httpx.get(f"{gateway.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert later.status_code == 200 and later.json()["state"] == "SUCCESS"
     assert later.json()["completion"]["choices"][0]["message"]["content"] == "ten"
+    assert later.json()["completion"]["model"] == "glyph"
 
 
 def test_a_conversation_carries_its_earlier_turns_and_system_text(gateway, model):
     client = gateway.client()
-    alone = client.chat.completions.create(model=str(model), messages=ask("And the date?", seed=2), max_tokens=64)
+    alone = client.chat.completions.create(model="glyph", messages=ask("And the date?", seed=2), max_tokens=64)
     history = [*ask("What is the total?", seed=2), {"role": "assistant", "content": "ten"},
                {"role": "user", "content": "And the date?"}]
-    turn = client.chat.completions.create(model=str(model), messages=history, max_tokens=64)
+    turn = client.chat.completions.create(model="glyph", messages=history, max_tokens=64)
     with_system = client.chat.completions.create(
-        model=str(model), messages=[{"role": "system", "content": "Answer briefly."}, *history], max_tokens=64)
+        model="glyph", messages=[{"role": "system", "content": "Answer briefly."}, *history], max_tokens=64)
     assert turn.choices[0].message.content == "ten"
     # The earlier turn and the system text reach the prompt: "What is the total?" + "ten" + the template's
     # role tokens; then "Answer briefly." before the question.
@@ -166,7 +169,7 @@ def test_a_conversation_carries_its_earlier_turns_and_system_text(gateway, model
 
 def test_a_streamed_completion_is_a_correct_event_stream(gateway, model):
     client = gateway.client()
-    chunks = list(client.chat.completions.create(model=str(model), messages=ask("Stream it?", seed=3), max_tokens=64,
+    chunks = list(client.chat.completions.create(model="glyph", messages=ask("Stream it?", seed=3), max_tokens=64,
                                                   stream=True, stream_options={"include_usage": True}))
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -188,29 +191,52 @@ def test_a_streamed_completion_is_a_correct_event_stream(gateway, model):
 
 def test_refusals_are_400s_in_openais_error_shape(gateway, model):
     client = gateway.client()
+    wide = "data:image/png;base64," + base64.b64encode(png_bytes((4000, 10))).decode()
     cases = [
         (ask("Fetch it?", url="https://example.com/page.png"), {}, "glyphq fetches nothing",
          "messages[0].content[0].image_url.url"),
         (ask("Corrupt?", url="data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()),
-         {}, "image: cannot be decoded", "image"),
+         {}, "messages[0].content[0].image_url.url: cannot be decoded", "messages[0].content[0].image_url.url"),
+        ([{"role": "system", "content": "Be brief."}, *ask("Too wide?", url=wide)], {}, "aspect ratio",
+         "messages[1].content[0].image_url.url"),
         (ask("Warm?"), {"temperature": 0.7}, "the workers decode greedily", "temperature"),
         ([{"role": "user", "content": "No image here"}], {}, "no image", "messages"),
         (ask("Long?"), {"max_tokens": 10**6}, "max_new_tokens: must be from 1 to", "max_new_tokens"),
     ]
     for messages, extra, text, param in cases:
         with pytest.raises(openai.BadRequestError) as refused:
-            client.chat.completions.create(model=str(model), messages=messages, **extra)
+            client.chat.completions.create(model="glyph", messages=messages, **extra)
         assert refused.value.status_code == 400
         assert text in refused.value.message and refused.value.body["param"] == param, refused.value.body
         assert refused.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="gpt-4o", messages=ask("Which model?"))
     assert unknown.value.body["code"] == "model_not_found"
+    assert "'glyph', 'glyph-9b' (GLYPHQ_SERVED_MODEL_NAME)" in unknown.value.message
+    with pytest.raises(openai.NotFoundError) as by_path:
+        client.chat.completions.create(model=str(model), messages=ask("By path?"))
+    assert by_path.value.body["code"] == "model_not_found", "GLYPHQ_MODEL is not a served name"
+
+
+def test_served_model_names_answer_as_asked_and_never_leak_the_model_path(gateway, model):
+    client = gateway.client()
+    alias = client.chat.completions.create(model="glyph-9b", messages=ask("Alias?", seed=8), max_tokens=64)
+    assert alias.model == "glyph-9b" and alias.choices[0].message.content == "ten"
+    omitted = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": ask("No model?", seed=8)},
+                         headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert omitted.status_code == 200 and omitted.json()["model"] == "glyph"
+    chunks = list(client.chat.completions.create(model="glyph-9b", messages=ask("Streamed alias?", seed=8),
+                                                  max_tokens=64, stream=True))
+    assert {c.model for c in chunks} == {"glyph-9b"}
+    health = httpx.get(f"{gateway.url}/health", timeout=10).json()
+    assert health["model"] == "glyph"
+    for text in (omitted.text, json.dumps(health), alias.model_dump_json()):
+        assert str(model) not in text, "a local GLYPHQ_MODEL path must not reach API clients"
 
 
 def test_keys_body_limit_health_metrics_and_no_torch(gateway, model):
     with pytest.raises(openai.AuthenticationError) as denied:
-        gateway.client("wrong-key-0123456789abcdef").chat.completions.create(model=str(model), messages=ask("Who?"))
+        gateway.client("wrong-key-0123456789abcdef").chat.completions.create(model="glyph", messages=ask("Who?"))
     assert denied.value.status_code == 401 and denied.value.body["code"] == "invalid_api_key"
     missing = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": ask("No key?")}, timeout=30)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
@@ -353,8 +379,11 @@ def test_slow_clients_are_cut_off(gateway):
 
 def test_full_queue_is_429_with_retry_after_and_a_long_wait_is_504_with_the_job_id(idle, model):
     client = idle.client("no-key-needed-on-localhost")
+    # Without GLYPHQ_SERVED_MODEL_NAME the gateway answers to the last part of GLYPHQ_MODEL, lower-case.
+    assert [m.id for m in client.models.list().data] == [model.name.lower()]
     with pytest.raises(openai.APIStatusError) as waited:
-        client.chat.completions.create(model=str(model), messages=ask("Anyone?", seed=4), extra_body={"timeout": 0.5})
+        client.chat.completions.create(model=model.name.lower(), messages=ask("Anyone?", seed=4),
+                                       extra_body={"timeout": 0.5})
     assert waited.value.status_code == 504
     job_id = waited.value.body["job_id"]
     assert waited.value.response.headers["x-glyphq-job-id"] == job_id and f"/v1/jobs/{job_id}" in waited.value.message
@@ -363,7 +392,7 @@ def test_full_queue_is_429_with_retry_after_and_a_long_wait_is_504_with_the_job_
     queued = httpx.post(f"{idle.url}/v1/jobs", json={"messages": ask("Second?", seed=5)}, timeout=30)
     assert queued.status_code == 202
     with pytest.raises(openai.RateLimitError) as full:
-        client.chat.completions.create(model=str(model), messages=ask("Third?", seed=6))
+        client.chat.completions.create(model=model.name.lower(), messages=ask("Third?", seed=6))
     assert full.value.status_code == 429 and full.value.response.headers["retry-after"]
     assert "GLYPHQ_MAX_QUEUE" in full.value.message and full.value.body["code"] == "queue_full"
 
@@ -396,7 +425,7 @@ def test_unreachable_redis_is_a_fast_503_and_wide_binds_need_keys(model, tmp_pat
 def test_langchains_openai_client(gateway, model):
     langchain_openai = pytest.importorskip("langchain_openai")
     with httpx.Client(timeout=60) as http:
-        llm = langchain_openai.ChatOpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, model=str(model), max_tokens=64,
+        llm = langchain_openai.ChatOpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, model="glyph", max_tokens=64,
                                           max_retries=0, http_client=http)
         reply = llm.invoke([("user", [{"type": "image_url", "image_url": {"url": data_url(7)}},
                                       {"type": "text", "text": "What is the total?"}])])

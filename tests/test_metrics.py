@@ -66,6 +66,14 @@ def _dashboard_selectors() -> list[tuple[str, dict[str, str]]]:
     return selectors
 
 
+def _listening_on(pid: int, port: int) -> list[str]:
+    """The addresses process ``pid`` listens on at ``port``."""
+    import psutil
+
+    return [c.laddr.ip for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+
+
 def _stats_section(node: str) -> dict:
     """The worker's glyphq stats section; asked of that worker alone, so the reply ends the wait."""
     replies = app.control.inspect(destination=[node], timeout=5).stats() or {}
@@ -85,7 +93,8 @@ def test_workers_on_one_host_each_serve_every_series_from_the_start(start_worker
     redis_client.delete(QUEUE_DEPTH_LEASE_KEY)  # an earlier test's worker may still hold it
     base = _two_free_ports()
     gpu = start_worker(metrics_port=base)
-    render = start_worker(queues="render", metrics_port=base)  # the same setting: it takes the next port
+    # The same port setting: it takes the next port. It listens on every address, as asked.
+    render = start_worker(queues="render", metrics_port=base, metrics_host="0.0.0.0")
 
     ports = {}
     for worker, queue in ((gpu, "gpu"), (render, "render")):
@@ -93,6 +102,9 @@ def test_workers_on_one_host_each_serve_every_series_from_the_start(start_worker
         health = _health(queue, worker.name.replace("%h", socket.gethostname()))
         assert list(health["checks"]["worker"]["metrics_ports"].values()) == [ports[queue]], health
     assert ports == {"gpu": base, "render": base + 1}
+    # /metrics has no login: on localhost only, unless GLYPHQ_METRICS_HOST widens it.
+    assert _listening_on(gpu.proc.pid, base) == ["127.0.0.1"]
+    assert _listening_on(render.proc.pid, base + 1) == ["0.0.0.0"]
 
     scraped = {queue: _scrape(port) for queue, port in ports.items()}
     for queue, text in scraped.items():

@@ -48,8 +48,9 @@ _queue_depth: QueueDepthCollector | None = None
 
 def serve(settings: Settings) -> int | None:
     """In the worker's main process: prepare multiprocess mode, create every family at zero, and serve
-    ``/metrics`` on the first free port from ``GLYPHQ_METRICS_PORT``. Returns that port, or None when
-    metrics are off (port 0) or no port in the range is free."""
+    ``/metrics`` on ``GLYPHQ_METRICS_HOST`` (localhost by default), at the first free port from
+    ``GLYPHQ_METRICS_PORT``. Returns that port, or None when metrics are off (port 0) or no port in the
+    range is free."""
     global _port, _queue_depth
     if not settings.metrics_port:
         _use_directory(settings.metrics_dir or tempfile.mkdtemp(prefix="glyphq-metrics-"))
@@ -68,13 +69,13 @@ def serve(settings: Settings) -> int | None:
         collector = QueueDepthCollector(settings, owner=f"{socket.gethostname()}:{port}:{os.getpid()}")
         registry.register(collector)
         try:
-            start_http_server(port, registry=registry)
+            start_http_server(port, addr=settings.metrics_host, registry=registry)
         except OSError as exc:
             log.debug("metrics port %s is taken: %s", port, exc)
             continue
         _use_directory(directory)
         _port, _queue_depth = port, collector
-        log.info("serving Prometheus metrics on :%s/metrics", port)
+        log.info("serving Prometheus metrics on %s:%s/metrics", settings.metrics_host, port)
         return port
     log.warning("no free metrics port from %s to %s (GLYPHQ_METRICS_PORT); metrics are not served",
                 settings.metrics_port, last)

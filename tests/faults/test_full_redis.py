@@ -164,6 +164,27 @@ def test_a_redis_that_evicts_keys_is_refused_by_the_worker_and_by_health(fault_r
                                  env={**os.environ, "GLYPHQ_BROKER_URL": server.url, "GLYPHQ_ALLOW_EVICTION": "on"})
         assert allowed.returncode == 0, allowed.stdout
 
+    # No worker would ever run a job here, so submit refuses it instead of leaving it PENDING for good.
+    image = tmp_path / "page.png"
+    image.write_bytes(png_bytes(seed=90))
+    refused = glyphq(server, "submit", str(image), "Anyone there?")
+    assert refused.returncode == 4, (refused.stdout, refused.stderr)
+    error = json.loads(refused.stdout)
+    assert error["error_type"] == "BrokerEvicts" and f"maxmemory-policy {policy}" in error["error"]
+    assert "GLYPHQ_ALLOW_EVICTION=on" in error["error"] and refused.stderr.startswith("glyphq submit: ")
+    client = server.client()
+    assert not queued_messages(client) and not list(client.scan_iter("glyphq:blob:*")), "nothing enqueued"
+
+    # The policy comes from the INFO memory reply each submit reads for its memory check: no extra command.
+    client.config_resetstat()
+    env = {**os.environ, "GLYPHQ_BROKER_URL": server.url, "GLYPHQ_ALLOW_EVICTION": "on"}
+    for n in range(3):
+        queued = subprocess.run([GLYPHQ, "submit", str(image), f"Question {n}?"], cwd=ROOT, capture_output=True,
+                                text=True, env=env, timeout=60)
+        assert queued.returncode == 0, (queued.stdout, queued.stderr)
+    assert client.info("commandstats")["cmdstat_info"]["calls"] == 3
+    assert len(queued_messages(client)) == 3
+
 
 def test_jobs_lost_with_redis_data_resolve_to_unknown_and_result_raises(fault_redis, producer_process, tiny_model,
                                                                         tmp_path):
