@@ -228,8 +228,8 @@ def test_served_model_names_answer_as_asked_and_never_leak_the_model_path(gatewa
     chunks = list(client.chat.completions.create(model="glyph-9b", messages=ask("Streamed alias?", seed=8),
                                                   max_tokens=64, stream=True))
     assert {c.model for c in chunks} == {"glyph-9b"}
-    health = httpx.get(f"{gateway.url}/health", timeout=10).json()
-    assert health["model"] == "glyph"
+    health = httpx.get(f"{gateway.url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    assert health["model"] == "glyph", "with a key, /health names the first served name"
     for text in (omitted.text, json.dumps(health), alias.model_dump_json()):
         assert str(model) not in text, "a local GLYPHQ_MODEL path must not reach API clients"
 
