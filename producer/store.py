@@ -41,10 +41,10 @@ return 0
 _LOCK_SESSION = """
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then
-  return 0
+  return held
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
+return ARGV[1]
 """
 
 # Release a session's lock only if this job holds it: a lock that expired and went to another turn stays.
@@ -227,14 +227,15 @@ class Store:
             log.warning("session %s holds turns that are not glyphq's; leaving them out", session)
         return [turn for turn in turns if turn is not None]
 
-    def lock_session(self, session: str, job_id: str, ttl_s: int) -> bool:
-        """Take the lock on a session's turns for ``job_id``, for ``ttl_s`` seconds; False while another job
-        holds it.
+    def lock_session(self, session: str, job_id: str, ttl_s: int) -> str:
+        """Take the lock on a session's turns for ``job_id``, for ``ttl_s`` seconds, unless another job holds
+        it; return the id of the job that holds it now (``job_id`` once taken).
 
         The lock's value is the job id, so a job delivered again after its child died takes its own
         lock back at once, and no other job can release it (``unlock_session``).
         """
-        return bool(self.redis.eval(_LOCK_SESSION, 1, session_lock_key(session), job_id, ttl_s))
+        holder = self.redis.eval(_LOCK_SESSION, 1, session_lock_key(session), job_id, ttl_s)
+        return holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
 
     def unlock_session(self, session: str, job_id: str) -> bool:
         """Release the lock on a session's turns if ``job_id`` holds it; True if it did."""

@@ -117,7 +117,8 @@ class Server:
                                   urgent_priority=celery_priority(PRIORITY_LEVELS - 1))
         self.queued: list[_Job] = []
         self.sessions: set[str] = set()  # the sessions whose lock a job of this child holds
-        self.retry_at: dict[str, float] = {}  # sessions locked elsewhere: when to try again (monotonic)
+        # Sessions whose lock another job holds: when to try again (monotonic), and that job's id.
+        self.locked_elsewhere: dict[str, tuple[float, str]] = {}
         self.alone: _Job | None = None  # a job whose last run died, running by itself
         self.draining = False  # the worker is stopping: start nothing more
         self.tidied = time.monotonic()
@@ -173,12 +174,12 @@ class Server:
 
     def _wait(self) -> float:
         """How long to wait for the channel: not at all while rows decode; with none decoding, the jobs
-        still queued are turns waiting for their session's lock, tried again at ``retry_at``."""
+        still queued are turns waiting for their session's lock (``locked_elsewhere``)."""
         if self.running.busy:
             return 0.0
         if not self.queued:
             return IDLE_S
-        next_try = min(self.retry_at.values(), default=0.0) - time.monotonic()
+        next_try = min((at for at, _ in self.locked_elsewhere.values()), default=0.0) - time.monotonic()
         return min(IDLE_S, max(POLL_S, next_try))
 
     def _tidy(self, idle: bool) -> None:
@@ -196,7 +197,7 @@ class Server:
         """
         self.queued.sort(key=lambda job: (job.priority, job.order))
         now = time.monotonic()
-        self.retry_at = {session: at for session, at in self.retry_at.items() if at > now}
+        self.locked_elsewhere = {session: held for session, held in self.locked_elsewhere.items() if held[0] > now}
         for job in list(self.queued):
             if self.alone:
                 return
@@ -215,24 +216,27 @@ class Server:
 
     def _lock_session(self, job: _Job) -> bool:
         """Take the lock of ``job``'s session (True for a job of no session). The turns of one session
-        held here are tried in the order ``_admit`` goes through them, so none overtakes another."""
+        held here are tried in the order ``_admit`` goes through them, so none overtakes another, but
+        the one the lock names (delivered again after its child died) takes it back before them."""
         from glyphq.worker import runtime
 
         session = job.session
         if session is None:
             return True
-        if session in self.sessions or session in self.retry_at:
+        elsewhere = self.locked_elsewhere.get(session)
+        if session in self.sessions or (elsewhere is not None and elsewhere[1] != job.id):
             return False
         try:
-            locked = runtime.lock_session(session, job.id)
+            holder = runtime.lock_session(session, job.id)
         except Exception:  # noqa: BLE001  (Redis did not answer: the turn waits, the child serves on)
             log.warning("could not take the lock of session %s for %s; trying again in %.1f s", session, job.id,
                         LOCK_ERROR_RETRY_S, exc_info=True)
-            self.retry_at[session] = time.monotonic() + LOCK_ERROR_RETRY_S
+            self.locked_elsewhere[session] = (time.monotonic() + LOCK_ERROR_RETRY_S, "")
             return False
-        if not locked:
-            self.retry_at[session] = time.monotonic() + LOCK_RETRY_S
+        if holder != job.id:
+            self.locked_elsewhere[session] = (time.monotonic() + LOCK_RETRY_S, holder)
             return False
+        self.locked_elsewhere.pop(session, None)
         job.locked = session
         self.sessions.add(session)
         return True
@@ -245,7 +249,7 @@ class Server:
         if session is None:
             return
         self.sessions.discard(session)
-        self.retry_at.pop(session, None)  # a turn of it waiting here tries at once
+        self.locked_elsewhere.pop(session, None)  # a turn of it waiting here tries at once
         try:
             runtime.unlock_session(session, job.id)
         except Exception:  # noqa: BLE001  (it expires by itself; until then the session's next turn waits)

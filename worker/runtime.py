@@ -308,8 +308,9 @@ def engine_job(fetched: _Fetched, turns: list[dict[str, str]]) -> Any:
                      thinking_budget=job.thinking_budget or None, document=job.text_key is not None)
 
 
-def lock_session(session: str, job_id: str) -> bool:
-    """Take ``session``'s turn lock for ``job_id`` before its turn starts; False while another turn holds it.
+def lock_session(session: str, job_id: str) -> str:
+    """Take ``session``'s turn lock for ``job_id`` before its turn starts, unless another turn holds it;
+    the id of the job holding it now (``job_id`` once taken).
 
     The lock expires ``SESSION_LOCK_MARGIN_S`` after the hard time limit, which no turn outlives, so
     the lock of a child that died frees itself.
