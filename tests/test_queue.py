@@ -211,3 +211,20 @@ class TestOneWorker:
         assert result["session"]["turns_used"] == 0
         assert not redis_client.exists(lock), "the turn left its session locked"
         assert redis_client.llen(session_key(session)) == 1
+
+    def test_a_redis_error_taking_a_session_lock_holds_the_turn_and_the_child_serves_on(self, class_worker,
+                                                                                         redis_client):
+        session = f"lock-error-{time.time_ns()}"
+        lock = session_lock_key(session)
+        redis_client.rpush(lock, "not a lock")  # reading it as a lock, Redis answers WRONGTYPE
+        turn = submit(png_bytes(seed=50), "Held?", session=session, max_new_tokens=4)
+        other = submit(png_bytes(seed=51), "Unrelated?", max_new_tokens=4)
+        assert other.result(timeout=60)["answer"]
+        assert wait_until(lambda: f"could not take the lock of session {session}" in class_worker.log(), 10)
+        assert not turn.ready(), "the turn ran without its session's lock"
+
+        redis_client.delete(lock)
+        result = turn.result(timeout=30)
+        assert result["session"]["turns_used"] == 0
+        assert not redis_client.exists(lock)
+        assert class_worker.proc.poll() is None
