@@ -37,7 +37,8 @@ end
 return 0
 """
 
-# Take a session's lock for a job: free, or held by this same job (started before by a child that died).
+# Take a session's lock for a job if it is free, or held by this same job (started before by a child that
+# died); return the id of the job that holds it then.
 _LOCK_SESSION = """
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then
