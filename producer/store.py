@@ -1,4 +1,4 @@
-"""glyphq's own Redis keys: image blobs, job-id claims, run counters and session history.
+"""glyphq's own Redis keys: image blobs, job-id claims, run counters, session history and session locks.
 
 Every key starts with ``glyphq:`` and carries a TTL, so none grows without bound.
 """
@@ -40,6 +40,25 @@ end
 if redis.call('SCARD', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1], KEYS[2])
   return 1
+end
+return 0
+"""
+
+# Take a session's lock for a job if it is free, or held by this same job (started before by a child that
+# died); return the id of the job that holds it then.
+_LOCK_SESSION = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then
+  return held
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
+
+# Release a session's lock only if this job holds it: a lock that expired and went to another turn stays.
+_UNLOCK_SESSION = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -98,6 +117,11 @@ def owner_key(job_id: str) -> str:
 def session_key(session: str) -> str:
     """Key of a session's list of turns, oldest first."""
     return f"{KEY_PREFIX}session:{session}"
+
+
+def session_lock_key(session: str) -> str:
+    """Key naming the job whose turn of a session is running (``Store.lock_session``)."""
+    return f"{KEY_PREFIX}session-lock:{session}"
 
 
 _OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}
@@ -245,6 +269,20 @@ class Store:
         if None in turns:
             log.warning("session %s holds turns that are not glyphq's; leaving them out", session)
         return [turn for turn in turns if turn is not None]
+
+    def lock_session(self, session: str, job_id: str, ttl_s: int) -> str:
+        """Take the lock on a session's turns for ``job_id``, for ``ttl_s`` seconds, unless another job holds
+        it; return the id of the job that holds it now (``job_id`` once taken).
+
+        The lock's value is the job id, so a job delivered again after its child died takes its own
+        lock back at once, and no other job can release it (``unlock_session``).
+        """
+        holder = self.redis.eval(_LOCK_SESSION, 1, session_lock_key(session), job_id, ttl_s)
+        return holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
+
+    def unlock_session(self, session: str, job_id: str) -> bool:
+        """Release the lock on a session's turns if ``job_id`` holds it; True if it did."""
+        return bool(self.redis.eval(_UNLOCK_SESSION, 1, session_lock_key(session), job_id))
 
     def append_turn(self, session: str, question: str, answer: str) -> None:
         """Add a turn to a session, keeping only the last ``history_turns``."""

@@ -3,9 +3,12 @@
 The main process (``tasks.scheduler``) sends the child one pool job, :func:`serve`, when it has GPU
 jobs waiting, then hands it each job through the channel (``tasks.channel``). The child keeps them
 in a running batch (``worker.continuous``): when a slot is free it takes the most urgent job, then
-the oldest, counts its run (the poison guard), fetches its blobs and admits it. Each job that ends
-is handled at once, here: its result stored with the result backend's ``mark_as_done`` (or
-``mark_as_failure``), its session turn appended, its blobs released, and a report sent that lets
+the oldest, counts its run (the poison guard), fetches its blobs and admits it. A turn of a session
+first takes the session's lock in Redis (``worker.runtime.lock_session``), which the turns of every
+worker and child share; while another turn holds it, the job waits here and is tried again every
+``LOCK_RETRY_S``, and the jobs behind it start meanwhile. Each job that ends is handled at once, here:
+its session turn appended, then its session's lock released, its result stored with the result
+backend's ``mark_as_done`` (or ``mark_as_failure``), its blobs released, and a report sent that lets
 the main process acknowledge its message and send Flower its task-succeeded or task-failed event.
 Besides jobs, the channel carries "cancel" control frames (a ``celery revoke --terminate``): the
 job is dropped, from the queue or from its row, which frees its slot while the others decode on;
@@ -37,8 +40,12 @@ log = logging.getLogger(__name__)
 
 #: How long an idle child waits for another job before it hands the pool back.
 IDLE_S = 0.25
-#: Longest wait for the channel while rows are still waiting for a session turn.
+#: Shortest wait for the channel while jobs are queued that cannot start yet.
 POLL_S = 0.01
+#: How long a turn whose session's lock another turn holds waits before it tries again.
+LOCK_RETRY_S = 0.1
+#: The same after Redis failed to answer.
+LOCK_ERROR_RETRY_S = 1.0
 #: How often a busy child frees what its batch no longer uses, reads GPU memory and checks the GPU
 #: guard (an idle one does at once). Emptying the CUDA cache waits for the GPU's queued steps.
 TIDY_S = 30.0
@@ -57,6 +64,7 @@ class _Job:
     started: float = 0.0  # time.time() at admission
     started_monotonic: float = 0.0
     earlier_runs: int | None = None  # starts counted before this delivery (read for redelivered jobs)
+    locked: str | None = None  # the session whose lock this job holds
 
     @property
     def id(self) -> str:
@@ -65,6 +73,14 @@ class _Job:
     @property
     def redelivered(self) -> bool:
         return bool((self.message.get("delivery_info") or {}).get("redelivered"))
+
+    @property
+    def session(self) -> str | None:
+        """The session this job is a turn of, as its message names it (checked when it is fetched)."""
+        kwargs = self.message.get("kwargs")
+        job = kwargs.get("job") if isinstance(kwargs, dict) else None
+        session = job.get("session") if isinstance(job, dict) else None
+        return session if isinstance(session, str) and session else None
 
     @property
     def priority(self) -> int:
@@ -100,7 +116,9 @@ class Server:
         self.running = Continuous(self.engine, settings.max_image_size,
                                   urgent_priority=celery_priority(PRIORITY_LEVELS - 1))
         self.queued: list[_Job] = []
-        self.sessions: set[str] = set()
+        self.sessions: set[str] = set()  # the sessions whose lock a job of this child holds
+        # Sessions whose lock another job holds: when to try again (monotonic), and that job's id.
+        self.locked_elsewhere: dict[str, tuple[float, str]] = {}
         self.alone: _Job | None = None  # a job whose last run died, running by itself
         self.draining = False  # the worker is stopping: start nothing more
         self.tidied = time.monotonic()
@@ -118,7 +136,7 @@ class Server:
 
         idle_since: float | None = None
         while True:
-            wait = 0.0 if self.running.busy else (POLL_S if self.queued else IDLE_S)
+            wait = self._wait()
             self.draining = self.draining or self.channel.draining()
             for message in self.channel.receive(self.epoch, wait):
                 if message.get("control") == "cancel":
@@ -152,6 +170,16 @@ class Server:
         return {"room": runtime.room(), "room_for_a_successor": runtime.room_for_a_successor(),
                 "unsent": self.channel.unsent()}
 
+    def _wait(self) -> float:
+        """How long to wait for the channel: not at all while rows decode; with none decoding, the jobs
+        still queued are turns waiting for their session's lock (``locked_elsewhere``)."""
+        if self.running.busy:
+            return 0.0
+        if not self.queued:
+            return IDLE_S
+        next_try = min((at for at, _ in self.locked_elsewhere.values()), default=0.0) - time.monotonic()
+        return min(IDLE_S, max(POLL_S, next_try))
+
     def _tidy(self, idle: bool) -> None:
         from glyphq.worker import runtime
 
@@ -166,6 +194,8 @@ class Server:
         started (the worker held it when it stopped or lost Redis) runs in the batch.
         """
         self.queued.sort(key=lambda job: (job.priority, job.order))
+        now = time.monotonic()
+        self.locked_elsewhere = {session: held for session, held in self.locked_elsewhere.items() if held[0] > now}
         for job in list(self.queued):
             if self.alone:
                 return
@@ -173,16 +203,56 @@ class Server:
                 continue  # a more urgent job may still fit a kept slot
             if self._died_before(job) and self.running.busy:
                 continue
-            session = (job.message.get("kwargs") or {}).get("job", {})
-            session = session.get("session") if isinstance(session, dict) else None
-            if isinstance(session, str) and session in self.sessions:
-                continue  # the turn before it is still running: it needs that answer in its history
+            if not self._lock_session(job):
+                continue  # another turn of its session is running: it needs that answer in its history
             self.queued.remove(job)
-            self._start(job, session if isinstance(session, str) else None)
+            self._start(job)
             if self._died_before(job) and job.fetched is not None:
                 self.alone = job
                 log.info("Task %s[%s] runs alone: its last run ended with its child", job.message.get("task"), job.id)
                 return
+
+    def _lock_session(self, job: _Job) -> bool:
+        """Take the lock of ``job``'s session (True for a job of no session). The turns of one session
+        held here are tried in the order ``_admit`` goes through them, so none overtakes another, but
+        the one the lock names (delivered again after its child died) takes it back before them."""
+        from glyphq.worker import runtime
+
+        session = job.session
+        if session is None:
+            return True
+        elsewhere = self.locked_elsewhere.get(session)
+        if session in self.sessions or (elsewhere is not None and elsewhere[1] != job.id):
+            return False
+        try:
+            holder = runtime.lock_session(session, job.id)
+        except Exception:  # noqa: BLE001  (Redis did not answer: the turn waits, the child serves on)
+            log.warning("could not take the lock of session %s for %s; trying again in %.1f s", session, job.id,
+                        LOCK_ERROR_RETRY_S, exc_info=True)
+            self.locked_elsewhere[session] = (time.monotonic() + LOCK_ERROR_RETRY_S, "")
+            return False
+        if holder != job.id:
+            self.locked_elsewhere[session] = (time.monotonic() + LOCK_RETRY_S, holder)
+            return False
+        self.locked_elsewhere.pop(session, None)
+        job.locked = session
+        self.sessions.add(session)
+        return True
+
+    def _unlock_session(self, job: _Job) -> None:
+        """Release the lock ``job`` holds, if any: the next turn of its session may start, here or elsewhere."""
+        from glyphq.worker import runtime
+
+        session, job.locked = job.locked, None
+        if session is None:
+            return
+        self.sessions.discard(session)
+        self.locked_elsewhere.pop(session, None)  # a turn of it waiting here tries at once
+        try:
+            runtime.unlock_session(session, job.id)
+        except Exception:  # noqa: BLE001  (it expires by itself; until then the session's next turn waits)
+            log.warning("could not release the lock of session %s held by %s; it expires by itself", session,
+                        job.id, exc_info=True)
 
     def _died_before(self, job: _Job) -> bool:
         """Whether ``job`` was started before and never ended: redelivered, with a run counted (read
@@ -199,11 +269,12 @@ class Server:
                 job.earlier_runs = 1
         return job.earlier_runs > 0
 
-    def _start(self, job: _Job, session: str | None) -> None:
+    def _start(self, job: _Job) -> None:
         from glyphq.tasks.answer import JOB_MESSAGE
         from glyphq.worker import runtime
 
         if job.redelivered and self._succeeded(job.id):
+            self._unlock_session(job)
             self.channel.report({"id": job.id, "event": "duplicate"})  # worker_deduplicate_successful_tasks
             return
         job.started, job.started_monotonic = time.time(), time.monotonic()
@@ -219,8 +290,6 @@ class Server:
         except Exception as exc:
             self._finish(job, exc)
             return
-        if session:
-            self.sessions.add(session)
         self.running.add(job, runtime.engine_job(job.fetched, job.history), job.priority,
                          deadline=job.started_monotonic + settings.soft_time_limit_s)
 
@@ -254,12 +323,15 @@ class Server:
             outcome = SoftTimeLimitExceeded(str(outcome))
         runtime_s = time.monotonic() - job.started_monotonic if job.started_monotonic else 0.0
         name = str(job.message.get("task"))
-        self._ended(job)
         ok = not isinstance(outcome, BaseException)
         try:
+            try:
+                if ok:
+                    result = runtime.output(job.fetched, outcome, job.history, job.started)
+                    runtime.record_turn(job.fetched, outcome)
+            finally:
+                self._ended(job)  # after its turn is recorded, so the next turn of its session sees it
             if ok:
-                result = runtime.output(job.fetched, outcome, job.history, job.started)
-                runtime.record_turn(job.fetched, outcome)
                 app.backend.mark_as_done(job.id, result, request=job.context())
                 metrics.job_answered(result)
                 metrics.batch_answered(int(result["worker"]["batch_size"]))
@@ -283,9 +355,7 @@ class Server:
     def _ended(self, job: _Job) -> None:
         """A started job is no longer running: the next turn of its session may start, and so may
         other jobs, if it ran alone."""
-        session = job.fetched.job.session if job.fetched is not None else None
-        if session:
-            self.sessions.discard(session)
+        self._unlock_session(job)
         if self.alone is job:
             self.alone = None
 

@@ -13,7 +13,7 @@ from conftest import png_bytes, raw_job, wait_until
 from glyphq.celeryconfig import settings
 from glyphq.producer import Job, JobFailed, submit
 from glyphq.producer.schema import ANSWER_TASK
-from glyphq.producer.store import Store, blob_key
+from glyphq.producer.store import Store, blob_key, session_key, session_lock_key
 from glyphq.tasks.app import app
 from glyphq.tasks.signals import MODEL_LOAD_FAILED_EXIT
 
@@ -179,3 +179,52 @@ class TestOneWorker:
         app.send_task(ANSWER_TASK, kwargs={"job": raw_job(key)}, queue="gpu", task_id="missing-blob-1")
         with pytest.raises(JobFailed, match="BlobMissing: blob glyphq:blob:cdcd"):
             Job("missing-blob-1").result(timeout=60)
+
+    def test_a_turn_waits_for_a_dead_worker_s_session_lock_to_expire_and_others_run(self, class_worker,
+                                                                                     redis_client):
+        """A session lock left by a worker that died mid-turn (planted here with a short expiry) holds the
+        session's next turn back until it expires, not forever, while unrelated jobs run; the child
+        holding the turn does not spin meanwhile."""
+        import psutil
+
+        hold_s = 6
+        session = f"dead-holder-{time.time_ns()}"
+        lock = session_lock_key(session)
+        redis_client.set(lock, "job-of-a-dead-worker", ex=hold_s)
+        held_from = time.monotonic()
+        turn = submit(png_bytes(seed=40), "Still there?", session=session, max_new_tokens=4)
+        others = [submit(png_bytes(seed=41 + i), f"Unrelated {i}?", max_new_tokens=4) for i in range(3)]
+        assert all(job.result(timeout=60)["answer"] for job in others)
+        assert not turn.ready(), "the turn ran while another job held its session"
+        assert redis_client.get(lock) == b"job-of-a-dead-worker"
+
+        children = [psutil.Process(pid) for pid in class_worker.children()]
+        cpu_from, wall_from = sum(sum(c.cpu_times()[:2]) for c in children), time.monotonic()
+        time.sleep(max(0.5, held_from + hold_s - 0.5 - time.monotonic()))
+        cpu_s = sum(sum(c.cpu_times()[:2]) for c in children) - cpu_from
+        wall_s = time.monotonic() - wall_from
+        assert not turn.ready()
+        assert cpu_s < 0.2 * wall_s, f"the child holding the turn used {cpu_s:.2f} s of CPU in {wall_s:.2f} s"
+
+        result = turn.result(timeout=60)
+        assert result["timings"]["queue_s"] >= hold_s - 1, "the turn did not wait for the lock to expire"
+        assert result["session"]["turns_used"] == 0
+        assert not redis_client.exists(lock), "the turn left its session locked"
+        assert redis_client.llen(session_key(session)) == 1
+
+    def test_a_redis_error_taking_a_session_lock_holds_the_turn_and_the_child_serves_on(self, class_worker,
+                                                                                         redis_client):
+        session = f"lock-error-{time.time_ns()}"
+        lock = session_lock_key(session)
+        redis_client.rpush(lock, "not a lock")  # reading it as a lock, Redis answers WRONGTYPE
+        turn = submit(png_bytes(seed=50), "Held?", session=session, max_new_tokens=4)
+        other = submit(png_bytes(seed=51), "Unrelated?", max_new_tokens=4)
+        assert other.result(timeout=60)["answer"]
+        assert wait_until(lambda: f"could not take the lock of session {session}" in class_worker.log(), 10)
+        assert not turn.ready(), "the turn ran without its session's lock"
+
+        redis_client.delete(lock)
+        result = turn.result(timeout=30)
+        assert result["session"]["turns_used"] == 0
+        assert not redis_client.exists(lock)
+        assert class_worker.proc.poll() is None

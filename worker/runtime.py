@@ -23,6 +23,10 @@ from glyphq.worker.errors import ModelError, PoisonJob
 
 log = logging.getLogger(__name__)
 
+#: How long a session's turn lock outlives the hard time limit (``GLYPHQ_TIME_LIMIT``): the main process
+#: kills a child whose job passes that limit within ``tasks.scheduler.WATCH_S``.
+SESSION_LOCK_MARGIN_S = 60
+
 _serves_gpu = False
 _engine: Any = None  # worker.engine.Engine, imported lazily so the parent never loads a model
 _task_index = 0
@@ -302,6 +306,21 @@ def engine_job(fetched: _Fetched, turns: list[dict[str, str]]) -> Any:
     job = fetched.job
     return EngineJob(images=fetched.images, question=job.question, max_new_tokens=job.max_new_tokens, history=turns,
                      thinking_budget=job.thinking_budget or None, document=job.text_key is not None)
+
+
+def lock_session(session: str, job_id: str) -> str:
+    """Take ``session``'s turn lock for ``job_id`` before its turn starts, unless another turn holds it;
+    the id of the job holding it now (``job_id`` once taken).
+
+    The lock expires ``SESSION_LOCK_MARGIN_S`` after the hard time limit, which no turn outlives, so
+    the lock of a child that died frees itself.
+    """
+    return Store(settings).lock_session(session, job_id, settings.time_limit_s + SESSION_LOCK_MARGIN_S)
+
+
+def unlock_session(session: str, job_id: str) -> None:
+    """Release ``session``'s turn lock once ``job_id``'s turn has ended (and was recorded, if answered)."""
+    Store(settings).unlock_session(session, job_id)
 
 
 def record_turn(fetched: _Fetched, result: Any) -> None:

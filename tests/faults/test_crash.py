@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import time
+import uuid
 
 import pytest
-from conftest import queued_messages, wait_until
+from conftest import png_bytes, queued_messages, wait_until
 
 from faults.helpers import (
     endless_worker_settings,
+    long_settings,
     only_child,
     pending_task_ids,
     runs,
@@ -20,7 +22,8 @@ from faults.helpers import (
     tail,
     wait_started,
 )
-from glyphq.producer import JobFailed
+from glyphq.producer import JobFailed, submit
+from glyphq.producer.store import session_lock_key
 
 
 def _success_publications(pubsub, job_id: str, seen: list[str]) -> int:
@@ -79,6 +82,25 @@ class TestChildDies:
         assert log.count(f"glyphq.answer[{job.id}] succeeded") == 1, tail(worker)
         assert worker.proc.poll() is None
 
+
+    def test_a_turn_whose_child_died_takes_its_session_lock_back(self, endless_worker, redis_client):
+        """SIGKILL the child mid-turn: the session's lock still names the turn, which comes back and takes it
+        back at once rather than waiting for it to expire; the next turn, held meanwhile, sees its answer."""
+        session = f"killed-mid-turn-{uuid.uuid4().hex[:8]}"
+        lock = session_lock_key(session)
+        first = submit(png_bytes((64, 48), seed=120), "First turn", session=session, max_new_tokens=1000,
+                       settings=long_settings())
+        wait_started(redis_client, first)
+        assert redis_client.get(lock) == first.id.encode(), "the running turn did not hold its session's lock"
+        os.kill(only_child(endless_worker), signal.SIGKILL)
+        second = submit(png_bytes((64, 48), seed=121), "Second turn", session=session, max_new_tokens=4)
+
+        result = first.result(timeout=120)  # the lock would expire after GLYPHQ_TIME_LIMIT + 60 s
+        assert runs(redis_client, first.id) == 2
+        assert result["session"]["turns_used"] == 0
+        assert second.result(timeout=60)["session"]["turns_used"] == 1, "the second turn missed the first"
+        assert not redis_client.exists(lock)
+        assert endless_worker.proc.poll() is None
 
     def test_poison_job_is_failed_after_max_deliveries(self, endless_worker, redis_client):
         """Scenario 6: a job whose child dies on every run fails with PoisonJob; the jobs behind it run."""
