@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 ATTENTION = "glyphq_paged"
 #: Tokens of a successor's provisional pool, until its predecessor leaves: a warm-up batch of two pages.
 PROVISIONAL_TOKENS = 8192
+#: Batches whose decode steps a successor captures on its provisional pool: 1, which the compiler
+#: specializes, and 2, which it traces for every other batch.
+PROVISIONAL_ROWS = 2
 #: Default pool on the CPU (tests, the demo): a fixed token count, not a share of the memory.
 CPU_POOL_TOKENS = 16_384
 #: Processor outputs that are not the vision tower's input.
@@ -378,7 +381,8 @@ class PagedDecoder:
 
     def warm(self, rows: int, length: int) -> bool:
         """Capture (and compile) one bucket's step ahead of traffic; False if it is not a bucket here."""
-        if (rows, length) != self.shape_for(rows, length) or length > self.max_blocks * BLOCK_TOKENS:
+        if ((rows, length) != self.shape_for(rows, length) or rows > self.max_batch
+                or length > self.max_blocks * BLOCK_TOKENS):
             return False
         with torch.inference_mode():
             self._step(rows, length)
