@@ -401,6 +401,20 @@ class PagedDecoder:
         self.prompts[row] = _Prompt(ids[0], embeds, positions, delta, budget)
         self.lengths[row] = 0
 
+    def admit(self, row: int, prompt: dict[str, torch.Tensor], room: int, budget: int | None = None,
+              chunk: int = 8192) -> int:
+        """Start ``prompt`` in the free ``row`` with blocks for it and ``room`` new tokens, and prefill it
+        alone, in chunks of ``chunk`` tokens (for benchmarks: the running batch mixes chunks into decode
+        steps). Returns its first new token."""
+        length = int(prompt["input_ids"].shape[1])
+        if not self.reserve(row, length + room):
+            raise ValueError(f"the pool ({self.pool_tokens} tokens, {self.pool.free} blocks free) does not hold "
+                             f"a row of {length + room} tokens (GLYPHQ_KV_CACHE_TOKENS)")
+        self.start(row, prompt, budget)
+        for start in range(0, length, chunk):
+            self.prefill([(row, start, min(start + chunk, length))], decode=False)
+        return self.tokens_of(row, 1)[0]
+
     def release(self, row: int) -> None:
         """End ``row``: its blocks go back to the pool, it writes nothing more and reads block 0 only."""
         self.tables[row].release()
