@@ -117,11 +117,11 @@ def parse_box(text: str, name: str = "GLYPHQ_MAX_IMAGE_SIZE") -> tuple[int, int]
 
 
 #: Vision tokens of one A4 page rendered at Glyph's 72 dpi (630 on GLM-4.1V), with its image tags and
-#: some room: what ``GLYPHQ_DECODE_MAX_TOKENS`` counts per page of ``GLYPHQ_MAX_PAGES``.
+#: some room: what ``GLYPHQ_DECODE_MAX_TOKENS`` (the most tokens of one job) counts per page of ``GLYPHQ_MAX_PAGES``.
 A4_PAGE_TOKENS = 640
 #: Room in a GPU job's message for everything but its question and history: ids, keys, sizes, options.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
-#: Room in the static cache for the chat template, the question and up to three earlier turns.
+#: Room in a job's tokens for the chat template, the question and up to three earlier turns.
 PROMPT_TOKENS = 1024
 
 
@@ -142,6 +142,9 @@ class Settings:
     max_batch: int = 64
     decode: str = "auto"
     decode_max_tokens: int = 40 * A4_PAGE_TOKENS + PROMPT_TOKENS + 8192  # max_pages pages + prompt + new tokens
+    kv_cache_tokens: int = 0  # 0: auto (worker.paged: a fixed count on the CPU, the card's free memory on CUDA)
+    gpu_memory_utilization: float = 0.9
+    prefill_chunk: int = 0  # 0: auto (worker.paged.prefill_chunk_for: by the card's memory)
     decode_compile: str = "on"
     compile_cache_dir: str = ""
     max_memory_per_child_mb: int = 16384
@@ -247,6 +250,9 @@ class Settings:
             max_batch=max_batch,
             decode=_choice(env, "GLYPHQ_DECODE", cls.decode, ("auto", "static", "generate")),
             decode_max_tokens=decode_max_tokens,
+            kv_cache_tokens=_int(env, "GLYPHQ_KV_CACHE_TOKENS", cls.kv_cache_tokens),
+            gpu_memory_utilization=_float(env, "GLYPHQ_GPU_MEMORY_UTILIZATION", cls.gpu_memory_utilization, 0.05, 0.99),
+            prefill_chunk=_int(env, "GLYPHQ_PREFILL_CHUNK", cls.prefill_chunk),
             decode_compile=_choice(env, "GLYPHQ_DECODE_COMPILE", cls.decode_compile, ("on", "off")),
             compile_cache_dir=_str(env, "GLYPHQ_COMPILE_CACHE_DIR", cls.compile_cache_dir),
             max_memory_per_child_mb=_int(env, "GLYPHQ_MAX_MEMORY_PER_CHILD_MB", cls.max_memory_per_child_mb),

@@ -94,11 +94,9 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
 
     from glyphq.celeryconfig import Settings
     from glyphq.worker.continuous import Continuous
-    from glyphq.worker.decode import prefill_groups
     from glyphq.worker.engine import EngineJob, load
     from glyphq.worker.images import fit_image
     from glyphq.worker.prompts import collate
-    from glyphq.worker.slots import Admission
 
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "GLYPHQ_MAX_BATCH": str(args.max_batch),
            "GLYPHQ_DECODE": "static"}
@@ -193,11 +191,10 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     lengths = [p["input_ids"].shape[1] for p in prompts]
     figures["prompt_tokens_batch"] = sum(lengths)
     figures["prompt_tokens_batch_padded"] = max(lengths) * len(lengths)
-    figures["prefill_groups_batch"] = len(prefill_groups(lengths))
 
-    def admit_in_groups() -> None:
-        for group in prefill_groups(lengths):
-            decoder.admit([Admission(i, prompts[i]) for i in group])
+    def admit_in_groups() -> None:  # each prompt alone, in chunks, as the running batch starts it
+        for i, prompt in enumerate(prompts):
+            decoder.admit(i, prompt, 0, chunk=engine.prefill_chunk)
 
     with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # as the slots' prefill
         pixels = [padded[key] for key in ("pixel_values", "image_grid_thw") if key in padded]

@@ -83,7 +83,6 @@ def step_ms(decoder: Any, prompts: list, rows: int, new_tokens: int | None) -> f
     """One decode step's ms for ``rows`` copies of the prompt in the bucket of ``new_tokens`` new tokens
     after it, or (None) in the whole cache, as a document of ``GLYPHQ_MAX_PAGES`` pages has it. The rows
     are admitted into slots as the worker admits them, then ``STEPS`` steps of that bucket are timed."""
-    from glyphq.worker.slots import Admission
 
     batch = (prompts * rows)[:rows]
     prompt_len = batch[0]["input_ids"].shape[1]
@@ -92,7 +91,8 @@ def step_ms(decoder: Any, prompts: list, rows: int, new_tokens: int | None) -> f
     if prompt_len + 2 + STEPS > columns:
         raise ValueError(f"{STEPS} steps after a prompt of {prompt_len} tokens do not fit a bucket of {columns} "
                          f"columns (GLYPHQ_DECODE_MAX_TOKENS={decoder.max_tokens})")
-    decoder.admit([Admission(slot, prompt, STEP_BUDGET) for slot, prompt in enumerate(batch)])
+    for slot, prompt in enumerate(batch):
+        decoder.admit(slot, prompt, STEPS + 16, STEP_BUDGET)
     try:
         decoder.decode(rows, length, 1)  # the first time: captures (and compiles) the bucket's step
         sync()

@@ -123,7 +123,6 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     from glyphq.celeryconfig import Settings
     from glyphq.worker.continuous import Continuous
     from glyphq.worker.engine import EngineJob, load
-    from glyphq.worker.slots import Admission
 
     settings = Settings.from_env({**os.environ, "GLYPHQ_MODEL": args.model_dir})
     started = time.perf_counter()
@@ -131,8 +130,8 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     detail["load_s"] = round(time.perf_counter() - started, 1)
     decoder = engine.slots
     detail["max_batch"] = settings.max_batch
-    detail["slot_cache_gb"] = round(sum(t.numel() * t.element_size() for layer in decoder.cache.layers
-                                        for t in (layer.keys, layer.values)) / 1e9, 2)
+    detail["pool_gb"] = round(decoder.pool_bytes() / 1e9, 2)
+    detail["pool_tokens"] = decoder.pool_tokens
 
     def engine_job(job: dict) -> EngineJob:
         return EngineJob([Image.open(io.BytesIO(job["image"])).convert("RGB")], job["question"], job["tokens"])
@@ -151,7 +150,8 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     steps: dict[str, float] = {}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for rows in sorted({1, min(16, settings.max_batch), settings.max_batch}):
-        decoder.admit([Admission(slot, prompt) for slot in range(rows)])
+        for slot in range(rows):
+            decoder.admit(slot, prompt, 600)
         decoder.decode(rows, length, 4)
         best = 1e9
         for _ in range(3):

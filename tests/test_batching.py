@@ -1,4 +1,4 @@
-"""Decoding in slots (``worker.slots``, ``worker.continuous``) against ``generate``, on the tiny model.
+"""Decoding over the paged KV cache (``worker.paged``, ``worker.continuous``) against ``generate``, on the tiny model.
 
 The route through the queue is tested in ``test_continuous.py``; these run the engine in process.
 """
@@ -17,7 +17,6 @@ from PIL import Image
 
 from glyphq.celeryconfig import settings
 from glyphq.worker.continuous import Continuous, reserved_slots
-from glyphq.worker.decode import prefill_groups
 from glyphq.worker.engine import EngineJob, load
 
 QUESTIONS = ["What is this?", "Describe the picture in a few words please", "Colour?", "Is there text on it"]
@@ -139,7 +138,7 @@ def test_static_decoding_equals_generate(tiny_model):
                       question=QUESTIONS[i], max_new_tokens=20 + 7 * i) for i in range(4)]
     expected = [r.token_ids for r in plain.answer(jobs, (1280, 720))]
     together = static.answer(jobs, (1280, 720))
-    assert len(prefill_groups([r.tokens_in for r in together])) > 1, "prefilled in more than one pass"
+    assert len({r.tokens_in for r in together}) > 1, "prompts of different lengths"
     assert [r.token_ids for r in together] == expected
     assert [static.answer([job], (1280, 720))[0].token_ids for job in jobs] == expected
     assert [len(ids) for ids in expected] == [20, 27, 34, 41]
@@ -208,13 +207,13 @@ def test_compiled_slot_decoding_equals_generate(tiny_model):
     import torch
     from torch._dynamo.utils import counters
 
-    from glyphq.worker.slots import SlotDecoder
+    from glyphq.worker.paged import PagedDecoder
 
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
     compiled = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
-    compiled.slots = compiled.decoder = SlotDecoder(compiled.model, max_batch=4, max_tokens=512, max_new_tokens=64,
-                                                    pad_id=compiled.pad_id, compile_layers=True,
-                                                    repetition_penalty=compiled.repetition_penalty)
+    compiled.slots = compiled.decoder = PagedDecoder(compiled.model, max_batch=4, max_tokens=512, max_new_tokens=64,
+                                                     pad_id=compiled.pad_id, pool_tokens=4096, compile_layers=True,
+                                                     repetition_penalty=compiled.repetition_penalty)
     assert compiled.decoder.compiled
     torch._dynamo.reset()
     counters.clear()
@@ -241,20 +240,20 @@ def test_a_failed_prefill_fails_its_job_unless_the_device_failed(endless_model, 
     import torch
 
     from glyphq.worker.errors import DeviceFailed, ModelError
-    from glyphq.worker.slots import SlotDecoder
+    from glyphq.worker.paged import PagedDecoder
 
     engine = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "4"}))
     running = Continuous(engine, (320, 240))
     page = Image.open(io.BytesIO(png_bytes(seed=5)))
     running.add("busy", EngineJob([page], "long", 60))
     running.step()
-    real_admit = SlotDecoder.admit
+    real_start = PagedDecoder.start
     failure = RuntimeError("bad shapes") if error == "job" else torch.AcceleratorError("CUDA error: illegal address")
 
-    def failing_admit(self, admissions):
+    def failing_start(self, row, prompt, budget=None):
         raise failure
 
-    monkeypatch.setattr(SlotDecoder, "admit", failing_admit)
+    monkeypatch.setattr(PagedDecoder, "start", failing_start)
     running.add("joining", EngineJob([page], "short", 8))
     outcomes: dict = {}
 
@@ -270,7 +269,7 @@ def test_a_failed_prefill_fails_its_job_unless_the_device_failed(endless_model, 
             return
         step_until_joining_is_admitted()
         assert isinstance(outcomes["joining"], ModelError) and "bad shapes" in str(outcomes["joining"])
-        monkeypatch.setattr(SlotDecoder, "admit", real_admit)
+        monkeypatch.setattr(PagedDecoder, "start", real_start)
         rest = {f.key: f.outcome for f in running.run()}
         assert rest["busy"].tokens_out == 60
     finally:

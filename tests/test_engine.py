@@ -12,7 +12,6 @@ from PIL import Image
 from glyphq.celeryconfig import Settings
 from glyphq.producer import submit
 from glyphq.worker import engine as engine_module
-from glyphq.worker.decode import PREFILL_PADDING, prefill_groups
 from glyphq.worker.engine import EngineJob, answer_within_memory, build_messages, load
 from glyphq.worker.errors import ModelError
 from glyphq.worker.prompts import collate
@@ -113,15 +112,3 @@ def test_collate_pads_rows_on_the_left_and_concatenates_pixels():
     mixed = collate([text_only, long], pad_id=0)
     assert mixed["input_ids"].tolist() == [[0, 0, 0, 0, 9], [1, 2, 3, 4, 5]]
     assert mixed["pixel_values"].shape == (3, 4), "only the prompt with an image brings pixels"
-
-
-def test_prefill_groups_keep_padding_small():
-    """Prompts of similar length share a prompt pass; a much shorter one gets its own."""
-    assert prefill_groups([100, 20, 98, 22, 50]) == [[0, 2], [4], [3, 1]]
-    assert prefill_groups([7, 7, 7]) == [[0, 1, 2]]
-    for lengths in ([300, 1200, 650, 1190, 260, 590], [5, 500, 40, 41, 42, 1000]):
-        groups = prefill_groups(lengths)
-        assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
-        for group in groups:
-            padded = max(lengths[i] for i in group) * len(group)
-            assert padded <= (1 + PREFILL_PADDING) * sum(lengths[i] for i in group)

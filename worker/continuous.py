@@ -1,26 +1,28 @@
-"""Iteration-level scheduling over a :class:`worker.slots.SlotDecoder`: jobs join and leave between steps.
+"""Iteration-level scheduling over a :class:`worker.paged.PagedDecoder`: jobs join and leave between steps.
 
-Each :meth:`Continuous.step` is one scheduling iteration:
+Each :meth:`Continuous.step` is one scheduling iteration: decide, then do, then update.
 
-1. Admission: while a slot is free, the waiting job that is most urgent (lowest ``priority``), then
-   oldest, whose pages are ready is put in the prefill of this iteration. A job's pages are decoded
-   and fitted to the box by a few threads from the moment it is added (``PAGE_THREADS``), so that CPU
-   work never holds up the rows decoding on the GPU; only the processor runs here. The last
-   ``reserved_slots(max_batch)`` free slots take only jobs of ``urgent_priority`` or more urgent, so
-   such a job never waits for a long row to end. One iteration prefills at most
-   ``PREFILL_TOKENS`` prompt tokens (a longer single prompt goes alone), in passes of prompts of
-   similar length (``worker.decode.prefill_groups``), so the rows already decoding wait at most one
-   such pass (about 0.3 s on an H200 at 15k prompt tokens/s) between two decode chunks.
-2. Decode: ``CHECK_EVERY`` steps of every active row (fewer when a row's ``max_new_tokens`` is near).
-3. Rows that wrote a stop token, reached their ``max_new_tokens`` or passed their deadline end; their
-   slots are free for the next iteration's admission, and the results are returned at once.
+1. Decide (``worker.schedule.schedule``, from plain figures): which rows to preempt when the KV
+   cache's free blocks cannot hold the decoding rows' next tokens, which waiting jobs to admit (most
+   urgent, then oldest, while a row is free and the free blocks hold the job's prompt and a first
+   stretch of its answer; the last ``reserved_slots(max_batch)`` free rows take only jobs of
+   ``urgent_priority`` or more urgent, so such a job never waits for a long row to end), which prompt
+   chunks the step carries (``GLYPHQ_PREFILL_CHUNK`` tokens at most), and how many decode steps run.
+   A job's pages are decoded and fitted to the box by a few threads from the moment it is added
+   (``PAGE_THREADS``), so that CPU work never holds up the rows decoding; only the processor runs here.
+2. Do: preempt (the row's blocks go back at once; the job waits again and later runs from its prompt,
+   writing the same tokens: decoding is greedy and its rules start again with it), admit (the vision
+   tower runs on the job's pages), then one step: a mixed step of the prompt chunks and one token of
+   every decoding row, or ``CHECK_EVERY`` decode steps (fewer when a row's ``max_new_tokens`` is near).
+3. Update: rows that wrote a stop token, reached their ``max_new_tokens`` or passed their deadline end;
+   their blocks are free for the next iteration, and the results are returned at once.
 
-A prefill that fails is retried job by job, and then fails only its own job, unless the device
-itself failed (a CUDA error): that raises ``DeviceFailed`` out of :meth:`Continuous.step`, as a
+A job whose start or prompt chunk fails is retried alone, and then fails only its own job, unless the
+device itself failed (a CUDA error): that raises ``DeviceFailed`` out of :meth:`Continuous.step`, as a
 failing decode step does, since no row could go on.
 
 Between two iterations :meth:`Continuous.cancel` drops one job (a revoke): its row ends unanswered
-and frees its slot as a finished one does.
+and frees its blocks as a finished one does.
 
 Nothing here knows about Celery or Redis.
 """
@@ -38,23 +40,23 @@ from typing import Any
 import torch
 
 from glyphq.worker import reasoning
-from glyphq.worker.decode import CHECK_EVERY, prefill_groups
+from glyphq.worker.decode import CHECK_EVERY
 from glyphq.worker.errors import DeviceFailed, ModelError, WorkerError
 from glyphq.worker.images import Box, fit_image, smaller_box
-from glyphq.worker.slots import Admission
+from glyphq.worker.schedule import Candidate, Plan, RowState, schedule
 
 log = logging.getLogger(__name__)
 
-#: Prompt tokens one iteration prefills at most (one prompt longer than this is prefilled alone).
-PREFILL_TOKENS = 4096
 #: Threads that decode and fit waiting jobs' pages (PIL releases the GIL while it decodes and resizes).
 PAGE_THREADS = 4
-#: One slot in this many is kept for urgent jobs (none below 16 slots).
+#: One row in this many is kept for urgent jobs (none below 16 rows).
 URGENT_SHARE = 16
+#: New tokens a job's blocks must hold beyond its prompt to be admitted: its first decode steps.
+FIRST_STRETCH = CHECK_EVERY
 
 
 def reserved_slots(max_batch: int) -> int:
-    """Slots kept free for urgent jobs in a running batch of ``max_batch`` slots."""
+    """Rows kept free for urgent jobs in a running batch of ``max_batch`` rows."""
     return max_batch // URGENT_SHARE
 
 
@@ -62,7 +64,7 @@ class DeadlinePassed(WorkerError):
     """Raised when a job was still decoding at its deadline (``GLYPHQ_SOFT_TIME_LIMIT``)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Waiting:
     key: Any
     job: Any  # worker.engine.EngineJob
@@ -75,18 +77,24 @@ class _Waiting:
     preprocess_s: float = 0.0
     generate_s: float = 0.0
     box: Box | None = None
+    started: float | None = None  # time.time() it was first admitted
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     waiting: _Waiting
-    slot: int
+    slot: int  # the decoder's row
     tokens_in: int
     vision_tokens: int
     started: float
-    produced: int = 1
-    tokens: list[int] = field(default_factory=list)  # new tokens so far, the first one from the prefill
+    prefilled: int = 0  # prompt tokens in the cache
+    produced: int = 0  # new tokens so far
+    tokens: list[int] = field(default_factory=list)
     checked: int = 0  # how many of them were looked at for a stop token
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.tokens_in
 
 
 @dataclass
@@ -104,10 +112,11 @@ class Stats:
 
     pages_wait_s: float = 0.0  # waiting for pages when nothing else could run
     process_s: float = 0.0  # the processor (text template, image tensors)
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0  # the vision tower and the steps with prompt chunks
     decode_s: float = 0.0
     steps: int = 0
-    row_steps: int = 0  # the sum over steps of the rows in use
+    row_steps: int = 0  # the sum over steps of the rows decoding
+    preemptions: int = 0  # rows preempted when the KV cache ran out of blocks (run again later)
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(value, 3) for name, value in vars(self).items()}
@@ -116,13 +125,13 @@ class Stats:
 class Continuous:
     """The running batch of one engine: ``add`` jobs at any time, call ``step`` until ``busy`` is False,
     then ``close``. ``priority`` 0 is most urgent; jobs at ``urgent_priority`` or lower may take the
-    slots kept for urgent jobs."""
+    rows kept for urgent jobs."""
 
-    def __init__(self, engine: Any, box: Box, prefill_tokens: int = PREFILL_TOKENS, urgent_priority: int = 0) -> None:
+    def __init__(self, engine: Any, box: Box, prefill_chunk: int | None = None, urgent_priority: int = 0) -> None:
         self.engine = engine
         self.decoder = engine.slots
         self.box = box
-        self.prefill_tokens = prefill_tokens
+        self.prefill_chunk = prefill_chunk or engine.prefill_chunk
         self.urgent_priority = urgent_priority
         self.reserved = reserved_slots(self.decoder.max_batch)
         self.waiting: list[_Waiting] = []
@@ -154,8 +163,8 @@ class Continuous:
         return [w.key for w in self.waiting] + [row.waiting.key for row in self.rows.values()]
 
     def cancel(self, key: Any) -> bool:
-        """Drop the job added as ``key``, waiting or decoding, between two steps: its slot is free for the
-        next admission and the other rows decode on. False if it is not in hand (it ended already)."""
+        """Drop the job added as ``key``, waiting or decoding, between two steps: its blocks are free for
+        the next admission and the other rows decode on. False if it is not in hand (it ended already)."""
         for waiting in self.waiting:
             if waiting.key is key:
                 self.waiting.remove(waiting)
@@ -180,23 +189,31 @@ class Continuous:
 
     @property
     def free_slots(self) -> int:
+        """Rows that could start now (``GLYPHQ_MAX_BATCH`` less the rows in the batch)."""
         return self.decoder.max_batch - len(self.rows)
 
     def room_for(self, priority: int) -> int:
         """How many more jobs of ``priority`` the next iteration could start, after the waiting ones."""
         urgent = sum(w.priority <= self.urgent_priority for w in self.waiting)
         normal = len(self.waiting) - urgent
-        unkept = max(0, self.free_slots - self.reserved)  # the free slots any job may take
+        unkept = max(0, self.free_slots - self.reserved)  # the free rows any job may take
         if priority <= self.urgent_priority:
             return self.free_slots - urgent - min(normal, unkept)
         return unkept - normal - max(0, urgent - (self.free_slots - unkept))
 
     def step(self) -> list[Finished]:
-        """One iteration: admit, decode a chunk, end rows. Returns the jobs that ended."""
-        finished = self._admit()
-        if self.rows:
-            finished += self._decode()
-        return finished
+        """One iteration: decide, preempt and admit, run one step, end rows. Returns the jobs that ended."""
+        finished = self._prepare_waiting()
+        plan = self._plan()
+        self._preempt(plan.preempt)
+        finished += self._admit(plan.admit)
+        chunks = [(slot, start, end) for waiting, start, end in plan.chunks
+                  if (slot := self._slot_of(waiting)) is not None]
+        if chunks:
+            finished += self._prefill(chunks)
+        elif plan.steps and any(row.decoding for row in self.rows.values()):
+            self._decode(plan.steps)
+        return finished + self._end_rows()
 
     def run(self) -> list[Finished]:
         """Step until every job has ended, then ``close``; every result, in the order the jobs ended."""
@@ -208,42 +225,35 @@ class Continuous:
             self.close()
         return done
 
-    # -- admission ------------------------------------------------------------------------------
+    # -- deciding -------------------------------------------------------------------------------
 
-    def _admit(self) -> list[Finished]:
-        """Choose the waiting jobs to start now, most urgent first, and prefill them."""
+    def _prepare_waiting(self) -> list[Finished]:
+        """Run the processor for the waiting jobs that could start now, most urgent first, whose pages
+        are ready; a job whose pages or prompt fail ends here."""
         failed: list[Finished] = []
-        chosen: list[_Waiting] = []
-        tokens = 0
         self._wait_for_pages()
         self.waiting.sort(key=lambda w: (w.priority, w.order))
-        pending = 0  # more urgent jobs whose pages are still being decoded: they keep a slot each
-        for waiting in list(self.waiting):
-            free = self.free_slots if waiting.priority <= self.urgent_priority else self.free_slots - self.reserved
-            if len(chosen) + pending >= free:
-                break
+        for waiting in list(self.waiting[:self.free_slots]):
             if waiting.prompt is None and waiting.pages is not None and not waiting.pages.done():
-                pending += 1  # the next iteration looks again
                 continue
             try:
                 self._prepare(waiting)
             except Exception as exc:  # a bad image or prompt fails its own job only
                 self.waiting.remove(waiting)
                 failed.append(Finished(waiting.key, _as_failure(exc), time.time()))
-                continue
-            assert waiting.prompt is not None
-            length = waiting.prompt["input_ids"].shape[1]
-            if chosen and tokens + length > self.prefill_tokens:
-                break
-            self.waiting.remove(waiting)
-            chosen.append(waiting)
-            tokens += length
-        if chosen:
-            failed += self._start(chosen)
         return failed
 
+    def _plan(self) -> Plan:
+        rows = [RowState(row.waiting, row.waiting.priority, row.waiting.order, self._cached(row), row.tokens_in,
+                         self.decoder.blocks_of(slot), row.waiting.job.max_new_tokens - row.produced, row.decoding)
+                for slot, row in self.rows.items()]
+        candidates = [Candidate(w, w.priority, w.order, _prompt_len(w) if w.prompt is not None else 0,
+                                ready=w.prompt is not None) for w in self.waiting[:self.free_slots]]
+        return schedule(rows, candidates, self.decoder.free_blocks, self.decoder.max_batch, self.reserved,
+                        self.urgent_priority, self.prefill_chunk, CHECK_EVERY, FIRST_STRETCH)
+
     def _wait_for_pages(self) -> None:
-        """With no row decoding, wait until some waiting job's pages are ready (rather than spin)."""
+        """With no row in the batch, wait until some waiting job's pages are ready (rather than spin)."""
         if self.rows:
             return
         pending = [w.pages for w in self.waiting if w.prompt is None and w.pages is not None]
@@ -272,92 +282,168 @@ class Continuous:
         elapsed = time.perf_counter() - started
         waiting.preprocess_s += elapsed
         self.stats.process_s += elapsed
-        total = waiting.prompt["input_ids"].shape[1] + job.max_new_tokens
+        prompt = _prompt_len(waiting)
+        total = prompt + job.max_new_tokens
+        if total > self.decoder.max_tokens:
+            raise ModelError(f"the prompt ({prompt} tokens) and max_new_tokens ({job.max_new_tokens}) do not fit "
+                             f"GLYPHQ_DECODE_MAX_TOKENS={self.decoder.max_tokens}")
         if not self.decoder.fits(total):
-            raise ModelError(f"the prompt ({waiting.prompt['input_ids'].shape[1]} tokens) and max_new_tokens "
-                             f"({job.max_new_tokens}) do not fit GLYPHQ_DECODE_MAX_TOKENS={self.decoder.max_tokens}")
+            raise ModelError(f"the prompt ({prompt} tokens) and max_new_tokens ({job.max_new_tokens}) do not fit "
+                             f"the KV cache pool of {self.decoder.pool_tokens} tokens (GLYPHQ_KV_CACHE_TOKENS)")
 
-    def _start(self, chosen: list[_Waiting]) -> list[Finished]:
-        """Prefill ``chosen`` in length groups; a group that fails is retried job by job."""
+    # -- doing ----------------------------------------------------------------------------------
+
+    def _slot_of(self, waiting: _Waiting) -> int | None:
+        return next((slot for slot, row in self.rows.items() if row.waiting is waiting), None)
+
+    def _preempt(self, victims: list[_Waiting]) -> None:
+        """Free the rows of ``victims``: each waits again, from its prompt, keeping its place in line."""
+        for waiting in victims:
+            slot = self._slot_of(waiting)
+            assert slot is not None
+            row = self.rows.pop(slot)
+            self.decoder.release(slot)
+            self.waiting.append(waiting)
+            self.stats.preemptions += 1
+            log.info("KV cache full: preempted a job of priority %d after %d new tokens; it runs again later",
+                     waiting.priority, row.produced)
+
+    def _admit(self, admitted: list[_Waiting]) -> list[Finished]:
+        """Start each admitted job in a free row: its blocks, its pages through the vision tower."""
         failed: list[Finished] = []
-        lengths = [w.prompt["input_ids"].shape[1] for w in chosen]  # type: ignore[index]
-        for group in prefill_groups(lengths):
-            failed += self._start_group([chosen[i] for i in group])
-        return failed
-
-    def _start_group(self, group: list[_Waiting]) -> list[Finished]:
-        free = [slot for slot in range(self.decoder.max_batch) if slot not in self.rows][:len(group)]
-        now, started = time.time(), time.perf_counter()
-        try:
-            budgets = [w.job.thinking_budget if self.engine.reasoning else None for w in group]
-            first = self.decoder.admit([Admission(slot, w.prompt or {}, budget)
-                                        for slot, w, budget in zip(free, group, budgets, strict=True)])
-        except Exception as exc:
-            for slot in free:
-                self.decoder.release(slot)
-            return self._retry(group, exc, now)
-        prefill_s = time.perf_counter() - started
-        self.stats.prefill_s += prefill_s
-        for slot, waiting in zip(free, group, strict=True):
+        for waiting in admitted:
+            slot = min(set(range(self.decoder.max_batch)) - set(self.rows))
+            now, started = time.time(), time.perf_counter()
             prompt = waiting.prompt
             assert prompt is not None
+            length = _prompt_len(waiting)
+            if not self.decoder.reserve(slot, length + FIRST_STRETCH):
+                raise RuntimeError("the plan admitted a job the pool has no blocks for")
+            try:
+                budget = waiting.job.thinking_budget if self.engine.reasoning else None
+                self.decoder.start(slot, prompt, budget)
+            except Exception as exc:
+                self.decoder.release(slot)
+                failed += self._failed_start(waiting, exc, now)
+                continue
+            self.waiting.remove(waiting)
+            elapsed = time.perf_counter() - started
+            self.stats.prefill_s += elapsed
+            waiting.preprocess_s += elapsed
+            waiting.started = waiting.started or now
             ids = prompt["input_ids"]
             vision = int((ids == self.engine.image_token_id).sum()) if self.engine.image_token_id is not None else 0
-            waiting.preprocess_s += prefill_s / len(group)
-            self.rows[slot] = _Row(waiting, slot, int(ids.shape[1]), vision, now, tokens=[first[group.index(waiting)]])
-            waiting.prompt = None  # the cache holds it now
-        return []
+            self.rows[slot] = _Row(waiting, slot, length, vision, waiting.started)
+        return failed
 
-    def _retry(self, group: list[_Waiting], exc: BaseException, now: float) -> list[Finished]:
+    def _failed_start(self, waiting: _Waiting, exc: BaseException, now: float) -> list[Finished]:
+        """A job that could not start: out of memory, it waits again in a smaller box once; else it fails."""
         out_of_memory = isinstance(exc, torch.OutOfMemoryError)
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        message = _message(exc)
         if isinstance(exc, torch.AcceleratorError):  # the device broke, not the job: every later job would fail too
             raise DeviceFailed(f"the device failed in a prefill: {message}") from exc
         traceback.clear_frames(exc.__traceback__)
         del exc
         self.engine.cleanup()
-        if len(group) > 1:
-            log.warning("a prefill of %d jobs failed (%s); prefilling each alone", len(group), message)
-            return [f for waiting in group for f in self._start_group([waiting])]
-        (waiting,) = group
         if out_of_memory and waiting.box is None:
             waiting.box, waiting.prompt = smaller_box(self.box), None
             log.warning("CUDA out of memory in a prefill; retrying with box %sx%s", *waiting.box)
-            try:
-                self._prepare(waiting)
-            except Exception as again:
-                return [Finished(waiting.key, _as_failure(again), now)]
-            return self._start_group([waiting])
+            return []
+        self.waiting.remove(waiting)
         log.warning("the model failed on a job: %s", message)
         return [Finished(waiting.key, ModelError(f"the model failed on this job: {message}"), now)]
 
-    # -- decoding -------------------------------------------------------------------------------
-
-    def _decode(self) -> list[Finished]:
-        rows, active = max(self.rows) + 1, len(self.rows)
-        steps = min([CHECK_EVERY] + [row.waiting.job.max_new_tokens - row.produced for row in self.rows.values()])
+    def _prefill(self, chunks: list[tuple[int, int, int]]) -> list[Finished]:
+        """One mixed step: the prompt chunks and a token of every decoding row. A step that fails is
+        retried chunk by chunk without the decoding rows; a chunk that fails alone fails its job."""
+        decoding = [slot for slot, row in self.rows.items() if row.decoding]
+        for slot in decoding:
+            self._reserve(slot, 1)
         started = time.perf_counter()
-        if steps > 0:
-            length = max(row.tokens_in + row.produced for row in self.rows.values()) + steps
-            self.decoder.decode(rows, length, steps)
-            latest = self.decoder.latest(rows, steps)
-            for row in self.rows.values():
-                row.tokens += latest[row.slot]
-                row.produced += steps
-            self.stats.steps += steps
-            self.stats.row_steps += steps * active
+        failed: list[Finished] = []
+        try:
+            finishing = self.decoder.prefill(chunks)
+        except Exception as exc:
+            if isinstance(exc, torch.AcceleratorError):
+                raise DeviceFailed(f"the device failed in a prefill: {_message(exc)}") from exc
+            message = _message(exc)
+            traceback.clear_frames(exc.__traceback__)
+            del exc
+            self.engine.cleanup()
+            log.warning("a step with %d prompt chunk(s) failed (%s); prefilling each alone", len(chunks), message)
+            decoding, finishing = [], []
+            for chunk in chunks:
+                try:
+                    finishing += self.decoder.prefill([chunk], decode=False)
+                except Exception as again:
+                    if isinstance(again, torch.AcceleratorError):
+                        raise DeviceFailed(f"the device failed in a prefill: {_message(again)}") from again
+                    row = self.rows.pop(chunk[0])
+                    self.decoder.release(chunk[0])
+                    failed.append(Finished(row.waiting.key, ModelError(
+                        f"the model failed on this job: {_message(again)}"), row.started))
+        elapsed = time.perf_counter() - started
+        self.stats.prefill_s += elapsed
+        self.stats.steps += 1
+        self.stats.row_steps += len(decoding)
+        share = elapsed / max(1, len(self.rows))
+        for slot, _, end in chunks:
+            if slot in self.rows:
+                self.rows[slot].prefilled = end
+                self.rows[slot].waiting.preprocess_s += share
+        for slot in decoding:
+            self.rows[slot].waiting.generate_s += share
+        self._collect(decoding + finishing, 1)
+        return failed
+
+    def _decode(self, steps: int) -> None:
+        decoding = [slot for slot, row in self.rows.items() if row.decoding]
+        for slot in decoding:
+            self._reserve(slot, steps)
+        rows = max(decoding) + 1
+        length = max(self._cached(self.rows[slot]) for slot in decoding) + steps
+        started = time.perf_counter()
+        self.decoder.decode(rows, length, steps)
+        self._collect(decoding, steps)
         elapsed = time.perf_counter() - started
         self.stats.decode_s += elapsed
-        share = elapsed / len(self.rows)
+        self.stats.steps += steps
+        self.stats.row_steps += steps * len(decoding)
+        for slot in decoding:
+            self.rows[slot].waiting.generate_s += elapsed / len(decoding)
+
+    def _reserve(self, slot: int, steps: int) -> None:
+        if not self.decoder.reserve(slot, self._cached(self.rows[slot]) + steps):
+            raise RuntimeError("the plan decoded a row the pool has no blocks for")
+
+    def _collect(self, slots: list[int], steps: int) -> None:
+        """Each of ``slots`` wrote ``steps`` new tokens: read them (one small copy)."""
+        if not slots:
+            return
+        latest = self.decoder.latest(max(slots) + 1, steps)
+        for slot in slots:
+            row = self.rows[slot]
+            row.tokens += latest[slot]
+            row.produced += steps
+
+    @staticmethod
+    def _cached(row: _Row) -> int:
+        """Tokens of ``row`` in the cache: its prompt's, then all new ones but the last (written next step)."""
+        return row.prefilled + max(0, row.produced - 1)
+
+    # -- updating -------------------------------------------------------------------------------
+
+    def _end_rows(self) -> list[Finished]:
+        """End the rows that wrote a stop token, reached their ``max_new_tokens`` or passed their deadline."""
         now = time.monotonic()
+        active = len(self.rows)
         finished: list[Finished] = []
         for slot, row in list(self.rows.items()):
-            row.waiting.generate_s += share
             ids = row.tokens[:row.produced]
             stop = next((i for i in range(row.checked, len(ids)) if ids[i] in self.engine.eos_ids), None)
-            row.checked = len(ids)  # tokens of earlier chunks were looked at then
+            row.checked = len(ids)  # tokens of earlier steps were looked at then
             deadline = row.waiting.deadline
-            if stop is None and row.produced < row.waiting.job.max_new_tokens:
+            if stop is None and (not row.decoding or row.produced < row.waiting.job.max_new_tokens):
                 if deadline is None or now < deadline:
                     continue
                 outcome: Any = DeadlinePassed(f"still answering after {row.produced} new tokens at its time limit")
@@ -383,6 +469,15 @@ class Continuous:
             preprocess_s=row.waiting.preprocess_s, generate_s=row.waiting.generate_s,
             batch_size=active, token_ids=ids,
         )
+
+
+def _prompt_len(waiting: _Waiting) -> int:
+    assert waiting.prompt is not None
+    return int(waiting.prompt["input_ids"].shape[1])
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _as_failure(exc: BaseException) -> BaseException:

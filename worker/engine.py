@@ -112,8 +112,9 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self.image_token_id = getattr(processor, "image_token_id", None)
         self.min_side = processor_min_side(processor)  # no side of a fitted image is shorter
-        self.slots: Any = None  # worker.slots.SlotDecoder: the worker decodes in slots
+        self.slots: Any = None  # worker.paged.PagedDecoder: the worker decodes over a paged KV cache
         self.decoder: Any = None  # the same, under the name the hand-over warms its steps through
+        self.prefill_chunk = 2048  # prompt tokens one step carries at most (GLYPHQ_PREFILL_CHUNK)
         # A torch (torchvision) image processor can resize and normalize on the GPU: 0.12 s instead of
         # 0.28 s for 32 pages on an H200. A PIL one runs on the CPU only.
         on_gpu = device.type == "cuda" and isinstance(getattr(processor, "image_processor", None), TorchvisionBackend)
@@ -249,7 +250,7 @@ def load(settings: Settings, defer_cache: bool = False) -> Engine:
     """Load ``settings.model`` (a hub id or a local path): bf16 on CUDA, float32 on CPU, in eval mode.
 
     With ``defer_cache`` (a successor whose predecessor still holds the GPU) the decoder starts with a
-    provisional KV cache, until ``engine.decoder.allocate()`` (``worker.slots``)."""
+    provisional KV cache pool, until ``engine.decoder.allocate()`` (``worker.paged``)."""
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # Slots on every device by default; "generate" keeps ``model.generate`` for in-process answers (a
@@ -270,14 +271,23 @@ def load(settings: Settings, defer_cache: bool = False) -> Engine:
     log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
     engine = Engine(model, processor, device, dtype, settings.model, settings.repetition_penalty)
     if static:
-        from glyphq.worker.slots import SlotDecoder
+        from glyphq.worker.paged import CPU_POOL_TOKENS, PROVISIONAL_TOKENS, PagedDecoder, prefill_chunk_for
 
         if compiler is not None:
             compiler.join()
-        engine.slots = engine.decoder = SlotDecoder(
+        engine.prefill_chunk = settings.prefill_chunk or prefill_chunk_for(device)
+        from_card = settings.kv_cache_tokens == 0 and device.type == "cuda"
+        pool_tokens = settings.kv_cache_tokens or (PROVISIONAL_TOKENS if from_card else CPU_POOL_TOKENS)
+        engine.slots = engine.decoder = PagedDecoder(
             model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
-            max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id, compile_layers=compile_layers,
-            repetition_penalty=settings.repetition_penalty, reasoning=engine.reasoning, allocate=not defer_cache)
+            max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id, pool_tokens=pool_tokens,
+            compile_layers=compile_layers, repetition_penalty=settings.repetition_penalty,
+            reasoning=engine.reasoning, allocate=not defer_cache)
+        if from_card:
+            pool_tokens = engine.decoder.size_from_card(settings.gpu_memory_utilization, engine.prefill_chunk)
+        log.info("KV cache pool: %d tokens (%.2f GB%s), %d rows at most, prompt chunks of %d tokens",
+                 pool_tokens, engine.decoder.pool_bytes() / 1e9, ", provisional until it takes over" if defer_cache
+                 else "", settings.max_batch, engine.prefill_chunk)
     return engine
 
 

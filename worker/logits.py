@@ -60,6 +60,20 @@ class DecodeRules:
         part.forced = self.forced[start:stop]
         return part
 
+    def take(self, rows: torch.Tensor) -> DecodeRules:
+        """The state of ``rows`` (indexes) as rules of their own, copied: :meth:`put` writes it back."""
+        part = DecodeRules.__new__(DecodeRules)
+        part.penalty, part.tags = self.penalty, self.tags
+        part.seen = self.seen[rows] if self.seen is not None else None
+        part.budget, part.closed, part.forced = self.budget[rows], self.closed[rows], self.forced[rows]
+        return part
+
+    def put(self, rows: torch.Tensor, part: DecodeRules) -> None:
+        """Write the state :meth:`take` copied (and ``choose`` moved on) back to ``rows``."""
+        if self.seen is not None and part.seen is not None:
+            self.seen[rows] = part.seen
+        self.budget[rows], self.closed[rows], self.forced[rows] = part.budget, part.closed, part.forced
+
     def snapshot(self) -> list[torch.Tensor]:
         """Copies of every buffer, for :meth:`restore`."""
         return [t.clone() for t in (self.seen, self.budget, self.closed, self.forced) if t is not None]

@@ -119,7 +119,7 @@ def _warm_up_for(predecessor: int) -> str:
     compile) the decode steps of batch 1 and 2 at each cache length the predecessor used, then answer a
     small warm-up batch. Returns what it did, for the log."""
     from glyphq.worker.decode import MIN_CACHE_LEN
-    from glyphq.worker.slots import PROVISIONAL_ROWS
+    from glyphq.worker.paged import PROVISIONAL_ROWS
 
     started = time.perf_counter()
     decoder = getattr(_engine, "decoder", None)
@@ -175,7 +175,7 @@ def _take_over_from(predecessor: int, until: float) -> None:
     retry_until = min(started + FULL_CACHE_WAIT_S, until) if gone else started
     while not decoder.allocate():
         if time.perf_counter() >= retry_until:
-            need_gb = decoder.cache_bytes(decoder.max_batch) / 1e9
+            need_gb = decoder.pool_bytes() / 1e9
             log.warning("the full KV cache (%.1f GB) does not fit %s child %d; this child leaves", need_gb,
                         "after" if gone else "beside", predecessor)
             logging.shutdown()
@@ -271,13 +271,13 @@ def may_hand_over() -> bool:
 def room_for_a_successor() -> bool:
     """Whether a successor could load beside this child now (GPU memory; always True on the CPU)."""
     from glyphq.worker import memory
-    from glyphq.worker.slots import PROVISIONAL_ROWS
+    from glyphq.worker.paged import PROVISIONAL_TOKENS
 
     decoder = getattr(_engine, "decoder", None)
     if _engine is None or decoder is None:
         return False
-    return memory.room_for_a_successor(_engine.device, decoder.cache_bytes(decoder.max_batch),
-                                       decoder.cache_bytes(min(PROVISIONAL_ROWS, decoder.max_batch)))
+    return memory.room_for_a_successor(_engine.device, decoder.pool_bytes(),
+                                       decoder.pool_bytes(min(PROVISIONAL_TOKENS, decoder.pool_tokens)))
 
 
 def fetch(eng: Any, job_id: str, raw_job: object) -> _Fetched:

@@ -1,7 +1,7 @@
 """The device fails under a running batch: the child leaves, and its successor answers every job.
 
 The fault is a ``sitecustomize`` module on the worker's ``PYTHONPATH``: in every worker child it wraps
-``SlotDecoder.decode`` so that, once the test creates a flag file, the first child to decode fails on
+``PagedDecoder.decode`` so that, once the test creates a flag file, the first child to decode fails on
 that step and on every later one, as a child does after a sticky CUDA error (an illegal memory access).
 Only that child sees it: it takes the flag.
 """
@@ -33,9 +33,9 @@ FAULT = textwrap.dedent('''
 
     @worker_process_init.connect(weak=False)
     def _break_decoding_when_flagged(**_):
-        from glyphq.worker.slots import SlotDecoder
+        from glyphq.worker.paged import PagedDecoder
 
-        flag, real_decode, broken = os.environ["FAULT_DEVICE_FLAG"], SlotDecoder.decode, []
+        flag, real_decode, broken = os.environ["FAULT_DEVICE_FLAG"], PagedDecoder.decode, []
 
         def decode(self, *args, **kwargs):
             if not broken and os.path.exists(flag):
@@ -48,7 +48,7 @@ FAULT = textwrap.dedent('''
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return real_decode(self, *args, **kwargs)
 
-        SlotDecoder.decode = decode
+        PagedDecoder.decode = decode
 ''')
 
 #: Long enough that both jobs still decode when the fault is raised, short enough to run again soon.
