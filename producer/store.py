@@ -1,4 +1,4 @@
-"""glyphq's own Redis keys: image blobs, job-id claims, run counters and session history.
+"""glyphq's own Redis keys: image blobs, job-id claims, run counters, session history and text streams.
 
 Every key starts with ``glyphq:`` and carries a TTL, so none grows without bound.
 """
@@ -75,6 +75,11 @@ def runs_key(job_id: str) -> str:
 def session_key(session: str) -> str:
     """Key of a session's list of turns, oldest first."""
     return f"{KEY_PREFIX}session:{session}"
+
+
+def stream_key(job_id: str) -> str:
+    """Key of the Redis stream of a job's text as it is written (``producer.stream``)."""
+    return f"{KEY_PREFIX}stream:{job_id}"
 
 
 _OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}

@@ -12,6 +12,11 @@ Besides jobs, the channel carries control frames: "drain" (start nothing more) a
 slot while the others decode on; nothing is stored for it, and its "revoked" report lets the main
 process announce it.
 
+A job submitted with ``stream=True`` has its text published as it is written (``producer.stream``):
+each decode chunk feeds its rows' new ids to their ``worker.streaming.TextStream``, and the text they
+add goes to Redis in one round trip at most every ``PUBLISH_EVERY_S``; the rest of the text and the
+stream's end follow once the job's outcome is stored. A failed append is logged, never fails a job.
+
 :func:`serve` returns once nothing is running or waiting for a moment, or when this child has
 answered its ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs, or a memory guard asked for its replacement;
 billiard then replaces the child as after any task.
@@ -29,6 +34,7 @@ from celery import states
 from celery.app.task import Context
 
 from glyphq.celeryconfig import PRIORITY_LEVELS, settings
+from glyphq.producer import stream
 from glyphq.producer.options import celery_priority
 from glyphq.tasks.app import app
 from glyphq.tasks.channel import Channel
@@ -57,6 +63,9 @@ class _Job:
     started: float = 0.0  # time.time() at admission
     started_monotonic: float = 0.0
     earlier_runs: int | None = None  # starts counted before this delivery (read for redelivered jobs)
+    text: Any = None  # worker.streaming.TextStream of a job submitted with stream=True
+    entries: int = 0  # text entries published in this run
+    unsent: list[str] = field(default_factory=lambda: ["", ""])  # reasoning and answer text not yet published
 
     @property
     def id(self) -> str:
@@ -98,13 +107,17 @@ class Server:
         self.engine = runtime.engine()
         # The slots kept for urgent jobs take glyphq priority 9 (sent to Redis as 0) only.
         self.running = Continuous(self.engine, settings.max_image_size,
-                                  urgent_priority=celery_priority(PRIORITY_LEVELS - 1))
+                                  urgent_priority=celery_priority(PRIORITY_LEVELS - 1), on_tokens=self._on_tokens)
         self.queued: list[_Job] = []
         self.sessions: set[str] = set()
         self.alone: _Job | None = None  # a job whose last run died, running by itself
         self.draining = False  # the worker is stopping: start nothing more
         self.tidied = time.monotonic()
         self._order = 0
+        self.unpublished: dict[str, _Job] = {}  # streamed jobs with text not yet published, by id
+        self.ended_streams: list[tuple[str, dict[str, str]]] = []
+        self.published = 0.0  # time.monotonic() of the last append
+        self.publish_failed = False
 
     def run(self) -> dict[str, Any]:
         """Serve until idle or done (see the module docstring); what the main process needs to know."""
@@ -139,6 +152,7 @@ class Server:
                     self._leave(exc)
                 for finished in ended:
                     self._finish(finished.key, finished.outcome)
+                self._publish()
                 if time.monotonic() - self.tidied >= TIDY_S:
                     self._tidy(idle=False)
                 continue
@@ -223,6 +237,10 @@ class Server:
             return
         if session:
             self.sessions.add(session)
+        if job.fetched.job.stream:
+            from glyphq.worker.streaming import TextStream
+
+            job.text = TextStream(self.engine.processor.tokenizer, tags=self.engine.reasoning is not None)
         self.running.add(job, runtime.engine_job(job.fetched, job.history), job.priority,
                          deadline=job.started_monotonic + settings.soft_time_limit_s)
 
@@ -275,6 +293,10 @@ class Server:
             self.channel.report({"id": job.id, "event": "unstored"})
             return
         state = states.SUCCESS if ok else states.FAILURE
+        if job.text is not None:
+            if ok:
+                self._add_text(job, job.text.finish(result.get("reasoning"), result.get("answer") or ""))
+            self._end_stream(job, state)
         metrics.job_finished(name, state)
         release_finished(name, job.id, job.message.get("args") or (), job.message.get("kwargs") or {}, state)
         runtime.after_job()
@@ -308,7 +330,65 @@ class Server:
             self._ended(job)
             runtime.after_job()  # its run was counted when it started
             log.info("Task %s[%s] revoked: its row left the running batch", job.message.get("task"), task_id)
+            if job.text is not None:
+                self._end_stream(job, states.REVOKED)
         self.channel.report({"id": task_id, "event": "revoked"})
+
+    # -- streamed text --------------------------------------------------------------------------
+
+    def _on_tokens(self, job: _Job, ids: list[int]) -> None:
+        """The running batch's call per row and decode chunk: the new text of a streamed job, kept to publish."""
+        if job.text is None or not ids:
+            return
+        try:
+            self._add_text(job, job.text.feed(ids))
+        except Exception:  # noqa: BLE001  (a stream never fails its job: the result still has all the text)
+            log.warning("streaming the text of %s failed; the rest comes with its result", job.id, exc_info=True)
+            job.text = None
+
+    def _add_text(self, job: _Job, added: dict[str, str]) -> None:
+        reasoning, answer = added.get(stream.REASONING, ""), added.get(stream.ANSWER, "")
+        if reasoning or answer:
+            job.unsent[0] += reasoning
+            job.unsent[1] += answer
+            self.unpublished[job.id] = job
+
+    def _end_stream(self, job: _Job, state: str) -> None:
+        """A streamed job ended: its last text and the stream's end go out now."""
+        self.ended_streams.append((job.id, stream.end_entry(state)))
+        job.text = None
+        self._publish(now=True)
+
+    def _publish(self, now: bool = False) -> None:
+        """Append the text kept since the last append, one entry per job, at most every ``PUBLISH_EVERY_S``."""
+        if not (self.unpublished or self.ended_streams):
+            return
+        if not now and time.monotonic() - self.published < stream.PUBLISH_EVERY_S:
+            return
+        entries = []
+        for job in self.unpublished.values():
+            job.entries += 1
+            entries.append((job.id, stream.text_entry(job.entries, *job.unsent)))
+            job.unsent = ["", ""]
+        entries += self.ended_streams
+        self.unpublished, self.ended_streams = {}, []
+        self.published = time.monotonic()
+        try:
+            stream.publish(self._redis(), entries)
+        except Exception as exc:  # noqa: BLE001  (Redis away: the results carry the text, readers settle from them)
+            if not self.publish_failed:
+                log.warning("could not publish streamed text (%s: %s); it comes with the results", type(exc).__name__,
+                            exc)
+            self.publish_failed = True
+            return
+        if self.publish_failed:
+            log.info("publishing streamed text again")
+            self.publish_failed = False
+
+    def _redis(self) -> Any:
+        from glyphq.producer.store import settings_client
+
+        return settings_client(settings)
 
 
 def serve(epoch: int, room: int) -> dict[str, Any]:

@@ -19,6 +19,9 @@ A prefill that fails is retried job by job, and then fails only its own job, unl
 itself failed (a CUDA error): that raises ``DeviceFailed`` out of :meth:`Continuous.step`, as a
 failing decode step does, since no row could go on.
 
+With ``on_tokens`` set, each decode chunk ends with one call per row: ``on_tokens(key, ids)`` with the
+ids the row wrote in it (its stop token left out), for streaming its text (``worker.streaming``).
+
 Between two iterations :meth:`Continuous.cancel` drops one job (a revoke): its row ends unanswered
 and frees its slot as a finished one does.
 
@@ -31,6 +34,7 @@ import itertools
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +91,7 @@ class _Row:
     produced: int = 1
     tokens: list[int] = field(default_factory=list)  # new tokens so far, the first one from the prefill
     checked: int = 0  # how many of them were looked at for a stop token
+    given: int = 0  # how many of them were given to ``on_tokens``
 
 
 @dataclass
@@ -118,8 +123,10 @@ class Continuous:
     then ``close``. ``priority`` 0 is most urgent; jobs at ``urgent_priority`` or lower may take the
     slots kept for urgent jobs."""
 
-    def __init__(self, engine: Any, box: Box, prefill_tokens: int = PREFILL_TOKENS, urgent_priority: int = 0) -> None:
+    def __init__(self, engine: Any, box: Box, prefill_tokens: int = PREFILL_TOKENS, urgent_priority: int = 0,
+                 on_tokens: Callable[[Any, list[int]], None] | None = None) -> None:
         self.engine = engine
+        self.on_tokens = on_tokens
         self.decoder = engine.slots
         self.box = box
         self.prefill_tokens = prefill_tokens
@@ -356,6 +363,10 @@ class Continuous:
             ids = row.tokens[:row.produced]
             stop = next((i for i in range(row.checked, len(ids)) if ids[i] in self.engine.eos_ids), None)
             row.checked = len(ids)  # tokens of earlier chunks were looked at then
+            if self.on_tokens is not None:
+                end = len(ids) if stop is None else stop
+                self.on_tokens(row.waiting.key, ids[row.given:end])
+                row.given = end
             deadline = row.waiting.deadline
             if stop is None and row.produced < row.waiting.job.max_new_tokens:
                 if deadline is None or now < deadline:
