@@ -1,6 +1,6 @@
 """Streamed text, piece by piece: the worker's split (``worker.streaming``) and the reader's (``producer.stream``).
 
-No Redis or worker here; tests/test_stream_e2e.py streams through them.
+No Redis or worker here; tests/test_stream.py streams through them.
 """
 
 from __future__ import annotations
