@@ -21,6 +21,9 @@ the entries did not, from the stored result; put together, a kind's events are e
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +62,55 @@ def publish(client: redis.Redis, entries: list[tuple[str, dict[str, str]]]) -> N
         pipe.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
         pipe.expire(key, STREAM_END_TTL_S if "end" in fields else STREAM_TTL_S)
     pipe.execute()
+
+
+class Publisher:
+    """Appends entries from a thread of its own, in the order they are sent, so that a decode loop never
+    waits for Redis: :meth:`send` only queues them. A failed append is logged once, until one succeeds;
+    readers then take the text from the result."""
+
+    def __init__(self, client: Callable[[], redis.Redis]) -> None:
+        self._client = client
+        self._queue: queue.SimpleQueue[list[tuple[str, dict[str, str]]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def send(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Queue ``(job_id, fields)`` entries for appending."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="glyphq-stream", daemon=True)
+            self._thread.start()
+        self._queue.put(entries)
+
+    def close(self, timeout: float) -> None:
+        """Append what is queued (waiting up to ``timeout`` seconds), then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while (entries := self._queue.get()) is not None:
+            while True:  # what queued up meanwhile goes in the same round trip
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                entries += more
+            try:
+                publish(self._client(), entries)
+            except Exception as exc:  # noqa: BLE001  (Redis away: the results carry the text)
+                if not self._failing:
+                    log.warning("could not publish streamed text (%s: %s); it comes with the results",
+                                type(exc).__name__, exc)
+                self._failing = True
+                continue
+            if self._failing:
+                log.info("publishing streamed text again")
+                self._failing = False
 
 
 def text_entry(number: int, reasoning: str, answer: str) -> dict[str, str]:

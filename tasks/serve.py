@@ -14,7 +14,8 @@ process announce it.
 
 A job submitted with ``stream=True`` has its text published as it is written (``producer.stream``):
 each decode chunk feeds its rows' new ids to their ``worker.streaming.TextStream``, and the text they
-add goes to Redis in one round trip at most every ``PUBLISH_EVERY_S``; the rest of the text and the
+add goes to Redis in one round trip at most every ``PUBLISH_EVERY_S``, from a thread of its own
+(``producer.stream.Publisher``), so the decode loop never waits for Redis; the rest of the text and the
 stream's end follow once the job's outcome is stored. A failed append is logged, never fails a job.
 
 :func:`serve` returns once nothing is running or waiting for a moment, or when this child has
@@ -48,6 +49,8 @@ POLL_S = 0.01
 #: How often a busy child frees what its batch no longer uses, reads GPU memory and checks the GPU
 #: guard (an idle one does at once). Emptying the CUDA cache waits for the GPU's queued steps.
 TIDY_S = 30.0
+#: Longest wait at the end of a serving epoch for the streamed text still queued to be appended.
+PUBLISH_CLOSE_S = 2.0
 #: The exit status of a child whose running batch failed (``os.EX_SOFTWARE``).
 EXIT_BATCH_FAILED = 70
 
@@ -117,14 +120,20 @@ class Server:
         self.unpublished: dict[str, _Job] = {}  # streamed jobs with text not yet published, by id
         self.ended_streams: list[tuple[str, dict[str, str]]] = []
         self.published = 0.0  # time.monotonic() of the last append
-        self.publish_failed = False
+        self.publisher = stream.Publisher(self._redis)
+        self.streaming_s = 0.0  # spent on streamed text: decoding, splitting, appending
 
     def run(self) -> dict[str, Any]:
         """Serve until idle or done (see the module docstring); what the main process needs to know."""
+        started = time.perf_counter()
         try:
             return self._serve()
         finally:
             self.running.close()
+            self.publisher.close(timeout=PUBLISH_CLOSE_S)
+            if self.streaming_s:
+                log.info("streamed text took %.3f s of this serving epoch's %.3f s", self.streaming_s,
+                         time.perf_counter() - started)
 
     def _serve(self) -> dict[str, Any]:
         from glyphq.worker import runtime
@@ -340,11 +349,13 @@ class Server:
         """The running batch's call per row and decode chunk: the new text of a streamed job, kept to publish."""
         if job.text is None or not ids:
             return
+        started = time.perf_counter()
         try:
             self._add_text(job, job.text.feed(ids))
         except Exception:  # noqa: BLE001  (a stream never fails its job: the result still has all the text)
             log.warning("streaming the text of %s failed; the rest comes with its result", job.id, exc_info=True)
             job.text = None
+        self.streaming_s += time.perf_counter() - started
 
     def _add_text(self, job: _Job, added: dict[str, str]) -> None:
         reasoning, answer = added.get(stream.REASONING, ""), added.get(stream.ANSWER, "")
@@ -360,30 +371,22 @@ class Server:
         self._publish(now=True)
 
     def _publish(self, now: bool = False) -> None:
-        """Append the text kept since the last append, one entry per job, at most every ``PUBLISH_EVERY_S``."""
+        """Hand the text kept since the last append to the publisher, one entry per job, at most every
+        ``PUBLISH_EVERY_S``."""
         if not (self.unpublished or self.ended_streams):
             return
         if not now and time.monotonic() - self.published < stream.PUBLISH_EVERY_S:
             return
+        started = time.perf_counter()
         entries = []
         for job in self.unpublished.values():
             job.entries += 1
             entries.append((job.id, stream.text_entry(job.entries, *job.unsent)))
             job.unsent = ["", ""]
-        entries += self.ended_streams
+        self.publisher.send(entries + self.ended_streams)
         self.unpublished, self.ended_streams = {}, []
         self.published = time.monotonic()
-        try:
-            stream.publish(self._redis(), entries)
-        except Exception as exc:  # noqa: BLE001  (Redis away: the results carry the text, readers settle from them)
-            if not self.publish_failed:
-                log.warning("could not publish streamed text (%s: %s); it comes with the results", type(exc).__name__,
-                            exc)
-            self.publish_failed = True
-            return
-        if self.publish_failed:
-            log.info("publishing streamed text again")
-            self.publish_failed = False
+        self.streaming_s += time.perf_counter() - started
 
     def _redis(self) -> Any:
         from glyphq.producer.store import settings_client
