@@ -8,9 +8,14 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import raw_job
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from glyphq.celeryconfig import settings
+from glyphq.producer.errors import InvalidJob
+from glyphq.producer.schema import JobMessage
+from glyphq.producer.store import blob_key
 from glyphq.producer.stream import Follower, StreamEvent
 from glyphq.worker.reasoning import parse
 from glyphq.worker.streaming import Detokenizer, Splitter, partial_tag_start
@@ -140,3 +145,11 @@ def test_a_follower_that_missed_the_start_of_a_run_waits_for_the_result():
     assert follower.take([entry(3, "page"), entry(4, " read")]) == [], "entries 1 and 2 were trimmed"
     assert follower.settle({"reasoning": "read the page read", "answer": ""})[0] == \
         StreamEvent("reasoning", "read the page read")
+
+
+def test_a_message_says_whether_to_stream_with_a_boolean():
+    key = blob_key("0" * 64)
+    assert JobMessage.from_dict(raw_job(key, stream=True), settings).stream is True
+    assert JobMessage.from_dict(raw_job(key), settings).stream is False
+    with pytest.raises(InvalidJob, match="stream: must be true or false, got 'yes'"):
+        JobMessage.from_dict(raw_job(key, stream="yes"), settings)
