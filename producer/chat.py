@@ -276,17 +276,19 @@ def chunk(job_id: str, created: int, model: str, delta: dict[str, Any] | None,
     return data
 
 
-def stream_chunks(result: dict[str, Any], job_id: str, created: int, include_usage: bool,
-                  model: str) -> list[dict[str, Any]]:
-    """The chunks after the first (the role chunk): reasoning, content, finish and, if asked, usage."""
-    chunks = []
-    if result.get("reasoning"):
-        chunks.append(chunk(job_id, created, model, {"reasoning": result["reasoning"],
-                                                     "reasoning_content": result["reasoning"]},
-                            include_usage=include_usage))
-    if result.get("answer"):
-        chunks.append(chunk(job_id, created, model, {"content": result["answer"]}, include_usage=include_usage))
-    chunks.append(chunk(job_id, created, model, {}, result.get("finish_reason") or "stop", include_usage))
+def delta(kind: str, text: str) -> dict[str, Any]:
+    """A chunk's ``delta`` of new ``text`` of ``kind`` "reasoning" (in both reasoning fields, as in
+    ``completion``) or "answer" (``content``)."""
+    if kind == "reasoning":
+        return {"reasoning": text, "reasoning_content": text}
+    return {"content": text}
+
+
+def closing_chunks(result: dict[str, Any], job_id: str, created: int, include_usage: bool,
+                   model: str) -> list[dict[str, Any]]:
+    """The chunks that end a stream once its text is out: the finish reason and, if asked, the usage.
+    ``model`` is the served name the client asked for."""
+    chunks = [chunk(job_id, created, model, {}, result.get("finish_reason") or "stop", include_usage)]
     if include_usage:
         final = chunk(job_id, created, model, None)
         final["usage"] = usage(result)

@@ -1,4 +1,5 @@
-"""The ``glyphq`` command: thin commands over the producer library. Every command prints JSON.
+"""The ``glyphq`` command: thin commands over the producer library. Every command prints JSON (``--stream``:
+JSON Lines of text as it comes, then the result).
 
 Exit codes: 0 done, 1 the job failed (or expired), 2 refused (bad input, a bad GLYPHQ_* setting, a missing
 extra), 3 not finished yet, 4 Redis unreachable (or evicting keys), 5 the queue is full, 6 Redis is full
@@ -57,9 +58,12 @@ def _error(command: str, exc: GlyphqError, **fields: Any) -> None:
     print(f"glyphq {command}: {exc}", file=sys.stderr)
 
 
-def _wait(job: Job, timeout: float | None, command: str) -> int:
+def _wait(job: Job, timeout: float | None, command: str, stream: bool = False) -> int:
     try:
-        _print(job.result(timeout=timeout))
+        if stream:
+            _print(_follow(job, timeout))
+        else:
+            _print(job.result(timeout=timeout))
         return EXIT_OK
     except JobFailed as exc:
         _error(command, exc, error_type=exc.error_type, job_id=job.id, state="FAILURE")
@@ -81,13 +85,24 @@ def _no_such_job(command: str, job_id: str) -> int:
     return EXIT_NO_SUCH_JOB
 
 
+def _follow(job: Job, timeout: float | None) -> dict[str, Any]:
+    """Print each piece of the job's text as a JSON line as it comes; the result once it ends."""
+    result: dict[str, Any] = {}
+    for event in job.stream(timeout=timeout):
+        if event.result is not None:
+            result = event.result
+        else:
+            print(json.dumps({"kind": event.kind, "text": event.text}, ensure_ascii=False), flush=True)
+    return result
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Submit one image + question job; with --wait, print its result."""
+    """Submit one image + question job; with --wait, print its result; with --stream, its text first."""
     job = submit(args.image, args.question, max_new_tokens=args.max_new_tokens, priority=args.priority,
                  session=args.session, job_id=args.job_id, deadline=args.deadline,
-                 thinking_budget=args.thinking_budget)
-    if args.wait:
-        return _wait(job, args.timeout, "submit")
+                 thinking_budget=args.thinking_budget, stream=args.stream)
+    if args.wait or args.stream:
+        return _wait(job, args.timeout, "submit", args.stream)
     _print({"job_id": job.id, "state": job.state})
     return EXIT_OK
 
@@ -99,9 +114,9 @@ def cmd_ask_doc(args: argparse.Namespace) -> int:
     text = _read_text(args.file)
     job = submit_document(text, args.question, render=args.render_config, max_new_tokens=args.max_new_tokens,
                           priority=args.priority, session=args.session, job_id=args.job_id, deadline=args.deadline,
-                          thinking_budget=args.thinking_budget)
-    if args.wait:
-        return _wait(job, args.timeout, "ask-doc")
+                          thinking_budget=args.thinking_budget, stream=args.stream)
+    if args.wait or args.stream:
+        return _wait(job, args.timeout, "ask-doc", args.stream)
     _print({"job_id": job.id, "state": job.state})
     return EXIT_OK
 
@@ -207,7 +222,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the answer and print the result")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
+    p.add_argument("--stream", action="store_true",
+                   help='print the text as it is written, one JSON line each ({"kind": "reasoning" or "answer", '
+                        '"text"}), then the result')
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait or --stream (default 600)")
     p.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent)")
     p.add_argument("--session", help="make the job a turn of this conversation")
     p.add_argument("--max-new-tokens", type=int)

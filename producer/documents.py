@@ -81,6 +81,7 @@ def submit_document(
     session: str | None = None,
     job_id: str | None = None,
     deadline: float | None = None,
+    stream: bool = False,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue a question about a long text; it is rendered into pages on the ``render`` queue first.
@@ -89,7 +90,7 @@ def submit_document(
     as a mapping or a JSON file. ``thinking_budget`` is as in ``submit``. The result adds ``pages``,
     ``text_tokens``, ``vision_tokens`` and ``compression`` (text tokens per vision token) to the fields
     of an image job. A text that renders
-    to more than ``GLYPHQ_MAX_PAGES`` pages fails with ``InvalidJob``.
+    to more than ``GLYPHQ_MAX_PAGES`` pages fails with ``InvalidJob``. ``stream`` is as in ``submit``.
     """
     cfg = settings or default_settings
     text = check_text(text, cfg)
@@ -103,7 +104,7 @@ def submit_document(
         request = RenderRequest(text_key=key, text_chars=len(text), render=overrides)
         job = JobMessage(image_keys=(), image_sizes=(), image_bytes=0, question=options.question,
                          max_new_tokens=options.max_new_tokens, session=options.session, submitted_at=time.time(),
-                         text_key=key, thinking_budget=options.thinking_budget)
+                         text_key=key, thinking_budget=options.thinking_budget, stream=bool(stream))
         chain(
             app.signature(RENDER_TASK, kwargs={"request": request.to_dict(), "job_id": job_id}, queue=RENDER_QUEUE,
                           priority=options.celery_priority, expires=options.expires).set(task_id=f"{job_id}.render"),

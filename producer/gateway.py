@@ -1,6 +1,7 @@
 """``glyphq serve``: an HTTP gateway that speaks OpenAI's chat completions API in front of the queue.
 
-Endpoints: ``POST /v1/chat/completions`` (waits for the answer, or streams it as server-sent events),
+Endpoints: ``POST /v1/chat/completions`` (waits for the answer, or streams it as server-sent events while
+the worker writes it),
 ``POST /v1/jobs`` + ``GET /v1/jobs/{id}`` (the same without waiting), ``GET /v1/models``, ``GET /health``
 and ``GET /metrics``. Errors answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 Each API key is a tenant: it reads only the jobs it made (see ``producer.tenants``).
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -41,7 +43,8 @@ from glyphq.producer.errors import (
     RequestRefused,
 )
 from glyphq.producer.request_body import body_limit, read_json
-from glyphq.producer.store import check_broker
+from glyphq.producer.store import broker_error, check_broker, settings_client
+from glyphq.producer.stream import Follower, StreamEvent, read
 from glyphq.producer.submit import LOST_CHECK_S, Job
 from glyphq.producer.tenants import Keys, body_digest, idempotent_job_id, owns, submit_as
 from glyphq.producer.validation import check_identifier
@@ -53,6 +56,8 @@ JOB_HEADER = "X-Glyphq-Job-Id"
 HEALTH_TIMEOUT_S = 0.5
 #: Seconds between SSE comments that keep a streamed answer's connection open while its job waits.
 KEEPALIVE_S = 10.0
+#: A streamed answer reads its job's stream this often, and looks whether the job ended this often.
+STREAM_POLL_S, STREAM_READY_S = 0.05, 0.5
 #: Polling a job for its result: each pause is ``POLL_SHARE`` of the time waited so far, within these
 #: bounds, so a result is seen at most about 5% late (a 0.3 s job: 15 ms; a 10 s job: 250 ms).
 POLL_MIN_S, POLL_MAX_S, POLL_SHARE = 0.005, 0.25, 0.05
@@ -139,31 +144,67 @@ def _sse(data: dict[str, Any]) -> str:
 
 
 async def stream_answer(job: Job, request: chat.ChatRequest, cfg: Settings, timeout: float) -> AsyncIterator[str]:
-    """The SSE stream of a finished answer: role, reasoning, content, finish, usage (if asked), ``[DONE]``.
+    """The SSE stream of an answer as it is written: role, then reasoning and content deltas as the worker
+    publishes them, then the finish chunk, usage (if asked) and ``[DONE]``.
 
-    The job is queued by now; a failure after the first chunk is sent as an ``error`` event.
+    The job is queued by now; a failure after the first chunk is sent as an ``error`` event. A client
+    that leaves does not stop the job: it runs to its end and its result is stored (docs/openai-api.md).
     """
     created = int(time.time())
     model = request.model or cfg.served_model_names[0]
-    yield _sse(chat.chunk(job.id, created, model, {"role": "assistant", "content": ""},
-                          include_usage=request.include_usage))
-    task = asyncio.ensure_future(wait_result(job, timeout))
+
+    def piece(delta: dict[str, Any] | None, finish_reason: str | None = None) -> str:
+        return _sse(chat.chunk(job.id, created, model, delta, finish_reason, request.include_usage))
+
+    yield piece({"role": "assistant", "content": ""})
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_S)
-            if done:
-                break
-            yield ": waiting for the worker\n\n"
-        result = task.result()
+        async for event in follow(job, cfg, timeout):
+            if event is None:
+                yield ": waiting for the worker\n\n"
+            elif event.result is None:
+                yield piece(chat.delta(event.kind, event.text))
+            else:
+                for closing in chat.closing_chunks(event.result, job.id, created, request.include_usage, model):
+                    yield _sse(closing)
     except GlyphqError as exc:
         status, kind, code, param, extra = _describe(exc)
         yield _sse(chat.error_body(str(exc), kind, param, code, status=status, **extra))
         return
-    finally:
-        task.cancel()
-    for piece in chat.stream_chunks(result, job.id, created, request.include_usage, model):
-        yield _sse(piece)
     yield "data: [DONE]\n\n"
+
+
+async def follow(job: Job, cfg: Settings, timeout: float) -> AsyncIterator[StreamEvent | None]:
+    """The job's ``StreamEvent`` objects as ``Job.stream`` gives them, without holding a thread between two
+    reads, and None after each ``KEEPALIVE_S`` without one; ``JobTimeout`` past ``timeout``."""
+    follower = Follower()
+    client = settings_client(cfg)
+    start = checked = looked = quiet = time.monotonic()
+    while not follower.ended:
+        try:
+            events = follower.take(await run_in_threadpool(read, client, job.id, follower.last_id))
+        except redis.RedisError as exc:
+            raise broker_error(cfg, exc) from exc
+        for event in events:
+            yield event
+        now = time.monotonic()
+        if events:
+            quiet = now
+        elif now - quiet >= KEEPALIVE_S:
+            quiet = now
+            yield None
+        if now - looked >= STREAM_READY_S:  # a job that publishes nothing, or whose stream expired
+            looked = now
+            if await run_in_threadpool(job.ready):
+                break
+        if now - start >= timeout:
+            raise _timeout(job, timeout)
+        if now - checked > LOST_CHECK_S:
+            checked = now
+            if await run_in_threadpool(lambda: job.state) == "UNKNOWN":
+                raise JobLost(f"job {job.id}: Redis holds no record of it (lost with Redis's data); submit it again")
+        await asyncio.sleep(STREAM_POLL_S)
+    for event in follower.settle(await run_in_threadpool(_ready_result, job)):
+        yield event
 
 
 class Metrics:

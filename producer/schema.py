@@ -54,6 +54,12 @@ def _check_int(field: str, value: object) -> int:
     return value
 
 
+def _check_bool(field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidJob(field, f"must be true or false, got {value!r}")
+    return value
+
+
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -84,6 +90,7 @@ class JobMessage:
     render_s: float | None = None
     thinking_budget: int = 0  # new tokens of reasoning before the answer is due; 0: no budget
     history: tuple[dict[str, str], ...] = ()  # earlier turns the job carries itself (not a session's)
+    stream: bool = False  # publish the text as it is written (producer.stream)
     version: int = MESSAGE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +143,7 @@ class JobMessage:
             submitted_at=_check_time("submitted_at", data.get("submitted_at")),
             text_key=None if text_key is None else check_blob_key("text_key", text_key),
             render_s=None if render_s is None else _check_time("render_s", render_s),
+            stream=_check_bool("stream", data.get("stream", False)),
         )
 
 

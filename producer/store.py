@@ -1,4 +1,5 @@
-"""glyphq's own Redis keys: image blobs, job-id claims, run counters, session history and session locks.
+"""glyphq's own Redis keys: image blobs, job-id claims, run counters, session history, session locks and text
+streams.
 
 Every key starts with ``glyphq:`` and carries a TTL, so none grows without bound.
 """
@@ -122,6 +123,11 @@ def session_key(session: str) -> str:
 def session_lock_key(session: str) -> str:
     """Key naming the job whose turn of a session is running (``Store.lock_session``)."""
     return f"{KEY_PREFIX}session-lock:{session}"
+
+
+def stream_key(job_id: str) -> str:
+    """Key of the Redis stream of a job's text as it is written (``producer.stream``)."""
+    return f"{KEY_PREFIX}stream:{job_id}"
 
 
 _OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}

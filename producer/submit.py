@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -21,6 +21,7 @@ from glyphq.producer.images import ImageInput, check_image
 from glyphq.producer.options import check_job_options
 from glyphq.producer.schema import ANSWER_TASK, JobMessage
 from glyphq.producer.store import Store, broker_error, check_memory_room, queue_depths
+from glyphq.producer.stream import Follower, StreamEvent, read
 from glyphq.producer.validation import check_history
 from glyphq.tasks.app import app
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 JOB_STATES = ("PENDING", "STARTED", "SUCCESS", "FAILURE", "EXPIRED", "REVOKED", "UNKNOWN")
 #: How often ``Job.result`` looks whether a job it waits for still exists.
 LOST_CHECK_S = 5.0
+#: How long ``Job.stream`` waits for new text before it looks whether the job has ended.
+STREAM_WAIT_MS = 250
 
 
 class Job:
@@ -96,6 +99,36 @@ class Job:
             raise JobFailed(self.id, type(outcome).__name__, str(outcome))
         return value  # type: ignore[no-any-return]
 
+    def stream(self, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Follow the job's text as it is written: ``StreamEvent`` objects of kind "reasoning" and "answer"
+        with the new ``text``, then one of kind "result" with the ``result()`` dict, last.
+
+        The text comes while the job decodes if it was submitted with ``stream=True``; else it all
+        comes at the end. Put together, a kind's texts equal the result's ``reasoning`` or ``answer``.
+        A job that fails raises as ``result()`` does, after the text it wrote; ``JobTimeout`` if it has
+        not ended within ``timeout`` seconds (None: as long as it exists).
+        """
+        follower = Follower()
+        client = Store(self.settings).redis
+        start = checked = time.monotonic()
+        while not follower.ended:
+            try:
+                entries = read(client, self.id, follower.last_id, block_ms=STREAM_WAIT_MS)
+                yield from follower.take(entries)
+                if not entries and self.ready():
+                    break
+            except redis.RedisError as exc:
+                raise broker_error(self.settings, exc) from exc
+            now = time.monotonic()
+            if timeout is not None and now - start >= timeout:
+                raise JobTimeout(f"job {self.id} not finished after {timeout} s (state {self.state})")
+            if now - checked >= LOST_CHECK_S:
+                checked = now
+                if self.state == "UNKNOWN":
+                    raise JobLost(f"job {self.id}: Redis holds no record of it (never submitted, expired, or "
+                                  "lost with Redis's data); it will not finish, submit it again")
+        yield from follower.settle(self.result(timeout=LOST_CHECK_S))
+
     def _stop_listening(self) -> None:
         """Unsubscribe from the job's result now. Otherwise ``AsyncResult.__del__`` does it while Python
         shuts down, when redis-py can no longer connect, and prints a traceback at exit."""
@@ -114,6 +147,7 @@ def submit(
     job_id: str | None = None,
     deadline: float | None = None,
     history: list[dict[str, str]] | None = None,
+    stream: bool = False,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue an image + question job for the GPU worker and return its ``Job``.
@@ -125,6 +159,7 @@ def submit(
     again returns the same job without enqueuing it twice. A job not started within ``deadline``
     seconds never runs; its state becomes EXPIRED. ``history`` gives earlier turns with the job itself,
     as ``[{"question", "answer"}, ...]`` (at most ``GLYPHQ_HISTORY_TURNS``), instead of a stored session.
+    With ``stream=True`` the worker publishes the text as it writes it, for ``Job.stream()``.
 
     Every field is checked before Redis is touched; a refusal raises ``InvalidJob`` naming the
     field and the limit. ``QueueFull`` means the queue holds ``GLYPHQ_MAX_QUEUE`` jobs already and
@@ -147,6 +182,7 @@ def submit(
             submitted_at=time.time(),
             thinking_budget=options.thinking_budget,
             history=turns,
+            stream=bool(stream),
         )
         app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=options.job_id, queue=GPU_QUEUE,
                       priority=options.celery_priority, kwargsrepr=message.summary(), expires=options.expires)

@@ -97,7 +97,8 @@ def submit_as(tenant: str, job_id: str, digest: str, parsed: chat.ChatRequest, c
     readable by another key; a job that is refused leaves no record behind."""
     recorded = claim_job_id(cfg, job_id, tenant, digest)
     try:
-        return submit(parsed.image, parsed.question, job_id=job_id, settings=cfg, **parsed.submit_kwargs())
+        return submit(parsed.image, parsed.question, job_id=job_id, stream=parsed.stream, settings=cfg,
+                      **parsed.submit_kwargs())
     except BaseException:
         if recorded:
             try:

@@ -15,6 +15,12 @@ job is dropped, from the queue or from its row, which frees its slot while the o
 nothing is stored for it, and its "revoked" report lets the main process announce it. When the
 worker stops, the channel's draining flag tells the child to start nothing more.
 
+A job submitted with ``stream=True`` has its text published as it is written (``producer.stream``):
+each decode chunk feeds its rows' new ids to their ``worker.streaming.TextStream``, and the text they
+add goes to Redis in one round trip at most every ``PUBLISH_EVERY_S``, from a thread of its own
+(``producer.stream.Publisher``), so the decode loop never waits for Redis; the rest of the text and the
+stream's end follow once the job's outcome is stored. A failed append is logged, never fails a job.
+
 :func:`serve` returns once nothing is running or waiting for a moment, or when this child has
 answered its ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs, or a memory guard asked for its replacement;
 billiard then replaces the child as after any task.
@@ -32,6 +38,7 @@ from celery import states
 from celery.app.task import Context
 
 from glyphq.celeryconfig import PRIORITY_LEVELS, settings
+from glyphq.producer import stream
 from glyphq.producer.options import celery_priority
 from glyphq.tasks.app import app
 from glyphq.tasks.channel import Channel
@@ -49,6 +56,8 @@ LOCK_ERROR_RETRY_S = 1.0
 #: How often a busy child frees what its batch no longer uses, reads GPU memory and checks the GPU
 #: guard (an idle one does at once). Emptying the CUDA cache waits for the GPU's queued steps.
 TIDY_S = 30.0
+#: Longest wait at the end of a serving epoch for the streamed text still queued to be appended.
+PUBLISH_CLOSE_S = 2.0
 #: The exit status of a child whose running batch failed (``os.EX_SOFTWARE``).
 EXIT_BATCH_FAILED = 70
 
@@ -65,6 +74,9 @@ class _Job:
     started_monotonic: float = 0.0
     earlier_runs: int | None = None  # starts counted before this delivery (read for redelivered jobs)
     locked: str | None = None  # the session whose lock this job holds
+    text: Any = None  # worker.streaming.TextStream of a job submitted with stream=True
+    entries: int = 0  # text entries published in this run
+    unsent: list[str] = field(default_factory=lambda: ["", ""])  # reasoning and answer text not yet published
 
     @property
     def id(self) -> str:
@@ -114,7 +126,7 @@ class Server:
         self.engine = runtime.engine()
         # The slots kept for urgent jobs take glyphq priority 9 (sent to Redis as 0) only.
         self.running = Continuous(self.engine, settings.max_image_size,
-                                  urgent_priority=celery_priority(PRIORITY_LEVELS - 1))
+                                  urgent_priority=celery_priority(PRIORITY_LEVELS - 1), on_tokens=self._on_tokens)
         self.queued: list[_Job] = []
         self.sessions: set[str] = set()  # the sessions whose lock a job of this child holds
         # Sessions whose lock another job holds: when to try again (monotonic), and that job's id.
@@ -123,13 +135,23 @@ class Server:
         self.draining = False  # the worker is stopping: start nothing more
         self.tidied = time.monotonic()
         self._order = 0
+        self.unpublished: dict[str, _Job] = {}  # streamed jobs with text not yet published, by id
+        self.ended_streams: list[tuple[str, dict[str, str]]] = []
+        self.published = 0.0  # time.monotonic() of the last append
+        self.publisher = stream.Publisher(self._redis)
+        self.streaming_s = 0.0  # spent on streamed text: decoding, splitting, appending
 
     def run(self) -> dict[str, Any]:
         """Serve until idle or done (see the module docstring); what the main process needs to know."""
+        started = time.perf_counter()
         try:
             return self._serve()
         finally:
             self.running.close()
+            self.publisher.close(timeout=PUBLISH_CLOSE_S)
+            if self.streaming_s:
+                log.info("streamed text took %.3f s of this serving epoch's %.3f s", self.streaming_s,
+                         time.perf_counter() - started)
 
     def _serve(self) -> dict[str, Any]:
         from glyphq.worker import runtime
@@ -155,6 +177,7 @@ class Server:
                     self._leave(exc)
                 for finished in ended:
                     self._finish(finished.key, finished.outcome)
+                self._publish()
                 if time.monotonic() - self.tidied >= TIDY_S:
                     self._tidy(idle=False)
                 continue
@@ -290,6 +313,10 @@ class Server:
         except Exception as exc:
             self._finish(job, exc)
             return
+        if job.fetched.job.stream:
+            from glyphq.worker.streaming import TextStream
+
+            job.text = TextStream(self.engine.processor.tokenizer, tags=self.engine.reasoning is not None)
         self.running.add(job, runtime.engine_job(job.fetched, job.history), job.priority,
                          deadline=job.started_monotonic + settings.soft_time_limit_s)
 
@@ -345,6 +372,10 @@ class Server:
             self.channel.report({"id": job.id, "event": "unstored"})
             return
         state = states.SUCCESS if ok else states.FAILURE
+        if job.text is not None:
+            if ok:
+                self._add_text(job, job.text.finish(result.get("reasoning"), result.get("answer") or ""))
+            self._end_stream(job, state)
         metrics.job_finished(name, state)
         release_finished(name, job.id, job.message.get("args") or (), job.message.get("kwargs") or {}, state)
         runtime.after_job()
@@ -376,7 +407,59 @@ class Server:
             self._ended(job)
             runtime.after_job()  # its run was counted when it started
             log.info("Task %s[%s] revoked: its row left the running batch", job.message.get("task"), task_id)
+            if job.text is not None:
+                self._end_stream(job, states.REVOKED)
         self.channel.report({"id": task_id, "event": "revoked"})
+
+    # -- streamed text --------------------------------------------------------------------------
+
+    def _on_tokens(self, job: _Job, ids: list[int]) -> None:
+        """The running batch's call per row and decode chunk: the new text of a streamed job, kept to publish."""
+        if job.text is None or not ids:
+            return
+        started = time.perf_counter()
+        try:
+            self._add_text(job, job.text.feed(ids))
+        except Exception:  # noqa: BLE001  (a stream never fails its job: the result still has all the text)
+            log.warning("streaming the text of %s failed; the rest comes with its result", job.id, exc_info=True)
+            job.text = None
+        self.streaming_s += time.perf_counter() - started
+
+    def _add_text(self, job: _Job, added: dict[str, str]) -> None:
+        reasoning, answer = added.get(stream.REASONING, ""), added.get(stream.ANSWER, "")
+        if reasoning or answer:
+            job.unsent[0] += reasoning
+            job.unsent[1] += answer
+            self.unpublished[job.id] = job
+
+    def _end_stream(self, job: _Job, state: str) -> None:
+        """A streamed job ended: its last text and the stream's end go out now."""
+        self.ended_streams.append((job.id, stream.end_entry(state)))
+        job.text = None
+        self._publish(now=True)
+
+    def _publish(self, now: bool = False) -> None:
+        """Hand the text kept since the last append to the publisher, one entry per job, at most every
+        ``PUBLISH_EVERY_S``."""
+        if not (self.unpublished or self.ended_streams):
+            return
+        if not now and time.monotonic() - self.published < stream.PUBLISH_EVERY_S:
+            return
+        started = time.perf_counter()
+        entries = []
+        for job in self.unpublished.values():
+            job.entries += 1
+            entries.append((job.id, stream.text_entry(job.entries, *job.unsent)))
+            job.unsent = ["", ""]
+        self.publisher.send(entries + self.ended_streams)
+        self.unpublished, self.ended_streams = {}, []
+        self.published = time.monotonic()
+        self.streaming_s += time.perf_counter() - started
+
+    def _redis(self) -> Any:
+        from glyphq.producer.store import settings_client
+
+        return settings_client(settings)
 
 
 def serve(epoch: int, room: int) -> dict[str, Any]:

@@ -98,13 +98,14 @@ def test_results_become_completion_chunks_and_usage():
     assert completion["choices"][0]["finish_reason"] == "length"
     assert completion["usage"] == {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25,
                                    "completion_tokens_details": {"reasoning_tokens": 2}}
-    chunks = chat.stream_chunks(result, "j1", 7, include_usage=True, model="glyph")
+    assert chat.delta("reasoning", "read") == {"reasoning": "read", "reasoning_content": "read"}
+    assert chat.delta("answer", "ten") == {"content": "ten"}
+    chunks = chat.closing_chunks(result, "j1", 7, include_usage=True, model="glyph")
     assert {c["model"] for c in chunks} == {"glyph"}
-    assert [list(c["choices"][0]["delta"]) if c["choices"] else None for c in chunks] == \
-        [["reasoning", "reasoning_content"], ["content"], [], None]
-    assert chunks[-1]["usage"]["total_tokens"] == 25 and all(c["usage"] is None for c in chunks[:-1])
-    plain = chat.stream_chunks({**result, "reasoning": None}, "j1", 7, include_usage=False, model="glyph")
-    assert [c["choices"][0]["delta"] for c in plain] == [{"content": "ten"}, {}]
+    assert [c["choices"][0]["finish_reason"] if c["choices"] else None for c in chunks] == ["length", None]
+    assert chunks[-1]["usage"]["total_tokens"] == 25 and chunks[0]["usage"] is None
+    plain = chat.closing_chunks({**result, "finish_reason": None}, "j1", 7, include_usage=False, model="glyph")
+    assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in plain] == [({}, "stop")]
     assert all("usage" not in c for c in plain)
 
 

@@ -21,6 +21,10 @@ A job whose start or prompt chunk fails is retried alone, and then fails only it
 device itself failed (a CUDA error): that raises ``DeviceFailed`` out of :meth:`Continuous.step`, as a
 failing decode step does, since no row could go on.
 
+With ``on_tokens`` set, each decode chunk ends with one call per row: ``on_tokens(key, ids)`` with the
+ids the row wrote in it (its stop token left out), for streaming its text (``worker.streaming``). A
+preempted job writes the same tokens again when it runs again; they are given once.
+
 Between two iterations :meth:`Continuous.cancel` drops one job (a revoke): its row ends unanswered
 and frees its blocks as a finished one does.
 
@@ -33,6 +37,7 @@ import itertools
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +83,7 @@ class _Waiting:
     generate_s: float = 0.0
     box: Box | None = None
     started: float | None = None  # time.time() it was first admitted
+    given: int = 0  # new tokens given to ``on_tokens`` (kept over a preemption, which writes them again)
 
 
 @dataclass(eq=False)
@@ -127,8 +133,10 @@ class Continuous:
     then ``close``. ``priority`` 0 is most urgent; jobs at ``urgent_priority`` or lower may take the
     rows kept for urgent jobs."""
 
-    def __init__(self, engine: Any, box: Box, prefill_chunk: int | None = None, urgent_priority: int = 0) -> None:
+    def __init__(self, engine: Any, box: Box, prefill_chunk: int | None = None, urgent_priority: int = 0,
+                 on_tokens: Callable[[Any, list[int]], None] | None = None) -> None:
         self.engine = engine
+        self.on_tokens = on_tokens
         self.decoder = engine.slots
         self.box = box
         self.prefill_chunk = prefill_chunk or engine.prefill_chunk
@@ -442,6 +450,7 @@ class Continuous:
             ids = row.tokens[:row.produced]
             stop = next((i for i in range(row.checked, len(ids)) if ids[i] in self.engine.eos_ids), None)
             row.checked = len(ids)  # tokens of earlier steps were looked at then
+            self._give(row.waiting, ids if stop is None else ids[:stop])
             deadline = row.waiting.deadline
             if stop is None and (not row.decoding or row.produced < row.waiting.job.max_new_tokens):
                 if deadline is None or now < deadline:
@@ -453,6 +462,12 @@ class Continuous:
             self.decoder.release(slot)
             finished.append(Finished(row.waiting.key, outcome, row.started))
         return finished
+
+    def _give(self, waiting: _Waiting, ids: list[int]) -> None:
+        """Hand ``on_tokens`` the ids of this job it has not had yet."""
+        if self.on_tokens is not None and len(ids) > waiting.given:
+            self.on_tokens(waiting.key, ids[waiting.given:])
+            waiting.given = len(ids)
 
     def _result(self, row: _Row, ids: list[int], stopped: bool, active: int) -> Any:
         from glyphq.worker.engine import EngineResult
