@@ -45,7 +45,7 @@ def served(start_class_worker, counting_model: Path, redis_url: str,
     start_class_worker(model=str(counting_model))
     render.wait_ready()
     gateway = Gateway(tmp_path_factory.mktemp("stream-gateway") / "serve.log", broker_url=redis_url,
-                      model=str(counting_model), api_keys=KEY)
+                      model=str(counting_model), api_keys=KEY, served_model_name="glyph")
     yield gateway
     gateway.stop()
 
@@ -72,7 +72,7 @@ class TestStreaming:
         client = served.client()
         chunks, ready_at_first_content = [], None
         for chunk in client.chat.completions.create(
-                model=str(counting_model), messages=ask("Count?", seed=61), max_tokens=MAX, stream=True,
+                model="glyph", messages=ask("Count?", seed=61), max_tokens=MAX, stream=True,
                 stream_options={"include_usage": True}, extra_body={"thinking_budget": BUDGET}):
             chunks.append(chunk)
             if ready_at_first_content is None and chunk.choices and chunk.choices[0].delta.content:
@@ -93,7 +93,7 @@ class TestStreaming:
     def test_a_client_that_leaves_mid_stream_leaves_the_job_running(self, served, counting_model, redis_client):
         """The job runs to its end and its result is stored; a retry with the same Idempotency-Key reads its
         text from the start."""
-        body = {"model": str(counting_model), "messages": ask("Count again?", seed=62), "max_tokens": MAX,
+        body = {"model": "glyph", "messages": ask("Count again?", seed=62), "max_tokens": MAX,
                 "stream": True, "thinking_budget": BUDGET}
         headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "leaves-mid-stream"}
         with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, headers=headers,
