@@ -131,8 +131,7 @@ def in_process(args: argparse.Namespace, figures: dict, detail: dict, jobs: list
     detail["load_s"] = round(time.perf_counter() - started, 1)
     decoder = engine.slots
     detail["max_batch"] = settings.max_batch
-    detail["slot_cache_gb"] = round(sum(t.numel() * t.element_size() for layer in decoder.cache.layers
-                                        for t in (layer.keys, layer.values)) / 1e9, 2)
+    detail["slot_cache_gb"] = round(decoder.cache_bytes() / 1e9, 2)
 
     def engine_job(job: dict) -> EngineJob:
         return EngineJob([Image.open(io.BytesIO(job["image"])).convert("RGB")], job["question"], job["tokens"])

@@ -55,7 +55,7 @@ def test_provisional_then_full_cache_decodes_as_a_cache_allocated_up_front(endle
 
     # The predecessor has left: the full cache replaces the provisional one, which is freed, even out of
     # the collector's reach (a successor freezes what it holds before it takes over).
-    provisional = weakref.ref(decoder.cache.layers[0].keys)
+    provisional = weakref.ref(decoder.cache.keys[0])
     gc.collect()
     gc.freeze()
     try:

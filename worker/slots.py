@@ -21,11 +21,17 @@ A successor (``worker.runtime``) starts with a provisional cache of ``PROVISIONA
 cache's columns, so a bucket's views have the same strides in both and what the compiler built for
 the provisional cache serves the full one; only the CUDA graphs, which hold the cache's addresses,
 are captured again.
+
+The slots' keys and values are glyphq's own tensors (:class:`SlotCache`): of transformers' caches only
+the public ``update`` contract is used, so a release that changes how its cache layers keep their
+state does not reach them. The model's ``forward`` names its cache argument ``cache`` from
+transformers 5.24 on and ``past_key_values`` before; :func:`cache_keyword` reads which from its signature.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -63,6 +69,64 @@ def column_bucket(n: int, limit: int, floor: int = MIN_CACHE_LEN) -> int:
     return max(n, min(octave, limit))
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword under which ``model``'s ``forward`` takes its cache: ``cache`` (transformers 5.24 and
+    later) or ``past_key_values`` (earlier releases, and a later one that would drop the new name)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclass
+class SlotCache:
+    """The slots' keys and values: per decoder layer one key and one value tensor of shape
+    (rows, key/value heads, columns, head dim), all columns zero until written (a column never written
+    is read with weight 0, so it must be finite)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, model: Any, rows: int, columns: int) -> SlotCache:
+        """A cache for ``model``'s language model: its shapes from the model's config, the model's dtype and
+        device. Raises ``torch.OutOfMemoryError`` if it does not fit."""
+        text = model.config.get_text_config(decoder=True)
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = (rows, heads, columns, head_dim)
+        keys = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(text.num_hidden_layers)]
+        values = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(text.num_hidden_layers)]
+        return cls(keys, values)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (slot), all layers, keys and values."""
+        return sum(t[0].nbytes for t in (*self.keys, *self.values))
+
+    def view(self, rows: int, columns: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each layer's keys and values of slots ``[0, rows)``, columns ``[0, columns)``, as views."""
+        return ([k[:rows, :, :columns] for k in self.keys], [v[:rows, :, :columns] for v in self.values])
+
+
+class _PromptKeys:
+    """A prompt pass's cache ``update``: keeps each layer's keys and values as the model hands them over and
+    returns them. The pass starts from an empty cache, so they are all the keys and values of the prompts."""
+
+    def __init__(self, layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * layers
+        self.values: list[torch.Tensor | None] = [None] * layers
+
+    def __call__(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of layer ``index``, (batch, key/value heads, prompt length, head dim)."""
+        key, value = self.keys[index], self.values[index]
+        if key is None or value is None:
+            raise RuntimeError(f"the prompt pass wrote nothing to the cache of layer {index}")
+        return key, value
+
+
 class _RowWrites:
     """A cache ``update`` that writes each row's new key and value at that row's own column.
 
@@ -70,8 +134,8 @@ class _RowWrites:
     ``worker.decode._compile_decoder_layers``), layer by layer in the order of the calls.
     """
 
-    def __init__(self, layers: list[Any], columns: torch.Tensor) -> None:
-        self.layers = layers
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], columns: torch.Tensor) -> None:
+        self.keys, self.values = keys, values  # each layer's (rows, heads, columns, head dim) views
         self.columns = columns  # (rows,) view of the slots' write columns
         self.rows = torch.arange(columns.shape[0], device=columns.device)
         self.next = 0
@@ -80,11 +144,11 @@ class _RowWrites:
                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx is None:
             layer_idx = self.next
-            self.next = (self.next + 1) % len(self.layers)
-        layer = self.layers[layer_idx]
-        layer.keys[self.rows, :, self.columns] = key[:, :, 0]
-        layer.values[self.rows, :, self.columns] = value[:, :, 0]
-        return layer.keys, layer.values
+            self.next = (self.next + 1) % len(self.keys)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self.rows, :, self.columns] = key[:, :, 0]
+        values[self.rows, :, self.columns] = value[:, :, 0]
+        return keys, values
 
 
 @dataclass
@@ -127,8 +191,9 @@ class SlotDecoder:
         self.pad_id = pad_id
         self.vocab = model.get_output_embeddings().weight.shape[0]
         model.set_attn_implementation(ATTENTION)
+        self.cache_keyword = cache_keyword(model)
         self.cache_rows = max_batch if allocate else min(PROVISIONAL_ROWS, max_batch)  # rows the cache has now
-        self.cache = self._allocate(self.cache_rows, max_tokens)
+        self.cache = SlotCache.allocate(model, self.cache_rows, max_tokens)
         device = self.device
         self.tokens = torch.full((max_batch, 1), pad_id, dtype=torch.long, device=device)
         self.positions = torch.zeros((max_batch, 1), dtype=torch.long, device=device)
@@ -151,9 +216,7 @@ class SlotDecoder:
 
     def cache_bytes(self, rows: int | None = None) -> int:
         """Bytes of a cache of ``rows`` rows (default: the rows it has now) of this decoder's columns."""
-        layers: list[Any] = list(self.cache.layers)
-        per_row = sum(layer.keys[0].nbytes + layer.values[0].nbytes for layer in layers)
-        return int(per_row * (self.cache_rows if rows is None else rows))
+        return self.cache.row_bytes * (self.cache_rows if rows is None else rows)
 
     def allocate(self) -> bool:
         """Give a provisional cache all ``max_batch`` rows; False, with nothing changed, if they do not fit
@@ -164,7 +227,7 @@ class SlotDecoder:
         if int(self.active.sum()):
             raise RuntimeError("the cache cannot grow while rows are decoding in it")
         try:
-            full = self._allocate(self.max_batch, self.max_tokens)
+            full = SlotCache.allocate(self.model, self.max_batch, self.max_tokens)
         except torch.OutOfMemoryError:
             return False
         self.graphs.clear()
@@ -209,16 +272,15 @@ class SlotDecoder:
         prompts = [a.prompt for a in admissions]
         lengths = [p["input_ids"].shape[1] for p in prompts]
         inputs = collate(prompts, self.pad_id)
-        logits, deltas, prompt_cache = self._prefill(inputs)
+        logits, deltas, prompt = self._prefill(inputs)
         longest = inputs["input_ids"].shape[1]
-        statics: list[Any] = list(self.cache.layers)
-        dynamics: list[Any] = list(prompt_cache.layers)
         first: list[int] = []
         for i, (admission, length) in enumerate(zip(admissions, lengths, strict=True)):
             slot = admission.slot
-            for static, dynamic in zip(statics, dynamics, strict=True):
-                static.keys[slot, :, :length] = dynamic.keys[i, :, longest - length:]
-                static.values[slot, :, :length] = dynamic.values[i, :, longest - length:]
+            for layer, (keys, values) in enumerate(zip(self.cache.keys, self.cache.values, strict=True)):
+                prompt_keys, prompt_values = prompt.layer(layer)
+                keys[slot, :, :length] = prompt_keys[i, :, longest - length:]
+                values[slot, :, :length] = prompt_values[i, :, longest - length:]
             rules = self.rules.view(slot, slot + 1)
             rules.start([admission.prompt["input_ids"][0]], [admission.budget])
             token = rules.choose(logits[i:i + 1].float(), 0)
@@ -263,8 +325,9 @@ class SlotDecoder:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _prefill(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """One eager prompt pass over a left-padded batch: last logits, rope offsets (or None), the cache."""
+    def _prefill(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, _PromptKeys]:
+        """One eager prompt pass over a left-padded batch: last logits, rope offsets (or None), and the
+        prompts' keys and values."""
         kwargs = dict(inputs)
         wrapper: Any = getattr(self.model, "model", None)
         keeps_offsets = getattr(wrapper, "rope_deltas", "absent") != "absent"
@@ -272,34 +335,21 @@ class SlotDecoder:
             kwargs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         else:
             wrapper.rope_deltas = None
+        prompt = _PromptKeys(len(self.cache.keys))
         prompt_cache = DynamicCache(config=self.model.config)
+        prompt_cache.update = prompt  # type: ignore[method-assign,assignment]
+        kwargs[self.cache_keyword] = prompt_cache
         with torch.compiler.set_stance("force_eager"):
-            out = self.model(**kwargs, past_key_values=prompt_cache, use_cache=True, logits_to_keep=1)
+            out = self.model(**kwargs, use_cache=True, logits_to_keep=1)
         deltas = wrapper.rope_deltas if keeps_offsets else None
-        return out.logits[:, -1], deltas, prompt_cache
+        return out.logits[:, -1], deltas, prompt
 
-    def _allocate(self, rows: int, length: int) -> Any:
-        text = self.model.config.get_text_config(decoder=True)
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        cache = StaticCache(config=self.model.config, max_cache_len=length)
-        cache.early_initialization(rows, heads, head_dim, self.model.dtype, self.device)
-        for layer in list[Any](cache.layers):  # never-written columns are read with weight 0: make them finite
-            layer.keys.zero_()
-            layer.values.zero_()
-        return cache
-
-    def _view(self, rows: int, length: int) -> Any:
+    def _view(self, rows: int, length: int) -> tuple[Any, _RowWrites]:
+        """A cache object for the model that reads and writes slots ``[0, rows)``, columns ``[0, length)``:
+        a ``StaticCache`` whose ``update`` is :class:`_RowWrites` on views of this decoder's cache."""
+        keys, values = self.cache.view(rows, length)
+        writes = _RowWrites(keys, values, self.columns[:rows])
         view = StaticCache(config=self.model.config, max_cache_len=length)
-        views: list[Any] = list(view.layers)
-        for mine, full in zip(views, list[Any](self.cache.layers), strict=True):
-            mine.keys = full.keys[:rows, :, :length]
-            mine.values = full.values[:rows, :, :length]
-            mine.cumulative_length = torch.zeros_like(full.cumulative_length)
-            mine.device, mine.dtype, mine.is_initialized = full.device, full.dtype, True
-            mine.batch_size, mine.num_heads = rows, full.num_heads
-            mine.k_head_dim, mine.v_head_dim = full.k_head_dim, full.v_head_dim
-        writes = _RowWrites(views, self.columns[:rows])
         view.update = torch.compiler.disable(writes) if self.compiled else writes  # type: ignore[method-assign,assignment]
         return view, writes
 
@@ -309,6 +359,7 @@ class SlotDecoder:
             return found
         started = time.perf_counter()
         cache, writes = self._view(rows, length)
+        cache_argument = {self.cache_keyword: cache}
         tokens, positions = self.tokens[:rows], self.positions[:rows]
         columns, step, active = self.columns[:rows], self.step[:rows], self.active[:rows]
         history, rules = self.history[:rows], self.rules.view(0, rows)
@@ -319,7 +370,7 @@ class SlotDecoder:
             writes.next = 0
             attend = (slots[None, :] <= columns[:, None])[:, None, None, :]
             out = self.model(input_ids=tokens, position_ids=positions, attention_mask=attend,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **cache_argument)
             chosen = rules.choose(out.logits[:, -1], step)
             history[row_ids, step.clamp(max=last)] = chosen
             tokens.copy_(chosen[:, None])
