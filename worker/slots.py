@@ -71,7 +71,7 @@ def column_bucket(n: int, limit: int, floor: int = MIN_CACHE_LEN) -> int:
 
 def cache_keyword(model: Any) -> str:
     """The keyword under which ``model``'s ``forward`` takes its cache: ``cache`` (transformers 5.24 and
-    later) or ``past_key_values`` (earlier releases, and a later one that would drop the new name)."""
+    later) or ``past_key_values`` (earlier releases)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
