@@ -27,7 +27,7 @@ STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_PACKAGES)|$(TORCH_INDEX
 # What step 1 installed, pinned for step 2, so that no extra can swap torch for another build.
 TORCH_PINS := $(VENV)/torch-pins.txt
 
-.PHONY: install redis test lint demo samples clean
+.PHONY: install torch redis test test-latest lint demo samples clean
 
 $(PY):
 	@echo "== creating $(VENV)"
@@ -62,6 +62,9 @@ $(STAMP): $(TORCH_STAMP) $(TORCH_PINS) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Step 1 alone (test-latest runs it for its own venv).
+torch: $(TORCH_STAMP) $(TORCH_PINS)
+
 redis:
 	@command -v redis-server >/dev/null || scripts/install-redis.sh
 
@@ -74,6 +77,22 @@ lint: install
 test: install redis lint
 	$(PY) -m pytest -m "not slow and not gpu"
 
+# The engine tests on the newest releases pyproject.toml allows (transformers above all), without
+# constraints.txt, in a venv of their own: a release that breaks the worker fails here before a user's
+# `pip install 'glyphq[worker]'` meets it. torch is installed as for .venv (step 1) and kept; every other
+# dependency is upgraded on each run. docs/development.md says what to do with a failure.
+LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+ENGINE_TESTS ?= tests/test_slots.py tests/test_engine.py tests/test_continuous.py tests/test_batching.py \
+	tests/test_handover.py tests/test_glyph.py
+
+test-latest: redis
+	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) torch
+	@echo "== installing glyphq[$(EXTRAS)] with the newest versions pyproject.toml allows (no constraints.txt)"
+	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch-pins.txt -e ".[$(EXTRAS)]"
+	@echo "== testing with: $$($(LATEST_PY) -m pip freeze | grep -iE '^(torch|transformers|accelerate|tokenizers|safetensors|huggingface.hub|celery|kombu)==' | tr '\n' ' ')"
+	$(LATEST_PY) -m pytest -m "not slow and not gpu" $(ENGINE_TESTS)
+
 demo: install
 	scripts/demo.sh
 
@@ -81,7 +100,7 @@ samples: install
 	$(PY) scripts/make_samples.py samples
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(LATEST_VENV) .demo .pytest_cache .ruff_cache .mypy_cache
 
 # Soak: 20,000 jobs through a real redis-server and worker on the tiny model (about an hour on 2 cores);
 # prints the figures and writes bench/results/soak.json. Not part of `make test` (marker `slow`).

@@ -139,10 +139,8 @@ def in_process(args: argparse.Namespace, figures: dict) -> None:
         default_max_new_tokens=settings.default_max_new_tokens, thinking_budget=settings.thinking_budget,
         repetition_penalty=settings.repetition_penalty,
         weights_gb=round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9, 2),
-        static_cache_gb=round(sum(t.numel() * t.element_size() for layer in cache.layers
-                                  for t in (layer.keys, layer.values)) / 1e9, 2),
-        kv_bytes_per_token=sum(t[0, :, 0].numel() * t.element_size() for layer in cache.layers
-                               for t in (layer.keys, layer.values)),
+        static_cache_gb=round(decoder.cache_bytes() / 1e9, 2),
+        kv_bytes_per_token=sum(t[0, :, 0].nbytes for t in (*cache.keys, *cache.values)),
         allocated_gb_after_load=gb(torch.cuda.memory_allocated),
         gpu_total_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1) if cuda else None,
         eos_ids=sorted(engine.eos_ids), reasoning_ids=str(engine.reasoning))

@@ -180,7 +180,12 @@ def test_sigkill_of_the_child_answers_every_job_exactly_once(worker, moment):
     assert all(r["worker"]["pid"] != child for r in results[:count + len(joining)])
     assert [store.runs(job.id) for job in running + joining] == [2] * (count + len(joining)), "each ran again once"
     assert all(job.state == "SUCCESS" for job in everything)
-    log = worker.log()
-    for job in everything:
-        assert log.count(f"glyphq.answer[{job.id}] succeeded") == 1, job.id
+
+    def successes_logged() -> list[int]:
+        log = worker.log()
+        return [log.count(f"glyphq.answer[{job.id}] succeeded") for job in everything]
+
+    # A child logs a job's success after storing its result: wait for the last lines before counting.
+    assert wait_until(lambda: all(successes_logged()), 10), successes_logged()
+    assert successes_logged() == [1] * len(everything)
     assert worker.proc.poll() is None
