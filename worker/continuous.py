@@ -302,7 +302,7 @@ class Continuous:
             slot = self._slot_of(waiting)
             assert slot is not None
             row = self.rows.pop(slot)
-            self.decoder.release(slot)
+            self.decoder.preempt(slot)
             self.waiting.append(waiting)
             self.stats.preemptions += 1
             log.info("KV cache full: preempted a job of priority %d after %d new tokens; it runs again later",
