@@ -296,7 +296,8 @@ def _log_pool(decoder: Any, tokens: int, chunk: int, device: torch.device, provi
 
     card = "cpu"
     if device.type == "cuda":
-        card = f"{torch.cuda.get_device_name(device)} ({torch.cuda.get_device_properties(device).total_memory / 1e9:.1f} GB)"
+        total = torch.cuda.get_device_properties(device).total_memory
+        card = f"{torch.cuda.get_device_name(device)} ({total / 1e9:.1f} GB)"
     weights = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
     if not decoder.successor_fits:
         successor = "no room for a successor on this card: each recycle waits for a fresh child (no overlap)"
