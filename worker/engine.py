@@ -199,7 +199,7 @@ class Engine:
         rules = DecodeRules(len(prompts), self.model.get_output_embeddings().weight.shape[0], self.device,
                             self.repetition_penalty, self.reasoning)
         rules.start([prompt["input_ids"][0] for prompt in prompts], budgets or [None] * len(prompts))
-        # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the static cache only.
+        # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the paged decode steps only.
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
             # The penalty is applied by RulesProcessor, exactly as in the slot decoder, never twice.
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
