@@ -82,7 +82,8 @@ def device_name() -> str:
     return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "cpu"
 
 
-def worker_env(args: argparse.Namespace, extra: dict[str, str] | None = None, card: int | None = None) -> dict[str, str]:
+def worker_env(args: argparse.Namespace, extra: dict[str, str] | None = None,
+               card: int | None = None) -> dict[str, str]:
     """The environment of a worker of this tree at default settings, on a card of ``card`` GB if given."""
     env = {**os.environ, "GLYPHQ_MODEL": args.model_dir, "PYTHONUNBUFFERED": "1", **(extra or {})}
     if card is not None:
@@ -284,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         merged = combine(args.combine, Path(args.result))
         print(json.dumps(merged, indent=2))
         return 0
-    print(f"phases {','.join(args.phases)}: about {estimate_s(args) // 60} min {estimate_s(args) % 60} s on the GPU host",
-          flush=True)
+    estimate = estimate_s(args)
+    print(f"phases {','.join(args.phases)}: about {estimate // 60} min {estimate % 60} s on the GPU host", flush=True)
     os.environ.setdefault("GLYPHQ_METRICS_PORT", "0")
     # One broker port for every phase (each starts its own redis-server there), set before the
     # producer's settings are read.
