@@ -181,6 +181,46 @@ def test_a_successor_needs_its_predecessors_memory_but_the_pool():
     assert not memory.successor_fits(free, peak - 10 * GB, peak, pool, provisional)
 
 
+def test_a_pool_sized_from_the_card_leaves_room_for_a_successor_only_where_one_fits(tiny_model):
+    """``size_from_card``'s arithmetic, with the card's figures given in tokens of the tiny model's KV
+    cache: 20,000 tokens' worth of weights, a successor needs 1.1 x (weights + an 8,192-token
+    provisional pool), and room for a successor is left only if 4 typical rows (4 x 1,536 tokens)
+    still fit beside it. The pool is allocated for real (on the CPU)."""
+    engine = load(Settings.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
+
+    def decoder_on(card_tokens: int, allocate: bool = True) -> PagedDecoder:
+        decoder = PagedDecoder(engine.model, max_batch=4, max_tokens=1024, max_new_tokens=64, pad_id=engine.pad_id,
+                               pool_tokens=PROVISIONAL_TOKENS, allocate=allocate)
+        token = decoder.token_bytes
+        weights, total = 20_000 * token, card_tokens * token
+
+        def card_memory() -> tuple[int, int, int, int]:  # what CUDA would report: weights, the pool, nothing else
+            held = weights + int(decoder.kv.nbytes)
+            return total - held, total, held, held
+
+        decoder.card_memory = card_memory  # type: ignore[method-assign]
+        return decoder
+
+    need = 1.1 * (20_000 + PROVISIONAL_TOKENS)  # in tokens: 31,011
+    big = 75_000  # 0.9 x 75,000 - 20,000 = 47,500 tokens of room: a successor and 16,489 more
+    decoder = decoder_on(big)
+    tokens = decoder.size_from_card(0.9, 2048)
+    assert decoder.successor_fits and decoder.successor_bytes == pytest.approx(need * decoder.token_bytes, rel=1e-6)
+    assert tokens == decoder.pool_tokens == 16_489 // BLOCK_TOKENS * BLOCK_TOKENS
+    assert not decoder.provisional
+
+    small = 55_000  # 29,500 tokens of room: a successor would leave fewer than 4 typical rows
+    decoder = decoder_on(small)
+    assert decoder.size_from_card(0.9, 2048) == 29_500 // BLOCK_TOKENS * BLOCK_TOKENS == decoder.pool_tokens
+    assert not decoder.successor_fits and decoder.successor_bytes == 0
+
+    # A successor plans the same pool while its predecessor holds the card, and takes it once it has left.
+    successor = decoder_on(big, allocate=False)
+    planned = successor.size_from_card(0.9, 2048)
+    assert successor.provisional and successor.pool_tokens == PROVISIONAL_TOKENS
+    assert successor.allocate() and successor.pool_tokens == planned == tokens and successor.successor_fits
+
+
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc"))
                     or not Path(sysconfig.get_paths()["include"], "Python.h").exists(),
                     reason="torch.compile on the CPU needs a C compiler and Python's headers")

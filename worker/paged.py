@@ -243,6 +243,7 @@ class PagedDecoder:
         self.successor_fits = True
         self.successor_bytes = 0
         self.preemptions = 0  # rows preempted (preempt) since the decoder was made
+        self.deferred = not allocate  # until allocate(): the full pool's size is not known yet
         blocks = self.target_blocks if allocate else min(self.target_blocks,
                                                          RESERVED_BLOCKS + blocks_for(PROVISIONAL_TOKENS))
         self.kv = self._storage(blocks)
@@ -279,8 +280,10 @@ class PagedDecoder:
 
     @property
     def provisional(self) -> bool:
-        """Whether the pool is smaller than asked for (``allocate=False``, before :meth:`allocate`)."""
-        return len(self.pool.refs) < self.target_blocks
+        """Whether the pool waits for :meth:`allocate` (``allocate=False``): a successor's, while its
+        predecessor holds the card. A pool sized from the card is one even when it starts at the size
+        of a provisional one, as it does (``worker.engine.load``)."""
+        return self.deferred or len(self.pool.refs) < self.target_blocks
 
     def pool_bytes(self, tokens: int | None = None) -> int:
         """Bytes of a pool of ``tokens`` tokens (default: the full pool asked for), scratch block included."""
@@ -311,9 +314,15 @@ class PagedDecoder:
         A pool sized from the card (:meth:`size_from_card`) is sized again now: a successor's
         predecessor has left the memory it held. It leaves the room for a successor it left before."""
         if self.utilization is not None:
-            self.target_blocks = max(len(self.pool.refs), RESERVED_BLOCKS + blocks_for(auto_pool_tokens(
-                self.token_bytes, self.device, self.utilization, self.working_bytes + self.successor_bytes)))
-        return self.grow((self.target_blocks - RESERVED_BLOCKS) * BLOCK_TOKENS)
+            free, total, _, _ = self.card_memory()
+            in_use = total - free - int(self.kv.nbytes)  # the pool now is replaced: not counted
+            tokens = auto_pool_tokens(self.token_bytes, total, in_use, self.utilization,
+                                      self.working_bytes + self.successor_bytes)
+            self.target_blocks = max(len(self.pool.refs), RESERVED_BLOCKS + blocks_for(tokens))
+        if not self.grow((self.target_blocks - RESERVED_BLOCKS) * BLOCK_TOKENS):
+            return False
+        self.deferred = False
+        return True
 
     def size_from_card(self, utilization: float, chunk: int) -> int:
         """On CUDA: measure one prompt chunk's working memory, then set the full pool to ``utilization`` of
@@ -322,20 +331,25 @@ class PagedDecoder:
         :meth:`allocate` if it is provisional (a successor, whose predecessor still holds the card)."""
         self.utilization = utilization
         self.working_bytes = self.profile(chunk)
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, total, allocated, reserved = self.card_memory()
         pool_now = int(self.kv.nbytes)
-        held = int(torch.cuda.memory_allocated(self.device)) - pool_now  # weights and buffers
-        if self.provisional:  # the predecessor's memory is in use too: count this child's own and a context
-            in_use = int(torch.cuda.memory_reserved(self.device)) - pool_now + CUDA_CONTEXT_BYTES
-        else:
-            in_use = int(total - free) - pool_now
-        plan = plan_pool(int(total), in_use, held, self.working_bytes, self.token_bytes, utilization, self.max_batch)
+        held = allocated - pool_now  # weights and buffers: what a successor holds again
+        # A successor's predecessor holds the card too: count this child's own memory and a context.
+        context = CUDA_CONTEXT_BYTES if self.device.type == "cuda" else 0
+        in_use = reserved - pool_now + context if self.provisional else total - free - pool_now
+        plan = plan_pool(total, in_use, held, self.working_bytes, self.token_bytes, utilization, self.max_batch)
         self.successor_fits, self.successor_bytes = plan.successor_fits, plan.successor_bytes
         if self.provisional:
             return plan.tokens
         if not self.allocate():
             raise torch.OutOfMemoryError(f"a KV cache pool of {self.target_blocks * BLOCK_TOKENS} tokens does not fit")
         return self.pool_tokens
+
+    def card_memory(self) -> tuple[int, int, int, int]:
+        """Bytes free and in all on the card, and allocated and reserved by this process (CUDA only)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (int(free), int(total), int(torch.cuda.memory_allocated(self.device)),
+                int(torch.cuda.memory_reserved(self.device)))
 
     @torch.inference_mode()
     def profile(self, tokens: int) -> int:
@@ -681,12 +695,9 @@ def prefill_chunk_for(device: torch.device) -> int:
     return 2048 if gb < 40 else 4096 if gb < 70 else 8192
 
 
-def auto_pool_tokens(decoder_bytes_per_token: int, device: torch.device, utilization: float,
-                     set_aside: int) -> int:
-    """Tokens of a pool that takes ``utilization`` of the card's memory, less what is in use now and
-    ``set_aside`` bytes (a step's working memory, measured by a profiling pass, and any room left for a
-    successor); at least one block. CUDA only."""
-    free, total = torch.cuda.mem_get_info(device)
-    in_use = total - free  # this process and any other on the card
+def auto_pool_tokens(token_bytes: int, total: int, in_use: int, utilization: float, set_aside: int) -> int:
+    """Tokens of a pool that takes ``utilization`` of a card of ``total`` bytes, less what is ``in_use``
+    besides the pool (this process and any other on the card) and ``set_aside`` bytes (a step's working
+    memory, measured by a profiling pass, and any room left for a successor); at least one block."""
     room = utilization * total - in_use - set_aside
-    return max(BLOCK_TOKENS, int(room // decoder_bytes_per_token) // BLOCK_TOKENS * BLOCK_TOKENS)
+    return max(BLOCK_TOKENS, int(room // token_bytes) // BLOCK_TOKENS * BLOCK_TOKENS)
