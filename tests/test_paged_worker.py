@@ -28,6 +28,8 @@ def test_a_worker_with_a_small_pool_answers_every_job(start_worker, endless_mode
     results = [job.result(timeout=180) for job in jobs]
     assert [r["tokens_out"] for r in results] == [150] * 4
     assert "preempted a job" in worker.log(), "the pool ran dry and rows ran again later"
+    assert "KV cache pool: cpu, " in worker.log() and " 512 tokens in 8 blocks (" in worker.log(), \
+        "the child's one line on its pool"
     (child,) = worker.children()
     assert psutil.Process(child).memory_info().rss < CHILD_RSS_LIMIT
 
