@@ -98,6 +98,41 @@ def test_a_pool_too_small_for_every_job_preempts_and_answers_each_once(endless_m
     assert engine.decoder.free_blocks == engine.decoder.pool.capacity, "every block given back"
 
 
+def test_an_urgent_job_takes_blocks_from_the_youngest_less_urgent_row_and_every_answer_stays_generates(
+        endless_model):
+    """Two rows of priority 5 fill a pool of 8 blocks; an urgent job (priority 0, two blocks) that
+    arrives then is admitted at once, by preempting the younger row, rather than waiting for a row to end."""
+    engine = load(Settings.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "8",
+                                     "GLYPHQ_KV_CACHE_TOKENS": str(8 * BLOCK_TOKENS)}))
+    first, second, urgent = _jobs(3, seed=130, new=20)
+    for job in (first, second):  # prompt and answer fill 4 blocks (256 tokens) but 6: the two fit the pool
+        job.max_new_tokens = 4 * BLOCK_TOKENS - 6 - engine.process(job, job.pages())["input_ids"].shape[1]
+    expected = _generate(endless_model, [first, second, urgent])
+    running = Continuous(engine, BOX)
+    for key, job in (("first", first), ("second", second)):
+        running.add(key, job, priority=5)
+        pages = running.waiting[-1].pages
+        assert pages is not None
+        pages.result()  # both start in the same iteration, and so grow in step
+    outcomes = {}
+    for _ in range(500):
+        if engine.decoder.free_blocks < 2 and len(running.rows) == 2:
+            break
+        outcomes.update({f.key: f.outcome for f in running.step()})
+    assert not outcomes and engine.decoder.free_blocks < 2 and running.stats.preemptions == 0
+    running.add("urgent", urgent, priority=0)
+    pages = running.waiting[-1].pages
+    assert pages is not None
+    pages.result()  # its pages are ready before the next iteration: it may start there
+    outcomes.update({f.key: f.outcome for f in running.step()})
+    assert sorted(row.waiting.key for row in running.rows.values()) == ["first", "urgent"]
+    assert running.stats.preemptions == 1 and [w.key for w in running.waiting] == ["second"]
+    rest = running.run()
+    outcomes.update({f.key: f.outcome for f in rest})
+    assert rest[0].key == "urgent", "the urgent job ends first"
+    assert [outcomes[key].token_ids for key in ("first", "second", "urgent")] == expected
+
+
 def test_glm4v_positions_stay_right_across_chunks_through_an_image():
     """GLM-4.1V's 3-D rotary positions (``get_rope_index``), sliced per chunk and continued for the
     decode steps, give ``generate``'s tokens; its image processor needs torchvision, so the prompt's
