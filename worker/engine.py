@@ -296,7 +296,7 @@ def _log_pool(decoder: Any, tokens: int, chunk: int, device: torch.device, provi
 
     card = "cpu"
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
+        total = torch.cuda.mem_get_info(device)[1]
         card = f"{torch.cuda.get_device_name(device)} ({total / 1e9:.1f} GB)"
     weights = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
     if not decoder.successor_fits:

@@ -96,7 +96,7 @@ def gpu_guard_limit_mb(device: torch.device, configured_mb: int) -> float | None
     """The reserved-memory limit in MB that triggers a recycle (``guard_limit_bytes``); None on CPU."""
     if not cuda_in_use(device):
         return None
-    card = float(torch.cuda.get_device_properties(device).total_memory)
+    card = float(torch.cuda.mem_get_info(device)[1])
     return guard_limit_bytes(card, _baseline_reserved, configured_mb) / MB
 
 

@@ -691,7 +691,7 @@ def prefill_chunk_for(device: torch.device) -> int:
     on the CPU."""
     if device.type != "cuda":
         return 2048
-    gb = torch.cuda.get_device_properties(device).total_memory / 1e9
+    gb = torch.cuda.mem_get_info(device)[1] / 1e9  # the card as the memory figures see it (bench/small_card too)
     return 2048 if gb < 40 else 4096 if gb < 70 else 8192
 
 
