@@ -251,7 +251,7 @@ def _check_workers(cfg: Settings, queue: str, timeout: float, node: str | None
             section = sections[name]
             if isinstance(section, dict):
                 models[name] = {k: section.get(k) for k in
-                                ("model", "model_loaded", "device", "gpu", "task_index", "recycles")}
+                                ("model", "model_loaded", "device", "gpu", "pool", "task_index", "recycles")}
             else:  # a worker without glyphq's stats section cannot say its model is loaded
                 models[name] = {"model_loaded": False, "detail": "no glyphq section in its stats"}
         loaded = sorted(name for name, m in models.items() if m.get("model_loaded") is True)

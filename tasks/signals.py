@@ -139,7 +139,8 @@ class GlyphqStats(bootsteps.StartStopStep):
     """Adds a ``glyphq`` section to ``celery inspect stats``, and so to Flower's worker page.
 
     It holds what the current child published: model, device, GPU memory allocated, reserved and
-    peak, the child's task index, and recycles so far; and the port of this worker's ``/metrics``.
+    peak, its KV cache pool (tokens, bytes, blocks, blocks used and free, preemptions, whether a
+    successor fits beside it), the child's task index, and recycles so far; and the port of this worker's ``/metrics``.
     """
 
     def info(self, worker: Any) -> dict[str, Any]:
@@ -154,6 +155,7 @@ class GlyphqStats(bootsteps.StartStopStep):
             "device": current.get("device"),
             "device_name": current.get("device_name"),
             "gpu": current.get("gpu"),
+            "pool": current.get("pool"),
             "child_pid": current.get("pid"),
             "task_index": current.get("task_index"),
             "recycles": max(0, children - 1),

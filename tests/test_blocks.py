@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from glyphq.worker.blocks import BLOCK_TOKENS, BlockPool, BlockTable, blocks_for
-from glyphq.worker.schedule import Candidate, RowState, schedule
+from glyphq.worker.schedule import Candidate, Plan, RowState, schedule
 
 
 def test_a_row_takes_blocks_as_it_grows_and_gives_them_all_back():
@@ -114,3 +114,20 @@ def test_prompt_chunks_split_long_prompts_across_steps_most_urgent_first():
     assert plan.chunks == [("first", 100, 400), ("late", 300, 512)], "the chunk budget is spent, most urgent first"
     plan = _plan([prefilling], [], free=100, chunk=512)
     assert plan.chunks == [("late", 300, 812)] and plan.steps == 1
+
+
+def test_an_urgent_job_takes_its_blocks_from_the_least_urgent_then_youngest_rows():
+    # Four rows fill an 8-block pool; each holds 2 blocks and has room for its next token.
+    rows = [_row("old", 100, 2, priority=5, order=1), _row("young", 100, 2, priority=5, order=2),
+            _row("middle", 100, 2, priority=3, order=3), _row("urgent row", 100, 2, priority=0, order=4)]
+    urgent = Candidate("urgent", 0, 5, prompt=100)  # 100 + 16 tokens: 2 blocks
+    plan = _plan(rows, [urgent], free=0)
+    assert plan.preempt == ["young"] and plan.admit == ["urgent"], "one row's blocks are enough"
+    assert plan.chunks == [("urgent", 0, 100)] and plan.steps == 1
+    plan = _plan(rows, [Candidate("urgent", 0, 5, prompt=300)], free=0)  # 5 blocks
+    assert plan.preempt == ["young", "old", "middle"] and plan.admit == ["urgent"], "then older, then more urgent"
+    assert _plan(rows, [Candidate("huge", 0, 5, prompt=700)], free=0) == Plan(steps=16), \
+        "all the less urgent rows would not be enough: none is preempted and the job waits"
+    assert _plan(rows, [Candidate("normal", 5, 5, prompt=100)], free=0).preempt == [], "only urgent jobs preempt"
+    # An urgent row is never preempted for an urgent job.
+    assert _plan(rows[3:], [Candidate("urgent", 0, 5, prompt=100)], free=0).preempt == []

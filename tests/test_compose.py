@@ -217,3 +217,20 @@ def test_gateway_listens_wide_with_keys_from_the_environment_and_a_health_probe(
     test = gateway["healthcheck"]["test"]
     assert test[:2] == ["CMD", "python"] and "http://127.0.0.1:8000/health" in test[-1]
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+ENGINE_SETTINGS = {"GLYPHQ_MAX_BATCH": "max_batch", "GLYPHQ_KV_CACHE_TOKENS": "kv_cache_tokens",
+                   "GLYPHQ_GPU_MEMORY_UTILIZATION": "gpu_memory_utilization", "GLYPHQ_PREFILL_CHUNK": "prefill_chunk",
+                   "GLYPHQ_GPU_GUARD_MB": "gpu_guard_mb"}
+
+
+def test_gpu_workers_pass_the_engine_settings_through_with_the_codes_defaults(compose):
+    from glyphq.celeryconfig import Settings
+
+    defaults = Settings()
+    for name in ("worker", "worker-gpu1"):
+        env = compose["services"][name]["environment"]
+        for variable, field in ENGINE_SETTINGS.items():
+            match = re.fullmatch(r"\$\{(\w+):-([^}]*)\}", str(env.get(variable)))
+            assert match is not None and match.group(1) == variable, (name, variable, env.get(variable))
+            assert type(getattr(defaults, field))(match.group(2)) == getattr(defaults, field), (name, variable)

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from conftest import ROOT, RedisServer, free_port
 
+from glyphq.worker.blocks import BLOCK_TOKENS
+from glyphq.worker.paged import CPU_POOL_TOKENS
+
 GLYPHQ = str(Path(sys.executable).with_name("glyphq"))
 
 
@@ -92,6 +95,11 @@ def test_gpu_worker_with_its_model_loaded_exits_0(start_worker, tiny_model):
     assert model["workers"][name]["model"] == str(tiny_model)
     assert model["workers"][name]["model_loaded"] is True
     assert model["workers"][name]["device"] == "cpu"
+    # The KV cache pool: on the CPU a fixed token count, idle now.
+    pool = model["workers"][name]["pool"]
+    assert pool["tokens"] == CPU_POOL_TOKENS and pool["blocks"] == CPU_POOL_TOKENS // BLOCK_TOKENS, pool
+    assert pool["blocks_used"] == 0 and pool["blocks_free"] == pool["blocks"] and pool["preemptions"] == 0, pool
+    assert pool["bytes"] > 0 and pool["successor_fits"] is True, pool
 
     # --node checks that one worker only: this one passes, a node that does not exist fails.
     code, report, _ = health("--node", name, "--timeout", "2")

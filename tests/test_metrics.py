@@ -107,6 +107,11 @@ def test_workers_on_one_host_each_serve_every_series_from_the_start(start_worker
     assert _listening_on(render.proc.pid, base + 1) == ["0.0.0.0"]
 
     scraped = {queue: _scrape(port) for queue, port in ports.items()}
+    # The KV cache pool of the gpu worker's child (loaded: the worker is ready); none on the render worker.
+    pool = _stats_section(gpu.name)["pool"]
+    assert pool["tokens"] > 0 and pool["blocks_used"] == 0 and pool["preemptions"] == 0, pool
+    expected_pool = {"gpu": (pool["tokens"], 0, pool["blocks_free"]), "render": (0, 0, 0)}
+    assert _stats_section(render.name)["pool"] is None
     for queue, text in scraped.items():
         samples = _samples(text)
         for task in TASKS:
@@ -118,8 +123,10 @@ def test_workers_on_one_host_each_serve_every_series_from_the_start(start_worker
                      "glyphq_batch_size"):
             assert samples[f"{name}_count"] == [({}, 0.0)], (queue, name)
         for name in ("glyphq_generated_tokens_total", "glyphq_gpu_memory_allocated_bytes",
-                     "glyphq_gpu_memory_reserved_bytes"):
+                     "glyphq_gpu_memory_reserved_bytes", "glyphq_kv_preemptions_total"):
             assert samples[name] == [({}, 0.0)], (queue, name)
+        assert tuple(samples[name][0][1] for name in ("glyphq_kv_pool_tokens", "glyphq_kv_pool_blocks_used",
+                                                      "glyphq_kv_pool_blocks_free")) == expected_pool[queue], queue
 
     # The queue depth comes from one of the two, the other leaves it out: a sum counts each job once.
     exporting = [queue for queue, text in scraped.items() if "glyphq_queue_depth" in _samples(text)]

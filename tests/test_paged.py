@@ -98,6 +98,41 @@ def test_a_pool_too_small_for_every_job_preempts_and_answers_each_once(endless_m
     assert engine.decoder.free_blocks == engine.decoder.pool.capacity, "every block given back"
 
 
+def test_an_urgent_job_takes_blocks_from_the_youngest_less_urgent_row_and_every_answer_stays_generates(
+        endless_model):
+    """Two rows of priority 5 fill a pool of 8 blocks; an urgent job (priority 0, two blocks) that
+    arrives then is admitted at once, by preempting the younger row, rather than waiting for a row to end."""
+    engine = load(Settings.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_MAX_BATCH": "8",
+                                     "GLYPHQ_KV_CACHE_TOKENS": str(8 * BLOCK_TOKENS)}))
+    first, second, urgent = _jobs(3, seed=130, new=20)
+    for job in (first, second):  # prompt and answer fill 4 blocks (256 tokens) but 6: the two fit the pool
+        job.max_new_tokens = 4 * BLOCK_TOKENS - 6 - engine.process(job, job.pages())["input_ids"].shape[1]
+    expected = _generate(endless_model, [first, second, urgent])
+    running = Continuous(engine, BOX)
+    for key, job in (("first", first), ("second", second)):
+        running.add(key, job, priority=5)
+        pages = running.waiting[-1].pages
+        assert pages is not None
+        pages.result()  # both start in the same iteration, and so grow in step
+    outcomes = {}
+    for _ in range(500):
+        if engine.decoder.free_blocks < 2 and len(running.rows) == 2:
+            break
+        outcomes.update({f.key: f.outcome for f in running.step()})
+    assert not outcomes and engine.decoder.free_blocks < 2 and running.stats.preemptions == 0
+    running.add("urgent", urgent, priority=0)
+    pages = running.waiting[-1].pages
+    assert pages is not None
+    pages.result()  # its pages are ready before the next iteration: it may start there
+    outcomes.update({f.key: f.outcome for f in running.step()})
+    assert sorted(row.waiting.key for row in running.rows.values()) == ["first", "urgent"]
+    assert running.stats.preemptions == 1 and [w.key for w in running.waiting] == ["second"]
+    rest = running.run()
+    outcomes.update({f.key: f.outcome for f in rest})
+    assert rest[0].key == "urgent", "the urgent job ends first"
+    assert [outcomes[key].token_ids for key in ("first", "second", "urgent")] == expected
+
+
 def test_glm4v_positions_stay_right_across_chunks_through_an_image():
     """GLM-4.1V's 3-D rotary positions (``get_rope_index``), sliced per chunk and continued for the
     decode steps, give ``generate``'s tokens; its image processor needs torchvision, so the prompt's
@@ -179,6 +214,46 @@ def test_a_successor_needs_its_predecessors_memory_but_the_pool():
     assert not free > memory.SUCCESSOR_HEADROOM * peak, "what a whole second child needs does not fit"
     # This child may grow back to its peak while the successor loads: that is not free for it.
     assert not memory.successor_fits(free, peak - 10 * GB, peak, pool, provisional)
+
+
+def test_a_pool_sized_from_the_card_leaves_room_for_a_successor_only_where_one_fits(tiny_model):
+    """``size_from_card``'s arithmetic, with the card's figures given in tokens of the tiny model's KV
+    cache: 20,000 tokens' worth of weights, a successor needs 1.1 x (weights + an 8,192-token
+    provisional pool), and room for a successor is left only if 4 typical rows (4 x 1,536 tokens)
+    still fit beside it. The pool is allocated for real (on the CPU)."""
+    engine = load(Settings.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
+
+    def decoder_on(card_tokens: int, allocate: bool = True) -> PagedDecoder:
+        decoder = PagedDecoder(engine.model, max_batch=4, max_tokens=1024, max_new_tokens=64, pad_id=engine.pad_id,
+                               pool_tokens=PROVISIONAL_TOKENS, allocate=allocate)
+        token = decoder.token_bytes
+        weights, total = 20_000 * token, card_tokens * token
+
+        def card_memory() -> tuple[int, int, int, int]:  # what CUDA would report: weights, the pool, nothing else
+            held = weights + int(decoder.kv.nbytes)
+            return total - held, total, held, held
+
+        decoder.card_memory = card_memory  # type: ignore[method-assign]
+        return decoder
+
+    need = 1.1 * (20_000 + PROVISIONAL_TOKENS)  # in tokens: 31,011
+    big = 75_000  # 0.9 x 75,000 - 20,000 = 47,500 tokens of room: a successor and 16,489 more
+    decoder = decoder_on(big)
+    tokens = decoder.size_from_card(0.9, 2048)
+    assert decoder.successor_fits and decoder.successor_bytes == pytest.approx(need * decoder.token_bytes, rel=1e-6)
+    assert tokens == decoder.pool_tokens == 16_489 // BLOCK_TOKENS * BLOCK_TOKENS
+    assert not decoder.provisional
+
+    small = 55_000  # 29,500 tokens of room: a successor would leave fewer than 4 typical rows
+    decoder = decoder_on(small)
+    assert decoder.size_from_card(0.9, 2048) == 29_500 // BLOCK_TOKENS * BLOCK_TOKENS == decoder.pool_tokens
+    assert not decoder.successor_fits and decoder.successor_bytes == 0
+
+    # A successor plans the same pool while its predecessor holds the card, and takes it once it has left.
+    successor = decoder_on(big, allocate=False)
+    planned = successor.size_from_card(0.9, 2048)
+    assert successor.provisional and successor.pool_tokens == PROVISIONAL_TOKENS
+    assert successor.allocate() and successor.pool_tokens == planned == tokens and successor.successor_fits
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc"))

@@ -7,10 +7,14 @@ the pool is a fixed token count (``GLYPHQ_KV_CACHE_TOKENS``); here 8 blocks, so 
 
 from __future__ import annotations
 
+import time
+import urllib.request
+
 import psutil
-from conftest import png_bytes
+from conftest import free_port, png_bytes
 
 from glyphq.producer import submit
+from glyphq.tasks.app import app
 from glyphq.worker.blocks import BLOCK_TOKENS
 
 #: Resident memory a tiny-model child may hold (torch, transformers, the model and its pool).
@@ -18,10 +22,33 @@ CHILD_RSS_LIMIT = 800 * 1024 * 1024
 
 
 def test_a_worker_with_a_small_pool_answers_every_job(start_worker, endless_model):
-    worker = start_worker(model=str(endless_model), kv_cache_tokens=8 * BLOCK_TOKENS, max_batch=4)
+    port = free_port()
+    worker = start_worker(model=str(endless_model), kv_cache_tokens=8 * BLOCK_TOKENS, max_batch=4, metrics_port=port)
     jobs = [submit(png_bytes(seed=1200 + i), "A long answer please", max_new_tokens=150) for i in range(4)]
     results = [job.result(timeout=180) for job in jobs]
     assert [r["tokens_out"] for r in results] == [150] * 4
     assert "preempted a job" in worker.log(), "the pool ran dry and rows ran again later"
+    assert "KV cache pool: cpu, " in worker.log() and " 512 tokens in 8 blocks (" in worker.log(), \
+        "the child's one line on its pool"
     (child,) = worker.children()
     assert psutil.Process(child).memory_info().rss < CHILD_RSS_LIMIT
+
+    # Flower's stats section and /metrics count the preemptions once the child has tidied up.
+    pool, scraped = _pool_when_idle(worker.name, port)
+    assert pool["tokens"] == 8 * BLOCK_TOKENS and pool["blocks"] == 8 and pool["blocks_free"] == 8, pool
+    assert pool["preemptions"] == worker.log().count("preempted a job") > 0, pool
+    assert f"glyphq_kv_preemptions_total {float(pool['preemptions'])}" in scraped
+    assert f"glyphq_kv_pool_tokens {float(8 * BLOCK_TOKENS)}" in scraped and "glyphq_kv_pool_blocks_free 8.0" in scraped
+
+
+def _pool_when_idle(node: str, port: int, timeout: float = 30) -> tuple[dict, str]:
+    """The pool section of the worker's stats and its /metrics text, once the child has tidied up after
+    preemptions (the first reading, at start, has none) and every block is free again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        replies = app.control.inspect(destination=[node], timeout=5).stats() or {}
+        pool = next(iter(replies.values()))["glyphq"]["pool"]
+        if (pool["preemptions"] and pool["blocks_used"] == 0) or time.monotonic() > deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                return pool, response.read().decode()
+        time.sleep(0.2)

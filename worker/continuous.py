@@ -6,7 +6,8 @@ Each :meth:`Continuous.step` is one scheduling iteration: decide, then do, then 
    cache's free blocks cannot hold the decoding rows' next tokens, which waiting jobs to admit (most
    urgent, then oldest, while a row is free and the free blocks hold the job's prompt and a first
    stretch of its answer; the last ``reserved_slots(max_batch)`` free rows take only jobs of
-   ``urgent_priority`` or more urgent, so such a job never waits for a long row to end), which prompt
+   ``urgent_priority`` or more urgent, so such a job never waits for a long row to end; one that finds
+   the blocks short takes them from less urgent rows, which are preempted), which prompt
    chunks the step carries (``GLYPHQ_PREFILL_CHUNK`` tokens at most), and how many decode steps run.
    A job's pages are decoded and fitted to the box by a few threads from the moment it is added
    (``PAGE_THREADS``), so that CPU work never holds up the rows decoding; only the processor runs here.
@@ -310,7 +311,7 @@ class Continuous:
             slot = self._slot_of(waiting)
             assert slot is not None
             row = self.rows.pop(slot)
-            self.decoder.release(slot)
+            self.decoder.preempt(slot)
             self.waiting.append(waiting)
             self.stats.preemptions += 1
             log.info("KV cache full: preempted a job of priority %d after %d new tokens; it runs again later",

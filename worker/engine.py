@@ -199,7 +199,7 @@ class Engine:
         rules = DecodeRules(len(prompts), self.model.get_output_embeddings().weight.shape[0], self.device,
                             self.repetition_penalty, self.reasoning)
         rules.start([prompt["input_ids"][0] for prompt in prompts], budgets or [None] * len(prompts))
-        # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the static cache only.
+        # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the paged decode steps only.
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
             # The penalty is applied by RulesProcessor, exactly as in the slot decoder, never twice.
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -285,10 +285,30 @@ def load(settings: Settings, defer_cache: bool = False) -> Engine:
             reasoning=engine.reasoning, allocate=not defer_cache)
         if from_card:
             pool_tokens = engine.decoder.size_from_card(settings.gpu_memory_utilization, engine.prefill_chunk)
-        log.info("KV cache pool: %d tokens (%.2f GB%s), %d rows at most, prompt chunks of %d tokens",
-                 pool_tokens, engine.decoder.pool_bytes() / 1e9, ", provisional until it takes over" if defer_cache
-                 else "", settings.max_batch, engine.prefill_chunk)
+        _log_pool(engine.decoder, pool_tokens, engine.prefill_chunk, device, defer_cache)
     return engine
+
+
+def _log_pool(decoder: Any, tokens: int, chunk: int, device: torch.device, provisional: bool) -> None:
+    """The child's one line on its KV cache pool: the card, the pool's tokens, blocks and bytes, the
+    rows it allows, the prompt chunk, and whether a successor fits beside it (``worker.budget``)."""
+    from glyphq.worker.blocks import blocks_for
+
+    card = "cpu"
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        card = f"{torch.cuda.get_device_name(device)} ({total / 1e9:.1f} GB)"
+    weights = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
+    if not decoder.successor_fits:
+        successor = "no room for a successor on this card: each recycle waits for a fresh child (no overlap)"
+    elif decoder.successor_bytes:
+        successor = f"{decoder.successor_bytes / 1e9:.1f} GB left for a successor"
+    else:
+        successor = "a successor fits if the memory is free when it is due"
+    log.info("KV cache pool: %s, weights %.1f GB, %d tokens in %d blocks (%.2f GB%s), up to %d rows, prompt chunks "
+             "of %d tokens, working memory %.2f GB; %s", card, weights / 1e9, tokens, blocks_for(tokens),
+             decoder.pool_bytes(tokens) / 1e9, ", provisional until it takes over" if provisional else "",
+             decoder.max_batch, chunk, decoder.working_bytes / 1e9, successor)
 
 
 def _import_compiler_meanwhile(cache_dir: str) -> threading.Thread:

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from glyphq.worker.budget import SUCCESSOR_HEADROOM
+
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
@@ -60,18 +62,42 @@ def allocated_bytes(device: torch.device) -> float:
     return float(torch.cuda.memory_allocated(device)) if cuda_in_use(device) else 0.0
 
 
+#: How far reserved memory after cleanup may pass the child's own baseline (``guard_limit_bytes``):
+#: ``GUARD_MARGIN_BYTES`` or ``GUARD_MARGIN_SHARE`` of the card, whichever is more.
+GUARD_MARGIN_BYTES = 2 * 1024**3
+GUARD_MARGIN_SHARE = 0.05
+
+_baseline_reserved: float | None = None
+
+
+def guard_limit_bytes(card: float, baseline: float | None, configured_mb: int) -> float:
+    """The reserved-memory limit (bytes) past which a child is replaced: ``GLYPHQ_GPU_GUARD_MB`` when set;
+    else the ``baseline`` the child reserved once loaded and warmed (weights, KV cache pool, captured
+    steps) plus ``GUARD_MARGIN_BYTES`` or ``GUARD_MARGIN_SHARE`` of the ``card``, whichever is more, and
+    never above the card. Without a baseline yet, the card.
+
+    A pool sized to most of the card makes any fixed share of the card the wrong limit: the baseline
+    alone may pass it. What the guard is for is memory that grows past what a fresh child holds."""
+    if configured_mb > 0:
+        return float(configured_mb) * MB
+    if baseline is None:
+        return card
+    return min(card, baseline + max(GUARD_MARGIN_BYTES, GUARD_MARGIN_SHARE * card))
+
+
+def set_baseline(device: torch.device) -> None:
+    """Take what this child reserves now (loaded, warmed and cleaned up) as the GPU guard's baseline."""
+    global _baseline_reserved
+    if cuda_in_use(device):
+        _baseline_reserved = float(torch.cuda.memory_reserved(device))
+
+
 def gpu_guard_limit_mb(device: torch.device, configured_mb: int) -> float | None:
-    """The reserved-memory limit that triggers a recycle: the setting, or 90% of the card when it is 0."""
+    """The reserved-memory limit in MB that triggers a recycle (``guard_limit_bytes``); None on CPU."""
     if not cuda_in_use(device):
         return None
-    if configured_mb > 0:
-        return float(configured_mb)
-    return 0.9 * torch.cuda.get_device_properties(device).total_memory / MB
-
-
-#: Headroom on what a successor is expected to hold before its predecessor leaves: its CUDA context and
-#: what its warm-up needs beyond the predecessor's working memory.
-SUCCESSOR_HEADROOM = 1.1
+    card = float(torch.cuda.mem_get_info(device)[1])
+    return guard_limit_bytes(card, _baseline_reserved, configured_mb) / MB
 
 
 def successor_bytes(peak: float, cache: float, provisional: float) -> float:

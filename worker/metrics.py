@@ -104,9 +104,10 @@ def _create_families() -> None:
             metric("jobs").labels(task=task, state=state)
     for reason in RECYCLE_REASONS:
         metric("recycles").labels(reason=reason)
-    for name in ("queue_wait", "preprocess", "generate", "tokens", "batch_size"):
+    for name in ("queue_wait", "preprocess", "generate", "tokens", "batch_size", "preemptions"):
         metric(name)
     gpu_memory(0, 0)
+    kv_pool(0, 0, 0, 0)
 
 
 def port() -> int | None:
@@ -193,6 +194,14 @@ def _metrics() -> dict[str, Any]:
         "recycles": Counter("glyphq_recycles", "Worker children replaced, by reason", ["reason"]),
         "batch_size": Histogram("glyphq_batch_size", "Rows decoding when a job ended",
                                 buckets=_BATCH_BUCKETS),
+        "pool_tokens": Gauge("glyphq_kv_pool_tokens", "Tokens the KV cache pool of the current child holds",
+                             multiprocess_mode="mostrecent"),
+        "pool_used": Gauge("glyphq_kv_pool_blocks_used", "KV cache blocks rows hold, at the last reading",
+                           multiprocess_mode="mostrecent"),
+        "pool_free": Gauge("glyphq_kv_pool_blocks_free", "KV cache blocks free, at the last reading",
+                           multiprocess_mode="mostrecent"),
+        "preemptions": Counter("glyphq_kv_preemptions", "Rows preempted when the KV cache pool ran out of blocks "
+                               "(each runs again later)"),
     }
 
 
@@ -230,6 +239,15 @@ def gpu_memory(allocated_bytes: float, reserved_bytes: float) -> None:
     """Set the GPU memory gauges."""
     metric("allocated").set(allocated_bytes)
     metric("reserved").set(reserved_bytes)
+
+
+def kv_pool(tokens: int, blocks_used: int, blocks_free: int, new_preemptions: int) -> None:
+    """Set the KV cache pool gauges of the current child, and count its preemptions since the last call."""
+    metric("pool_tokens").set(tokens)
+    metric("pool_used").set(blocks_used)
+    metric("pool_free").set(blocks_free)
+    if new_preemptions > 0:
+        metric("preemptions").inc(new_preemptions)
 
 
 def recycled(reason: str) -> None:

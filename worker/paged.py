@@ -63,6 +63,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from glyphq.worker.blocks import BLOCK_TOKENS, RESERVED_BLOCKS, BlockPool, BlockTable, blocks_for
+from glyphq.worker.budget import CUDA_CONTEXT_BYTES, PROVISIONAL_TOKENS, plan_pool
 from glyphq.worker.decode import MIN_CACHE_LEN, _compile_decoder_layers, _without_layer_index, bucket
 from glyphq.worker.logits import DecodeRules
 from glyphq.worker.reasoning import ReasoningIds
@@ -70,8 +71,6 @@ from glyphq.worker.reasoning import ReasoningIds
 log = logging.getLogger(__name__)
 
 ATTENTION = "glyphq_paged"
-#: Tokens of a successor's provisional pool, until its predecessor leaves: a warm-up batch of two pages.
-PROVISIONAL_TOKENS = 8192
 #: Batches whose decode steps a successor captures on its provisional pool: 1, which the compiler
 #: specializes, and 2, which it traces for every other batch.
 PROVISIONAL_ROWS = 2
@@ -239,6 +238,12 @@ class PagedDecoder:
         self.target_blocks = RESERVED_BLOCKS + blocks_for(pool_tokens)
         self.utilization: float | None = None  # the card's share the pool is sized to (size_from_card)
         self.working_bytes = 0
+        # Whether the pool leaves room for a successor beside this child (size_from_card decides on CUDA;
+        # elsewhere the hand-over checks the memory free when it is due), and the bytes it leaves.
+        self.successor_fits = True
+        self.successor_bytes = 0
+        self.preemptions = 0  # rows preempted (preempt) since the decoder was made
+        self.deferred = not allocate  # until allocate(): the full pool's size is not known yet
         blocks = self.target_blocks if allocate else min(self.target_blocks,
                                                          RESERVED_BLOCKS + blocks_for(PROVISIONAL_TOKENS))
         self.kv = self._storage(blocks)
@@ -275,8 +280,10 @@ class PagedDecoder:
 
     @property
     def provisional(self) -> bool:
-        """Whether the pool is smaller than asked for (``allocate=False``, before :meth:`allocate`)."""
-        return len(self.pool.refs) < self.target_blocks
+        """Whether the pool waits for :meth:`allocate` (``allocate=False``): a successor's, while its
+        predecessor holds the card. A pool sized from the card is one even when it starts at the size
+        of a provisional one, as it does (``worker.engine.load``)."""
+        return self.deferred or len(self.pool.refs) < self.target_blocks
 
     def pool_bytes(self, tokens: int | None = None) -> int:
         """Bytes of a pool of ``tokens`` tokens (default: the full pool asked for), scratch block included."""
@@ -305,23 +312,44 @@ class PagedDecoder:
     def allocate(self) -> bool:
         """Grow a provisional pool to the full one; False, with nothing changed, if it does not fit now.
         A pool sized from the card (:meth:`size_from_card`) is sized again now: a successor's
-        predecessor has left the memory it held."""
+        predecessor has left the memory it held. It leaves the room for a successor it left before."""
         if self.utilization is not None:
-            self.target_blocks = max(len(self.pool.refs), RESERVED_BLOCKS + blocks_for(
-                auto_pool_tokens(self.token_bytes, self.device, self.utilization, self.working_bytes)))
-        return self.grow((self.target_blocks - RESERVED_BLOCKS) * BLOCK_TOKENS)
+            free, total, _, _ = self.card_memory()
+            in_use = total - free - int(self.kv.nbytes)  # the pool now is replaced: not counted
+            tokens = auto_pool_tokens(self.token_bytes, total, in_use, self.utilization,
+                                      self.working_bytes + self.successor_bytes)
+            self.target_blocks = max(len(self.pool.refs), RESERVED_BLOCKS + blocks_for(tokens))
+        if not self.grow((self.target_blocks - RESERVED_BLOCKS) * BLOCK_TOKENS):
+            return False
+        self.deferred = False
+        return True
 
     def size_from_card(self, utilization: float, chunk: int) -> int:
         """On CUDA: measure one prompt chunk's working memory, then set the full pool to ``utilization`` of
-        the card less what is in use and that (:func:`auto_pool_tokens`). Returns the pool's tokens; the
-        pool takes them at once, or at :meth:`allocate` if it is provisional."""
+        the card less what is in use and that, and less room for a successor where the card allows it
+        (``worker.budget.plan_pool``). Returns the pool's tokens; the pool takes them at once, or at
+        :meth:`allocate` if it is provisional (a successor, whose predecessor still holds the card)."""
         self.utilization = utilization
         self.working_bytes = self.profile(chunk)
-        if self.provisional:  # a successor: sized once its predecessor has left
-            return self.pool_tokens
+        free, total, allocated, reserved = self.card_memory()
+        pool_now = int(self.kv.nbytes)
+        held = allocated - pool_now  # weights and buffers: what a successor holds again
+        # A successor's predecessor holds the card too: count this child's own memory and a context.
+        context = CUDA_CONTEXT_BYTES if self.device.type == "cuda" else 0
+        in_use = reserved - pool_now + context if self.provisional else total - free - pool_now
+        plan = plan_pool(total, in_use, held, self.working_bytes, self.token_bytes, utilization, self.max_batch)
+        self.successor_fits, self.successor_bytes = plan.successor_fits, plan.successor_bytes
+        if self.provisional:
+            return plan.tokens
         if not self.allocate():
             raise torch.OutOfMemoryError(f"a KV cache pool of {self.target_blocks * BLOCK_TOKENS} tokens does not fit")
         return self.pool_tokens
+
+    def card_memory(self) -> tuple[int, int, int, int]:
+        """Bytes free and in all on the card, and allocated and reserved by this process (CUDA only)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (int(free), int(total), int(torch.cuda.memory_allocated(self.device)),
+                int(torch.cuda.memory_reserved(self.device)))
 
     @torch.inference_mode()
     def profile(self, tokens: int) -> int:
@@ -343,7 +371,9 @@ class PagedDecoder:
         finally:
             self.release(0)
         torch.cuda.synchronize(self.device)
-        return int(torch.cuda.max_memory_allocated(self.device) - before)
+        working = int(torch.cuda.max_memory_allocated(self.device) - before)
+        torch.cuda.empty_cache()  # else the pass's cached memory would count as in use as well as working memory
+        return working
 
     @property
     def free_blocks(self) -> int:
@@ -424,6 +454,11 @@ class PagedDecoder:
         self.step[row] = 0
         self.prompts.pop(row, None)
         self.decoding.discard(row)
+
+    def preempt(self, row: int) -> None:
+        """End ``row`` early to free its blocks (it runs again later from its prompt), and count it."""
+        self.release(row)
+        self.preemptions += 1
 
     def tokens_of(self, row: int, count: int) -> list[int]:
         """The first ``count`` new tokens of ``row``."""
@@ -656,16 +691,13 @@ def prefill_chunk_for(device: torch.device) -> int:
     on the CPU."""
     if device.type != "cuda":
         return 2048
-    gb = torch.cuda.get_device_properties(device).total_memory / 1e9
+    gb = torch.cuda.mem_get_info(device)[1] / 1e9  # the card as the memory figures see it (bench/small_card too)
     return 2048 if gb < 40 else 4096 if gb < 70 else 8192
 
 
-def auto_pool_tokens(decoder_bytes_per_token: int, device: torch.device, utilization: float,
-                     working_bytes: int) -> int:
-    """Tokens of a pool that takes ``utilization`` of the card's memory, less what this process holds
-    now and ``working_bytes`` for a step's activations (measured by a profiling pass); at least one
-    block's worth of tokens beyond the provisional pool. CUDA only."""
-    free, total = torch.cuda.mem_get_info(device)
-    in_use = total - free  # this process and any other on the card
-    room = utilization * total - in_use - working_bytes
-    return max(BLOCK_TOKENS, int(room // decoder_bytes_per_token) // BLOCK_TOKENS * BLOCK_TOKENS)
+def auto_pool_tokens(token_bytes: int, total: int, in_use: int, utilization: float, set_aside: int) -> int:
+    """Tokens of a pool that takes ``utilization`` of a card of ``total`` bytes, less what is ``in_use``
+    besides the pool (this process and any other on the card) and ``set_aside`` bytes (a step's working
+    memory, measured by a profiling pass, and any room left for a successor); at least one block."""
+    room = utilization * total - in_use - set_aside
+    return max(BLOCK_TOKENS, int(room // token_bytes) // BLOCK_TOKENS * BLOCK_TOKENS)

@@ -101,11 +101,13 @@ def init_child() -> None:
         log.info("taking over from child %d: %s, then waited %.1f s for it to leave", predecessor, warmed, waited_s)
         _take_over_from(predecessor, until=start + limit_s - 1)
     _engine.cleanup()
+    memory.set_baseline(_engine.device)  # the GPU guard's: what this child holds loaded and warmed
     _last_gpu = memory.gpu_stats(_engine.device)  # the first results' reading, until the first tidy
     previous = status.read()
     status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
                    device_name=_device_name(_engine.device), task_index=0,
-                   children=int(previous.get("children", 0)) + 1, gpu=_gpu_section(_engine.device))
+                   children=int(previous.get("children", 0)) + 1, gpu=_gpu_section(_engine.device),
+                   pool=_count_pool(_engine))
     log.info("model ready: %s on %s as %s, loaded in %.1f s", settings.model, _engine.device, _engine.dtype, load_s)
 
 
@@ -274,7 +276,7 @@ def room_for_a_successor() -> bool:
     from glyphq.worker.paged import PROVISIONAL_TOKENS
 
     decoder = getattr(_engine, "decoder", None)
-    if _engine is None or decoder is None:
+    if _engine is None or decoder is None or not decoder.successor_fits:  # the card has no room (logged at start)
         return False
     return memory.room_for_a_successor(_engine.device, decoder.pool_bytes(),
                                        decoder.pool_bytes(min(PROVISIONAL_TOKENS, decoder.pool_tokens)))
@@ -345,11 +347,38 @@ def after_job() -> None:
 _last_gpu: dict[str, float] | None = None
 
 
+def pool_section(eng: Any) -> dict[str, Any] | None:
+    """The KV cache pool's figures, for the worker status (Flower, ``glyphq health``) and ``/metrics``:
+    its tokens, bytes and blocks, blocks in use and free, rows preempted so far in this child, and
+    whether a successor fits beside it. None without a paged decoder."""
+    decoder = getattr(eng, "decoder", None)
+    if decoder is None:
+        return None
+    return {"tokens": decoder.pool_tokens, "bytes": decoder.pool_bytes(decoder.pool_tokens),
+            "blocks": decoder.pool.capacity, "blocks_used": decoder.pool.used, "blocks_free": decoder.pool.free,
+            "preemptions": decoder.preemptions, "successor_fits": decoder.successor_fits}
+
+
+_preemptions_counted = 0
+
+
+def _count_pool(eng: Any) -> dict[str, Any] | None:
+    """The pool's figures (``pool_section``), set in ``/metrics`` too, for the worker status."""
+    global _preemptions_counted
+    pool = pool_section(eng)
+    if pool is not None:
+        metrics.kv_pool(pool["tokens"], pool["blocks_used"], pool["blocks_free"],
+                        pool["preemptions"] - _preemptions_counted)
+        _preemptions_counted = pool["preemptions"]
+    return pool
+
+
 def tidy(eng: Any, idle: bool = True) -> float:
     """Free what the running batch no longer uses, read GPU memory (the ``gpu`` of the results that
-    follow), check the GPU guard, and publish GPU memory and the decode steps in use. The child calls
-    it once nothing is running (``idle``: the peak measurement starts again), and every
-    ``tasks.serve.TIDY_S`` seconds while its batch runs. Returns the seconds the cleanup took."""
+    follow), check the GPU guard, and publish GPU memory, the KV cache pool's use and the decode steps
+    in use. The child calls it once nothing is
+    running (``idle``: the peak measurement starts again), and every ``tasks.serve.TIDY_S`` seconds
+    while its batch runs. Returns the seconds the cleanup took."""
     from glyphq.worker import memory
 
     global _last_gpu
@@ -357,7 +386,7 @@ def tidy(eng: Any, idle: bool = True) -> float:
     gpu = memory.gpu_stats(eng.device)
     _last_gpu = gpu
     _record_gpu_memory(eng.device, gpu)
-    status.publish(gpu=_gpu_section(eng.device))
+    status.publish(gpu=_gpu_section(eng.device), pool=_count_pool(eng))
     _publish_decode_buckets(eng)
     if idle:  # a busy child keeps its peak since it last went idle: a successor must fit beside that
         memory.reset_peak(eng.device)

@@ -15,6 +15,10 @@ The rules, in order:
    urgent job whose pages are not ready keeps a row) and the free blocks, beyond what the decoding
    rows need next, hold the job's prompt and a first stretch of its answer (``first_stretch``
    tokens). Admission stops at the first job that does not fit, so no less urgent job overtakes it.
+   An urgent job (``urgent_priority`` or more urgent) that finds the blocks short takes them from rows
+   less urgent than itself, least urgent then youngest first, as in rule 1; if all of theirs would
+   not be enough, none is preempted and it waits as any job does. So an urgent job never waits for
+   long answers to end, however full the pool.
 3. Prompt chunks: rows still prefilling, then those just admitted, most urgent first, take prompt
    tokens in order until ``chunk_tokens`` are taken.
 4. A step with prompt chunks decodes one token of each decoding row beside them. Without, the
@@ -73,6 +77,19 @@ def _growth(rows: list[RowState], steps: int) -> int:
     return sum(max(0, blocks_for(r.cached + steps) - r.blocks) for r in rows if r.decoding)
 
 
+def _victims(rows: list[RowState], priority: int, missing: int) -> list[RowState]:
+    """Rows less urgent than ``priority`` whose preemption frees ``missing`` blocks (what each holds and
+    would take next), least urgent then youngest first; none if all of them would not be enough."""
+    victims: list[RowState] = []
+    freed = 0
+    for row in sorted((r for r in rows if r.priority > priority), key=lambda r: (r.priority, r.order), reverse=True):
+        if freed >= missing:
+            break
+        victims.append(row)
+        freed += row.blocks + _growth([row], 1)
+    return victims if freed >= missing else []
+
+
 def schedule(rows: list[RowState], waiting: list[Candidate], free_blocks: int, max_rows: int, reserved: int,
              urgent_priority: int, chunk_tokens: int, check_every: int, first_stretch: int) -> Plan:
     """The plan of one iteration; see the module docstring. ``waiting`` is in order of urgency."""
@@ -85,7 +102,7 @@ def schedule(rows: list[RowState], waiting: list[Candidate], free_blocks: int, m
         plan.preempt.append(victim.key)
     admitted: list[Candidate] = []
     if not plan.preempt:
-        spare = free_blocks - _growth(live, 1)
+        taken = 0  # blocks the admitted jobs take
         pending = 0
         for job in waiting:
             room = max_rows - len(live) - (0 if job.priority <= urgent_priority else reserved)
@@ -95,12 +112,19 @@ def schedule(rows: list[RowState], waiting: list[Candidate], free_blocks: int, m
                 pending += 1
                 continue
             need = blocks_for(job.prompt + first_stretch)
+            spare = free_blocks - taken - _growth(live, 1)
+            if need > spare and job.priority <= urgent_priority:
+                for victim in _victims(live, job.priority, need - spare):
+                    live.remove(victim)
+                    free_blocks += victim.blocks
+                    plan.preempt.append(victim.key)
+                spare = free_blocks - taken - _growth(live, 1)
             if need > spare:
                 break
-            spare -= need
+            taken += need
             admitted.append(job)
         plan.admit = [job.key for job in admitted]
-        free_blocks -= sum(blocks_for(job.prompt + first_stretch) for job in admitted)
+        free_blocks -= taken
     budget = chunk_tokens
     prefilling = sorted((r for r in live if not r.decoding), key=lambda r: (r.priority, r.order))
     for key, done, prompt in [(r.key, r.cached, r.prompt) for r in prefilling] + [(j.key, 0, j.prompt)
