@@ -121,6 +121,9 @@ def parse_box(text: str, name: str = "GLYPHQ_MAX_IMAGE_SIZE") -> tuple[int, int]
 A4_PAGE_TOKENS = 640
 #: Room in a GPU job's message for everything but its question and history: ids, keys, sizes, options.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
+#: The most bytes one character of a question or history takes in the handed-over JSON: a control
+#: character is written as a ``\\u0001`` escape (any other takes 4 UTF-8 bytes at most).
+MESSAGE_BYTES_PER_CHAR = 6
 #: Room in a job's tokens for the chat template, the question and up to three earlier turns.
 PROMPT_TOKENS = 1024
 
@@ -231,7 +234,7 @@ class Settings:
         formats = _str(env, "GLYPHQ_IMAGE_FORMATS", ",".join(cls.image_formats))
         max_question = _int(env, "GLYPHQ_MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1)
         max_history = _int(env, "GLYPHQ_MAX_HISTORY_CHARS", cls.max_history_chars)
-        needed = 4 * (max_question + max_history) + MESSAGE_OVERHEAD_BYTES
+        needed = MESSAGE_BYTES_PER_CHAR * (max_question + max_history) + MESSAGE_OVERHEAD_BYTES
         max_message = _int(env, "GLYPHQ_MAX_MESSAGE_BYTES", max(cls.max_message_bytes, needed))
         if max_message < needed:
             raise SettingsError(f"GLYPHQ_MAX_MESSAGE_BYTES={max_message} must be at least {needed}: a job within "

@@ -85,3 +85,27 @@ def test_the_draining_flag_reaches_a_forked_child():
     channel.drain()
     assert os.read(read_end, 1) == b"1"
     os.waitpid(pid, 0)
+
+
+def test_the_message_limit_holds_the_largest_job_the_other_limits_allow():
+    """A question and history of control characters, each written ``\\u0001`` in JSON (6 bytes), on a document
+    of ``GLYPHQ_MAX_PAGES`` pages: the default ``GLYPHQ_MAX_MESSAGE_BYTES`` derived from raised text limits
+    still lets it through."""
+    from glyphq.celeryconfig import Settings
+    from glyphq.producer.schema import JobMessage
+    from glyphq.producer.validation import check_history, check_question
+
+    cfg = Settings.from_env({"GLYPHQ_MAX_QUESTION_CHARS": "200000", "GLYPHQ_MAX_HISTORY_CHARS": "600000"})
+    question = check_question("a" + "\x01" * (cfg.max_question_chars - 1), cfg)
+    half_turn = cfg.max_history_chars // (2 * cfg.history_turns)
+    turns = check_history([{"question": "\x01" * half_turn, "answer": "\x01" * half_turn}] * cfg.history_turns,
+                          None, cfg)
+    job = JobMessage(image_keys=tuple(f"glyphq:blob:{'x' * 128}:{page}" for page in range(cfg.max_pages)),
+                     image_sizes=((1280, 1810),) * cfg.max_pages, image_bytes=10**9, question=question,
+                     max_new_tokens=cfg.max_new_tokens_limit, session=None, submitted_at=time.time(), history=turns,
+                     stream=True)
+    message = {"id": "x" * 128, "task": "glyphq.answer", "args": [], "kwargs": {"job": job.to_dict()},
+               "priority": 0, "hostname": "celery@" + "h" * 64,
+               "delivery_info": {"routing_key": "gpu", "priority": 0, "redelivered": True},
+               "group": None, "parent_id": None, "root_id": None}
+    assert len(encode(message)) <= cfg.max_message_bytes
