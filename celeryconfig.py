@@ -122,7 +122,7 @@ A4_PAGE_TOKENS = 640
 #: Room in a GPU job's message for everything but its question and history: ids, keys, sizes, options.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 #: The most bytes one character of a question or history takes in the handed-over JSON: a control
-#: character is written as a ``\\u0001`` escape (any other takes 4 UTF-8 bytes at most).
+#: character is written as a ``\u0001`` escape (any other takes 4 UTF-8 bytes at most).
 MESSAGE_BYTES_PER_CHAR = 6
 #: Room in a job's tokens for the chat template, the question and up to three earlier turns.
 PROMPT_TOKENS = 1024
