@@ -80,19 +80,24 @@ class Item:
         if self.offset is None:
             return self.image, self.question, {"max_new_tokens": self.max_new_tokens, "priority": self.priority,
                                                "thinking_budget": self.thinking_budget}
-        with self.image.open("rb") as handle:
-            handle.seek(self.offset)
-            raw = handle.readline()
-        return batch_openai.job_args(raw, cfg)
+        return batch_openai.job_args(self._openai_line(), cfg)
 
-    def record(self, outcome: dict[str, Any], model: str) -> dict[str, Any]:
+    def record(self, outcome: dict[str, Any], cfg: Settings) -> dict[str, Any]:
         """The output line of this item: glyphq's own, or an OpenAI Batch output line (its completion under
-        the served model name ``model``)."""
+        the served model name its body asked for)."""
         if self.offset is None:
             return {"id": self.id, "job_id": self.job_id, "line": self.line, **outcome}
         if outcome["ok"]:
+            model = batch_openai.served_model(self._openai_line(), cfg)
             return batch_openai.success(self.id, self.job_id, outcome["result"], model)
         return batch_openai.failure(self.id, self.job_id, outcome["error_type"], outcome["error"])
+
+    def _openai_line(self) -> bytes:
+        """This OpenAI Batch line as the input holds it."""
+        assert self.offset is not None
+        with self.image.open("rb") as handle:
+            handle.seek(self.offset)
+            return handle.readline()
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,15 @@ def job_args(raw: bytes, cfg: Settings) -> tuple[bytes, str, dict[str, Any]]:
     return request.image, request.question, request.submit_kwargs()
 
 
+def served_model(raw: bytes, cfg: Settings) -> str:
+    """The served model name an OpenAI Batch line's body asked for (the first one if it names none it serves)."""
+    try:
+        requested = json.loads(raw)["body"].get("model")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        requested = None
+    return chat.served_model(requested, cfg) or cfg.served_model_names[0]
+
+
 def success(custom_id: str, job_id: str, result: dict[str, Any], model: str) -> dict[str, Any]:
     """The output line of a request the workers answered."""
     return {"id": f"batch_req_{job_id}", "custom_id": custom_id,

@@ -284,7 +284,7 @@ class Runner:
 
     def _write(self, entry: InFlight, record: dict[str, Any], ok: bool) -> None:
         item = entry.item
-        self.writer.write(item.record(record, self.cfg.served_model_names[0]))
+        self.writer.write(item.record(record, self.cfg))
         if ok:
             self.summary.done += 1
         else:

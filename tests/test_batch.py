@@ -151,6 +151,20 @@ def test_a_resume_line_nested_too_deeply_is_refused_as_not_a_results_file(tmp_pa
     assert out.read_bytes() == before
 
 
+
+def test_an_openai_batch_output_line_names_the_served_model_its_request_asked_for(tmp_path):
+    from glyphq.celeryconfig import Settings
+    from glyphq.producer.batch import parse_lines
+
+    cfg = Settings.from_env({"GLYPHQ_SERVED_MODEL_NAME": "glyph,glyph-9b"})
+    body = {"messages": [{"role": "user", "content": "Total?"}], "max_tokens": 8}
+    source = write_batch(tmp_path, [{"custom_id": name or "none", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": {**body, **({"model": name} if name else {})}}
+                                    for name in ("glyph-9b", "glyph", None)], images=0)
+    answered = {"ok": True, "result": {"answer": "ten", "tokens_in": 5, "tokens_out": 1}}
+    names = [item.record(answered, cfg)["response"]["body"]["model"] for item in parse_lines(source, "p")]
+    assert names == ["glyph-9b", "glyph", "glyph"]
+
 class TestDefaultWorker:
     """Batches of short jobs, answered by one worker at the default settings (``class_worker``)."""
 
