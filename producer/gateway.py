@@ -46,7 +46,7 @@ from glyphq.producer.request_body import body_limit, read_json
 from glyphq.producer.store import broker_error, check_broker, settings_client
 from glyphq.producer.stream import Follower, StreamEvent, read
 from glyphq.producer.submit import LOST_CHECK_S, Job
-from glyphq.producer.tenants import Keys, body_digest, idempotent_job_id, owns, submit_as
+from glyphq.producer.tenants import Keys, body_digest, idempotent_job_id, served_name, submit_as
 from glyphq.producer.validation import check_identifier
 
 log = logging.getLogger(__name__)
@@ -392,7 +392,8 @@ def job_status(job_id: str, cfg: Settings, tenant: str) -> dict[str, Any]:
         raise RequestRefused(404, f"no job {job_id[:200]!r}", code="not_found") from None
     missing = RequestRefused(404, f"no job {job_id!r} of this API key (never submitted through the gateway with "
                                   "it, expired, or lost with Redis's data)", code="not_found")
-    if not owns(cfg, job_id, tenant):
+    model = served_name(cfg, job_id, tenant)
+    if model is None:
         raise missing
     job = Job(job_id, cfg)
     state = job.state
@@ -401,7 +402,7 @@ def job_status(job_id: str, cfg: Settings, tenant: str) -> dict[str, Any]:
     body: dict[str, Any] = {"id": job_id, "object": "glyphq.job", "state": state}
     if state in ("SUCCESS", "FAILURE", "EXPIRED", "REVOKED"):
         try:
-            body["completion"] = chat.completion(_ready_result(job), job_id, cfg.served_model_names[0])
+            body["completion"] = chat.completion(_ready_result(job), job_id, model)
         except (JobFailed, JobExpired) as exc:
             status, kind, code, param, _ = _describe(exc)
             body["error"] = chat.error_body(str(exc), kind, param, code, status=status)["error"]

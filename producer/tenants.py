@@ -76,10 +76,11 @@ def idempotent_job_id(tenant: str, idempotency_key: str | None) -> str | None:
     return "idem-" + hashlib.sha256(f"{tenant}\n{idempotency_key}".encode()).hexdigest()[:40]
 
 
-def claim_job_id(cfg: Settings, job_id: str, tenant: str, digest: str) -> bool:
-    """Record ``tenant`` as the maker of ``job_id`` from a body of hash ``digest``. True if recorded now, False
-    if the same tenant and body made it before (a retry); ``RequestRefused`` (409) if another body did."""
-    owner = f"{tenant} {digest}"
+def claim_job_id(cfg: Settings, job_id: str, tenant: str, digest: str, model: str = "") -> bool:
+    """Record ``tenant`` as the maker of ``job_id`` from a body of hash ``digest`` that asked for the served
+    model name ``model``. True if recorded now, False if the same tenant and body made it before (a retry);
+    ``RequestRefused`` (409) if another body did."""
+    owner = f"{tenant} {digest} {model}"
     try:
         current = Store(cfg).record_owner(job_id, owner)
     except redis.RedisError as exc:
@@ -95,7 +96,7 @@ def claim_job_id(cfg: Settings, job_id: str, tenant: str, digest: str) -> bool:
 def submit_as(tenant: str, job_id: str, digest: str, parsed: chat.ChatRequest, cfg: Settings) -> Job:
     """Submit ``parsed`` as ``tenant``'s job ``job_id``. Its owner is recorded first, so that the job is never
     readable by another key; a job that is refused leaves no record behind."""
-    recorded = claim_job_id(cfg, job_id, tenant, digest)
+    recorded = claim_job_id(cfg, job_id, tenant, digest, parsed.model or "")
     try:
         return submit(parsed.image, parsed.question, job_id=job_id, stream=parsed.stream, settings=cfg,
                       **parsed.submit_kwargs())
@@ -108,10 +109,14 @@ def submit_as(tenant: str, job_id: str, digest: str, parsed: chat.ChatRequest, c
         raise
 
 
-def owns(cfg: Settings, job_id: str, tenant: str) -> bool:
-    """True if ``tenant`` made ``job_id`` through the gateway (and its record has not expired)."""
+def served_name(cfg: Settings, job_id: str, tenant: str) -> str | None:
+    """The served model name ``tenant``'s job ``job_id`` asked for; None if ``tenant`` did not make it through
+    the gateway (or its record has expired)."""
     try:
         owner = Store(cfg).owner(job_id)
     except redis.RedisError as exc:
         raise broker_error(cfg, exc) from exc
-    return owner is not None and owner.split(" ")[0] == tenant
+    if owner is None:
+        return None
+    maker, _, rest = owner.partition(" ")
+    return (rest.partition(" ")[2] or cfg.served_model_names[0]) if maker == tenant else None

@@ -228,6 +228,10 @@ def test_served_model_names_answer_as_asked_and_never_leak_the_model_path(gatewa
     chunks = list(client.chat.completions.create(model="glyph-9b", messages=ask("Streamed alias?", seed=8),
                                                   max_tokens=64, stream=True))
     assert {c.model for c in chunks} == {"glyph-9b"}
+    queued = httpx.post(f"{gateway.url}/v1/jobs", json={"model": "glyph-9b", "messages": ask("Queued alias?", seed=8),
+                                                       "max_tokens": 64},
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert wait_state(gateway.url, queued["id"])["completion"]["model"] == "glyph-9b", "the jobs endpoint's name"
     health = httpx.get(f"{gateway.url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     assert health["model"] == "glyph", "with a key, /health names the first served name"
     for text in (omitted.text, json.dumps(health), alias.model_dump_json()):
