@@ -87,8 +87,11 @@ class Channel:
         return True
 
     def forget(self, epoch: int) -> None:
-        """In the main process: drop the frames still waiting for ``epoch``, whose child stopped serving."""
+        """In the main process: drop the frames still waiting for ``epoch``, whose child stopped serving, and
+        the parts of a report that child wrote only in part (the next child, forked from this process, numbers
+        its reports from the same count, so a part left here would be joined to one of its reports)."""
         self._outbox = deque(item for item in self._outbox if item[0] != epoch)
+        self._parts.clear()  # the main process reads only reports
 
     @property
     def waiting_bytes(self) -> int:
@@ -127,10 +130,12 @@ class Channel:
                 return
             self._unsent.pop(0)
 
-    def unsent(self) -> list[dict[str, Any]]:
-        """In the child, as it stops serving: the reports the pipe had no room for (sent another way)."""
+    def unsent(self) -> bytes:
+        """In the child, as it stops serving: the frames of the reports the pipe had no room for, sent another
+        way to the main process, which reads them with :meth:`handed_back` (a report's first parts may be in
+        the pipe already)."""
         frames, self._unsent = self._unsent, []
-        return self._messages(b"".join(frames), None)
+        return b"".join(frames)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -141,6 +146,10 @@ class Channel:
     def reports(self) -> list[dict[str, Any]]:
         """In the main process: every report waiting in the pipe."""
         return self._read(self.reports_r, None, 0.0)
+
+    def handed_back(self, frames: bytes) -> list[dict[str, Any]]:
+        """In the main process, after :meth:`reports`: the reports in a child's :meth:`unsent` frames."""
+        return self._messages(frames, None)
 
     def _read(self, fd: int, epoch: int | None, timeout: float) -> list[dict[str, Any]]:
         if timeout > 0:

@@ -278,9 +278,9 @@ class Scheduler:
     def served(self, epoch: int, returned: dict[str, Any]) -> None:
         """The child stopped serving ``epoch``: what it handed back goes to the front of the queue."""
         self.read_reports()
-        self.channel.forget(epoch)
-        for report in returned.get("unsent") or []:
+        for report in self.channel.handed_back(returned.get("unsent") or b""):
             self._report(report)
+        self.channel.forget(epoch)
         for task_id, handed in list(self.handed.items()):
             if handed.epoch == epoch:  # handed over after the child's last look: hand it over again
                 del self.handed[task_id]

@@ -3,11 +3,12 @@ in the jobs pipe, frames are UTF-8, and the draining flag reaches a forked child
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
 
-from glyphq.tasks.channel import Channel, encode
+from glyphq.tasks.channel import FRAME_BYTES, Channel, encode
 
 
 def _pipe_capacity(channel: Channel) -> int:
@@ -86,6 +87,47 @@ def test_the_draining_flag_reaches_a_forked_child():
     assert os.read(read_end, 1) == b"1"
     os.waitpid(pid, 0)
 
+
+
+def _as_a_child(channel: Channel, report: dict, exit_with_unsent: bool) -> bytes:
+    """Fork a child that reports ``report`` into a reports pipe with room for one frame, then exits (after
+    handing back its unsent frames, as a child that stops serving does, or dying with them). What it handed back."""
+    fcntl.fcntl(channel.reports_w, 1031, FRAME_BYTES)  # F_SETPIPE_SZ: one frame fills it
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            channel.report(report)
+            if exit_with_unsent:
+                os.write(write_end, channel.unsent())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    handed_back = b""
+    while chunk := os.read(read_end, 1 << 16):
+        handed_back += chunk
+    os.close(read_end)
+    return handed_back
+
+
+def test_a_report_split_between_the_pipe_and_the_unsent_frames_arrives_whole():
+    channel = Channel()
+    report = {"id": "a", "event": "failed", "exception": "x" * (2 * FRAME_BYTES)}
+    handed_back = _as_a_child(channel, report, exit_with_unsent=True)
+    assert channel.reports() == [], "only its first frame fits the pipe"
+    assert channel.handed_back(handed_back) == [report]
+
+
+def test_a_report_cut_short_by_its_childs_death_spoils_no_report_of_the_next_child():
+    """The next child numbers its reports from the same count (both forked from one main process)."""
+    channel = Channel()
+    _as_a_child(channel, {"id": "a", "event": "failed", "exception": "x" * (2 * FRAME_BYTES)}, exit_with_unsent=False)
+    assert channel.reports() == []
+    channel.forget(1)  # the scheduler, as its child is lost
+    _as_a_child(channel, {"id": "b", "event": "started"}, exit_with_unsent=False)
+    assert channel.reports() == [{"id": "b", "event": "started"}]
 
 def test_the_message_limit_holds_the_largest_job_the_other_limits_allow():
     """A question and history of control characters, each written ``\\u0001`` in JSON (6 bytes), on a document
