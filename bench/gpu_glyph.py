@@ -7,7 +7,7 @@
    its reasoning tags) into ``--model-dir`` if no model is there. ``--preset glyph-tiny`` on a CPU is a
    smoke check of the code path (the GPU memory figures are then null), not a measurement.
 2. In this process, ``worker.engine.load`` at default settings, then three ways of choosing tokens
-   side by side on the engine's own slot decoder (``worker.slots``: same weights, cache and compiled
+   side by side on the engine's own paged decoder (``worker.paged``: same weights, cache and compiled
    layers; each with decode steps captured for it): ``old`` (greedy argmax, as at 8db4e12), ``budget``
    (the thinking budget's ops, penalty 1.0) and ``new`` (the engine's own: penalty 1.1 and budget, the
    defaults). For each, at batch 1 and the default batch, over the cache bucket a default job starts
@@ -15,7 +15,7 @@
    and the one it ends in after 8,192 new tokens (16,384 slots), and the full cache for ``new``: one
    decode step's milliseconds, timed over 128 replays of its CUDA graph after the rows were admitted
    into slots, best of 3 interleaved rounds.
-3. First, in that engine alone: GPU memory: weights, the static cache at the defaults, the peak of a
+3. First, in that engine alone: GPU memory: weights, the KV cache pool at the defaults, the peak of a
    batch of one-page jobs (``GLYPHQ_MAX_BATCH``) and of one 40-page document, and whether two children
    (a hand-over) fit.
 4. A real redis-server and ``celery -A glyphq.tasks worker`` at default settings: a warm-up batch, then
@@ -60,7 +60,7 @@ def sync() -> None:
 
 
 class TokenChoice:
-    """A way of choosing each next token (its ``DecodeRules``), run on the engine's own slot decoder:
+    """A way of choosing each next token (its ``DecodeRules``), run on the engine's own paged decoder:
     the same weights, cache and compiled layers, with decode steps captured for it alone."""
 
     def __init__(self, rules: Any, graphs: dict | None = None) -> None:
@@ -70,7 +70,7 @@ class TokenChoice:
 
 @contextmanager
 def choosing(decoder: Any, choice: TokenChoice) -> Iterator[Any]:
-    """``decoder`` (a ``worker.slots.SlotDecoder``) choosing its tokens as ``choice`` does, inside the block."""
+    """``decoder`` (a ``worker.paged.PagedDecoder``) choosing its tokens as ``choice`` does, inside the block."""
     kept = decoder.rules, decoder.graphs
     decoder.rules, decoder.graphs = choice.rules, choice.graphs
     try:
@@ -133,14 +133,13 @@ def in_process(args: argparse.Namespace, figures: dict) -> None:
         return round(read() / 1e9, 2) if cuda else None
 
     decoder = engine.slots
-    cache = decoder.cache
     figures.update(
         max_batch=settings.max_batch, decode_max_tokens=settings.decode_max_tokens,
         default_max_new_tokens=settings.default_max_new_tokens, thinking_budget=settings.thinking_budget,
         repetition_penalty=settings.repetition_penalty,
         weights_gb=round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9, 2),
-        static_cache_gb=round(decoder.cache_bytes() / 1e9, 2),
-        kv_bytes_per_token=sum(t[0, :, 0].nbytes for t in (*cache.keys, *cache.values)),
+        kv_pool_gb=round(decoder.pool_bytes() / 1e9, 2),
+        kv_bytes_per_token=decoder.token_bytes,
         allocated_gb_after_load=gb(torch.cuda.memory_allocated),
         gpu_total_gb=round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1) if cuda else None,
         eos_ids=sorted(engine.eos_ids), reasoning_ids=str(engine.reasoning))
@@ -280,7 +279,7 @@ def main() -> int:
     b = figures.get("max_batch")
     keys = ["decode_ms_per_step_b1", f"decode_ms_per_step_b{b}", "decode_ms_per_step_b1_long_bucket",
             f"decode_ms_per_step_b{b}_long_bucket", "penalty_cost_pct_b1_new256", f"penalty_cost_pct_b{b}_new256",
-            "penalty_cost_pct_b1_new8192", f"penalty_cost_pct_b{b}_new8192", "static_cache_gb", "weights_gb",
+            "penalty_cost_pct_b1_new8192", f"penalty_cost_pct_b{b}_new8192", "kv_pool_gb", "weights_gb",
             "peak_gb_batch_of_pages", "peak_gb_document", "two_children_gb", "gpu_total_gb", "two_children_fit"]
     print(f"\nGlyph's decoding on the H200 ({args.preset}, bf16, default settings)")
     for key in keys:
