@@ -154,7 +154,7 @@ class Settings:
     gpu_guard_mb: int = 0
     history_turns: int = 3
     max_history_chars: int = 16_000
-    # 8,192 new tokens at the longest step measured on an H200 (batch 16 over the whole static cache,
+    # 8,192 new tokens at the longest step measured on an H200 (batch 16 over the earlier static cache,
     # 15.8 ms) take 130 s, plus the prompt pass of 16 documents of 40 pages (about 2 s each).
     soft_time_limit_s: int = 300
     time_limit_s: int = 360

@@ -6,17 +6,17 @@
 1. Builds ``--preset`` (default ``glyph-9b``: GLM-4.1V-9B config, 10.3B params, random weights) into
    ``--model-dir`` if no model is there. ``--preset tiny`` on a CPU is a smoke check of the code path,
    not a measurement.
-2. In this process, with ``worker.engine.load`` (bf16 on the GPU), decoding in slots as the worker does
-   (``worker.slots``, scheduled by ``worker.continuous``, which ``engine.answer`` also runs):
+2. In this process, with ``worker.engine.load`` (bf16 on the GPU), decoding over the paged KV cache as the worker does
+   (``worker.paged``, scheduled by ``worker.continuous``, which ``engine.answer`` also runs):
    - ``decode_ms_per_step_b1``: one 1280x720 page, (t(136 tokens) - t(8 tokens)) / 128;
      the same for plain ``generate`` (``naive_decode_ms_per_step_b1``).
    - ``naive_tok_s``: plain ``generate``, batch 1, over the first jobs of the backlog.
    - ``inprocess_jobs_s``: the first ``--inprocess-jobs`` jobs of the backlog queued at once in one
-     running batch of ``--max-batch`` slots (decode, fit, processor, prefill and decode, as the worker
+     running batch of ``--max-batch`` rows (decode, fit, processor, prefill and decode, as the worker
      does with a backlog), after one full batch that captures the steps.
    - batched against alone: the tokens of 8 jobs answered together and one by one.
    - a batch of ``--max-batch`` pages: preprocessing, the vision tower, one padded prompt pass, and
-     the prompt passes in length groups into slots (``prefill_s_batch``, as the worker admits them).
+     each prompt admitted alone, in chunks (``prefill_s_batch``, as the running batch starts it).
 3. Starts redis-server and a real ``celery -A glyphq.tasks worker`` with ``GLYPHQ_MAX_BATCH=--max-batch`` and
    recycling every ``--per-child`` jobs, lets it answer one full batch (``first_child_warmup_s``: the
    first child's compile and captures; the in-process figure also leaves them out), then enqueues
@@ -124,7 +124,7 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     figures: dict = {"load_s": round(load_s, 2), "device": device_label(engine.device),
                      "dtype": str(engine.dtype).removeprefix("torch.")}
     decoder = engine.slots
-    # Slot decoding at batch 1 on a 1280x720 page (job 0); the first call captures the graph.
+    # Paged decoding at batch 1 on a 1280x720 page (job 0); the first call captures the graph.
     capture = timed(lambda: engine.answer([engine_job(0, 8)], box))
     figures["graph_capture_s_first_bucket"] = round(capture, 2)
     short = min(timed(lambda: engine.answer([engine_job(0, 8)], box)) for _ in range(3))
@@ -181,7 +181,7 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
     figures["inprocess_generate_share"] = round(sum(r.generate_s for r in answered) / elapsed, 3)
     engine.cleanup()
     # Where a batch's time goes: preprocessing, the vision tower, and the prompt pass, in one pass over
-    # the left-padded batch (as before grouping) and grouped by length into slots (as the worker admits).
+    # the left-padded batch (as before grouping) and each prompt alone, in chunks (as the running batch starts it).
     batch = [engine_job(i) for i in range(args.max_batch)]
     fitted = [[fit_image(image, box) for image in job.images] for job in batch]
     figures["preprocess_s_batch"] = round(timed(
@@ -196,7 +196,7 @@ def in_process(args: argparse.Namespace, jobs: list[tuple[bytes, str]]) -> dict:
         for i, prompt in enumerate(prompts):
             decoder.admit(i, prompt, 0, chunk=engine.prefill_chunk)
 
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # as the slots' prefill
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # as the paged decoder's prefill
         pixels = [padded[key] for key in ("pixel_values", "image_grid_thw") if key in padded]
         figures["vision_s_batch"] = round(timed(lambda: engine.model.model.get_image_features(*pixels)), 3)
         figures["prefill_s_batch_padded"] = round(timed(lambda: engine.model(**padded, logits_to_keep=1)), 3)

@@ -81,7 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # The tiny random models rarely end a turn: keep the answers of jobs that set no max_new_tokens
     # short (the default, 8,192, is sized for Glyph's reasoning). Tests of the defaults read Settings.from_env({}).
     os.environ.setdefault("GLYPHQ_DEFAULT_MAX_NEW_TOKENS", "256")
-    # The slots' cache is GLYPHQ_MAX_BATCH rows of this many tokens: the tiny models' prompts are short.
+    # A row (prompt and new tokens) is at most this many: the tiny models' prompts are short.
     os.environ.setdefault("GLYPHQ_DECODE_MAX_TOKENS", "4096")
     # One torch thread in every worker the tests start: on a shared CPU, spinning OpenMP threads make
     # each decode step of the tiny model twenty times slower.

@@ -147,7 +147,7 @@ def test_static_decoding_equals_generate(tiny_model):
 
 
 def test_repetition_penalty_same_in_static_and_generate(tiny_model):
-    """GLYPHQ_REPETITION_PENALTY changes what the model writes, and the slot decoder (its step as the
+    """GLYPHQ_REPETITION_PENALTY changes what the model writes, and the paged decoder (its step as the
     CUDA graph runs it) writes the same tokens as generate, batched and alone."""
     env = {"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_MAX_BATCH": "4", "GLYPHQ_DECODE_MAX_TOKENS": "512",
            "GLYPHQ_REPETITION_PENALTY": "1.3"}
@@ -177,7 +177,7 @@ def test_static_decoding_grows_into_longer_buckets(endless_model):
 
 
 def test_decode_steps_captured_ahead_answer_as_usual(tiny_model):
-    """A successor captures its predecessor's decode steps before it takes jobs (``SlotDecoder.warm``)."""
+    """A successor captures its predecessor's decode steps before it takes jobs (``PagedDecoder.warm``)."""
     plain = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "generate"}))
     static = load(settings.__class__.from_env({"GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_DECODE": "static",
                                                "GLYPHQ_MAX_BATCH": "8", "GLYPHQ_DECODE_MAX_TOKENS": "1024"}))

@@ -85,7 +85,7 @@ def test_glyph_format_through_the_worker(start_worker, answering_model):
 
 def test_thinking_budget_per_row_static_and_generate(looping_model):
     """A model that never stops reasoning answers once each row's budget feeds it </think>, row by row
-    in one batch, with the same tokens from the slot decoder and from generate."""
+    in one batch, with the same tokens from the paged decoder and from generate."""
     env = {"GLYPHQ_MODEL": str(looping_model), "GLYPHQ_MAX_BATCH": "4", "GLYPHQ_DECODE_MAX_TOKENS": "512"}
     plain = load(Settings.from_env({**env, "GLYPHQ_DECODE": "generate"}))
     static = load(Settings.from_env({**env, "GLYPHQ_DECODE": "static"}))

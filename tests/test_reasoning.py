@@ -65,8 +65,8 @@ def test_thinking_budget_field():
 
 
 def test_defaults_let_glyph_finish():
-    """Glyph's budgets: 8,192 new tokens, a budget that leaves room for the answer, and a static cache
-    that holds GLYPHQ_MAX_PAGES A4 pages plus every new token."""
+    """Glyph's budgets: 8,192 new tokens, a budget that leaves room for the answer, and a row limit
+    (GLYPHQ_DECODE_MAX_TOKENS) that holds GLYPHQ_MAX_PAGES A4 pages plus every new token."""
     s = Settings.from_env({})
     assert s.max_new_tokens_limit >= 8192 and s.default_max_new_tokens == 8192
     assert s.thinking_budget < s.default_max_new_tokens

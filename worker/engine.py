@@ -122,7 +122,7 @@ class Engine:
 
     def answer(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
         """Answer ``jobs`` together, greedily; every image (page) is fitted into ``box`` on its own
-        (``worker.images.fit_size``). With slots (the default) the jobs run through the same
+        (``worker.images.fit_size``). With the paged decoder (the default) the jobs run through the same
         iteration-level scheduler as in the worker (``worker.continuous``), else in one ``generate``.
         Raises the first job's failure."""
         if self.slots is not None:
@@ -139,7 +139,7 @@ class Engine:
         return self.answer_with_generate(jobs, box)
 
     def answer_with_generate(self, jobs: list[EngineJob], box: Box) -> list[EngineResult]:
-        """Answer ``jobs`` in one greedy batched ``model.generate`` (the reference the slots are checked against)."""
+        """Answer ``jobs`` in one greedy batched ``model.generate`` (what the paged decoder is checked against)."""
         start = time.perf_counter()
         fitted = [[fit_image(image, box, self.min_side) for image in job.pages()] for job in jobs]
         prompts = [self.process(job, images) for job, images in zip(jobs, fitted, strict=True)]
@@ -201,7 +201,7 @@ class Engine:
         rules.start([prompt["input_ids"][0] for prompt in prompts], budgets or [None] * len(prompts))
         # Compiled decoder layers (GLYPHQ_DECODE_COMPILE) are traced for the paged decode steps only.
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-            # The penalty is applied by RulesProcessor, exactly as in the slot decoder, never twice.
+            # The penalty is applied by RulesProcessor, exactly as in the paged decoder, never twice.
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                          pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None,
                                          repetition_penalty=1.0,
@@ -253,7 +253,7 @@ def load(settings: Settings, defer_cache: bool = False) -> Engine:
     provisional KV cache pool, until ``engine.decoder.allocate()`` (``worker.paged``)."""
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # Slots on every device by default; "generate" keeps ``model.generate`` for in-process answers (a
+    # The paged decoder on every device by default; "generate" keeps ``model.generate`` for in-process answers (a
     # reference for tests) and a worker then refuses to start (``worker.runtime``).
     static = settings.decode in ("auto", "static")
     compile_layers = static and settings.decode_compile == "on" and device.type == "cuda"

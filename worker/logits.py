@@ -1,6 +1,6 @@
 """From one decode step's logits to each row's next token: repetition penalty, greedy choice, thinking budget.
 
-The same tensor operations run in the slot decoder's CUDA graph (``worker.slots``) and, through
+The same tensor operations run in the paged decoder's CUDA graphs (``worker.paged``) and, through
 :class:`RulesProcessor`, in ``model.generate``, so the two paths choose the same tokens. Every
 operation is in place on buffers allocated once, with no host sync, so a graph can capture it.
 

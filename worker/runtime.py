@@ -81,8 +81,8 @@ def init_child() -> None:
     try:
         _engine = engine.load(settings, defer_cache=predecessor is not None)
         if _engine.slots is None:
-            raise ModelError("GLYPHQ_DECODE=generate is for answering in process; a worker decodes in slots "
-                             "(GLYPHQ_DECODE=auto)")
+            raise ModelError("GLYPHQ_DECODE=generate is for answering in process; a worker decodes over "
+                             "the paged KV cache (GLYPHQ_DECODE=auto)")
     except Exception as exc:
         log.critical("model %r failed to load; stopping the worker, queued jobs stay queued", settings.model,
                      exc_info=True)
