@@ -84,6 +84,7 @@ def reserved_jobs(max_batch: int) -> int:
 class _Handed:
     request: Any
     epoch: int
+    frame: bytes  # its message as the channel carries it (``_encoded``), kept to hand it over again
     started: float | None = None  # time.monotonic() the child started it
     timed_out: bool = False
     cancelling: bool = False  # revoked: the child was told to drop it
@@ -99,7 +100,7 @@ class Scheduler:
         self.channel = channel
         self.connection = consumer.connection  # the broker connection the requests came on
         self.task_names: set[str] = set()
-        self.waiting: list[tuple[int, int, Any]] = []  # (redis priority, arrival, request)
+        self.waiting: list[tuple[int, int, Any, bytes]] = []  # (redis priority, arrival, request, its frame)
         self.handed: dict[str, _Handed] = {}
         self.epoch = 0  # the epoch being served
         self.serving = False
@@ -127,12 +128,12 @@ class Scheduler:
         """Take a request that Celery's strategy accepted (not revoked, not expired, no ETA). One whose
         arguments are not a job's, or too large to hand to the child, fails alone (``tasks.intake``)."""
         try:
-            _encoded(request)
+            frame = _encoded(request)
         except InvalidJob as exc:
             intake.refuse_request(request, exc)
             return
         self._arrivals += 1
-        self.waiting.append((_redis_priority(request), self._arrivals, request))
+        self.waiting.append((_redis_priority(request), self._arrivals, request, frame))
         self.pump()
 
     def pump(self) -> None:
@@ -149,12 +150,12 @@ class Scheduler:
         self.waiting.sort(key=lambda item: item[:2])
         limit = reserved_jobs(settings.max_batch)
         while self.waiting and len(self.handed) < limit and self.room_left() > 0:
-            _priority, _arrival, request = self.waiting.pop(0)
+            _priority, _arrival, request, frame = self.waiting.pop(0)
             if request.revoked():  # acknowledges it and records it as revoked
                 continue
-            self.handed[request.id] = _Handed(request, self.epoch)
+            self.handed[request.id] = _Handed(request, self.epoch, frame)
             self.room = self.room_left() - 1
-            self._hand_over(self.epoch, _encoded(request))
+            self._hand_over(self.epoch, frame)
 
     def _hand_over(self, epoch: int, message: dict[str, Any] | bytes) -> None:
         """Hand a frame to the child without waiting: what the pipe has no room for is written when the
@@ -207,8 +208,8 @@ class Scheduler:
 
     def release_waiting(self) -> None:
         """Forget the requests not handed to the child: their messages come back from Redis."""
-        for _priority, _arrival, request in self.waiting:
-            private.request_reserved(request)
+        for item in self.waiting:
+            private.request_reserved(item[2])
         self.waiting.clear()
 
     def room_left(self) -> int:
@@ -289,7 +290,7 @@ class Scheduler:
                 elif handed.cancelling:
                     _announce_revoked(handed.request)
                 else:
-                    self.waiting.append((_redis_priority(handed.request), 0, handed.request))
+                    self.waiting.append((_redis_priority(handed.request), 0, handed.request, handed.frame))
         self.serving = False
         room = int(returned.get("room") or 0)
         self.room = room or None
@@ -321,7 +322,7 @@ class Scheduler:
                 private.request_reserved(handed.request)  # Redis delivers it again
                 continue
             if handed.started is None:  # the child never started it, so it did not kill the child
-                self.waiting.append((_redis_priority(handed.request), 0, handed.request))
+                self.waiting.append((_redis_priority(handed.request), 0, handed.request, handed.frame))
                 continue
             handed.request.on_failure(exc_info)
         self.serving = False
