@@ -67,6 +67,13 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return default if raw is None or raw.strip() == "" else raw.strip()
 
 
+def _auto_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """A count of at least 0, or ``auto`` (-1)."""
+    if _str(env, name, "").lower() == "auto":
+        return -1
+    return _int(env, name, default)
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = _str(env, name, default).lower()
     if value not in choices:
@@ -149,6 +156,8 @@ class Settings:
     gpu_memory_utilization: float = 0.9
     prefill_chunk: int = 0  # 0: auto (worker.paged.prefill_chunk_for: by the card's memory)
     decode_compile: str = "on"
+    prefix_cache: str = "on"  # keep the KV blocks of prompts' full blocks for later rows with the same start
+    encoder_cache_mb: int = -1  # -1: auto (worker.budget.encoder_cache_bytes); 0: off
     compile_cache_dir: str = ""
     max_memory_per_child_mb: int = 16384
     gpu_guard_mb: int = 0
@@ -257,6 +266,8 @@ class Settings:
             gpu_memory_utilization=_float(env, "GLYPHQ_GPU_MEMORY_UTILIZATION", cls.gpu_memory_utilization, 0.05, 0.99),
             prefill_chunk=_int(env, "GLYPHQ_PREFILL_CHUNK", cls.prefill_chunk),
             decode_compile=_choice(env, "GLYPHQ_DECODE_COMPILE", cls.decode_compile, ("on", "off")),
+            prefix_cache=_choice(env, "GLYPHQ_PREFIX_CACHE", cls.prefix_cache, ("on", "off")),
+            encoder_cache_mb=_auto_int(env, "GLYPHQ_ENCODER_CACHE_MB", cls.encoder_cache_mb),
             compile_cache_dir=_str(env, "GLYPHQ_COMPILE_CACHE_DIR", cls.compile_cache_dir),
             max_memory_per_child_mb=_int(env, "GLYPHQ_MAX_MEMORY_PER_CHILD_MB", cls.max_memory_per_child_mb),
             gpu_guard_mb=_int(env, "GLYPHQ_GPU_GUARD_MB", cls.gpu_guard_mb),

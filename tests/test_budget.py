@@ -41,16 +41,23 @@ def test_a_large_card_leaves_room_for_a_successor_a_small_one_does_not():
     need = successor_need(weights, working, token)
     assert need == int(SUCCESSOR_HEADROOM * (weights + working + PROVISIONAL_TOKENS * token))
 
-    big = plan_pool(80 * GIB, weights + context, weights, working, token, 0.9, max_batch=64)
+    big = plan_pool(80 * GIB, weights + context, weights, working, token, 0.9, max_batch=64, encoder_bytes=0)
     room = int(0.9 * 80 * GIB) - weights - context - working
     assert big.successor_fits and big.successor_bytes == need
     assert big.tokens == (room - need) // token // BLOCK_TOKENS * BLOCK_TOKENS
     assert big.bytes == big.tokens * token and big.rows == 64 and big.pool_rows == big.tokens // 1536
 
-    small = plan_pool(48 * GIB, weights + context, weights, working, token, 0.9, max_batch=64)
+    small = plan_pool(48 * GIB, weights + context, weights, working, token, 0.9, max_batch=64, encoder_bytes=0)
     assert not small.successor_fits and small.successor_bytes == 0
     assert small.tokens == (int(0.9 * 48 * GIB) - weights - context - working) // token // BLOCK_TOKENS * BLOCK_TOKENS
     assert small.rows == 64 < small.pool_rows, "the pool holds more typical rows than the cap"
+
+    # By default the encoder cache takes a sixteenth of what the pool would take, up to 4 GiB.
+    shared = plan_pool(80 * GIB, weights + context, weights, working, token, 0.9, max_batch=64)
+    assert shared.encoder_bytes == (room - need) // 16
+    assert shared.tokens == (room - need - shared.encoder_bytes) // token // BLOCK_TOKENS * BLOCK_TOKENS
+    huge = plan_pool(141 * GIB, weights + context, weights, working, token, 0.9, max_batch=64)
+    assert huge.encoder_bytes == 4 * GIB
 
 
 def test_room_for_a_successor_is_left_only_if_the_pool_still_holds_max_batch_rows():

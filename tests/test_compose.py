@@ -221,7 +221,7 @@ def test_gateway_listens_wide_with_keys_from_the_environment_and_a_health_probe(
 
 ENGINE_SETTINGS = {"GLYPHQ_MAX_BATCH": "max_batch", "GLYPHQ_KV_CACHE_TOKENS": "kv_cache_tokens",
                    "GLYPHQ_GPU_MEMORY_UTILIZATION": "gpu_memory_utilization", "GLYPHQ_PREFILL_CHUNK": "prefill_chunk",
-                   "GLYPHQ_GPU_GUARD_MB": "gpu_guard_mb"}
+                   "GLYPHQ_GPU_GUARD_MB": "gpu_guard_mb", "GLYPHQ_PREFIX_CACHE": "prefix_cache"}
 
 
 def test_gpu_workers_pass_the_engine_settings_through_with_the_codes_defaults(compose):

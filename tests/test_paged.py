@@ -239,21 +239,29 @@ def test_a_pool_sized_from_the_card_leaves_room_for_a_successor_only_where_one_f
     need = 1.1 * (20_000 + PROVISIONAL_TOKENS)  # in tokens: 31,011
     big = 75_000  # 0.9 x 75,000 - 20,000 = 47,500 tokens of room: a successor and 16,489 more
     decoder = decoder_on(big)
-    tokens = decoder.size_from_card(0.9, 2048)
+    tokens = decoder.size_from_card(0.9, 2048, encoder_bytes=0)
     assert decoder.successor_fits and decoder.successor_bytes == pytest.approx(need * decoder.token_bytes, rel=1e-6)
     assert tokens == decoder.pool_tokens == 16_489 // BLOCK_TOKENS * BLOCK_TOKENS
     assert not decoder.provisional
 
     small = 55_000  # 29,500 tokens of room: a successor would leave fewer than 4 typical rows
     decoder = decoder_on(small)
-    assert decoder.size_from_card(0.9, 2048) == 29_500 // BLOCK_TOKENS * BLOCK_TOKENS == decoder.pool_tokens
+    assert decoder.size_from_card(0.9, 2048, encoder_bytes=0) == 29_500 // BLOCK_TOKENS * BLOCK_TOKENS == decoder.pool_tokens
     assert not decoder.successor_fits and decoder.successor_bytes == 0
 
     # A successor plans the same pool while its predecessor holds the card, and takes it once it has left.
     successor = decoder_on(big, allocate=False)
-    planned = successor.size_from_card(0.9, 2048)
+    planned = successor.size_from_card(0.9, 2048, encoder_bytes=0)
     assert successor.provisional and successor.pool_tokens == PROVISIONAL_TOKENS
     assert successor.allocate() and successor.pool_tokens == planned == tokens and successor.successor_fits
+
+    # By default the encoder cache takes a sixteenth of the pool's room, and a successor leaves it too.
+    default = decoder_on(big)
+    assert default.size_from_card(0.9, 2048) == pytest.approx(tokens * 15 / 16, abs=BLOCK_TOKENS)
+    assert default.encoder_cache.max_bytes == pytest.approx(tokens * decoder.token_bytes / 16, rel=0.01)
+    successor = decoder_on(big, allocate=False)
+    successor.size_from_card(0.9, 2048)
+    assert successor.allocate() and successor.pool_tokens == default.pool_tokens
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc"))

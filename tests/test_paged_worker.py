@@ -7,13 +7,17 @@ the pool is a fixed token count (``GLYPHQ_KV_CACHE_TOKENS``); here 8 blocks, so 
 
 from __future__ import annotations
 
+import hashlib
 import time
 import urllib.request
+from collections.abc import Callable
 
 import psutil
+import pytest
 from conftest import free_port, png_bytes
 
-from glyphq.producer import submit
+from glyphq.producer import JobFailed, submit
+from glyphq.producer.store import blob_key
 from glyphq.tasks.app import app
 from glyphq.worker.blocks import BLOCK_TOKENS
 
@@ -41,14 +45,51 @@ def test_a_worker_with_a_small_pool_answers_every_job(start_worker, endless_mode
     assert f"glyphq_kv_pool_tokens {float(8 * BLOCK_TOKENS)}" in scraped and "glyphq_kv_pool_blocks_free 8.0" in scraped
 
 
-def _pool_when_idle(node: str, port: int, timeout: float = 30) -> tuple[dict, str]:
-    """The pool section of the worker's stats and its /metrics text, once the child has tidied up after
-    preemptions (the first reading, at start, has none) and every block is free again."""
+def _pool_when_idle(node: str, port: int, timeout: float = 30,
+                    settled: Callable[[dict], bool] = lambda pool: pool["preemptions"] > 0) -> tuple[dict, str]:
+    """The pool section of the worker's stats and its /metrics text, once the child has tidied up
+    (``settled``: by default, after preemptions; the first reading, at start, has none) and every block
+    is free again."""
     deadline = time.monotonic() + timeout
     while True:
         replies = app.control.inspect(destination=[node], timeout=5).stats() or {}
         pool = next(iter(replies.values()))["glyphq"]["pool"]
-        if (pool["preemptions"] and pool["blocks_used"] == 0) or time.monotonic() > deadline:
+        if (settled(pool) and pool["blocks_used"] == 0) or time.monotonic() > deadline:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
                 return pool, response.read().decode()
         time.sleep(0.2)
+
+
+#: A question long enough that the prompt fills a 64-token block (the tiny model's page is 16 tokens).
+LONG_QUESTION = " ".join(["Read every line of this scanned page with care and say what it holds."] * 5)
+
+
+def test_a_page_asked_about_again_is_read_from_the_caches_and_a_corrupt_blob_never_is(start_worker, endless_model,
+                                                                                       redis_client):
+    """The same page and question twice: the second job shares the first one's prompt block. A blob whose
+    bytes changed under the page's key fails its job (the blob check comes first) and leaves the caches
+    as they were: the next job with the right bytes still shares the block and answers the same."""
+    port = free_port()
+    worker = start_worker(model=str(endless_model), metrics_port=port)
+    page = png_bytes(seed=77)
+    first = submit(page, LONG_QUESTION, max_new_tokens=12).result(timeout=120)
+    again = submit(page, LONG_QUESTION, max_new_tokens=12).result(timeout=120)
+    assert first["timings"]["prefix_cached_tokens"] == 0
+    assert again["timings"]["prefix_cached_tokens"] == BLOCK_TOKENS and again["answer"] == first["answer"]
+
+    app.control.cancel_consumer("gpu", destination=[worker.name], reply=True)
+    job = submit(page, LONG_QUESTION, max_new_tokens=12)
+    key = blob_key(hashlib.sha256(page).hexdigest())
+    assert redis_client.get(key) == page
+    redis_client.set(key, png_bytes(seed=78), keepttl=True)  # other bytes under the page's key
+    app.control.add_consumer("gpu", destination=[worker.name], reply=True)
+    with pytest.raises(JobFailed, match="BlobCorrupt"):
+        job.result(timeout=120)
+    third = submit(page, LONG_QUESTION, max_new_tokens=12).result(timeout=120)
+    assert third["timings"]["prefix_cached_tokens"] == BLOCK_TOKENS and third["answer"] == first["answer"]
+
+    pool, scraped = _pool_when_idle(worker.name, port, settled=lambda p: p["prefix"]["hits"] >= 2)
+    assert pool["prefix"]["enabled"] and pool["prefix"]["blocks"] >= 1 and pool["prefix"]["hits"] == 2, pool
+    assert pool["encoder"]["max_bytes"] > 0 and pool["encoder"]["pages"] >= 1, pool
+    assert 'glyphq_page_cache_events_total{cache="prefix",event="hit"} 2.0' in scraped
+    assert 'glyphq_page_cache_size{cache="prefix"}' in scraped

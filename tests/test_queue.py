@@ -33,7 +33,8 @@ def test_submitted_job_is_answered(start_worker, tiny_model, redis_client):
     assert result["tokens_in"] > 16 and 1 <= result["tokens_out"] <= 8
     assert result["image_size"] == [1600, 900]
     assert result["image_size_used"] == [1280, 720]
-    assert set(result["timings"]) == {"queue_s", "preprocess_s", "generate_s", "cleanup_s"}
+    assert set(result["timings"]) == {"queue_s", "preprocess_s", "generate_s", "cleanup_s", "encoder_cached_pages",
+                                      "prefix_cached_tokens"}
     assert all(v >= 0 for v in result["timings"].values())
     assert result["gpu"] is None  # CPU
     assert result["worker"]["task_index"] == 1 and result["worker"]["pid"] > 0

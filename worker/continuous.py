@@ -18,6 +18,13 @@ Each :meth:`Continuous.step` is one scheduling iteration: decide, then do, then 
 3. Update: rows that wrote a stop token, reached their ``max_new_tokens`` or passed their deadline end;
    their blocks are free for the next iteration, and the results are returned at once.
 
+Pages read once: each page's content key is computed in its page thread (``worker.prefix``), and a
+job's prompt is keyed block by block when it is prepared. A job whose prompt begins with blocks the
+decoder keeps (an earlier question about the same pages) shares them and prefills only the rest; the
+vision tower runs only on the pages it still needs that the encoder cache lacks. A job whose next
+block another row is prefilling waits until that block is kept (``worker.schedule``), so questions
+about one document submitted together pay for its pages once.
+
 A job whose start or prompt chunk fails is retried alone, and then fails only its own job, unless the
 device itself failed (a CUDA error): that raises ``DeviceFailed`` out of :meth:`Continuous.step`, as a
 failing decode step does, since no row could go on.
@@ -46,9 +53,11 @@ from typing import Any
 import torch
 
 from glyphq.worker import reasoning
+from glyphq.worker.blocks import BLOCK_TOKENS
 from glyphq.worker.decode import CHECK_EVERY
 from glyphq.worker.errors import DeviceFailed, ModelError, WorkerError
 from glyphq.worker.images import Box, fit_image, smaller_box
+from glyphq.worker.prefix import page_key
 from glyphq.worker.schedule import Candidate, Plan, RowState, schedule
 
 log = logging.getLogger(__name__)
@@ -77,9 +86,11 @@ class _Waiting:
     priority: int
     order: int
     deadline: float | None
-    pages: Future[tuple[list[Any], float]] | None = None  # the fitted pages and the seconds they took
+    pages: Future[tuple[list[Any], list[bytes] | None, float]] | None = None  # fitted pages, keys, seconds
     prompt: dict[str, torch.Tensor] | None = None
     fitted: list[Any] = field(default_factory=list)
+    page_keys: list[bytes] | None = None  # the fitted pages' content keys (None: the caches are off)
+    keys: list[bytes] = field(default_factory=list)  # the keys of the prompt's full blocks
     preprocess_s: float = 0.0
     generate_s: float = 0.0
     box: Box | None = None
@@ -95,6 +106,8 @@ class _Row:
     vision_tokens: int
     started: float
     prefilled: int = 0  # prompt tokens in the cache
+    shared: int = 0  # of them, tokens in shared blocks when it started
+    encoder_hits: int = 0  # pages whose vision features came from the encoder cache
     produced: int = 0  # new tokens so far
     tokens: list[int] = field(default_factory=list)
     checked: int = 0  # how many of them were looked at for a stop token
@@ -254,12 +267,25 @@ class Continuous:
 
     def _plan(self) -> Plan:
         rows = [RowState(row.waiting, row.waiting.priority, row.waiting.order, self._cached(row), row.tokens_in,
-                         self.decoder.blocks_of(slot), row.waiting.job.max_new_tokens - row.produced, row.decoding)
+                         self.decoder.blocks_of(slot), row.waiting.job.max_new_tokens - row.produced, row.decoding,
+                         self.decoder.tables[slot].frees())
                 for slot, row in self.rows.items()]
-        candidates = [Candidate(w, w.priority, w.order, _prompt_len(w) if w.prompt is not None else 0,
-                                ready=w.prompt is not None) for w in self.waiting[:self.free_slots]]
+        computing = {key for row in self.rows.values() if not row.decoding
+                     for key in row.waiting.keys[row.prefilled // BLOCK_TOKENS:]}
+        candidates = [self._candidate(w) for w in self.waiting[:self.free_slots]]
         return schedule(rows, candidates, self.decoder.free_blocks, self.decoder.max_batch, self.reserved,
-                        self.urgent_priority, self.prefill_chunk, CHECK_EVERY, FIRST_STRETCH)
+                        self.urgent_priority, self.prefill_chunk, CHECK_EVERY, FIRST_STRETCH, computing)
+
+    def _candidate(self, waiting: _Waiting) -> Candidate:
+        """A waiting job as the plan sees it: its prompt, and the kept blocks it would share now."""
+        if waiting.prompt is None:
+            return Candidate(waiting, waiting.priority, waiting.order, 0, ready=False)
+        length = _prompt_len(waiting)
+        shared, shared_free = self.decoder.matching(waiting.keys, length)
+        usable = (length - 1) // BLOCK_TOKENS
+        needs = waiting.keys[shared] if shared < min(usable, len(waiting.keys)) else None
+        return Candidate(waiting, waiting.priority, waiting.order, length, cached=shared * BLOCK_TOKENS,
+                         shared_free=shared_free, needs=needs)
 
     def _wait_for_pages(self) -> None:
         """With no row in the batch, wait until some waiting job's pages are ready (rather than spin)."""
@@ -271,23 +297,30 @@ class Continuous:
             wait(pending, return_when=FIRST_COMPLETED)
             self.stats.pages_wait_s += time.perf_counter() - started
 
-    def _fit_pages(self, job: Any, box: Box) -> tuple[list[Any], float]:
-        """In a page thread: the job's pages decoded and fitted into ``box``, and the seconds it took."""
+    def _fit_pages(self, job: Any, box: Box) -> tuple[list[Any], list[bytes] | None, float]:
+        """In a page thread: the job's pages decoded and fitted into ``box``, their content keys (None
+        when the decoder keeps nothing), and the seconds it took."""
         started = time.perf_counter()
         fitted = [fit_image(image, box, self.engine.min_side) for image in job.pages()]
-        return fitted, time.perf_counter() - started
+        keys = [page_key(image) for image in fitted] if self._caches else None
+        return fitted, keys, time.perf_counter() - started
+
+    @property
+    def _caches(self) -> bool:
+        return bool(self.decoder.prefix_cache or self.decoder.encoder_cache.max_bytes)
 
     def _prepare(self, waiting: _Waiting) -> None:
         if waiting.prompt is not None:
             return
         job = waiting.job
         if waiting.box is not None or waiting.pages is None:  # a retry in a smaller box fits again, here
-            waiting.fitted, fit_s = self._fit_pages(job, waiting.box or self.box)
+            waiting.fitted, waiting.page_keys, fit_s = self._fit_pages(job, waiting.box or self.box)
         else:
-            waiting.fitted, fit_s = waiting.pages.result()
+            waiting.fitted, waiting.page_keys, fit_s = waiting.pages.result()
         waiting.preprocess_s += fit_s
         started = time.perf_counter()
         waiting.prompt = self.engine.process(job, waiting.fitted)
+        waiting.keys = self.decoder.prompt_keys(waiting.prompt, waiting.page_keys)
         elapsed = time.perf_counter() - started
         waiting.preprocess_s += elapsed
         self.stats.process_s += elapsed
@@ -318,19 +351,25 @@ class Continuous:
                      waiting.priority, row.produced)
 
     def _admit(self, admitted: list[_Waiting]) -> list[Finished]:
-        """Start each admitted job in a free row: its blocks, its pages through the vision tower."""
+        """Start each admitted job in a free row: the kept blocks it shares (all of them first, so that
+        no admission evicts what a later one shares), then its own blocks and its pages through the
+        vision tower."""
         failed: list[Finished] = []
-        for waiting in admitted:
-            slot = min(set(range(self.decoder.max_batch)) - set(self.rows))
+        free = sorted(set(range(self.decoder.max_batch)) - set(self.rows))
+        starts = [(waiting, slot, self.decoder.share(slot, waiting.keys, _prompt_len(waiting)))
+                  for waiting, slot in zip(admitted, free, strict=False)]
+        for waiting, slot, shared in starts:
             now, started = time.time(), time.perf_counter()
             prompt = waiting.prompt
             assert prompt is not None
             length = _prompt_len(waiting)
             if not self.decoder.reserve(slot, length + FIRST_STRETCH):
-                raise RuntimeError("the plan admitted a job the pool has no blocks for")
+                self.decoder.release(slot)  # it waits: the next plan sees the pool as it is now
+                log.warning("the KV cache pool lacked the blocks a job was admitted with; it waits")
+                continue
             try:
                 budget = waiting.job.thinking_budget if self.engine.reasoning else None
-                self.decoder.start(slot, prompt, budget)
+                self.decoder.start(slot, prompt, budget, waiting.page_keys, waiting.keys, shared)
             except Exception as exc:
                 self.decoder.release(slot)
                 failed += self._failed_start(waiting, exc, now)
@@ -342,7 +381,8 @@ class Continuous:
             waiting.started = waiting.started or now
             ids = prompt["input_ids"]
             vision = int((ids == self.engine.image_token_id).sum()) if self.engine.image_token_id is not None else 0
-            self.rows[slot] = _Row(waiting, slot, length, vision, waiting.started)
+            self.rows[slot] = _Row(waiting, slot, length, vision, waiting.started, prefilled=shared, shared=shared,
+                                   encoder_hits=self.decoder.encoder_hits_of(slot))
         return failed
 
     def _failed_start(self, waiting: _Waiting, exc: BaseException, now: float) -> list[Finished]:
@@ -483,7 +523,7 @@ class Continuous:
             tokens_in=row.tokens_in, tokens_out=len(ids), vision_tokens=row.vision_tokens,
             image_sizes_used=[image.size for image in row.waiting.fitted],
             preprocess_s=row.waiting.preprocess_s, generate_s=row.waiting.generate_s,
-            batch_size=active, token_ids=ids,
+            batch_size=active, token_ids=ids, encoder_cached_pages=row.encoder_hits, prefix_cached_tokens=row.shared,
         )
 
 

@@ -67,6 +67,8 @@ class EngineResult:
     finish_reason: str = "stop"  # "stop": the model ended its turn; "length": max_new_tokens cut it
     thinking_tokens: int = 0
     thinking_budget_hit: bool = False
+    encoder_cached_pages: int = 0  # pages whose vision features came from the encoder cache
+    prefix_cached_tokens: int = 0  # prompt tokens read from shared KV cache blocks, not computed
 
 
 #: How a document question is put after its pages, after the pattern of Glyph's LongBench prompts.
@@ -214,6 +216,8 @@ class Engine:
         start = time.perf_counter()
         page = Image.new("RGB", box, "white")
         self.answer([EngineJob(images=[page], question="Warm-up.", max_new_tokens=2) for _ in range(2)], box)
+        if self.decoder is not None:  # its blank pages are no one's: start the caches empty, at zero
+            self.decoder.forget_pages()
         self.cleanup()
         return time.perf_counter() - start
 
@@ -271,6 +275,7 @@ def load(settings: Settings, defer_cache: bool = False) -> Engine:
     log.debug("from_pretrained of %s took %.1f s", settings.model, time.perf_counter() - start)
     engine = Engine(model, processor, device, dtype, settings.model, settings.repetition_penalty)
     if static:
+        from glyphq.worker.budget import MIB, encoder_cache_bytes
         from glyphq.worker.paged import CPU_POOL_TOKENS, PROVISIONAL_TOKENS, PagedDecoder, prefill_chunk_for
 
         if compiler is not None:
@@ -282,9 +287,14 @@ def load(settings: Settings, defer_cache: bool = False) -> Engine:
             model, max_batch=settings.max_batch, max_tokens=settings.decode_max_tokens,
             max_new_tokens=settings.max_new_tokens_limit, pad_id=engine.pad_id, pool_tokens=pool_tokens,
             compile_layers=compile_layers, repetition_penalty=settings.repetition_penalty,
-            reasoning=engine.reasoning, allocate=not defer_cache)
+            reasoning=engine.reasoning, allocate=not defer_cache, prefix_cache=settings.prefix_cache == "on")
+        encoder_bytes = None if settings.encoder_cache_mb < 0 else settings.encoder_cache_mb * MIB
         if from_card:
-            pool_tokens = engine.decoder.size_from_card(settings.gpu_memory_utilization, engine.prefill_chunk)
+            pool_tokens = engine.decoder.size_from_card(settings.gpu_memory_utilization, engine.prefill_chunk,
+                                                        encoder_bytes)
+        else:  # a pool of a fixed size: the encoder cache beside it, by default a share of its bytes
+            engine.decoder.encoder_cache.max_bytes = (encoder_cache_bytes(engine.decoder.pool_bytes())
+                                                      if encoder_bytes is None else encoder_bytes)
         _log_pool(engine.decoder, pool_tokens, engine.prefill_chunk, device, defer_cache)
     return engine
 

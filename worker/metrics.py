@@ -108,6 +108,10 @@ def _create_families() -> None:
         metric(name)
     gpu_memory(0, 0)
     kv_pool(0, 0, 0, 0)
+    for cache in ("prefix", "encoder"):
+        page_cache(cache, 0, {})
+        for event in ("hit", "miss", "eviction"):
+            metric("cache_events").labels(cache=cache, event=event)
 
 
 def port() -> int | None:
@@ -202,6 +206,11 @@ def _metrics() -> dict[str, Any]:
                            multiprocess_mode="mostrecent"),
         "preemptions": Counter("glyphq_kv_preemptions", "Rows preempted when the KV cache pool ran out of blocks "
                                "(each runs again later)"),
+        "cache_events": Counter("glyphq_page_cache_events", "Look-ups of the caches of pages read before: prefix "
+                                "(KV cache blocks) and encoder (pages' vision features), by cache and event "
+                                "(hit, miss, eviction)", ["cache", "event"]),
+        "cache_size": Gauge("glyphq_page_cache_size", "What the current child keeps: prefix in KV cache blocks, "
+                            "encoder in bytes", ["cache"], multiprocess_mode="mostrecent"),
     }
 
 
@@ -248,6 +257,15 @@ def kv_pool(tokens: int, blocks_used: int, blocks_free: int, new_preemptions: in
     metric("pool_free").set(blocks_free)
     if new_preemptions > 0:
         metric("preemptions").inc(new_preemptions)
+
+
+def page_cache(cache: str, size: int, events: dict[str, int]) -> None:
+    """Set one cache's size (``prefix`` in blocks, ``encoder`` in bytes) and count its new ``events``
+    (``hit``, ``miss``, ``eviction``: how many of each since the last call)."""
+    metric("cache_size").labels(cache=cache).set(size)
+    for event, count in events.items():
+        if count > 0:
+            metric("cache_events").labels(cache=cache, event=event).inc(count)
 
 
 def recycled(reason: str) -> None:

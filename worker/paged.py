@@ -63,9 +63,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from glyphq.worker.blocks import BLOCK_TOKENS, RESERVED_BLOCKS, BlockPool, BlockTable, blocks_for
-from glyphq.worker.budget import CUDA_CONTEXT_BYTES, PROVISIONAL_TOKENS, plan_pool
+from glyphq.worker.budget import CUDA_CONTEXT_BYTES, PROVISIONAL_TOKENS, encoder_cache_bytes, plan_pool
 from glyphq.worker.decode import MIN_CACHE_LEN, _compile_decoder_layers, _without_layer_index, bucket
+from glyphq.worker.encoder_cache import EncoderCache
 from glyphq.worker.logits import DecodeRules
+from glyphq.worker.prefix import block_keys, page_spans
 from glyphq.worker.reasoning import ReasoningIds
 
 log = logging.getLogger(__name__)
@@ -200,14 +202,19 @@ class _Step:
 
 @dataclass
 class _Prompt:
-    """A started row's prompt: embeddings (tokens, hidden), positions (tokens,) or (3, tokens), the
-    offset of its decode positions, and what its rules start from."""
+    """A started row's prompt: embeddings of its tokens from ``cached`` on (those before are in shared
+    blocks), positions (tokens,) or (3, tokens), the offset of its decode positions, what its rules
+    start from, the keys of its full blocks (kept as its chunks fill them) and the pages whose vision
+    features came from the encoder cache."""
 
     ids: torch.Tensor
     embeds: torch.Tensor
     positions: torch.Tensor
     delta: int
     budget: int | None
+    cached: int = 0
+    keys: list[bytes] = field(default_factory=list)
+    encoder_hits: int = 0
 
 
 class PagedDecoder:
@@ -215,11 +222,15 @@ class PagedDecoder:
     the module docstring. A row is at most ``max_tokens`` tokens (prompt and new).
 
     With ``allocate=False`` the pool starts provisional (``PROVISIONAL_TOKENS``) until :meth:`allocate`.
+    With ``prefix_cache`` the full blocks of each prompt are kept for later rows that begin with the
+    same tokens and pages (``worker.blocks``); ``encoder_cache_bytes`` bound the vision features kept
+    per page (``worker.encoder_cache``; 0: none).
     """
 
     def __init__(self, model: Any, max_batch: int, max_tokens: int, max_new_tokens: int, pad_id: int,
                  pool_tokens: int, compile_layers: bool = False, repetition_penalty: float = 1.0,
-                 reasoning: ReasoningIds | None = None, allocate: bool = True) -> None:
+                 reasoning: ReasoningIds | None = None, allocate: bool = True, prefix_cache: bool = True,
+                 encoder_cache_bytes: int = 0) -> None:
         self.model = model
         self.device = model.device
         self.use_graphs = self.device.type == "cuda"
@@ -243,6 +254,15 @@ class PagedDecoder:
         self.successor_fits = True
         self.successor_bytes = 0
         self.preemptions = 0  # rows preempted (preempt) since the decoder was made
+        self.prefix_cache = prefix_cache
+        self.prefix_hits = 0  # prompt blocks shared from kept ones, since the decoder was made
+        self.prefix_misses = 0  # full prompt blocks looked up and not found
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(model.config, "image_token_index", None)  # LLaVA's name
+        vision_config = getattr(model.config, "vision_config", None)
+        self.merge = getattr(vision_config, "spatial_merge_size", 1) or 1  # image patches per token: merge**2
         self.deferred = not allocate  # until allocate(): the full pool's size is not known yet
         blocks = self.target_blocks if allocate else min(self.target_blocks,
                                                          RESERVED_BLOCKS + blocks_for(PROVISIONAL_TOKENS))
@@ -317,18 +337,19 @@ class PagedDecoder:
             free, total, _, _ = self.card_memory()
             in_use = total - free - int(self.kv.nbytes)  # the pool now is replaced: not counted
             tokens = auto_pool_tokens(self.token_bytes, total, in_use, self.utilization,
-                                      self.working_bytes + self.successor_bytes)
+                                      self.working_bytes + self.successor_bytes + self.encoder_cache.max_bytes)
             self.target_blocks = max(len(self.pool.refs), RESERVED_BLOCKS + blocks_for(tokens))
         if not self.grow((self.target_blocks - RESERVED_BLOCKS) * BLOCK_TOKENS):
             return False
         self.deferred = False
         return True
 
-    def size_from_card(self, utilization: float, chunk: int) -> int:
+    def size_from_card(self, utilization: float, chunk: int, encoder_bytes: int | None = None) -> int:
         """On CUDA: measure one prompt chunk's working memory, then set the full pool to ``utilization`` of
-        the card less what is in use and that, and less room for a successor where the card allows it
-        (``worker.budget.plan_pool``). Returns the pool's tokens; the pool takes them at once, or at
-        :meth:`allocate` if it is provisional (a successor, whose predecessor still holds the card)."""
+        the card less what is in use and that, less room for a successor where the card allows it, and
+        less the encoder cache's ``encoder_bytes`` (None: its default share; ``worker.budget.plan_pool``).
+        Returns the pool's tokens; the pool takes them at once, or at :meth:`allocate` if it is
+        provisional (a successor, whose predecessor still holds the card)."""
         self.utilization = utilization
         self.working_bytes = self.profile(chunk)
         free, total, allocated, reserved = self.card_memory()
@@ -337,8 +358,10 @@ class PagedDecoder:
         # A successor's predecessor holds the card too: count this child's own memory and a context.
         context = CUDA_CONTEXT_BYTES if self.device.type == "cuda" else 0
         in_use = reserved - pool_now + context if self.provisional else total - free - pool_now
-        plan = plan_pool(total, in_use, held, self.working_bytes, self.token_bytes, utilization, self.max_batch)
+        plan = plan_pool(total, in_use, held, self.working_bytes, self.token_bytes, utilization, self.max_batch,
+                         encoder_bytes=encoder_bytes)
         self.successor_fits, self.successor_bytes = plan.successor_fits, plan.successor_bytes
+        self.encoder_cache.max_bytes = plan.encoder_bytes
         if self.provisional:
             return plan.tokens
         if not self.allocate():
@@ -420,16 +443,58 @@ class PagedDecoder:
 
     # -- rows -----------------------------------------------------------------------------------
 
+    def prompt_keys(self, prompt: dict[str, torch.Tensor], page_keys: list[bytes] | None) -> list[bytes]:
+        """The keys of the full blocks of ``prompt`` (processor output, batch 1) whose pages have the
+        content keys ``page_keys`` (``worker.prefix``); none without the prefix cache, or for a prompt
+        with images whose keys are not known."""
+        if not self.prefix_cache:
+            return []
+        ids = prompt["input_ids"][0].tolist()
+        counts = self._page_tokens(prompt)
+        if counts and (page_keys is None or len(page_keys) != len(counts)):
+            return []
+        return block_keys(ids, page_spans(ids, self.image_token_id, counts), page_keys or [])
+
+    def share(self, row: int, keys: list[bytes], length: int) -> int:
+        """Start the empty ``row`` of a ``length``-token prompt with the kept blocks of its first ``keys``
+        (:meth:`prompt_keys`); the prompt tokens they hold. The block of the prompt's last token is never
+        shared: the row computes that token, whose logits choose its first new token."""
+        usable = keys[:(length - 1) // BLOCK_TOKENS]
+        shared = self.tables[row].share(usable)
+        if shared:
+            self.table[row, :shared] = torch.tensor(self.tables[row].blocks, dtype=torch.long)
+        self.prefix_hits += shared
+        self.prefix_misses += len(usable) - shared
+        return shared * BLOCK_TOKENS
+
+    def matching(self, keys: list[bytes], length: int) -> tuple[int, int]:
+        """What :meth:`share` would give a ``length``-token prompt now: the blocks, and how many of them
+        are counted as free (kept, held by no row). Changes nothing."""
+        return self.pool.matching(keys[:(length - 1) // BLOCK_TOKENS])
+
     @torch.inference_mode()
-    def start(self, row: int, prompt: dict[str, torch.Tensor], budget: int | None = None) -> None:
-        """Make ``row`` (free, with blocks reserved for its prompt) the start of ``prompt`` (processor output,
-        batch 1): run the vision tower and compute its embeddings and positions, which
-        :meth:`prefill` feeds in chunks."""
+    def start(self, row: int, prompt: dict[str, torch.Tensor], budget: int | None = None,
+              page_keys: list[bytes] | None = None, keys: list[bytes] | None = None, cached: int = 0) -> None:
+        """Make ``row`` (with blocks reserved for its prompt, the first ``cached`` tokens of them shared:
+        :meth:`share`) the start of ``prompt`` (processor output, batch 1): run the vision tower on the
+        pages it still needs and compute the embeddings of the tokens from ``cached`` on and every
+        position, which :meth:`prefill` feeds in chunks. ``keys``: the prompt's block keys, under which
+        its full blocks are kept as they fill; ``page_keys``: its pages' keys, for the encoder cache."""
         ids = prompt["input_ids"]
-        embeds = self._embed(prompt)
+        embeds, hits = self._embed(prompt, cached, page_keys)
         positions, delta = self._positions(prompt)
-        self.prompts[row] = _Prompt(ids[0], embeds, positions, delta, budget)
-        self.lengths[row] = 0
+        self.prompts[row] = _Prompt(ids[0], embeds, positions, delta, budget, cached, list(keys or []), hits)
+        self.lengths[row] = cached
+
+    def forget_pages(self) -> None:
+        """Drop every kept block and page, and their counts (after the warm-up's blank pages)."""
+        self.pool.forget()
+        self.encoder_cache = EncoderCache(self.encoder_cache.max_bytes)
+        self.prefix_hits = self.prefix_misses = 0
+
+    def encoder_hits_of(self, row: int) -> int:
+        """Pages of ``row``'s prompt whose vision features came from the encoder cache."""
+        return self.prompts[row].encoder_hits if row in self.prompts else 0
 
     def admit(self, row: int, prompt: dict[str, torch.Tensor], room: int, budget: int | None = None,
               chunk: int = 8192) -> int:
@@ -495,7 +560,7 @@ class PagedDecoder:
         offset, finishing = len(decoding), []
         for row, start, end in chunks:
             prompt = self.prompts[row]
-            embeds.append(prompt.embeds[start:end])
+            embeds.append(prompt.embeds[start - prompt.cached:end - prompt.cached])
             positions.append(prompt.positions[..., start:end])
             seen = torch.arange(end, device=device)
             slots = self._slots(torch.full((end,), row, dtype=torch.long, device=device), seen)
@@ -511,13 +576,20 @@ class PagedDecoder:
         packed_positions = packed_positions[:, None] if mrope else packed_positions[None]
         logits = self._forward(torch.cat(embeds)[None], packed_positions, step,
                                torch.tensor(keep, dtype=torch.long, device=device), eager=True)[0]
-        for row, _, end in chunks:
+        for row, start, end in chunks:
             self.lengths[row] = end
+            self._keep(row, start, end)
         self.lengths[index] += 1
         self.positions[index] += 1
         if decoding or finishing:
             self._choose(decoding, finishing, logits)
         return finishing
+
+    def _keep(self, row: int, start: int, end: int) -> None:
+        """Keep the blocks of ``row`` that its prompt tokens ``[start, end)`` just filled, for later rows."""
+        keys, blocks = self.prompts[row].keys, self.tables[row].blocks
+        for index in range(start // BLOCK_TOKENS, min(end // BLOCK_TOKENS, len(keys))):
+            self.pool.keep(blocks[index], keys[index])
 
     def _choose(self, decoding: list[int], finishing: list[int], logits: torch.Tensor) -> None:
         """The next token of each decoding and finishing row from its logits (in that order); no other
@@ -588,15 +660,48 @@ class PagedDecoder:
             _current = None
         return out.logits
 
-    def _embed(self, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The prompt's input embeddings (tokens, hidden): its tokens' embeddings, with the vision tower's
-        features at its image tokens, as the model's own forward scatters them."""
-        ids = prompt["input_ids"]
-        embeds = self.model.get_input_embeddings()(ids)[0]
+    def _embed(self, prompt: dict[str, torch.Tensor], cached: int = 0,
+               page_keys: list[bytes] | None = None) -> tuple[torch.Tensor, int]:
+        """The input embeddings (tokens, hidden) of the prompt's tokens from ``cached`` on: its tokens'
+        embeddings, with the vision tower's features at its image tokens, as the model's own forward
+        scatters them; and how many pages' features came from the encoder cache. Only pages with an image
+        token from ``cached`` on are needed; the tower runs, in one call, on those the cache lacks."""
+        ids = prompt["input_ids"][0]
+        embeds = self.model.get_input_embeddings()(ids[cached:][None])[0]
         if "pixel_values" not in prompt:
-            return embeds
+            return embeds, 0
+        image = (ids == self.image_token_id).nonzero()[:, 0]
+        counts = self._page_tokens(prompt)
+        if not counts or page_keys is None or len(page_keys) != len(counts):
+            counts, page_keys = [int(image.numel())], None  # the pages as one: computed, never cached
+            pages = [self._vision_inputs(prompt)]
+        else:
+            pages = self._page_inputs(prompt, len(counts))
+        at = torch.split(image, counts)
+        needed = [page for page in range(len(counts)) if counts[page] and int(at[page][-1]) >= cached]
+        found: dict[int, torch.Tensor] = {}
+        for page in needed:
+            kept = self.encoder_cache.get(page_keys[page]) if page_keys and self.encoder_cache.max_bytes else None
+            if kept is not None:
+                found[page] = kept
+        missing = [page for page in needed if page not in found]
+        if missing:
+            computed = self._vision_features(_joined([pages[page] for page in missing]), embeds.shape[-1])
+            for page, features in zip(missing, torch.split(computed, [counts[p] for p in missing]), strict=True):
+                found[page] = features
+                if page_keys and self.encoder_cache.max_bytes:
+                    self.encoder_cache.put(page_keys[page], features)
+        if needed:
+            features = torch.cat([found[page] for page in needed]).to(embeds.dtype)
+            positions = torch.cat([at[page] for page in needed])
+            after = positions >= cached
+            embeds = embeds.clone()
+            embeds[positions[after] - cached] = features[after]
+        return embeds, len(needed) - len(missing)
+
+    def _vision_features(self, vision: dict[str, Any], hidden: int) -> torch.Tensor:
+        """The vision tower's features for ``vision`` (the processor's image tensors), (tokens, hidden)."""
         wrapper = getattr(self.model, "model", self.model)
-        vision = {key: value for key, value in prompt.items() if key not in _TEXT_KEYS}
         accepted = inspect.signature(wrapper.get_image_features).parameters
         for name in ("vision_feature_layer", "vision_feature_select_strategy"):  # LLaVA's, from its config
             if name in accepted and name not in vision and getattr(self.model.config, name, None) is not None:
@@ -605,11 +710,39 @@ class PagedDecoder:
             features: Any = wrapper.get_image_features(**vision)
         features = getattr(features, "pooler_output", features)
         if isinstance(features, (list, tuple)):
-            features = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features])
-        image = ids[0] == self.model.config.image_token_id
-        embeds = embeds.clone()
-        embeds[image] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        return embeds
+            return torch.cat([f.reshape(-1, hidden) for f in features])
+        return features.reshape(-1, hidden)
+
+    @staticmethod
+    def _vision_inputs(prompt: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {key: value for key, value in prompt.items() if key not in _TEXT_KEYS}
+
+    def _page_tokens(self, prompt: dict[str, torch.Tensor]) -> list[int]:
+        """Each page's image tokens in the prompt, in order: from its patch grid (GLM-4.1V), or the
+        prompt's image tokens shared equally (LLaVA: one fixed count per image); [] for a prompt without
+        images, or one whose counts do not add up to its image tokens."""
+        if "pixel_values" not in prompt:
+            return []
+        total = int((prompt["input_ids"][0] == self.image_token_id).sum())
+        grid = prompt.get("image_grid_thw")
+        if grid is not None:
+            counts = [int(n) // self.merge**2 for n in grid.prod(-1).tolist()]
+        else:
+            pages = int(prompt["pixel_values"].shape[0])
+            counts = [total // pages] * pages if pages and total % pages == 0 else []
+        return counts if sum(counts) == total else []
+
+    def _page_inputs(self, prompt: dict[str, torch.Tensor], pages: int) -> list[dict[str, Any]]:
+        """The processor's image tensors of each page alone: patch rows by the grid (GLM-4.1V), or one
+        image of the batch each (LLaVA)."""
+        vision = self._vision_inputs(prompt)
+        grid = vision.get("image_grid_thw")
+        if grid is not None:
+            pixels = torch.split(vision["pixel_values"], grid.prod(-1).tolist())
+            return [{**vision, "pixel_values": pixels[page], "image_grid_thw": grid[page:page + 1]}
+                    for page in range(pages)]
+        return [{key: value[page:page + 1] if isinstance(value, torch.Tensor) and value.shape[:1] == (pages,)
+                 else value for key, value in vision.items()} for page in range(pages)]
 
     def _positions(self, prompt: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """The prompt's rotary positions, (tokens,) or (3, tokens) for a model with its own
@@ -683,6 +816,14 @@ class PagedDecoder:
             mine.copy_(old)
         self.rules.restore(saved_rules)
         return graph
+
+
+def _joined(pages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pages' image tensors (``PagedDecoder._page_inputs``) as one input to the vision tower."""
+    if len(pages) == 1:
+        return dict(pages[0])
+    return {key: torch.cat([page[key] for page in pages]) if isinstance(value, torch.Tensor) else value
+            for key, value in pages[0].items()}
 
 
 def prefill_chunk_for(device: torch.device) -> int:

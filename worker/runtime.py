@@ -19,6 +19,7 @@ from glyphq.producer.images import decode_checked_image
 from glyphq.producer.schema import JobMessage, check_task_id, document_text
 from glyphq.producer.store import Store
 from glyphq.worker import metrics, recycle, status
+from glyphq.worker.blocks import BLOCK_TOKENS
 from glyphq.worker.errors import ModelError, PoisonJob
 
 log = logging.getLogger(__name__)
@@ -349,27 +350,45 @@ _last_gpu: dict[str, float] | None = None
 
 def pool_section(eng: Any) -> dict[str, Any] | None:
     """The KV cache pool's figures, for the worker status (Flower, ``glyphq health``) and ``/metrics``:
-    its tokens, bytes and blocks, blocks in use and free, rows preempted so far in this child, and
-    whether a successor fits beside it. None without a paged decoder."""
+    its tokens, bytes and blocks, blocks in use and free (kept blocks no row holds count as free), rows
+    preempted so far in this child, whether a successor fits beside it, and its two caches of pages
+    read before: ``prefix`` (kept blocks, and the blocks shared, looked up in vain and evicted so far)
+    and ``encoder`` (pages and bytes kept, hits, misses and evictions). None without a paged decoder."""
     decoder = getattr(eng, "decoder", None)
     if decoder is None:
         return None
+    kept = decoder.pool.kept_blocks
     return {"tokens": decoder.pool_tokens, "bytes": decoder.pool_bytes(decoder.pool_tokens),
             "blocks": decoder.pool.capacity, "blocks_used": decoder.pool.used, "blocks_free": decoder.pool.free,
-            "preemptions": decoder.preemptions, "successor_fits": decoder.successor_fits}
+            "preemptions": decoder.preemptions, "successor_fits": decoder.successor_fits,
+            "prefix": {"enabled": decoder.prefix_cache, "blocks": kept, "tokens": kept * BLOCK_TOKENS,
+                       "hits": decoder.prefix_hits, "misses": decoder.prefix_misses,
+                       "evictions": decoder.pool.evictions},
+            "encoder": decoder.encoder_cache.figures()}
 
 
-_preemptions_counted = 0
+#: What this child has added to ``/metrics``' counters so far: preemptions, and each cache's events.
+_counted: dict[str, int] = {}
+#: A cache's events in ``/metrics`` and the figures of ``pool_section`` that count them.
+_EVENTS = {"hit": "hits", "miss": "misses", "eviction": "evictions"}
+
+
+def _since_counted(name: str, total: int) -> int:
+    """How much ``total`` (a count since this child started) has grown since it was last counted."""
+    grown = total - _counted.get(name, 0)
+    _counted[name] = total
+    return grown
 
 
 def _count_pool(eng: Any) -> dict[str, Any] | None:
     """The pool's figures (``pool_section``), set in ``/metrics`` too, for the worker status."""
-    global _preemptions_counted
     pool = pool_section(eng)
     if pool is not None:
         metrics.kv_pool(pool["tokens"], pool["blocks_used"], pool["blocks_free"],
-                        pool["preemptions"] - _preemptions_counted)
-        _preemptions_counted = pool["preemptions"]
+                        _since_counted("preemptions", pool["preemptions"]))
+        for cache, size in (("prefix", pool["prefix"]["blocks"]), ("encoder", pool["encoder"]["bytes"])):
+            events = {event: _since_counted(f"{cache}.{event}", pool[cache][field]) for event, field in _EVENTS.items()}
+            metrics.page_cache(cache, size, events)
     return pool
 
 
@@ -452,6 +471,8 @@ def _output(fetched: _Fetched, result: Any, history: list[dict[str, str]], start
             "preprocess_s": round(fetched.fetch_s + result.preprocess_s, 4),
             "generate_s": round(result.generate_s, 4),
             "cleanup_s": round(cleanup_s, 4),
+            "encoder_cached_pages": result.encoder_cached_pages,
+            "prefix_cached_tokens": result.prefix_cached_tokens,
         },
         "gpu": gpu,
         "worker": {"pid": os.getpid(), "task_index": fetched.task_index, "batch_size": result.batch_size},
