@@ -242,3 +242,61 @@ def test_two_questions_about_one_document_begin_with_the_same_tokens_up_to_the_q
     image = (first == engine.image_token_id).nonzero()[:, 0]
     words = len(engine.processor.tokenizer("Question:", add_special_tokens=False)["input_ids"])
     assert same > int(image[-1]) + words, "the pages and the text before the question are one prefix"
+
+
+def test_glm4v_pages_shared_and_cached_give_generates_tokens():
+    """GLM-4.1V's shapes: a page's patches are rows of ``pixel_values`` by its grid, its features a
+    quarter as many (2x2 merge), its 3-D positions from ``get_rope_index``. Prompts that share their
+    first two or three pages answer as ``generate`` does, from shared blocks and the encoder cache."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    from glyphq.worker.paged import PagedDecoder
+
+    torch.manual_seed(0)
+    config = Glm4vConfig(
+        text_config={"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                         "mrope_section": [1, 1, 2]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64},
+        image_token_id=120, video_token_id=121, image_start_token_id=122, image_end_token_id=123,
+        video_start_token_id=124, video_end_token_id=125)
+    model = Glm4vForConditionalGeneration(config).eval()
+    patch = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
+    pixels = {name: torch.randn(256, patch) for name in ("p1", "p2", "p3", "p4")}  # a 16x16 grid: 64 tokens
+
+    def prompt(pages: list[str], question: list[int]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([[5, 6, 7] + [122, *[120] * 64, 123] * len(pages) + question])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.cat([pixels[p] for p in pages]),
+                "image_grid_thw": torch.tensor([[1, 16, 16]] * len(pages)), "mm_token_type_ids": (ids == 120).long()}
+
+    decoder = PagedDecoder(model, max_batch=2, max_tokens=512, max_new_tokens=16, pad_id=0, pool_tokens=2048,
+                           encoder_cache_bytes=1 << 20)
+
+    def answer(pages: list[str], question: list[int]) -> tuple[list[int], list[int], int, int]:
+        inputs = prompt(pages, question)
+        with torch.inference_mode():
+            expected = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, inputs["input_ids"].shape[1]:].tolist()
+        page_keys = [name.encode() for name in pages]
+        keys = decoder.prompt_keys(inputs, page_keys)
+        length = inputs["input_ids"].shape[1]
+        cached = decoder.share(1, keys, length)
+        assert decoder.reserve(1, length + 10)
+        decoder.start(1, inputs, None, page_keys, keys, cached)
+        for start in range(cached, length, 100):
+            decoder.prefill([(1, start, min(start + 100, length))])
+        decoder.decode(2, length + 10, 9)
+        got, hits = decoder.tokens_of(1, 10), decoder.encoder_hits_of(1)
+        decoder.release(1)
+        return got, expected, cached, hits
+
+    got, expected, cached, hits = answer(["p1", "p2", "p3"], [8, 9, 10, 11])
+    assert got == expected and cached == 0 and hits == 0
+    got, expected, cached, hits = answer(["p1", "p2", "p3"], [12, 13])
+    assert got == expected and cached == 3 * BLOCK_TOKENS and hits == 1, "3 + 3 x 66 + 2 tokens: 3 full blocks"
+    got, expected, cached, hits = answer(["p1", "p2", "p4"], [8, 9, 10, 11])
+    assert got == expected and cached == 2 * BLOCK_TOKENS and hits == 1, "p2 ends in block 2: cached, p4 is new"
+    got, expected, cached, hits = answer(["p4", "p3", "p1"], [8, 9])
+    assert got == expected and cached == 0 and hits == 3, "every page from the encoder cache"
