@@ -83,7 +83,7 @@ test: install redis lint
 # dependency is upgraded on each run. docs/development.md says what to do with a failure.
 LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
-ENGINE_TESTS ?= tests/test_paged.py tests/test_blocks.py tests/test_paged_worker.py tests/test_engine.py tests/test_continuous.py tests/test_batching.py \
+ENGINE_TESTS ?= tests/test_paged.py tests/test_blocks.py tests/test_prefix.py tests/test_paged_worker.py tests/test_engine.py tests/test_continuous.py tests/test_batching.py \
 	tests/test_handover.py tests/test_glyph.py
 
 test-latest: redis

@@ -250,7 +250,7 @@ def test_a_failed_prefill_fails_its_job_unless_the_device_failed(endless_model, 
     real_start = PagedDecoder.start
     failure = RuntimeError("bad shapes") if error == "job" else torch.AcceleratorError("CUDA error: illegal address")
 
-    def failing_start(self, row, prompt, budget=None):
+    def failing_start(self, row, prompt, *args, **kwargs):
         raise failure
 
     monkeypatch.setattr(PagedDecoder, "start", failing_start)

@@ -246,7 +246,8 @@ def test_a_pool_sized_from_the_card_leaves_room_for_a_successor_only_where_one_f
 
     small = 55_000  # 29,500 tokens of room: a successor would leave fewer than 4 typical rows
     decoder = decoder_on(small)
-    assert decoder.size_from_card(0.9, 2048, encoder_bytes=0) == 29_500 // BLOCK_TOKENS * BLOCK_TOKENS == decoder.pool_tokens
+    tokens_small = decoder.size_from_card(0.9, 2048, encoder_bytes=0)
+    assert tokens_small == 29_500 // BLOCK_TOKENS * BLOCK_TOKENS == decoder.pool_tokens
     assert not decoder.successor_fits and decoder.successor_bytes == 0
 
     # A successor plans the same pool while its predecessor holds the card, and takes it once it has left.

@@ -85,11 +85,12 @@ def guard_limit_bytes(card: float, baseline: float | None, configured_mb: int) -
     return min(card, baseline + max(GUARD_MARGIN_BYTES, GUARD_MARGIN_SHARE * card))
 
 
-def set_baseline(device: torch.device) -> None:
-    """Take what this child reserves now (loaded, warmed and cleaned up) as the GPU guard's baseline."""
+def set_baseline(device: torch.device, growing_bytes: int = 0) -> None:
+    """Take what this child reserves now (loaded, warmed and cleaned up), and ``growing_bytes`` it will
+    hold by design as it serves (an encoder cache filling up to its size), as the GPU guard's baseline."""
     global _baseline_reserved
     if cuda_in_use(device):
-        _baseline_reserved = float(torch.cuda.memory_reserved(device))
+        _baseline_reserved = float(torch.cuda.memory_reserved(device)) + growing_bytes
 
 
 def gpu_guard_limit_mb(device: torch.device, configured_mb: int) -> float | None:

@@ -63,7 +63,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from glyphq.worker.blocks import BLOCK_TOKENS, RESERVED_BLOCKS, BlockPool, BlockTable, blocks_for
-from glyphq.worker.budget import CUDA_CONTEXT_BYTES, PROVISIONAL_TOKENS, encoder_cache_bytes, plan_pool
+from glyphq.worker.budget import CUDA_CONTEXT_BYTES, PROVISIONAL_TOKENS, plan_pool
 from glyphq.worker.decode import MIN_CACHE_LEN, _compile_decoder_layers, _without_layer_index, bucket
 from glyphq.worker.encoder_cache import EncoderCache
 from glyphq.worker.logits import DecodeRules
@@ -258,9 +258,10 @@ class PagedDecoder:
         self.prefix_hits = 0  # prompt blocks shared from kept ones, since the decoder was made
         self.prefix_misses = 0  # full prompt blocks looked up and not found
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
-        self.image_token_id = getattr(model.config, "image_token_id", None)
-        if self.image_token_id is None:
-            self.image_token_id = getattr(model.config, "image_token_index", None)  # LLaVA's name
+        image_token = getattr(model.config, "image_token_id", None)
+        if image_token is None:
+            image_token = getattr(model.config, "image_token_index", None)  # LLaVA's name
+        self.image_token_id: int = -1 if image_token is None else int(image_token)  # -1: no image tokens
         vision_config = getattr(model.config, "vision_config", None)
         self.merge = getattr(vision_config, "spatial_merge_size", 1) or 1  # image patches per token: merge**2
         self.deferred = not allocate  # until allocate(): the full pool's size is not known yet
@@ -670,7 +671,7 @@ class PagedDecoder:
         embeds = self.model.get_input_embeddings()(ids[cached:][None])[0]
         if "pixel_values" not in prompt:
             return embeds, 0
-        image = (ids == self.image_token_id).nonzero()[:, 0]
+        image = ids.eq(self.image_token_id).nonzero()[:, 0]
         counts = self._page_tokens(prompt)
         if not counts or page_keys is None or len(page_keys) != len(counts):
             counts, page_keys = [int(image.numel())], None  # the pages as one: computed, never cached
@@ -723,7 +724,7 @@ class PagedDecoder:
         images, or one whose counts do not add up to its image tokens."""
         if "pixel_values" not in prompt:
             return []
-        total = int((prompt["input_ids"][0] == self.image_token_id).sum())
+        total = int(prompt["input_ids"][0].eq(self.image_token_id).sum())
         grid = prompt.get("image_grid_thw")
         if grid is not None:
             counts = [int(n) // self.merge**2 for n in grid.prod(-1).tolist()]

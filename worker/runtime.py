@@ -102,7 +102,9 @@ def init_child() -> None:
         log.info("taking over from child %d: %s, then waited %.1f s for it to leave", predecessor, warmed, waited_s)
         _take_over_from(predecessor, until=start + limit_s - 1)
     _engine.cleanup()
-    memory.set_baseline(_engine.device)  # the GPU guard's: what this child holds loaded and warmed
+    # The GPU guard's baseline: what this child holds loaded and warmed, and its encoder cache once full.
+    decoder = getattr(_engine, "decoder", None)
+    memory.set_baseline(_engine.device, decoder.encoder_cache.max_bytes if decoder is not None else 0)
     _last_gpu = memory.gpu_stats(_engine.device)  # the first results' reading, until the first tidy
     previous = status.read()
     status.publish(pid=os.getpid(), model=settings.model, model_loaded=True, device=str(_engine.device),
