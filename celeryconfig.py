@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -345,6 +346,16 @@ KEY_PREFIX = "glyphq:"
 #: The queue of the GPU workers (image and page jobs), and the CPU queue that renders documents into pages.
 GPU_QUEUE = "gpu"
 RENDER_QUEUE = "render"
+#: A GPU queue: ``gpu``, or ``gpu.<name>`` that one worker consumes beside ``gpu`` (``-Q gpu,gpu.<name>``),
+#: so that a producer can send related jobs to that worker (docs/scaling.md).
+GPU_QUEUE_PATTERN = re.compile(r"gpu(\.[a-z0-9_-]{1,64})?")
+
+
+def is_gpu_queue(name: object) -> bool:
+    """True for ``gpu`` and ``gpu.<name>`` (name: 1 to 64 of ``a-z 0-9 _ -``), the queues GPU workers serve."""
+    return isinstance(name, str) and GPU_QUEUE_PATTERN.fullmatch(name) is not None
+
+
 #: Task names: an image job, a document's pages (after rendering), and the render step.
 ANSWER_TASK = "glyphq.answer"
 ANSWER_PAGES_TASK = "glyphq.answer_pages"

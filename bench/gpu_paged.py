@@ -27,6 +27,11 @@ Phases (``--phases``, each one alone fits one command of the GPU host; ``PHASE_S
   ``recycle_downtime_s`` (the longest, over every card), and whether each recycle handed over.
 - ``soak``: ``--soak`` jobs of the mix on a fresh worker at default settings (``bench/gpu_mix.soak``):
   ``jobs``, ``lost``, ``run_twice``, ``reserved_band_pct`` (of the weights), and its recycles' downtime.
+- ``repeat`` (pages read once): questions about the same documents, through render workers and fresh
+  GPU workers (``bench/gpu_repeat.py`` says how): ``repeat_doc_ratio`` (ten questions one after another
+  against one alone), ``repeat_mix_speedup`` (200 shuffled questions over 20 documents, against the
+  worker of ``--prev-tree``, here the tree before the caches) and ``no_repeat_cost`` (the mix without
+  repeats, caches on against off). The ``--repeat-*`` arguments shrink it.
 
 Each command writes ``paged_engine.json`` (the issue's keys it measured) and ``paged_engine_detail.json``
 into ``--out``; ``--combine`` merges such folders, later ones winning (``recycle_downtime_s``: the
@@ -48,7 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import gpu_mix  # noqa: E402
+from bench import gpu_mix, gpu_repeat  # noqa: E402
 from bench.gpu import recycle_downtimes  # noqa: E402
 from bench.gpu_soak import ensure_preset, free_port, redis_and_worker  # noqa: E402
 
@@ -57,10 +62,13 @@ SMALL_CARD = ROOT / "bench" / "small_card"
 RESULT = ROOT / "bench" / "results" / "paged_engine.json"
 KEYS = ("mix_jobs_s", "mix_useful_tok_s", "mix_prev_jobs_s", "variance_useful_tok_s", "urgent_latency_p99_s",
         "trickle_latency_p99_s", "queue_vs_inprocess_mix", "decode_ms_per_step_b1", "recycle_downtime_s",
-        "rows_24gb", "rows_80gb", "jobs", "lost", "run_twice", "reserved_band_pct", "device", "git_sha")
+        "rows_24gb", "rows_80gb", "jobs", "lost", "run_twice", "reserved_band_pct", *gpu_repeat.KEYS, "device",
+        "git_sha")
 #: Estimated seconds of each phase on the GPU host at the defaults (a worker's start and model load
 #: included); ``cards`` and ``recycle`` are per card.
-PHASE_S = {"queue": 300, "inprocess": 180, "prev": 300, "cards": 100, "recycle": 150, "soak": 480}
+#: ``repeat``: four GPU workers' starts and warm-ups (~4 x 45 s), a and b (~40 s), c here (~60 s) and on
+#: the previous tree (its budget, 120 s), d twice (~60 s each), building the documents and pages (~20 s).
+PHASE_S = {"queue": 300, "inprocess": 180, "prev": 300, "cards": 100, "recycle": 150, "soak": 480, "repeat": 540}
 #: The line a child logs about its pool (``worker.engine._log_pool``).
 POOL_LINE = re.compile(r"KV cache pool: .*")
 
@@ -265,6 +273,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--soak-lengths", default="lognormal", help="lognormal, or a list such as 16,64,256")
     parser.add_argument("--soak-budget-s", type=float, default=480)
     parser.add_argument("--soak-per-child", type=int, default=0, help="GLYPHQ_MAX_TASKS_PER_CHILD of the soak")
+    parser.add_argument("--repeat-pages", type=int, default=40, help="phase repeat: pages of a's and b's documents")
+    parser.add_argument("--repeat-asks", type=int, default=10, help="questions of a (after the first) and of b")
+    parser.add_argument("--repeat-answer-tokens", type=int, default=64, help="answer length of a and b")
+    parser.add_argument("--repeat-docs", type=int, default=20, help="c's documents")
+    parser.add_argument("--repeat-min-pages", type=int, default=5, help="c's shortest document (longest: above)")
+    parser.add_argument("--repeat-questions", type=int, default=200, help="c's questions")
+    parser.add_argument("--repeat-lengths", default="lognormal", help="c's and d's answer lengths, or a list: 16,64")
+    parser.add_argument("--repeat-budget-s", type=float, default=150, help="c's longest wait on this tree")
+    parser.add_argument("--repeat-prev-budget-s", type=float, default=120, help="c's longest wait on --prev-tree")
+    parser.add_argument("--repeat-mix-jobs", type=int, default=320, help="d's jobs (each with a page of its own)")
+    parser.add_argument("--repeat-mix-budget-s", type=float, default=90, help="d's longest wait, caches on and off")
+    parser.add_argument("--repeat-deadline-s", type=float, default=570,
+                        help="phase repeat cuts its budgets to end this long after the script started")
+    parser.add_argument("--render-concurrency", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="render worker children of phase repeat")
     parser.add_argument("--git-sha", default=os.environ.get("GIT_SHA", "unknown"))
     args = parser.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]
@@ -281,6 +304,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    args.started = time.monotonic()
     if args.combine is not None:
         merged = combine(args.combine, Path(args.result))
         print(json.dumps(merged, indent=2))
@@ -314,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 phase_recycle(args, figures, detail)
             elif phase == "soak":
                 phase_soak(args, figures, detail)
+            elif phase == "repeat":
+                gpu_repeat.run(args, figures, detail, lambda: write(out, figures, detail))
         except Exception as exc:  # keep what the other phases measured
             detail[f"{phase}_error"] = f"{type(exc).__name__}: {exc}"
             print(phase, "failed:", detail[f"{phase}_error"], flush=True)
@@ -323,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - started:.0f} s")
     for key, value in finish(figures, detail).items():
         print(f"  {key:<26} {value}")
+    if "repeat" in args.phases:
+        print("Pages read once (phase repeat):")
+        print("\n".join(gpu_repeat.table(detail)))
     return 0
 
 

@@ -12,6 +12,7 @@ share of the weights, and the parent's RSS at the start and the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -121,25 +122,68 @@ def redis_and_worker(port: int, env: dict[str, str], name: str,
 
     Yields the worker process and the path of its log.
     """
-    workdir = Path(tempfile.mkdtemp(prefix=f"glyphq-{name}-"))
+    with redis_server(port) as workdir, celery_worker(env, name, workdir, tree) as started:
+        yield started
+
+
+@contextmanager
+def redis_server(port: int) -> Iterator[Path]:
+    """A redis-server on ``port``, killed on exit; yields a fresh folder for logs."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"glyphq-redis{port}-"))
     redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
                                    "--dir", str(workdir)], stdout=subprocess.DEVNULL)
     time.sleep(0.5)
-    log_path = workdir / "worker.log"
+    try:
+        yield workdir
+    finally:
+        redis_proc.kill()
+        redis_proc.wait(10)
+
+
+@contextmanager
+def celery_worker(env: dict[str, str], name: str, log_dir: Path, tree: Path = ROOT, queues: str | None = None,
+                  concurrency: int | None = None, grace_s: float = 60) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A real celery worker of ``tree`` with ``env`` (``-Q queues``, ``-c concurrency`` if given), its log
+    ``log_dir/<name>.log``; stopped on exit: SIGTERM (a GPU worker finishes the answers it runs), then
+    SIGKILL to its whole process group after ``grace_s``. Yields it and its log path."""
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", "celery", "-A", app_module(tree), "worker", "-l", "info", "-n", f"{name}@%h",
+           "--without-mingle", "--without-gossip"]
+    cmd += ["-Q", queues] if queues else []
+    cmd += ["-c", str(concurrency)] if concurrency else []
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", app_module(tree), "worker", "-l", "info", "-n",
-                                   f"{name}@%h", "--without-mingle", "--without-gossip"], cwd=tree, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield worker, log_path
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             try:
-                worker.wait(60)
+                worker.wait(grace_s)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
-            redis_proc.kill()
-            redis_proc.wait(10)
+                worker.wait(30)
+            _wait_group_gone(worker.pid, 30)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no live process of the group is left (a GPU child frees its memory only when it is
+    gone); zombies count as gone, as a container's first process may never reap them."""
+    import psutil
+
+    def live() -> bool:
+        for proc in psutil.process_iter(["status"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                    return True
+        return False
+
+    deadline = time.monotonic() + timeout_s
+    while live():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
 
 
 def app_module(tree: Path) -> str:

@@ -100,7 +100,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit one image + question job; with --wait, print its result; with --stream, its text first."""
     job = submit(args.image, args.question, max_new_tokens=args.max_new_tokens, priority=args.priority,
                  session=args.session, job_id=args.job_id, deadline=args.deadline,
-                 thinking_budget=args.thinking_budget, stream=args.stream)
+                 thinking_budget=args.thinking_budget, stream=args.stream, queue=args.queue)
     if args.wait or args.stream:
         return _wait(job, args.timeout, "submit", args.stream)
     _print({"job_id": job.id, "state": job.state})
@@ -114,7 +114,7 @@ def cmd_ask_doc(args: argparse.Namespace) -> int:
     text = _read_text(args.file)
     job = submit_document(text, args.question, render=args.render_config, max_new_tokens=args.max_new_tokens,
                           priority=args.priority, session=args.session, job_id=args.job_id, deadline=args.deadline,
-                          thinking_budget=args.thinking_budget, stream=args.stream)
+                          thinking_budget=args.thinking_budget, stream=args.stream, queue=args.queue)
     if args.wait or args.stream:
         return _wait(job, args.timeout, "ask-doc", args.stream)
     _print({"job_id": job.id, "state": job.state})
@@ -233,6 +233,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
                    help="new tokens of reasoning before the model must answer (0: none; GLYPHQ_THINKING_BUDGET)")
     p.add_argument("--job-id", help="your own id; submitting the same id again runs it once")
     p.add_argument("--deadline", type=float, help="seconds by which the job must start, or it never runs")
+    p.add_argument("--queue", help=f"{GPU_QUEUE} (default) or {GPU_QUEUE}.<name>: the GPU queue that answers the job, "
+                                   "e.g. one worker's own (docs/scaling.md)")
 
 
 def _version() -> str:
@@ -280,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("health", help="exit 0 if the broker, a worker on the queue and its model are up")
     p.add_argument("--queue", default=GPU_QUEUE,
-                   help=f"queue to check: {GPU_QUEUE} (default; checks the model too) or {RENDER_QUEUE}")
+                   help=f"queue to check: {GPU_QUEUE} (default; checks the model too), {GPU_QUEUE}.<name> "
+                        f"(a worker's own; checks the model too) or {RENDER_QUEUE}")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for worker replies (default 3)")
     p.add_argument("--node", help="check only this worker, e.g. gpu0@$HOSTNAME (default: any worker)")
     p.add_argument("--broker-only", action="store_true", help="check only that Redis answers")

@@ -1,7 +1,8 @@
 """``submit_document()``: long text the Glyph way. A CPU worker renders pages, then the GPU worker answers.
 
 The text is stored as a blob; a Celery chain runs ``glyphq.render`` on queue ``render`` and then
-``glyphq.answer_pages`` on queue ``gpu``. Page images travel as blobs, never inside messages.
+``glyphq.answer_pages`` on queue ``gpu`` (or the ``gpu.<name>`` queue the job names). Page images
+travel as blobs, never inside messages.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from celery import chain
 
-from glyphq.celeryconfig import GPU_QUEUE, RENDER_QUEUE, Settings
+from glyphq.celeryconfig import RENDER_QUEUE, Settings
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.errors import InvalidJob
 from glyphq.producer.options import check_job_options
@@ -82,6 +83,7 @@ def submit_document(
     job_id: str | None = None,
     deadline: float | None = None,
     stream: bool = False,
+    queue: str | None = None,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue a question about a long text; it is rendered into pages on the ``render`` queue first.
@@ -91,11 +93,15 @@ def submit_document(
     ``text_tokens``, ``vision_tokens`` and ``compression`` (text tokens per vision token) to the fields
     of an image job. A text that renders
     to more than ``GLYPHQ_MAX_PAGES`` pages fails with ``InvalidJob``. ``stream`` is as in ``submit``.
+    ``queue`` (``gpu.<name>``) is as in ``submit``: the pages are rendered on ``render`` as always, and the
+    question is answered by the worker that consumes that queue. Sending every question about one
+    document to one worker lets it reuse what it computed for the pages (docs/scaling.md).
     """
     cfg = settings or default_settings
     text = check_text(text, cfg)
     options = check_job_options(question, max_new_tokens=max_new_tokens, thinking_budget=thinking_budget,
-                                priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg)
+                                priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg,
+                                queue=queue)
     overrides = check_render(render)
     job_id = options.job_id
     data = text.encode("utf-8")
@@ -108,7 +114,7 @@ def submit_document(
         chain(
             app.signature(RENDER_TASK, kwargs={"request": request.to_dict(), "job_id": job_id}, queue=RENDER_QUEUE,
                           priority=options.celery_priority, expires=options.expires).set(task_id=f"{job_id}.render"),
-            app.signature(ANSWER_PAGES_TASK, kwargs={"job": job.to_dict()}, queue=GPU_QUEUE,
+            app.signature(ANSWER_PAGES_TASK, kwargs={"job": job.to_dict()}, queue=options.queue,
                           priority=options.celery_priority, kwargsrepr=job.summary(),
                           expires=options.expires).set(task_id=job_id),
         ).apply_async()

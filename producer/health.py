@@ -5,8 +5,9 @@ Three checks, in order; a failed one skips the rest:
 1. ``broker``: Redis at ``GLYPHQ_BROKER_URL`` answers PING, and its ``maxmemory-policy`` cannot evict
    glyphq's keys (``noeviction``, unless ``GLYPHQ_ALLOW_EVICTION=on``).
 2. ``worker``: at least one worker consuming the queue answers a ping over Celery's control channel.
-3. ``model``: for queue ``gpu``, at least one of those workers reports its model loaded (the ``glyphq``
-   section of ``celery inspect stats``). Queue ``render`` loads no model; the check is skipped.
+3. ``model``: for queue ``gpu`` (or a worker's own ``gpu.<name>``), at least one of those workers reports
+   its model loaded (the ``glyphq`` section of ``celery inspect stats``). Queue ``render`` loads no model;
+   the check is skipped.
 
 The ``worker`` check also lists each answering worker's ``/metrics`` port (``metrics_ports``; null
 when it serves none), from the same stats.
@@ -27,12 +28,10 @@ from typing import Any
 
 from redis import RedisError
 
-from glyphq.celeryconfig import GPU_QUEUE, Settings
+from glyphq.celeryconfig import GPU_QUEUE, Settings, is_gpu_queue
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.store import SAFE_POLICY, Store, broker_location, memory_info
 
-#: Queues whose workers load a model; the ``model`` check applies to these only.
-MODEL_QUEUES = frozenset({GPU_QUEUE})
 DEFAULT_TIMEOUT_S = 3.0
 
 
@@ -243,7 +242,7 @@ def _check_workers(cfg: Settings, queue: str, timeout: float, node: str | None
                         "metrics_ports": {name: s.get("metrics_port") if isinstance(s, dict) else None
                                           for name, s in sections.items()}}
 
-        if queue not in MODEL_QUEUES:
+        if not is_gpu_queue(queue):  # the model check applies to ``gpu`` and ``gpu.<name>`` only
             return worker_check, _skipped(f"queue {queue!r} loads no model"), None, answering
 
         models: dict[str, Any] = {}

@@ -10,13 +10,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from glyphq.celeryconfig import PRIORITY_LEVELS, Settings
+from glyphq.celeryconfig import GPU_QUEUE, PRIORITY_LEVELS, Settings
 from glyphq.producer.validation import (
     check_deadline,
     check_identifier,
     check_max_new_tokens,
     check_priority,
     check_question,
+    check_queue,
     check_thinking_budget,
 )
 
@@ -32,6 +33,7 @@ class JobOptions:
     session: str | None
     job_id: str
     expires: datetime | None  # when a job not yet started must no longer run (from ``deadline``)
+    queue: str = GPU_QUEUE  # the GPU queue the job is answered from: ``gpu`` or one worker's ``gpu.<name>``
 
     @property
     def celery_priority(self) -> int:
@@ -40,7 +42,8 @@ class JobOptions:
 
 
 def check_job_options(question: object, *, max_new_tokens: object, thinking_budget: object, priority: object,
-                      session: object, job_id: object, deadline: object, settings: Settings) -> JobOptions:
+                      session: object, job_id: object, deadline: object, settings: Settings,
+                      queue: object = None) -> JobOptions:
     """Check the options shared by every kind of job; a new job id is drawn when ``job_id`` is None."""
     checked_question = check_question(question, settings)
     tokens = check_max_new_tokens(max_new_tokens, settings)
@@ -52,6 +55,7 @@ def check_job_options(question: object, *, max_new_tokens: object, thinking_budg
         session=check_identifier("session", session),
         job_id=check_identifier("job_id", job_id) or uuid.uuid4().hex,
         expires=expiry(check_deadline(deadline)),
+        queue=check_queue(queue),
     )
 
 

@@ -14,7 +14,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from glyphq.celeryconfig import GPU_QUEUE, Settings
+from glyphq.celeryconfig import Settings
 from glyphq.celeryconfig import settings as default_settings
 from glyphq.producer.errors import JobExpired, JobFailed, JobLost, JobTimeout, QueueFull
 from glyphq.producer.images import ImageInput, check_image
@@ -148,6 +148,7 @@ def submit(
     deadline: float | None = None,
     history: list[dict[str, str]] | None = None,
     stream: bool = False,
+    queue: str | None = None,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue an image + question job for the GPU worker and return its ``Job``.
@@ -160,6 +161,8 @@ def submit(
     seconds never runs; its state becomes EXPIRED. ``history`` gives earlier turns with the job itself,
     as ``[{"question", "answer"}, ...]`` (at most ``GLYPHQ_HISTORY_TURNS``), instead of a stored session.
     With ``stream=True`` the worker publishes the text as it writes it, for ``Job.stream()``.
+    ``queue`` sends the job to ``gpu.<name>`` instead of ``gpu``: only a worker started with
+    ``-Q gpu,gpu.<name>`` takes it (docs/scaling.md, "One document, one worker").
 
     Every field is checked before Redis is touched; a refusal raises ``InvalidJob`` naming the
     field and the limit. ``QueueFull`` means the queue holds ``GLYPHQ_MAX_QUEUE`` jobs already and
@@ -167,7 +170,8 @@ def submit(
     """
     cfg = settings or default_settings
     options = check_job_options(question, max_new_tokens=max_new_tokens, thinking_budget=thinking_budget,
-                                priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg)
+                                priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg,
+                                queue=queue)
     turns = check_history(history, options.session, cfg)
     checked = check_image(image, cfg)
 
@@ -184,10 +188,10 @@ def submit(
             history=turns,
             stream=bool(stream),
         )
-        app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=options.job_id, queue=GPU_QUEUE,
+        app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=options.job_id, queue=options.queue,
                       priority=options.celery_priority, kwargsrepr=message.summary(), expires=options.expires)
 
-    return enqueue(cfg, GPU_QUEUE, options.job_id, checked.data, send)
+    return enqueue(cfg, options.queue, options.job_id, checked.data, send)
 
 
 def enqueue(cfg: Settings, queue: str, job_id: str, data: bytes, send: Callable[[str], None]) -> Job:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from glyphq.celeryconfig import PRIORITY_LEVELS, Settings
+from glyphq.celeryconfig import GPU_QUEUE, PRIORITY_LEVELS, Settings, is_gpu_queue
 from glyphq.producer.errors import InvalidJob
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -79,6 +79,16 @@ def check_priority(value: object, settings: Settings) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
         raise InvalidJob("priority", f"must be an integer from 0 to {top} (9 is most urgent), got {value!r}")
     return value
+
+
+def check_queue(value: object) -> str:
+    """Return ``value`` (``gpu`` when None) if it is ``gpu`` or ``gpu.<name>``, name 1 to 64 of ``a-z 0-9 _ -``."""
+    if value is None:
+        return GPU_QUEUE
+    if not is_gpu_queue(value):
+        raise InvalidJob("queue", "must be 'gpu' or 'gpu.<name>', the name 1 to 64 characters of a-z, 0-9, _ and -, "
+                                  f"got {value!r}")
+    return str(value)
 
 
 def check_identifier(field: str, value: object) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 from celery import bootsteps, signals
 from redis.exceptions import RedisError
 
-from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_TASK, settings
+from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_TASK, is_gpu_queue, settings
 from glyphq.producer.errors import InvalidJob
 from glyphq.producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
 from glyphq.producer.validation import check_identifier
@@ -46,7 +46,7 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
     channel.create()
     metrics.serve(settings)
     queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
-    if GPU_QUEUE in queues:
+    if any(is_gpu_queue(queue) for queue in queues):  # ``gpu``, or a worker's own ``gpu.<name>``
         from glyphq.worker import runtime
 
         runtime.preload_parent()

@@ -150,9 +150,12 @@ class WorkerProcess:
             cmd += ["-Q", queues]
         if concurrency:
             cmd += ["-c", str(concurrency)]
-        self.loads_model = queues is None or "gpu" in queues.split(",")
-        #: The queue whose health says this worker is ready: ``gpu`` (model loaded) if it serves it.
-        self.queue = "gpu" if self.loads_model else str(queues).split(",")[0]
+        from glyphq.celeryconfig import is_gpu_queue
+
+        gpu_queues = ["gpu"] if queues is None else [q for q in queues.split(",") if is_gpu_queue(q)]
+        self.loads_model = bool(gpu_queues)
+        #: The queue whose health says this worker is ready: its first GPU queue (model loaded) if it serves one.
+        self.queue = gpu_queues[0] if gpu_queues else str(queues).split(",")[0]
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -341,8 +344,9 @@ def png_bytes(size: tuple[int, int] = (640, 480), color: str = "white", seed: in
 def queued_messages(client, queue: str = "gpu") -> list[bytes]:
     """Every message waiting on ``queue``, over all its Redis priority sub-queues."""
     messages: list[bytes] = []
+    names = {f"glyphq:{queue}".encode()} | {f"glyphq:{queue}:{p}".encode() for p in range(1, 10)}
     for key in sorted(client.keys(f"glyphq:{queue}*")):
-        if client.type(key) == b"list":
+        if key in names and client.type(key) == b"list":  # not ``gpu.a``'s when asked for ``gpu``'s
             messages.extend(client.lrange(key, 0, -1))
     return messages
 

@@ -60,7 +60,7 @@ def preload_modules() -> None:
 
 
 def serves_gpu() -> bool:
-    """True in a worker whose main process called ``preload_parent`` (it consumes the ``gpu`` queue)."""
+    """True in a worker whose main process called ``preload_parent`` (it consumes ``gpu`` or a ``gpu.<name>``)."""
     return _serves_gpu
 
 
