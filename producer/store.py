@@ -89,6 +89,14 @@ def is_blob_key(key: object) -> bool:
     return isinstance(key, str) and _BLOB_KEY.match(key) is not None
 
 
+def blob_sha256(key: str) -> str:
+    """The sha256 (hex) a ``glyphq:blob:<sha256>`` key names; ValueError for any other key."""
+    match = _BLOB_KEY.match(key)
+    if match is None:
+        raise ValueError(f"not a blob key: {key!r}")
+    return match.group(1)
+
+
 def check_blob_key(field: str, key: object) -> str:
     """``key`` if it is a ``glyphq:blob:<sha256>`` key; the worker reads nothing else, never a path."""
     if not is_blob_key(key):

@@ -302,7 +302,10 @@ class Continuous:
         when the decoder keeps nothing), and the seconds it took."""
         started = time.perf_counter()
         fitted = [fit_image(image, box, self.engine.min_side) for image in job.pages()]
-        keys = [page_key(image) for image in fitted] if self._caches else None
+        keys = None
+        if self._caches:
+            sources = job.sources if job.sources is not None and len(job.sources) == len(fitted) else [None] * len(fitted)
+            keys = [page_key(image, source) for image, source in zip(fitted, sources, strict=True)]
         return fitted, keys, time.perf_counter() - started
 
     @property

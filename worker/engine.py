@@ -44,6 +44,9 @@ class EngineJob:
     history: list[dict[str, str]] = field(default_factory=list)
     thinking_budget: int | None = None  # new tokens of reasoning before </think> is fed (worker.logits)
     document: bool = False  # the images are a rendered document's pages
+    #: The sha256 of the bytes each image is decoded from, checked against them before (blob keys), so
+    #: the caches of pages read before need not hash the pixels (``worker.prefix.page_key``).
+    sources: list[str] | None = None
 
     def pages(self) -> list[Image.Image]:
         """The images, decoded now if they are not yet."""

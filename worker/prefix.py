@@ -5,9 +5,10 @@ Two questions about one document send the same pages, and their prompts begin wi
 the vision tower's output for each page (``worker.encoder_cache``) and the KV cache blocks the prefix
 filled (``worker.blocks``). Both are found by the keys made here; nothing here needs torch.
 
-A page's key (:func:`page_key`) is a hash of the fitted page's pixels, mode and size: the page as the
-vision tower sees it, whatever blob, file or box it came from. A corrupt blob never gets this far: the
-worker checks a blob's bytes against its sha256 key before it decodes them.
+A page's key (:func:`page_key`) names the fitted page as the vision tower sees it: the sha256 of the
+bytes it was decoded from (a blob's key, which the worker checks against the bytes before it decodes
+them, so a corrupt blob never gets this far) with its fitted size and mode; or, for an image given
+without one, a hash of its pixels, mode and size.
 
 A block's key (:func:`block_keys`) is a hash of the key of the block before it, the block's token ids
 and the key of every page with an image token in the block. Every page has the same placeholder ids,
@@ -30,11 +31,15 @@ from glyphq.worker.blocks import BLOCK_TOKENS
 KEY_BYTES = 16
 
 
-def page_key(image: Image.Image) -> bytes:
-    """The content key of a fitted page: its mode, size and pixels."""
+def page_key(image: Image.Image, source: str | None = None) -> bytes:
+    """The content key of a fitted page: the ``source`` it was decoded and fitted from (the sha256 of
+    its bytes, checked) and its size and mode, or without one its pixels, size and mode."""
     digest = hashlib.blake2b(digest_size=KEY_BYTES)
     digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
-    digest.update(image.tobytes())
+    if source is not None:
+        digest.update(b"sha256:" + source.encode())
+    else:
+        digest.update(image.tobytes())
     return digest.digest()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from glyphq.celeryconfig import settings
 from glyphq.producer.images import decode_checked_image
 from glyphq.producer.schema import JobMessage, check_task_id, document_text
-from glyphq.producer.store import Store
+from glyphq.producer.store import Store, blob_sha256
 from glyphq.worker import metrics, recycle, status
 from glyphq.worker.blocks import BLOCK_TOKENS
 from glyphq.worker.errors import ModelError, PoisonJob
@@ -310,7 +310,8 @@ def engine_job(fetched: _Fetched, turns: list[dict[str, str]]) -> Any:
 
     job = fetched.job
     return EngineJob(images=fetched.images, question=job.question, max_new_tokens=job.max_new_tokens, history=turns,
-                     thinking_budget=job.thinking_budget or None, document=job.text_key is not None)
+                     thinking_budget=job.thinking_budget or None, document=job.text_key is not None,
+                     sources=[blob_sha256(key) for key in job.image_keys])
 
 
 def lock_session(session: str, job_id: str) -> str:
