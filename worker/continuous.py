@@ -304,8 +304,8 @@ class Continuous:
         fitted = [fit_image(image, box, self.engine.min_side) for image in job.pages()]
         keys = None
         if self._caches:
-            sources = job.sources if job.sources is not None and len(job.sources) == len(fitted) else [None] * len(fitted)
-            keys = [page_key(image, source) for image, source in zip(fitted, sources, strict=True)]
+            sources = job.sources if job.sources is not None and len(job.sources) == len(fitted) else None
+            keys = [page_key(image, sources[i] if sources else None) for i, image in enumerate(fitted)]
         return fitted, keys, time.perf_counter() - started
 
     @property
