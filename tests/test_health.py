@@ -100,6 +100,9 @@ def test_gpu_worker_with_its_model_loaded_exits_0(start_worker, tiny_model):
     assert pool["tokens"] == CPU_POOL_TOKENS and pool["blocks"] == CPU_POOL_TOKENS // BLOCK_TOKENS, pool
     assert pool["blocks_used"] == 0 and pool["blocks_free"] == pool["blocks"] and pool["preemptions"] == 0, pool
     assert pool["bytes"] > 0 and pool["successor_fits"] is True, pool
+    # Its caches of pages read before: empty after the warm-up, sized beside the pool.
+    assert pool["prefix"] == {"enabled": True, "blocks": 0, "tokens": 0, "hits": 0, "misses": 0, "evictions": 0}, pool
+    assert pool["encoder"]["pages"] == 0 and 0 < pool["encoder"]["max_bytes"] <= pool["bytes"] // 16, pool
 
     # --node checks that one worker only: this one passes, a node that does not exist fails.
     code, report, _ = health("--node", name, "--timeout", "2")
