@@ -300,3 +300,23 @@ def test_glm4v_pages_shared_and_cached_give_generates_tokens():
     assert got == expected and cached == 2 * BLOCK_TOKENS and hits == 1, "p2 ends in block 2: cached, p4 is new"
     got, expected, cached, hits = answer(["p4", "p3", "p1"], [8, 9])
     assert got == expected and cached == 0 and hits == 3, "every page from the encoder cache"
+
+
+def test_a_decoding_row_short_of_blocks_is_preempted_and_answers_later_as_generate(endless_model):
+    """Should the free blocks fall short of what the plan counted (kept blocks of a preempted row shared
+    by a job admitted after it), the row that cannot grow waits and runs again; nothing fails."""
+    engine = _engine(endless_model, GLYPHQ_KV_CACHE_TOKENS=str(16 * BLOCK_TOKENS))
+    job = _document(list(range(600, 612)), "Who signs", new=80)
+    expected = _generate(endless_model, [job])
+    running = Continuous(engine, BOX)
+    running.add("job", job)
+    while not any(row.decoding for row in running.rows.values()):
+        running.step()
+    held = BlockTable(engine.decoder.pool)
+    assert held.reserve(engine.decoder.pool.free * BLOCK_TOKENS), "another holder takes every free block"
+    running._decode(BLOCK_TOKENS)  # as a plan that counted blocks gone since would: the row needs a new one
+    assert running.stats.preemptions == 1 and not running.rows
+    held.release()
+    outcomes = {f.key: f.outcome for f in running.run()}
+    assert [outcomes["job"].token_ids] == expected
+    assert outcomes["job"].prefix_cached_tokens == 3 * BLOCK_TOKENS, "it ran again from its own kept blocks"

@@ -408,9 +408,7 @@ class Continuous:
     def _prefill(self, chunks: list[tuple[int, int, int]]) -> list[Finished]:
         """One mixed step: the prompt chunks and a token of every decoding row. A step that fails is
         retried chunk by chunk without the decoding rows; a chunk that fails alone fails its job."""
-        decoding = [slot for slot, row in self.rows.items() if row.decoding]
-        for slot in decoding:
-            self._reserve(slot, 1)
+        decoding = self._grown(1)
         started = time.perf_counter()
         failed: list[Finished] = []
         try:
@@ -449,9 +447,9 @@ class Continuous:
         return failed
 
     def _decode(self, steps: int) -> None:
-        decoding = [slot for slot, row in self.rows.items() if row.decoding]
-        for slot in decoding:
-            self._reserve(slot, steps)
+        decoding = self._grown(steps)
+        if not decoding:
+            return
         rows = max(decoding) + 1
         length = max(self._cached(self.rows[slot]) for slot in decoding) + steps
         started = time.perf_counter()
@@ -464,9 +462,20 @@ class Continuous:
         for slot in decoding:
             self.rows[slot].waiting.generate_s += elapsed / len(decoding)
 
-    def _reserve(self, slot: int, steps: int) -> None:
-        if not self.decoder.reserve(slot, self._cached(self.rows[slot]) + steps):
-            raise RuntimeError("the plan decoded a row the pool has no blocks for")
+    def _grown(self, steps: int) -> list[int]:
+        """The decoding rows, each with blocks for ``steps`` more tokens. The plan counts for that, but a
+        row it preempted may have held kept blocks that a job admitted after it then shared, so the free
+        blocks can fall short of the plan's count: a row that cannot grow then is preempted, most urgent
+        rows served first, and runs again later."""
+        grown: list[int] = []
+        for slot, row in sorted(self.rows.items(), key=lambda item: (item[1].waiting.priority, item[1].waiting.order)):
+            if not row.decoding:
+                continue
+            if self.decoder.reserve(slot, self._cached(row) + steps):
+                grown.append(slot)
+            else:
+                self._preempt([row.waiting])
+        return sorted(grown)
 
     def _collect(self, slots: list[int], steps: int) -> None:
         """Each of ``slots`` wrote ``steps`` new tokens: read them (one small copy)."""
