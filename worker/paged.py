@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -679,7 +680,9 @@ class PagedDecoder:
         else:
             pages = self._page_inputs(prompt, len(counts))
         at = torch.split(image, counts)
-        needed = [page for page in range(len(counts)) if counts[page] and int(at[page][-1]) >= cached]
+        ends = list(itertools.accumulate(counts))
+        last = image.tolist()  # one copy from the device, not one per page
+        needed = [page for page in range(len(counts)) if counts[page] and last[ends[page] - 1] >= cached]
         found: dict[int, torch.Tensor] = {}
         for page in needed:
             kept = self.encoder_cache.get(page_keys[page]) if page_keys and self.encoder_cache.max_bytes else None
