@@ -84,6 +84,7 @@ def submit_document(
     deadline: float | None = None,
     stream: bool = False,
     queue: str | None = None,
+    cache_scope: str | None = None,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue a question about a long text; it is rendered into pages on the ``render`` queue first.
@@ -96,12 +97,13 @@ def submit_document(
     ``queue`` (``gpu.<name>``) is as in ``submit``: the pages are rendered on ``render`` as always, and the
     question is answered by the worker that consumes that queue. Sending every question about one
     document to one worker lets it reuse what it computed for the pages (docs/scaling.md).
+    ``cache_scope`` is as in ``submit``.
     """
     cfg = settings or default_settings
     text = check_text(text, cfg)
     options = check_job_options(question, max_new_tokens=max_new_tokens, thinking_budget=thinking_budget,
                                 priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg,
-                                queue=queue)
+                                queue=queue, cache_scope=cache_scope)
     overrides = check_render(render)
     job_id = options.job_id
     data = text.encode("utf-8")
@@ -110,7 +112,8 @@ def submit_document(
         request = RenderRequest(text_key=key, text_chars=len(text), render=overrides)
         job = JobMessage(image_keys=(), image_sizes=(), image_bytes=0, question=options.question,
                          max_new_tokens=options.max_new_tokens, session=options.session, submitted_at=time.time(),
-                         text_key=key, thinking_budget=options.thinking_budget, stream=bool(stream))
+                         text_key=key, thinking_budget=options.thinking_budget, stream=bool(stream),
+                         cache_scope=options.cache_scope)
         chain(
             app.signature(RENDER_TASK, kwargs={"request": request.to_dict(), "job_id": job_id}, queue=RENDER_QUEUE,
                           priority=options.celery_priority, expires=options.expires).set(task_id=f"{job_id}.render"),

@@ -34,6 +34,7 @@ class JobOptions:
     job_id: str
     expires: datetime | None  # when a job not yet started must no longer run (from ``deadline``)
     queue: str = GPU_QUEUE  # the GPU queue the job is answered from: ``gpu`` or one worker's ``gpu.<name>``
+    cache_scope: str | None = None  # whose jobs may share what the worker keeps of pages read before
 
     @property
     def celery_priority(self) -> int:
@@ -43,7 +44,7 @@ class JobOptions:
 
 def check_job_options(question: object, *, max_new_tokens: object, thinking_budget: object, priority: object,
                       session: object, job_id: object, deadline: object, settings: Settings,
-                      queue: object = None) -> JobOptions:
+                      queue: object = None, cache_scope: object = None) -> JobOptions:
     """Check the options shared by every kind of job; a new job id is drawn when ``job_id`` is None."""
     checked_question = check_question(question, settings)
     tokens = check_max_new_tokens(max_new_tokens, settings)
@@ -56,6 +57,7 @@ def check_job_options(question: object, *, max_new_tokens: object, thinking_budg
         job_id=check_identifier("job_id", job_id) or uuid.uuid4().hex,
         expires=expiry(check_deadline(deadline)),
         queue=check_queue(queue),
+        cache_scope=check_identifier("cache_scope", cache_scope),
     )
 
 

@@ -91,6 +91,7 @@ class JobMessage:
     thinking_budget: int = 0  # new tokens of reasoning before the answer is due; 0: no budget
     history: tuple[dict[str, str], ...] = ()  # earlier turns the job carries itself (not a session's)
     stream: bool = False  # publish the text as it is written (producer.stream)
+    cache_scope: str | None = None  # only jobs of the same scope share the worker's caches of pages read before
     version: int = MESSAGE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +145,7 @@ class JobMessage:
             text_key=None if text_key is None else check_blob_key("text_key", text_key),
             render_s=None if render_s is None else _check_time("render_s", render_s),
             stream=_check_bool("stream", data.get("stream", False)),
+            cache_scope=check_identifier("cache_scope", data.get("cache_scope")),
         )
 
 

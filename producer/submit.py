@@ -149,6 +149,7 @@ def submit(
     history: list[dict[str, str]] | None = None,
     stream: bool = False,
     queue: str | None = None,
+    cache_scope: str | None = None,
     settings: Settings | None = None,
 ) -> Job:
     """Enqueue an image + question job for the GPU worker and return its ``Job``.
@@ -163,6 +164,10 @@ def submit(
     With ``stream=True`` the worker publishes the text as it writes it, for ``Job.stream()``.
     ``queue`` sends the job to ``gpu.<name>`` instead of ``gpu``: only a worker started with
     ``-Q gpu,gpu.<name>`` takes it (docs/scaling.md, "One document, one worker").
+    ``cache_scope`` (1-128 letters, digits and ``._:-``) keeps what the worker caches of this job's pages
+    to jobs of the same scope, e.g. one per user: without one, any job with the same pages shares them,
+    and its ``timings.prefix_cached_tokens`` would tell that another job read them recently
+    (docs/documents.md). The gateway gives each API key its own.
 
     Every field is checked before Redis is touched; a refusal raises ``InvalidJob`` naming the
     field and the limit. ``QueueFull`` means the queue holds ``GLYPHQ_MAX_QUEUE`` jobs already and
@@ -171,7 +176,7 @@ def submit(
     cfg = settings or default_settings
     options = check_job_options(question, max_new_tokens=max_new_tokens, thinking_budget=thinking_budget,
                                 priority=priority, session=session, job_id=job_id, deadline=deadline, settings=cfg,
-                                queue=queue)
+                                queue=queue, cache_scope=cache_scope)
     turns = check_history(history, options.session, cfg)
     checked = check_image(image, cfg)
 
@@ -187,6 +192,7 @@ def submit(
             thinking_budget=options.thinking_budget,
             history=turns,
             stream=bool(stream),
+            cache_scope=options.cache_scope,
         )
         app.send_task(ANSWER_TASK, kwargs={"job": message.to_dict()}, task_id=options.job_id, queue=options.queue,
                       priority=options.celery_priority, kwargsrepr=message.summary(), expires=options.expires)

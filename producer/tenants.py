@@ -98,8 +98,10 @@ def submit_as(tenant: str, job_id: str, digest: str, parsed: chat.ChatRequest, c
     readable by another key; a job that is refused leaves no record behind."""
     recorded = claim_job_id(cfg, job_id, tenant, digest, parsed.model or "")
     try:
+        # Each key's jobs share the worker's caches of pages read before with that key's jobs only, so that
+        # no key can tell from a result's timings what another key asked about.
         return submit(parsed.image, parsed.question, job_id=job_id, stream=parsed.stream, settings=cfg,
-                      **parsed.submit_kwargs())
+                      cache_scope=tenant, **parsed.submit_kwargs())
     except BaseException:
         if recorded:
             try:

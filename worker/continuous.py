@@ -305,7 +305,7 @@ class Continuous:
         keys = None
         if self._caches:
             sources = job.sources if job.sources is not None and len(job.sources) == len(fitted) else None
-            keys = [page_key(image, sources[i] if sources else None) for i, image in enumerate(fitted)]
+            keys = [page_key(image, sources[i] if sources else None, job.cache_scope) for i, image in enumerate(fitted)]
         return fitted, keys, time.perf_counter() - started
 
     @property
@@ -323,7 +323,7 @@ class Continuous:
         waiting.preprocess_s += fit_s
         started = time.perf_counter()
         waiting.prompt = self.engine.process(job, waiting.fitted)
-        waiting.keys = self.decoder.prompt_keys(waiting.prompt, waiting.page_keys)
+        waiting.keys = self.decoder.prompt_keys(waiting.prompt, waiting.page_keys, job.cache_scope)
         elapsed = time.perf_counter() - started
         waiting.preprocess_s += elapsed
         self.stats.process_s += elapsed

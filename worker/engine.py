@@ -47,6 +47,8 @@ class EngineJob:
     #: The sha256 of the bytes each image is decoded from, checked against them before (blob keys), so
     #: the caches of pages read before need not hash the pixels (``worker.prefix.page_key``).
     sources: list[str] | None = None
+    #: Only jobs of the same scope share what the decoder keeps of pages read before (None: one scope).
+    cache_scope: str | None = None
 
     def pages(self) -> list[Image.Image]:
         """The images, decoded now if they are not yet."""

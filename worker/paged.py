@@ -445,17 +445,18 @@ class PagedDecoder:
 
     # -- rows -----------------------------------------------------------------------------------
 
-    def prompt_keys(self, prompt: dict[str, torch.Tensor], page_keys: list[bytes] | None) -> list[bytes]:
+    def prompt_keys(self, prompt: dict[str, torch.Tensor], page_keys: list[bytes] | None,
+                    scope: str | None = None) -> list[bytes]:
         """The keys of the full blocks of ``prompt`` (processor output, batch 1) whose pages have the
-        content keys ``page_keys`` (``worker.prefix``); none without the prefix cache, or for a prompt
-        with images whose keys are not known."""
+        content keys ``page_keys``, in cache ``scope`` (``worker.prefix``); none without the prefix cache,
+        or for a prompt with images whose keys are not known."""
         if not self.prefix_cache:
             return []
         ids = prompt["input_ids"][0].tolist()
         counts = self._page_tokens(prompt)
         if counts and (page_keys is None or len(page_keys) != len(counts)):
             return []
-        return block_keys(ids, page_spans(ids, self.image_token_id, counts), page_keys or [])
+        return block_keys(ids, page_spans(ids, self.image_token_id, counts), page_keys or [], scope)
 
     def share(self, row: int, keys: list[bytes], length: int) -> int:
         """Start the empty ``row`` of a ``length``-token prompt with the kept blocks of its first ``keys``

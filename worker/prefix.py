@@ -15,6 +15,10 @@ and the key of every page with an image token in the block. Every page has the s
 so the ids alone never make a key; and since each key covers the one before it, a block's key covers
 every token and page of the prompt up to and through it, which is all its keys and values depend on.
 Only blocks the prompt fills are keyed: the last, partial one is always the row's own.
+
+A job's cache scope (``submit(cache_scope=...)``; the gateway's API key) starts every key of its pages
+and blocks, so jobs of different scopes never share, and no scope can tell from a result's timings
+what another asked about.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from glyphq.worker.blocks import BLOCK_TOKENS
 KEY_BYTES = 16
 
 
-def page_key(image: Image.Image, source: str | None = None) -> bytes:
+def page_key(image: Image.Image, source: str | None = None, scope: str | None = None) -> bytes:
     """The content key of a fitted page: the ``source`` it was decoded and fitted from (the sha256 of
-    its bytes, checked) and its size and mode, or without one its pixels, size and mode."""
-    digest = hashlib.blake2b(digest_size=KEY_BYTES)
+    its bytes, checked) and its size and mode, or without one its pixels, size and mode; within the
+    job's cache ``scope`` (the keys of one scope never equal another's)."""
+    digest = hashlib.blake2b(_scoped(scope), digest_size=KEY_BYTES)
     digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
     if source is not None:
         digest.update(b"sha256:" + source.encode())
@@ -65,11 +70,12 @@ def page_spans(ids: Sequence[int], image_token: int | None, page_tokens: Sequenc
     return owner
 
 
-def block_keys(ids: Sequence[int], owner: Sequence[int], pages: Sequence[bytes]) -> list[bytes]:
+def block_keys(ids: Sequence[int], owner: Sequence[int], pages: Sequence[bytes],
+               scope: str | None = None) -> list[bytes]:
     """The key of each full block of a prompt of token ``ids`` whose token ``i`` shows page
-    ``owner[i]`` (-1: text, see :func:`page_spans`) of the pages keyed ``pages``."""
+    ``owner[i]`` (-1: text, see :func:`page_spans`) of the pages keyed ``pages``, in cache ``scope``."""
     keys: list[bytes] = []
-    parent = b""
+    parent = _scoped(scope)
     for start in range(0, len(ids) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
         digest = hashlib.blake2b(parent, digest_size=KEY_BYTES)
         digest.update(array("q", ids[start:start + BLOCK_TOKENS]).tobytes())
@@ -79,3 +85,8 @@ def block_keys(ids: Sequence[int], owner: Sequence[int], pages: Sequence[bytes])
         parent = digest.digest()
         keys.append(parent)
     return keys
+
+
+def _scoped(scope: str | None) -> bytes:
+    """What every key of a cache scope starts from (nothing for the shared scope)."""
+    return b"" if scope is None else b"scope:" + scope.encode() + b"\0"

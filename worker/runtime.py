@@ -311,7 +311,7 @@ def engine_job(fetched: _Fetched, turns: list[dict[str, str]]) -> Any:
     job = fetched.job
     return EngineJob(images=fetched.images, question=job.question, max_new_tokens=job.max_new_tokens, history=turns,
                      thinking_budget=job.thinking_budget or None, document=job.text_key is not None,
-                     sources=[blob_sha256(key) for key in job.image_keys])
+                     sources=[blob_sha256(key) for key in job.image_keys], cache_scope=job.cache_scope)
 
 
 def lock_session(session: str, job_id: str) -> str:
