@@ -320,3 +320,30 @@ def test_a_decoding_row_short_of_blocks_is_preempted_and_answers_later_as_genera
     outcomes = {f.key: f.outcome for f in running.run()}
     assert [outcomes["job"].token_ids] == expected
     assert outcomes["job"].prefix_cached_tokens == 3 * BLOCK_TOKENS, "it ran again from its own kept blocks"
+
+
+def test_a_crowd_of_repeated_documents_under_memory_pressure_answers_as_generate(endless_model):
+    """Twenty jobs over four documents that share pages, at mixed priorities and answer lengths, added
+    while others run, on a pool too small for all: blocks are shared, kept, evicted and rows preempted,
+    and every answer is the one ``generate`` gives."""
+    import random
+
+    engine = _engine(endless_model, GLYPHQ_MAX_BATCH="6", GLYPHQ_KV_CACHE_TOKENS=str(16 * BLOCK_TOKENS))
+    documents = [list(range(800, 812)), list(range(800, 808)) + list(range(820, 824)), list(range(830, 842)),
+                 list(range(800, 812))[::-1], list(range(850, 862)), list(range(870, 882))]
+    questions = ["Who signs", "When does it end", "What is the rent"]
+    chooser = random.Random(5)
+    jobs = [_document(chooser.choice(documents), chooser.choice(questions), new=chooser.choice([6, 20, 60]))
+            for _ in range(20)]
+    priorities = [chooser.choice([0, 5, 9]) for _ in jobs]
+    expected = _generate(endless_model, jobs)
+    running = Continuous(engine, BOX, urgent_priority=0)
+    outcomes: dict = {}
+    for index, job in enumerate(jobs):
+        running.add(index, job, priority=priorities[index])
+        if index % 3 == 2:
+            outcomes.update({f.key: f.outcome for f in running.step()})
+    outcomes.update({f.key: f.outcome for f in running.run()})
+    assert [outcomes[i].token_ids for i in range(len(jobs))] == expected
+    assert sum(outcomes[i].prefix_cached_tokens > 0 for i in range(len(jobs))) >= 10
+    assert engine.decoder.pool.evictions > 0 and running.stats.preemptions > 0
