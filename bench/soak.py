@@ -101,9 +101,15 @@ class Sampler(threading.Thread):
         self.join(10)
 
 
+#: With ``--repeat-pages``: the start of every question, long enough that a prompt fills a KV cache
+#: block with the page, so that later jobs about the same page share it (docs/documents.md).
+PREAMBLE = " ".join(["Read the page with care, line by line, and answer from what it shows."] * 5)
+
+
 def run_jobs(count: int, first_seed: int, in_flight: int, max_new_tokens: int, client: Any,
-             job_timeout: float) -> list[dict[str, Any]]:
+             job_timeout: float, repeat_pages: int = 0) -> list[dict[str, Any]]:
     """Submit ``count`` jobs, at most ``in_flight`` unanswered at once; return one record per job.
+    With ``repeat_pages`` the jobs ask about that many pages in turn, after ``PREAMBLE``.
 
     Each job's result and runs counter are read as soon as it is answered, well within their TTL.
     """
@@ -119,7 +125,9 @@ def run_jobs(count: int, first_seed: int, in_flight: int, max_new_tokens: int, c
         try:
             result = job.result(timeout=job_timeout)
             record.update(outcome="answered", latency_s=time.monotonic() - submitted,
-                          pid=result["worker"]["pid"], task_index=result["worker"]["task_index"])
+                          pid=result["worker"]["pid"], task_index=result["worker"]["task_index"],
+                          tokens_in=result["tokens_in"],
+                          prefix_cached_tokens=result["timings"].get("prefix_cached_tokens", 0))
         except JobFailed as exc:
             record.update(outcome="failed", error=f"{exc.error_type}: {exc.message}")
         except JobTimeout:
@@ -131,7 +139,10 @@ def run_jobs(count: int, first_seed: int, in_flight: int, max_new_tokens: int, c
         while len(pending) >= in_flight:
             collect()
         session = f"soak-session-{seed % 7}" if seed % 10 == 0 else None
-        job = submit(png(seed), f"Question {seed}: what does the picture show?", max_new_tokens=max_new_tokens,
+        question = f"Question {seed}: what does the picture show?"
+        if repeat_pages:
+            question = f"{PREAMBLE} {question}"
+        job = submit(png(seed % repeat_pages if repeat_pages else seed), question, max_new_tokens=max_new_tokens,
                      priority=seed % 10, session=session)
         pending.append((seed, job, time.monotonic()))
     while pending:
@@ -151,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tolerance", type=float, default=0.10, help="allowed RSS change (default 0.10)")
     parser.add_argument("--model", help="model directory (default: build the tiny model)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    parser.add_argument("--repeat-pages", type=int, default=0,
+                        help="ask about this many pages in turn, so the worker's caches of pages read before serve "
+                             "(default 0: every job a page of its own)")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="glyphq-soak-"))
@@ -197,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         sampler = Sampler(worker.pid, client)
         sampler.start()
         started = time.monotonic()
-        warm = run_jobs(args.warmup, 0, args.in_flight, args.max_new_tokens, client, job_timeout=300)
+        warm = run_jobs(args.warmup, 0, args.in_flight, args.max_new_tokens, client, job_timeout=300,
+                        repeat_pages=args.repeat_pages)
         sampler.phase = "run"
         run_started = time.monotonic()
-        records = run_jobs(args.jobs, args.warmup, args.in_flight, args.max_new_tokens, client, job_timeout=300)
+        records = run_jobs(args.jobs, args.warmup, args.in_flight, args.max_new_tokens, client, job_timeout=300,
+                           repeat_pages=args.repeat_pages)
         run_s = time.monotonic() - run_started
         sampler.phase = "expiry"
 
@@ -247,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "children": len({r["pid"] for r in answered}),
         "max_task_index": max((r["task_index"] for r in answered), default=0),
         "jobs_per_s": round(len(answered) / run_s, 2),
+        "prefix_cached_share": round(sum(r["prefix_cached_tokens"] for r in answered)
+                                     / max(1, sum(r["tokens_in"] for r in answered)), 4),
         "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies else None,
         "parent_rss_mb_after_warmup": rss_base,
