@@ -112,6 +112,25 @@ def redis_client(redis_url: str):
     client.close()
 
 
+def glm4v_in_memory():
+    """A toy GLM-4.1V (2 layers, 64 wide), made in memory with seed 0: image token 120, image start and end
+    122 and 123, a 2x2 merge of patches. Its image processor needs torchvision, so tests make its pixels
+    and grids themselves."""
+    import torch
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Glm4vConfig(
+        text_config={"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                         "mrope_section": [1, 1, 2]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64},
+        image_token_id=120, video_token_id=121, image_start_token_id=122, image_end_token_id=123,
+        video_start_token_id=124, video_end_token_id=125)
+    return Glm4vForConditionalGeneration(config).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaVA model, built once per session with ``python -m glyphq.worker.tiny``."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import png_bytes
+from conftest import glm4v_in_memory, png_bytes
 from PIL import Image
 
 from glyphq.celeryconfig import Settings
@@ -137,18 +137,8 @@ def test_glm4v_positions_stay_right_across_chunks_through_an_image():
     """GLM-4.1V's 3-D rotary positions (``get_rope_index``), sliced per chunk and continued for the
     decode steps, give ``generate``'s tokens; its image processor needs torchvision, so the prompt's
     pixels and grid are made here."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = Glm4vConfig(
-        text_config={"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                         "mrope_section": [1, 1, 2]}},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64},
-        image_token_id=120, video_token_id=121, image_start_token_id=122, image_end_token_id=123,
-        video_start_token_id=124, video_end_token_id=125)
-    model = Glm4vForConditionalGeneration(config).eval()
+    model = glm4v_in_memory()
+    config = model.config
     grid = torch.tensor([[1, 4, 6]])  # 24 patches, 6 image tokens after the 2x2 merge
     patch = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
     ids = torch.tensor([[5, 6, 7, 122] + [120] * 6 + [123, 8, 9, 10, 11]])

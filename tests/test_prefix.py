@@ -10,7 +10,7 @@ import io
 
 import pytest
 import torch
-from conftest import png_bytes
+from conftest import glm4v_in_memory, png_bytes
 from PIL import Image
 
 from glyphq.celeryconfig import Settings
@@ -248,20 +248,10 @@ def test_glm4v_pages_shared_and_cached_give_generates_tokens():
     """GLM-4.1V's shapes: a page's patches are rows of ``pixel_values`` by its grid, its features a
     quarter as many (2x2 merge), its 3-D positions from ``get_rope_index``. Prompts that share their
     first two or three pages answer as ``generate`` does, from shared blocks and the encoder cache."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
-
     from glyphq.worker.paged import PagedDecoder
 
-    torch.manual_seed(0)
-    config = Glm4vConfig(
-        text_config={"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                         "mrope_section": [1, 1, 2]}},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64},
-        image_token_id=120, video_token_id=121, image_start_token_id=122, image_end_token_id=123,
-        video_start_token_id=124, video_end_token_id=125)
-    model = Glm4vForConditionalGeneration(config).eval()
+    model = glm4v_in_memory()
+    config = model.config
     patch = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
     pixels = {name: torch.randn(256, patch) for name in ("p1", "p2", "p3", "p4")}  # a 16x16 grid: 64 tokens
 
