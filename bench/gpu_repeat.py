@@ -53,8 +53,9 @@ STOP_GRACE_S = 5.0
 #: Longest wait for one result of ``sequential`` and for the whole of ``at_once``.
 JOB_TIMEOUT_S = 300.0
 #: Seconds to keep for each GPU worker still to start (its start, warm-up, a short window and its stop)
-#: when a part's budget is cut to end the phase within ``--repeat-deadline-s``.
-STACK_S = 75.0
+#: when a part's budget is cut to end the phase within ``--repeat-deadline-s``. On an H100 (2026-12-07)
+#: a worker's warm-up alone took 28-58 s; with 75 s kept, the previous tree's window got 19 s.
+STACK_S = 100.0
 #: Document numbers: the warm-up's, a's, b's, and c's from ``SHUFFLED_SEED`` on.
 WARM_SEED, SEQUENTIAL_SEED, AT_ONCE_SEED, SHUFFLED_SEED = 900, 901, 902, 1000
 
@@ -218,11 +219,12 @@ def no_repeat_mix(jobs: list[dict], budget_s: float) -> dict[str, Any]:
     return mix
 
 
-def budget(args: argparse.Namespace, configured: float, stacks_after: int) -> float:
+def budget(args: argparse.Namespace, configured: float, stacks_after: int, shares: int = 1) -> float:
     """``configured``, cut so that the workers still to start fit before ``--repeat-deadline-s`` (counted
-    from the script's start, so the model's build counts too), with 15 s kept to write the figures."""
+    from the script's start, so the model's build counts too), with 15 s kept to write the figures; and
+    to a ``shares``-th of what is left, where a later window must get as long a one (the previous tree's)."""
     left = args.started + args.repeat_deadline_s - time.monotonic() - 15.0
-    return round(max(10.0, min(configured, left - STACK_S * stacks_after)), 1)
+    return round(max(10.0, min(configured, (left - STACK_S * stacks_after) / shares)), 1)
 
 
 def _part(found: dict[str, Any], name: str, measure: Callable[[], Any], save: Callable[[], None]) -> Any:
@@ -260,7 +262,9 @@ def run(args: argparse.Namespace, figures: dict[str, Any], detail: dict[str, Any
         a = _part(found, "sequential", lambda: sequential(args, long_a), save)
         figures["repeat_doc_ratio"] = a.get("ratio")
         _part(found, "at_once", lambda: at_once(args, long_b), save)
-        this = _part(found, "shuffled", lambda: shuffled(jobs, budget(args, args.repeat_budget_s, 3)), save)
+        # The previous tree's window comes later and must be as long: this one takes half of what is left.
+        shares = 2 if args.prev_tree else 1
+        this = _part(found, "shuffled", lambda: shuffled(jobs, budget(args, args.repeat_budget_s, 3, shares)), save)
     if args.prev_tree:
         with stack(args, "repeat-prev", tree=Path(args.prev_tree).resolve(), extra=args.prev_env):
             _part(found, "prev_warmup", lambda: warm_up(args), save)
