@@ -249,7 +249,7 @@ class Store:
         data = self.redis.get(key)
         if not isinstance(data, bytes):
             raise BlobMissing(f"blob {key} is gone (expired after GLYPHQ_BLOB_TTL?)")
-        if hashlib.sha256(data).hexdigest() != key.rsplit(":", 1)[1]:
+        if hashlib.sha256(data).hexdigest() != blob_sha256(key):
             self.redis.delete(key)
             raise BlobCorrupt(f"blob {key} holds bytes whose sha256 is not its key's; deleted it, submit again")
         return data

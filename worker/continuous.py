@@ -289,8 +289,8 @@ class Continuous:
             return Candidate(waiting, waiting.priority, waiting.order, 0, ready=False)
         length = _prompt_len(waiting)
         shared, shared_free = self.decoder.matching(waiting.keys, length)
-        usable = (length - 1) // BLOCK_TOKENS
-        needs = waiting.keys[shared] if shared < min(usable, len(waiting.keys)) else None
+        usable = self.decoder.shareable(waiting.keys, length)
+        needs = usable[shared] if shared < len(usable) else None
         return Candidate(waiting, waiting.priority, waiting.order, length, cached=shared * BLOCK_TOKENS,
                          shared_free=shared_free, needs=needs)
 

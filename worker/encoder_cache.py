@@ -47,11 +47,6 @@ class EncoderCache:
             self.bytes -= old.nelement() * old.element_size()
             self.evictions += 1
 
-    def clear(self) -> None:
-        """Drop every page (the counts stay)."""
-        self.entries.clear()
-        self.bytes = 0
-
     def figures(self) -> dict[str, int]:
         """Size and counts, for the worker status and ``/metrics``."""
         return {"pages": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits,

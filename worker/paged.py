@@ -458,11 +458,16 @@ class PagedDecoder:
             return []
         return block_keys(ids, page_spans(ids, self.image_token_id, counts), page_keys or [], scope)
 
+    @staticmethod
+    def shareable(keys: list[bytes], length: int) -> list[bytes]:
+        """The keys of a ``length``-token prompt's blocks that may be shared: all but the block of its last
+        token, which the row computes itself, since that token's logits choose its first new token."""
+        return keys[:(length - 1) // BLOCK_TOKENS]
+
     def share(self, row: int, keys: list[bytes], length: int) -> int:
         """Start the empty ``row`` of a ``length``-token prompt with the kept blocks of its first ``keys``
-        (:meth:`prompt_keys`); the prompt tokens they hold. The block of the prompt's last token is never
-        shared: the row computes that token, whose logits choose its first new token."""
-        usable = keys[:(length - 1) // BLOCK_TOKENS]
+        (:meth:`prompt_keys`, :meth:`shareable`); the prompt tokens they hold."""
+        usable = self.shareable(keys, length)
         shared = self.tables[row].share(usable)
         if shared:
             self.table[row, :shared] = torch.tensor(self.tables[row].blocks, dtype=torch.long)
@@ -473,7 +478,7 @@ class PagedDecoder:
     def matching(self, keys: list[bytes], length: int) -> tuple[int, int]:
         """What :meth:`share` would give a ``length``-token prompt now: the blocks, and how many of them
         are counted as free (kept, held by no row). Changes nothing."""
-        return self.pool.matching(keys[:(length - 1) // BLOCK_TOKENS])
+        return self.pool.matching(self.shareable(keys, length))
 
     @torch.inference_mode()
     def start(self, row: int, prompt: dict[str, torch.Tensor], budget: int | None = None,
