@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from glyphq.worker import reasoning
+from glyphq.worker import admission, reasoning
 from glyphq.worker.blocks import BLOCK_TOKENS
 from glyphq.worker.decode import CHECK_EVERY
 from glyphq.worker.errors import DeviceFailed, ModelError, WorkerError
@@ -217,14 +217,16 @@ class Continuous:
         """Rows that could start now (``GLYPHQ_MAX_BATCH`` less the rows in the batch)."""
         return self.decoder.max_batch - len(self.rows)
 
+    def snapshot(self) -> admission.Rows:
+        """The batch as the next admission sees it (``worker.admission``): free and kept rows, waiting jobs."""
+        urgent = sum(w.priority <= self.urgent_priority for w in self.waiting)
+        return admission.Rows(free=self.free_slots, reserved=self.reserved, waiting_urgent=urgent,
+                              waiting_normal=len(self.waiting) - urgent, urgent_priority=self.urgent_priority,
+                              busy=self.busy)
+
     def room_for(self, priority: int) -> int:
         """How many more jobs of ``priority`` the next iteration could start, after the waiting ones."""
-        urgent = sum(w.priority <= self.urgent_priority for w in self.waiting)
-        normal = len(self.waiting) - urgent
-        unkept = max(0, self.free_slots - self.reserved)  # the free rows any job may take
-        if priority <= self.urgent_priority:
-            return self.free_slots - urgent - min(normal, unkept)
-        return unkept - normal - max(0, urgent - (self.free_slots - unkept))
+        return admission.room_for(self.snapshot(), priority)
 
     def step(self) -> list[Finished]:
         """One iteration: decide, preempt and admit, run one step, end rows. Returns the jobs that ended."""
