@@ -1,8 +1,8 @@
-"""The ``glyphq.*`` tasks: thin shells over the worker modules, which do the work in the worker child.
+"""The ``glyphq.*`` tasks: thin shells over the worker modules, which do the work in the worker's engine child.
 
 The two GPU tasks use the scheduling strategy (``tasks.scheduler``): a GPU worker never runs their
-bodies, it hands each job to its child's running batch (``tasks.serve``). The bodies answer a job
-alone, for a caller that runs a task in process (``task.apply()``).
+bodies, it hands each job to its engine child's running batch (``tasks.serve``). The bodies answer a
+job alone, for a caller that runs a task in process (``task.apply()``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def answer(self: Any, job: dict[str, Any]) -> dict[str, Any]:
 def render(self: Any, request: dict[str, Any], job_id: str) -> dict[str, Any]:
     """Render a document into page blobs (queue ``render``, on CPU); the next task in the chain answers."""
     from glyphq.producer.errors import InvalidJob
-    from glyphq.tasks.signals import render_owner
+    from glyphq.tasks.blobs import render_owner
     from glyphq.worker import pages
 
     if render_owner(self.request.id, {"job_id": job_id}) is None:

@@ -35,6 +35,31 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
     return guard(task, consumer, private.default_strategy(task, app, consumer, **kwargs))
 
 
+#: The strategy a GPU worker gives every task it does not answer (:func:`refuse_tasks_but`).
+REFUSING_STRATEGY = "glyphq.tasks.intake:refusing_strategy"
+
+
+def refuse_tasks_but(app: Any, answered: tuple[str, ...]) -> None:
+    """In a GPU worker: every task but ``answered`` (Celery's built-in ones, the render step) is refused
+    when a message names it. Its solo pool would run it in the main process, blocking the event loop
+    (and a built-in like ``celery.map`` would answer GPU jobs there, loading a model beside the child)."""
+    for name, task in app.tasks.items():
+        if name not in answered:
+            task.Strategy = REFUSING_STRATEGY
+
+
+def refusing_strategy(task: Any, app: Any, consumer: Any,
+                      reason: str = "a GPU worker answers glyphq.answer and glyphq.answer_pages only",
+                      **kwargs: Any) -> Callable[..., Any]:
+    """``Task.Strategy`` that refuses every message for ``task`` alone, saying ``reason`` (see
+    :func:`refuse_tasks_but`)."""
+
+    def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **_: Any) -> None:
+        refuse_message(task, consumer, message, InvalidJob("task", f"{task.name} is not run here: {reason}"))
+
+    return on_message
+
+
 def guard(task: Any, consumer: Any, handler: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a strategy's message handler: a message it fails on is refused alone (see the module docstring)."""
 

@@ -11,22 +11,24 @@ relies on; ``pyproject.toml`` pins the three packages to the ranges those tests 
 2. :func:`request_done`: ``celery.worker.state.task_ready`` takes a finished request out of the
    worker's active and reserved sets (``celery inspect active``), which Celery's own ``on_success``
    would do; glyphq acknowledges and sends the events itself, with the job's real runtime.
-3. :func:`fork_successor`, :func:`child_pids`, :func:`reap`: billiard's pool internals, to fork a
-   GPU child's successor while it still answers (billiard forks only after a child has exited), and
-   to reap an exited child at once (billiard may notice it only at its 5 s maintenance timer,
-   celery/celery#9588).
-4. :func:`install_mem_rss`: billiard's post-task memory check reads ``billiard.pool.mem_rss``, the
-   *peak* RSS on Linux (see celery/celery#9553 for its unit); the recycle guard replaces it with
-   current RSS, and with "over any limit" once a recycle is requested (``worker.recycle``).
+3. :func:`use_solo_pool`: a GPU worker runs Celery's ``solo`` pool, because glyphq starts, watches and
+   replaces its engine child itself (``tasks.engine_process``) and runs no task in Celery's pool. The
+   ``worker_init`` signal is public and comes after ``-Q`` is applied, but the pool class it replaces is
+   the ``WorkController``'s ``pool_cls`` attribute, which is not documented; ``-P``/``worker_pool`` are
+   one setting for every worker of a deployment, and render workers need prefork.
+4. :func:`set_request_handler`: not private itself, it is how point 6 reaches the worker's scheduler
+   without importing it.
 5. :func:`fix_kombu_close`: kombu 5.7's Redis channel reads a pending BRPOP reply as it closes (since
    celery/kombu#1733); on a lost connection that read raises, Celery's second close fails with
    ``AttributeError`` and the worker exits. The close is retried once, so unacknowledged messages
    are restored and the worker reconnects.
 6. :class:`CancelledForRedelivery`: the request class of the GPU tasks. On a lost broker connection
    Celery cancels each running late-ack request (``Consumer.on_connection_error_after_connected``
-   calls ``Request.cancel``), which stores a RETRY state first. With Redis down that store blocks the
-   worker through the result backend's retries (about 9 s a job) and then fails, and a request whose
-   cancel failed is later taken as terminated: stored as REVOKED and acknowledged, so the job was lost
+   calls ``Request.cancel``), which stores a RETRY state first, and kills the request's pool process
+   (``pool.terminate_job``); a GPU job runs in glyphq's engine child, which the scheduler kills instead
+   (``tasks.scheduler.Scheduler.cancel``). With Redis down that store blocks the worker through the
+   result backend's retries (about 9 s a job) and then fails, and a request whose cancel failed
+   is later taken as terminated: stored as REVOKED and acknowledged, so the job was lost
    (glyphq issue 14). Its cancel stores nothing, as Celery's own shutdown cancel does for late-ack
    tasks (``Consumer.cancel_active_requests``): the message stays unacknowledged and Redis delivers it
    again. Upstream: celery/celery#7185 (that cancel writes to the result backend while it is down).
@@ -60,8 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
@@ -101,60 +102,36 @@ def shutting_down() -> bool:
     return bool(state.should_stop or state.should_terminate)
 
 
-# -- 3. billiard's pool ---------------------------------------------------------------------------
+# -- 3. a GPU worker's pool ------------------------------------------------------------------------
 
-def _pool(task_pool: Any) -> Any:
-    return getattr(task_pool, "_pool", None)
+def use_solo_pool(worker: Any) -> None:
+    """Make ``worker`` (the ``WorkController`` that ``worker_init`` sends) run Celery's solo pool."""
+    from celery.concurrency.solo import TaskPool
 
-
-def fork_successor(task_pool: Any, before_fork: Callable[[int], None], after_fork: Callable[[], None]) -> int | None:
-    """Fork one more child of a running one-process prefork pool; billiard keeps the pool's size of one,
-    so it forks nobody when the old child exits. Returns the new child's pid, or None when the pool is
-    not a running one-process pool or already has a successor. ``before_fork`` gets the current pid."""
-    from billiard.pool import RUN
-
-    pool = _pool(task_pool)
-    if pool is None or getattr(pool, "_state", None) != RUN or pool._processes != 1 or len(pool._pool) != 1:
-        return None
-    current = pool._pool[0]
-    before_fork(current.pid)
-    pool._processes += 1
-    try:
-        pool.on_grow(1)  # a spare set of pipes for the successor (AsynPool keeps one per process)
-        successor = pool._create_worker_process(pool._avail_index())
-    finally:
-        pool._processes -= 1
-        after_fork()
-    return int(successor.pid)
+    worker.pool_cls = TaskPool
 
 
-def child_pids(task_pool: Any) -> set[int]:
-    """The pids of the pool's child processes (billiard has not yet reaped the ones missing here)."""
-    pool = _pool(task_pool)
-    return {int(process.pid) for process in getattr(pool, "_pool", None) or [] if process.pid}
+def pool_class(worker: Any) -> Any:
+    """The pool class ``worker`` will run (for the canary test)."""
+    return worker.pool_cls
 
 
-def reap(task_pool: Any) -> None:
-    """Let billiard clean up after exited children now."""
-    maintain = getattr(task_pool, "maintain_pool", None)
-    if maintain is not None:
-        maintain()
+# -- 4. who ends a GPU request ---------------------------------------------------------------------
+
+class RequestHandler(Protocol):
+    """What ends a GPU request that the worker's scheduler holds (``tasks.scheduler.Scheduler``)."""
+
+    def terminate(self, request: Any) -> bool: ...
+    def cancel(self, request: Any) -> bool: ...
 
 
-# -- 4. billiard's memory check -------------------------------------------------------------------
-
-def billiard_mem_rss() -> Callable[[], int]:
-    """billiard's own ``mem_rss`` (peak RSS in kB on Linux)."""
-    import billiard.pool
-
-    return billiard.pool.mem_rss  # type: ignore[no-any-return]
+class _Handler:
+    current: RequestHandler | None = None
 
 
-def install_mem_rss(mem_rss: Callable[[], int]) -> None:
-    """Make billiard's post-task memory check call ``mem_rss`` (kB) in this process."""
-    import billiard.pool
-
-    billiard.pool.mem_rss = mem_rss
+def set_request_handler(handler: RequestHandler | None) -> None:
+    """In a GPU worker's main process: the scheduler that ends the GPU requests it holds."""
+    _Handler.current = handler
 
 
 # -- 5. kombu's Redis channel close ---------------------------------------------------------------
@@ -186,15 +163,17 @@ class CancelledForRedelivery(Request):
     alone (see point 6)."""
 
     def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
-        """Stop the request's child, as Celery does, and leave its message for Redis to deliver again."""
-        super().cancel(pool, signal=signal, emit_retry=False)
+        """Stop the engine child that runs the request, as Celery stops a request's process, and leave its
+        message for Redis to deliver again."""
+        handler = _Handler.current
+        if handler is None or not handler.cancel(self):
+            super().cancel(pool, signal=signal, emit_retry=False)
 
     def terminate(self, pool: Any, signal: Any = None) -> None:
         """End this job alone when the worker's scheduler holds it, not its child and every job beside it
         (``signal`` is then unused); else terminate it as Celery does."""
-        from glyphq.tasks import scheduler
-
-        if not scheduler.terminate(self):
+        handler = _Handler.current
+        if handler is None or not handler.terminate(self):
             super().terminate(pool, signal=signal)
 
 

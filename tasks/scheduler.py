@@ -1,75 +1,79 @@
-"""The GPU worker's main process: hand each reserved job to the child, answer each one when it ends.
+"""The GPU worker's main process: hand each reserved job to the engine child, answer each one when it ends,
+and start, watch and replace the child.
 
 The path of one job, start to end:
 
 1. Celery's consumer reserves the message and its default strategy makes a request of it; for the GPU
    tasks the strategy here passes every ready request to the worker's :class:`Scheduler`.
-2. The scheduler starts the pool job :func:`tasks.serve.serve` on the child if none is running, and
-   hands the request over through the channel (``tasks.channel``), most urgent first, then oldest,
-   at most ``reserved_jobs(GLYPHQ_MAX_BATCH)`` at a time (all the worker reserves).
+2. The scheduler hands the request to the current engine child (``tasks.engine_process``) through its
+   channel (``tasks.channel``), most urgent first, then oldest, at most ``reserved_jobs(GLYPHQ_MAX_BATCH)``
+   at a time (all the worker reserves), and at most ``GLYPHQ_MAX_TASKS_PER_CHILD`` to one child.
 3. The child runs it in its running batch and reports "started" (the scheduler calls Celery's
    ``Request.on_accepted``: task-started for Flower, the job is active in ``inspect active``) and,
    once its result is stored, "succeeded" or "failed" with its runtime: the scheduler acknowledges
    the message (``Request.acknowledge``) and sends the task-succeeded or task-failed event.
-4. When the child dies, every job it started and did not end goes through Celery's
-   ``Request.on_failure`` with ``WorkerLostError``: requeued (``task_reject_on_worker_lost``), or
-   acknowledged if its result was already stored. The jobs handed to it that it had not started
-   are handed to the next child. A job past ``GLYPHQ_TIME_LIMIT`` fails with
-   Celery's ``Request.on_timeout`` and its child is killed, as billiard's hard limit does.
-5. ``celery revoke --terminate`` (Flower's Terminate) of a job the scheduler holds ends that job
-   alone (:meth:`Scheduler.terminate`, called by the GPU request's ``terminate``): one still waiting
-   here is announced revoked at once (``Request.revoked``: REVOKED stored, task-revoked sent,
-   acknowledged); one handed to the child gets a "cancel" control frame, the child drops it from
-   its running batch and reports "revoked", and the scheduler announces it the same way. Celery's
-   own terminate would kill the child and every job beside it. A job that ended before the frame
-   came keeps its outcome; if the child dies first, the job comes back and is discarded as revoked.
-   A plain ``celery revoke`` of a job the child holds but has not started is dropped the same way
-   (the scheduler looks every ``WATCH_S``).
-6. When the broker connection is lost, Celery cancels the jobs that run: their child is killed, and
-   ``tasks.private.CancelledForRedelivery`` stores nothing for them. Every job the scheduler held
-   belongs to that connection: none that dies with the child, or still waits, is acknowledged,
-   rejected or stored, so Redis delivers each message again (at once when the worker closes the
-   connection, or after the visibility timeout if Redis was still down then), and nothing more is
-   handed to the child.
+4. When a child dies, every job it started and did not end goes through Celery's ``Request.on_failure``
+   with ``WorkerLostError``: requeued (``task_reject_on_worker_lost``), or acknowledged if its result was
+   already stored. The jobs handed to it that it had not started are handed to the next child. A job
+   past ``GLYPHQ_TIME_LIMIT`` fails with Celery's ``Request.on_timeout`` and its child is killed.
+5. ``celery revoke --terminate`` (Flower's Terminate) of a job the scheduler holds ends that job alone
+   (:meth:`Scheduler.terminate`): one still waiting here is announced revoked at once
+   (``Request.revoked``: REVOKED stored, task-revoked sent, acknowledged); one handed to the child gets a
+   "cancel" control frame, the child drops it from its running batch and reports "revoked", and the
+   scheduler announces it the same way. A job that ended before the frame came keeps its outcome; if
+   the child dies first, the job comes back and is discarded as revoked. A plain ``celery revoke`` of a
+   job the child holds but has not started is dropped the same way (the scheduler looks every ``WATCH_S``).
+6. When the broker connection is lost, Celery cancels the jobs that run (``Request.cancel``): the
+   scheduler kills their child, and nothing is stored for them. Every job of that connection, dead with
+   the child or still waiting, is left unacknowledged, so Redis delivers each message again.
 
-Recycling counts jobs: a child is handed at most as many jobs as it has room for
-(``GLYPHQ_MAX_TASKS_PER_CHILD``); its successor may be started while it finishes them (``tasks.handover``).
-The scheduler lives in the main process and runs on its event loop, so it needs no locks.
+The child's life: the scheduler starts one with the worker, and a new one whenever the current one has
+left. The current child leaves after the job the scheduler counts as its ``GLYPHQ_MAX_TASKS_PER_CHILD``-th
+(it is told "last" and leaves once its jobs have ended), or sooner when a memory guard asks for its
+replacement. A successor is started while the current child still has ``GLYPHQ_RECYCLE_OVERLAP_S``
+seconds of jobs left: it loads and warms up beside it, takes over once it has left, and reports
+"ready"; only then is it handed jobs (``worker.runtime.Runtime.load``).
+
+The scheduler lives in the main process and runs on its event loop, so it needs no locks. It reaches
+Celery through the requests it is given, the consumer it is attached to and a :class:`Loop`, so the
+unit tests drive it with fakes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
+import select
 import signal
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 
 from glyphq.celeryconfig import settings
 from glyphq.producer.errors import InvalidJob
-from glyphq.tasks import channel as channels
-from glyphq.tasks import handover, intake, private
+from glyphq.tasks import intake, private
+from glyphq.tasks.engine_process import EngineProcess
+from glyphq.tasks.messages import context, encoded, job_message, redis_priority
+from glyphq.worker import metrics, status
 
 log = logging.getLogger(__name__)
 
-#: How often the scheduler checks the hard time limit of the jobs that run.
+#: How often the scheduler checks the hard time limit of the jobs that run, the load time limit of the
+#: children that load, and the revoked jobs the child holds.
 WATCH_S = 0.5
-#: How often, and for how long at most, it looks whether a leaving child has been reaped.
-LEAVING_POLL_S = 0.02
-LEAVING_WAIT_S = 30.0
-#: Serving epochs, counted over every scheduler of the worker, so none repeats after a reconnect.
-_EPOCHS = itertools.count(1)
-
-
 #: Results the pace of a child is measured over, for when to start its successor.
 PACE_JOBS = 64
+#: How long a child that died before it was ready waits to be started again (a broken device would
+#: otherwise start one child after another as fast as they die).
+RESTART_DELAY_S = 1.0
+#: How long a warm shutdown waits beyond the hard time limit for the children to end their jobs.
+FINISH_MARGIN_S = 30.0
 
 
 def reserved_jobs(max_batch: int) -> int:
@@ -80,107 +84,268 @@ def reserved_jobs(max_batch: int) -> int:
     return max_batch + max_batch // 4
 
 
+class Loop(Protocol):
+    """The event loop the scheduler runs on (Celery's, through :class:`CeleryLoop`)."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+    def remove_reader(self, fd: int) -> None: ...
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
+    def remove_writer(self, fd: int) -> None: ...
+    def call_after(self, seconds: float, callback: Callable[[], None]) -> None: ...
+    def call_repeatedly(self, seconds: float, callback: Callable[[], None]) -> None: ...
+
+
+class CeleryLoop:
+    """The worker's event loop (kombu's hub) and timer, as :class:`Loop`."""
+
+    def __init__(self, hub: Any, timer: Any) -> None:
+        self.hub = hub
+        self.timer = timer
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.hub.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        self.hub.remove_reader(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self.hub.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self.hub.remove_writer(fd)
+
+    def call_after(self, seconds: float, callback: Callable[[], None]) -> None:
+        self.timer.call_after(seconds, callback)
+
+    def call_repeatedly(self, seconds: float, callback: Callable[[], None]) -> None:
+        self.timer.call_repeatedly(seconds, callback)
+
+
+#: Makes an unstarted engine child: (number, predecessor's pid or None, decode steps to warm).
+NewChild = Callable[[int, "int | None", Sequence[tuple[int, int]]], Any]
+
+
 @dataclass
 class _Handed:
     request: Any
-    epoch: int
-    frame: bytes  # its message as the channel carries it (``_encoded``), kept to hand it over again
+    child: Any  # the EngineProcess it was handed to
+    frame: bytes  # its message as the channel carries it (``messages.encoded``), kept to hand it over again
+    connection: Any  # the broker connection its message came on
     started: float | None = None  # time.monotonic() the child started it
     timed_out: bool = False
     cancelling: bool = False  # revoked: the child was told to drop it
 
 
 class Scheduler:
-    """Holds a GPU worker's ready requests and hands them to its child; see the module docstring."""
+    """Holds a GPU worker's ready requests and its engine children; see the module docstring.
 
-    def __init__(self, consumer: Any, channel: channels.Channel) -> None:
-        self.consumer = consumer
-        self.pool = consumer.pool
-        self.timer = consumer.timer
-        self.channel = channel
-        self.connection = consumer.connection  # the broker connection the requests came on
+    ``new_child(number, predecessor, buckets)`` makes an unstarted ``EngineProcess``;
+    ``shutting_down()`` says whether the worker stops.
+    """
+
+    def __init__(self, loop: Loop, new_child: NewChild = EngineProcess,
+                 shutting_down: Callable[[], bool] = private.shutting_down) -> None:
+        self.loop = loop
+        self.new_child = new_child
+        self.shutting_down = shutting_down
+        self.consumer: Any = None
+        self.connection: Any = None  # the broker connection of the requests that wait
         self.task_names: set[str] = set()
         self.waiting: list[tuple[int, int, Any, bytes]] = []  # (redis priority, arrival, request, its frame)
         self.handed: dict[str, _Handed] = {}
-        self.epoch = 0  # the epoch being served
-        self.serving = False
-        self.room: int | None = None  # jobs the current child may still be handed; None: a new child
-        self.pid: int | None = None
+        self.children: list[Any] = []  # every child alive: the current one, its successor, one leaving
+        self.current: Any = None  # the ready child jobs are handed to
+        self.successor: Any = None  # the child started to take over from the current one
+        self.room = 0  # jobs the current child may still be handed (GLYPHQ_MAX_TASKS_PER_CHILD)
+        self.started = 0  # children started so far
+        self.stopping = False
+        self.recycles_by_reason: dict[str, int] = {}
         self._arrivals = 0
-        self._leaving: tuple[int, float] | None = None
         self._paced: tuple[float, int] = (time.monotonic(), 0)  # since, jobs ended: the child's pace
-        self._ends: deque[float] = deque(maxlen=PACE_JOBS)  # when this child's latest jobs ended
-        hub = getattr(getattr(consumer, "controller", None), "hub", None)
-        if hub is None:
-            from kombu.asynchronous import get_event_loop
+        self._ends: deque[float] = deque(maxlen=PACE_JOBS)  # when the current child's latest jobs ended
+        loop.call_repeatedly(WATCH_S, self._watch)
 
-            hub = get_event_loop()
-        self.hub = hub
-        if hub is not None:
-            hub.add_reader(channel.reports_r, self.read_reports)
-        else:  # pragma: no cover  (a worker without an event loop)
-            self.timer.call_repeatedly(0.01, self.read_reports)
-        self.timer.call_repeatedly(WATCH_S, self._watch)
+    # -- children -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the first child (it loads the model while the consumer connects)."""
+        if not self.children:
+            self.successor = self._start_child()
+
+    def _start_child(self, predecessor: Any = None) -> Any:
+        self.started += 1
+        buckets = (predecessor.status.get("decode_buckets") or []) if predecessor is not None else []
+        child = self.new_child(self.started, predecessor.pid if predecessor is not None else None, buckets)
+        child.start()
+        self.children.append(child)
+        self.loop.add_reader(child.channel.reports_r, lambda: self._read(child))
+        self.loop.add_reader(child.sentinel, lambda: self._exited(child))
+        if predecessor is None:
+            log.info("started child %d", child.pid)
+        else:
+            log.info("started child %d to take over from child %d", child.pid, predecessor.pid)
+        status.merge({"children": self.started})
+        return child
+
+    def _start_later(self) -> None:
+        if not self.stopping and not self.shutting_down() and self.current is None and self.successor is None:
+            self.successor = self._start_child()
+
+    def _read(self, child: Any) -> None:
+        """Handle every report the child has written (the event loop calls this when there are some)."""
+        for report in child.channel.reports():
+            self._report(child, report)
+        if child.channel.ended:  # an ended pipe is always readable: stop watching it
+            self.loop.remove_reader(child.channel.reports_r)
+
+    def _exited(self, child: Any) -> None:
+        """The child has exited: read what it wrote last, then give its jobs back (see the module docstring)."""
+        self.loop.remove_reader(child.sentinel)
+        if not child.channel.ended:
+            self._read(child)
+            self.loop.remove_reader(child.channel.reports_r)
+        self.loop.remove_writer(child.channel.jobs_w)
+        code = child.exitcode()
+        child.close()
+        self.children.remove(child)
+        if child.leaving is not None and code == 0:
+            log.info("child %d left (%s)", child.pid, child.leaving)
+        elif child.killed:
+            log.info("child %d ended: it was killed", child.pid)
+        else:
+            how = f"signal {-code}" if code is not None and code < 0 else f"status {code}"
+            log.error("child %d ended unexpectedly (%s)%s", child.pid, how,
+                      "" if child.ready else " before it was ready")
+        self._give_back(child, _lost_info(f"child {child.pid} ended unexpectedly ({code})"))
+        if child is self.current:
+            self.current, self.room = None, 0
+        if child is self.successor:
+            self.successor = None
+        if self.current is None and self.successor is None and not self.stopping and not self.shutting_down():
+            if child.ready or child.leaving is not None:
+                self.successor = self._start_child()
+            else:
+                self.loop.call_after(RESTART_DELAY_S, self._start_later)
+        self.pump()
+
+    def _give_back(self, child: Any, exc_info: Any) -> None:
+        """The jobs handed to a child that has exited: each one it started and did not end goes back
+        through Celery, those it had not started wait for the next child, or, when their broker
+        connection is gone, every one stays unacknowledged.
+
+        Celery's ``on_failure`` would take a job that was not cancelled itself, but died beside one that
+        was, as terminated: stored as REVOKED and acknowledged, and never run again.
+        """
+        for task_id, handed in list(self.handed.items()):
+            if handed.child is not child:
+                continue
+            del self.handed[task_id]
+            if handed.timed_out:
+                continue  # failed and acknowledged already
+            if not self._connected(handed.connection):
+                private.request_reserved(handed.request)  # Redis delivers it again
+            elif handed.started is None:  # the child never started it, so it did not kill the child
+                if handed.cancelling:
+                    _announce_revoked(handed.request)
+                else:
+                    self.waiting.append((redis_priority(handed.request), 0, handed.request, handed.frame))
+            else:
+                handed.request.on_failure(exc_info)
+
+    def _ready(self, child: Any) -> None:
+        """A child has loaded (a successor: taken over): it is the current one from now on. A predecessor
+        still running (its successor stopped waiting for it) is handed no more jobs."""
+        child.ready = True
+        if child is self.successor:
+            self.successor = None
+        previous, self.current = self.current, child
+        if previous is not None and previous is not child:
+            self._send_last(previous)
+        self.room = settings.max_tasks_per_child
+        self._paced = (time.monotonic(), 0)
+        self._ends.clear()
+        status.merge({**child.status, "children": self.started})
+        self.pump()
+
+    def _send_last(self, child: Any) -> None:
+        """Tell ``child`` no more jobs will come: it leaves once those it holds have ended."""
+        if child.last_sent:
+            return
+        child.last_sent = True
+        child.leaving = child.leaving or "tasks"
+        self._hand_over(child, {"control": "last"})
+        if child.leaving == "tasks":
+            self._count_recycle("tasks")
+
+    def _count_recycle(self, reason: str) -> None:
+        metrics.recycled(reason)
+        self.recycles_by_reason[reason] = self.recycles_by_reason.get(reason, 0) + 1
+        status.merge({"recycles_by_reason": dict(self.recycles_by_reason)})
 
     # -- intake ---------------------------------------------------------------------------------
+
+    def attach(self, consumer: Any) -> None:
+        """The consumer whose requests come next: on a new broker connection, the requests still waiting
+        belong to the lost one, and Redis delivers their messages again."""
+        if consumer is not self.consumer or consumer.connection is not self.connection:
+            self.release_waiting()
+            self.task_names.clear()
+        self.consumer, self.connection = consumer, consumer.connection
 
     def add(self, request: Any) -> None:
         """Take a request that Celery's strategy accepted (not revoked, not expired, no ETA). One whose
         arguments are not a job's, or too large to hand to the child, fails alone (``tasks.intake``)."""
         try:
-            frame = _encoded(request)
+            frame = encoded(request, settings.max_message_bytes)
         except InvalidJob as exc:
             intake.refuse_request(request, exc)
             return
         self._arrivals += 1
-        self.waiting.append((_redis_priority(request), self._arrivals, request, frame))
+        self.waiting.append((redis_priority(request), self._arrivals, request, frame))
         self.pump()
 
     def pump(self) -> None:
-        """Start a pool job if needed, and hand the child what it has room for."""
-        if self.connection_lost():
+        """Hand the current child what it has room for."""
+        if not self._connected(self.connection):
             self.release_waiting()
             return
-        if private.shutting_down() or self._leaving is not None or not self.waiting:
+        child = self.current
+        if self.stopping or self.shutting_down() or child is None or child.last_sent or not self.waiting:
             return
-        if not self.serving:
-            self._serve()
-            if not self.serving:
-                return
         self.waiting.sort(key=lambda item: item[:2])
         limit = reserved_jobs(settings.max_batch)
-        while self.waiting and len(self.handed) < limit and self.room_left() > 0:
+        while self.waiting and len(self.handed) < limit and self.room > 0:
             _priority, _arrival, request, frame = self.waiting.pop(0)
             if request.revoked():  # acknowledges it and records it as revoked
                 continue
-            self.handed[request.id] = _Handed(request, self.epoch, frame)
-            self.room = self.room_left() - 1
-            self._hand_over(self.epoch, frame)
+            self.handed[request.id] = _Handed(request, child, frame, self.connection)
+            self.room -= 1
+            self._hand_over(child, frame)
+        if self.room == 0:
+            self._send_last(child)
 
-    def _hand_over(self, epoch: int, message: dict[str, Any] | bytes) -> None:
-        """Hand a frame to the child without waiting: what the pipe has no room for is written when the
+    def _hand_over(self, child: Any, message: dict[str, Any] | bytes) -> None:
+        """Hand a frame to a child without waiting: what the pipe has no room for is written when the
         event loop finds it writable (a child still loading its model reads nothing yet)."""
-        if not self.channel.hand_over(epoch, message):
-            self._write_when_ready()
+        if not child.channel.hand_over(message):
+            self.loop.add_writer(child.channel.jobs_w, lambda: self._write_jobs(child))
 
-    def _write_when_ready(self) -> None:
-        if self.hub is not None:
-            self.hub.add_writer(self.channel.jobs_w, self._write_jobs)
-        else:  # pragma: no cover  (a worker without an event loop)
-            self.timer.call_after(0.01, self._write_jobs)
-
-    def _write_jobs(self) -> None:
+    def _write_jobs(self, child: Any) -> None:
         """The jobs pipe has room: write the frames waiting for it, and stop watching once none waits."""
-        if not self.channel.write_jobs():
-            if self.hub is None:  # pragma: no cover
-                self._write_when_ready()
-            return
-        if self.hub is not None:
-            self.hub.remove_writer(self.channel.jobs_w)
+        if child.channel.write_jobs():
+            self.loop.remove_writer(child.channel.jobs_w)
 
-    def drain(self) -> None:
-        """The worker is stopping: every child starts no new job (what it has not started comes back)."""
-        self.channel.drain()
+    def release_waiting(self) -> None:
+        """Forget the requests not handed to the child: their messages come back from Redis."""
+        for item in self.waiting:
+            private.request_reserved(item[2])
+        self.waiting.clear()
+
+    def _connected(self, connection: Any) -> bool:
+        """Whether ``connection`` is still the consumer's (it reconnects with a new one)."""
+        return self.consumer is None or self.consumer.connection is connection
+
+    # -- revoke, terminate, cancel --------------------------------------------------------------
 
     def terminate(self, request: Any) -> bool:
         """End one held request alone (``celery revoke --terminate``); False if this scheduler does not hold it.
@@ -199,56 +364,79 @@ class Scheduler:
             return False
         if not handed.cancelling:
             handed.cancelling = True
-            self._hand_over(handed.epoch, {"control": "cancel", "id": request.id})
+            self._hand_over(handed.child, {"control": "cancel", "id": request.id})
         return True
 
-    def connection_lost(self) -> bool:
-        """Whether the broker connection the requests came on is gone (the consumer reconnects with a new one)."""
-        return self.consumer.connection is not self.connection
+    def cancel(self, request: Any) -> bool:
+        """The broker connection of a running request was lost (Celery cancels it so that Redis delivers it
+        again): kill the child that runs it, as Celery's own cancel kills the request's process. False if
+        this scheduler does not hold it."""
+        handed = self.handed.get(request.id)
+        if handed is None:
+            return False
+        if not handed.child.killed:
+            log.warning("the broker connection was lost: ending child %d, whose jobs come back from Redis",
+                        handed.child.pid)
+            handed.child.kill()
+        return True
 
-    def release_waiting(self) -> None:
-        """Forget the requests not handed to the child: their messages come back from Redis."""
-        for item in self.waiting:
-            private.request_reserved(item[2])
-        self.waiting.clear()
-
-    def room_left(self) -> int:
-        return settings.max_tasks_per_child if self.room is None else self.room
-
-    def _serve(self) -> None:
-        from glyphq.tasks.serve import serve
-
-        if self.room_left() <= 0:
-            return
-        epoch = self.epoch = next(_EPOCHS)
-        callbacks = _ServeCallbacks(self, epoch)
-        forever = 10**9  # the pool's time limits are per pool job; glyphq's are per job (see _watch)
-        result = self.pool.apply_async(serve, args=(epoch, self.room_left()), accept_callback=callbacks.on_accepted,
-                                       callback=callbacks.on_success, error_callback=callbacks.on_failure,
-                                       soft_timeout=forever, timeout=forever, correlation_id=f"glyphq-serve-{epoch}")
-        if result is not None:  # None: the pool has stopped, the worker is exiting
-            self.serving = True
+    def drain(self) -> None:
+        """The worker is stopping: every child starts no new job (what it has not started comes back)."""
+        self.stopping = True
+        for child in self.children:
+            child.channel.drain()
 
     # -- reports --------------------------------------------------------------------------------
 
-    def read_reports(self) -> None:
-        """Handle every report the child has written (the event loop calls this when there are some)."""
-        for report in self.channel.reports():
-            self._report(report)
+    def _report(self, child: Any, report: dict[str, Any]) -> None:
+        event = report.get("event")
+        if event == "status":
+            fields = report.get("fields")
+            if isinstance(fields, dict):
+                child.status.update(fields)
+                if child is self.current:
+                    status.merge(fields)
+        elif event == "ready":
+            self._ready(child)
+        elif event == "recycle":
+            self._recycling(child, str(report.get("reason")), str(report.get("detail")))
+        elif event == "leaving":
+            child.leaving = child.leaving or str(report.get("reason"))
+        elif event == "model_error":
+            self._model_error(str(report.get("error")))
+        else:
+            self._job_report(child, report)
 
-    def _report(self, report: dict[str, Any]) -> None:
+    def _recycling(self, child: Any, reason: str, detail: str) -> None:
+        """A memory guard asked for ``child``'s replacement: it is handed nothing more, starts no new job,
+        and its replacement starts once it has left (a successor beside it would add to what it holds)."""
+        log.info("replacing child %d after the jobs it runs (%s): %s", child.pid, reason, detail)
+        if child.leaving is None or child.leaving == "tasks":
+            self._count_recycle(reason)
+        child.leaving = reason
+        child.last_sent = True
+        if child is self.current:
+            self.room = 0
+
+    def _model_error(self, error: str) -> None:
+        """The model could not load: stop the worker (it exits non-zero, ``tasks.signals``); the jobs stay queued."""
+        status.merge({"model_error": error})
+        self.stopping = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _job_report(self, child: Any, report: dict[str, Any]) -> None:
         handed = self.handed.get(str(report.get("id")))
-        if handed is None:
+        if handed is None or handed.child is not child:
             return  # taken back already (its child died or its time limit passed)
         request, event = handed.request, report.get("event")
         if event == "started":
             handed.started = time.monotonic()
-            request.on_accepted(self.pid or report.get("pid"), time.monotonic())
+            request.on_accepted(child.pid, time.monotonic())
             return
         del self.handed[request.id]
         if event == "revoked":  # dropped from the running batch (see terminate)
-            if handed.started is None and self.room is not None:
-                self.room += 1  # the child never started it, so never counted it
+            if handed.started is None and child is self.current and not child.last_sent:
+                self.room += 1  # it never ran, so it does not count towards this child's jobs
             _announce_revoked(request)
             self.pump()
             return
@@ -267,85 +455,44 @@ class Scheduler:
                 request.send_event("task-succeeded", result="(stored)", runtime=runtime)
             else:
                 request.send_event("task-failed", exception=str(report.get("exception")))
-        since, ended = self._paced
-        self._paced = (since, ended + 1)
-        self._ends.append(time.monotonic())
-        if report.get("successor_fits"):
-            self._maybe_start_successor(self.room_left() + len(self.handed))
+        if child is self.current:
+            since, ended = self._paced
+            self._paced = (since, ended + 1)
+            self._ends.append(time.monotonic())
+            if report.get("successor_fits"):
+                self._maybe_start_successor(self.room + sum(h.child is child for h in self.handed.values()))
         self.pump()
 
-    # -- the pool job ---------------------------------------------------------------------------
-
-    def served(self, epoch: int, returned: dict[str, Any]) -> None:
-        """The child stopped serving ``epoch``: what it handed back goes to the front of the queue."""
-        self.read_reports()
-        for report in self.channel.handed_back(returned.get("unsent") or b""):
-            self._report(report)
-        self.channel.forget(epoch)
-        for task_id, handed in list(self.handed.items()):
-            if handed.epoch == epoch:  # handed over after the child's last look: hand it over again
-                del self.handed[task_id]
-                if self.connection_lost():
-                    private.request_reserved(handed.request)  # Redis delivers it again
-                elif handed.cancelling:
-                    _announce_revoked(handed.request)
-                else:
-                    self.waiting.append((_redis_priority(handed.request), 0, handed.request, handed.frame))
-        self.serving = False
-        room = int(returned.get("room") or 0)
-        self.room = room or None
-        if room and returned.get("room_for_a_successor"):
-            self._maybe_start_successor(room + len(self.handed))
-        if room == 0 and self.pid is not None:
-            self._leaving = (self.pid, time.monotonic())
-            self._until_gone()
-        self.pump()
-
-    def lost(self, epoch: int, exc_info: Any) -> None:
-        """The child died (or was killed): every job it started and had not ended goes back through
-        Celery, those it had not started wait for the next child, or, when the broker connection is
-        gone (Celery killed the child for that), every one stays unacknowledged.
-
-        Celery's ``on_failure`` would take a job that was not cancelled itself, but died beside one that
-        was, as terminated: stored as REVOKED and acknowledged, and never run again.
-        """
-        self.read_reports()
-        self.channel.forget(epoch)
-        connection_lost = self.connection_lost()
-        for task_id, handed in list(self.handed.items()):
-            if handed.epoch != epoch:
-                continue
-            del self.handed[task_id]
-            if handed.timed_out:
-                continue  # failed and acknowledged already
-            if connection_lost:
-                private.request_reserved(handed.request)  # Redis delivers it again
-                continue
-            if handed.started is None:  # the child never started it, so it did not kill the child
-                self.waiting.append((_redis_priority(handed.request), 0, handed.request, handed.frame))
-                continue
-            handed.request.on_failure(exc_info)
-        self.serving = False
-        self.room = None
-        self.pid = None
-        self.pump()
+    # -- limits ---------------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Drop the revoked jobs the child holds but has not started (``_drop_revoked``). Fail a job past
-        ``GLYPHQ_TIME_LIMIT`` as Celery does (``Request.on_timeout``) and kill its child, which is stuck
-        in it: the soft limit ends a job between two decode steps, in the child."""
+        """Drop the revoked jobs the child holds but has not started (``_drop_revoked``); enforce the hard
+        time limit and the load time limit."""
         self._drop_revoked()
+        self._enforce_limits()
+
+    def _enforce_limits(self) -> None:
+        """Fail a job past ``GLYPHQ_TIME_LIMIT`` as Celery does (``Request.on_timeout``) and kill its child,
+        which is stuck in it: the soft limit ends a job between two decode steps, in the child. Kill a
+        child that has not loaded within ``GLYPHQ_MODEL_LOAD_TIMEOUT``."""
         now = time.monotonic()
-        late = [h for h in self.handed.values()
-                if h.started is not None and not h.timed_out and now - h.started > settings.time_limit_s]
-        if not late or self.pid is None:
-            return
-        for handed in late:
-            handed.timed_out = True
-            handed.request.on_timeout(False, settings.time_limit_s)
-        log.error("killing child %d: %d job(s) past the hard time limit", self.pid, len(late))
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        for child in list(self.children):
+            if child.killed:
+                continue
+            if not child.ready and child.leaving is None and now - child.started_at > settings.model_load_timeout_s:
+                log.error("killing child %d: not ready within %d s (GLYPHQ_MODEL_LOAD_TIMEOUT)", child.pid,
+                          settings.model_load_timeout_s)
+                child.kill()
+                continue
+            late = [h for h in self.handed.values() if h.child is child and h.started is not None
+                    and not h.timed_out and now - h.started > settings.time_limit_s]
+            if not late:
+                continue
+            for handed in late:
+                handed.timed_out = True
+                handed.request.on_timeout(False, settings.time_limit_s)
+            log.error("killing child %d: %d job(s) past the hard time limit", child.pid, len(late))
+            child.kill()
 
     def _drop_revoked(self) -> None:
         """A plain ``celery revoke`` (no terminate) of a job handed to the child that has not started
@@ -355,53 +502,53 @@ class Scheduler:
             if handed.started is None and not handed.cancelling and private.is_revoked(handed.request.id):
                 self.terminate(handed.request)
 
-    def _until_gone(self) -> None:
-        """Hold the next jobs until the child that is leaving has been reaped, so none is handed to a
-        child that will never read it; they go to the next child as soon as that one is ready."""
-        if self._leaving is None:
-            return
-        pid, since = self._leaving
-        handover.reap(self.pool)
-        if pid in handover.child_pids(self.pool) and time.monotonic() - since < LEAVING_WAIT_S:
-            self.timer.call_after(LEAVING_POLL_S, self._until_gone)
-            return
-        self._leaving = None
-        self._paced = (time.monotonic(), 0)
-        self._ends.clear()
-        self.pump()
-
     def _maybe_start_successor(self, room: int) -> None:
-        """Start the child's successor once the ``room`` jobs it has left to end take
+        """Start the current child's successor once the ``room`` jobs it has left to end take
         ``GLYPHQ_RECYCLE_OVERLAP_S`` or less: at the pace of its latest ``PACE_JOBS`` results once it
         has that many (since it started, the pace would count the compile before its first job), else
         at its pace since it started."""
         since, ended = self._paced
-        if ended == 0 or room <= 0 or settings.recycle_overlap_s <= 0:  # nothing left: billiard replaces it
+        current = self.current
+        if (current is None or self.successor is not None or current.leaving not in (None, "tasks") or ended == 0
+                or room <= 0 or settings.recycle_overlap_s <= 0 or self.stopping or self.shutting_down()):
             return
         if len(self._ends) == PACE_JOBS:
             pace = (PACE_JOBS - 1) / max(self._ends[-1] - self._ends[0], 1e-6)
         else:
             pace = ended / max(time.monotonic() - since, 1e-6)
-        if room / pace <= settings.recycle_overlap_s and not private.shutting_down():
-            handover.start_successor(self.pool)
+        if room / pace <= settings.recycle_overlap_s:
+            self.successor = self._start_child(predecessor=current)
 
+    # -- the worker stops -----------------------------------------------------------------------
 
-class _ServeCallbacks:
-    def __init__(self, scheduler: Scheduler, epoch: int) -> None:
-        self.scheduler = scheduler
-        self.epoch = epoch
+    def finish(self, timeout: float | None = None) -> None:
+        """On a warm shutdown, after :meth:`drain`: wait for the children to end the jobs they run (their
+        reports acknowledge them), at most ``timeout`` seconds (the hard time limit and a margin), then
+        kill what is left. A successor still loading has nothing to end and is killed at once."""
+        self.drain()
+        end = time.monotonic() + (settings.time_limit_s + FINISH_MARGIN_S if timeout is None else timeout)
+        for child in list(self.children):
+            if not child.ready:
+                child.kill()
+        while self.children and time.monotonic() < end:
+            self._enforce_limits()
+            watched = {child.sentinel: child for child in self.children}
+            readable, _, _ = select.select(list(watched), [], [], min(WATCH_S, max(0.0, end - time.monotonic())))
+            for child in list(self.children):
+                self._read(child)
+                if child.sentinel in readable:
+                    self._exited(child)
+        self.kill_all()
+        self.release_waiting()
 
-    def on_accepted(self, pid: int, time_accepted: float) -> None:
-        self.scheduler.pid = pid
-
-    def on_success(self, returned: Any) -> None:
-        if isinstance(returned, dict):
-            self.scheduler.served(self.epoch, returned)
-        else:  # the pool job raised: the child lives on, its jobs are given back to Celery
-            self.scheduler.lost(self.epoch, _lost_info(f"the child failed serving: {returned!r}"))
-
-    def on_failure(self, exc_info: Any) -> None:
-        self.scheduler.lost(self.epoch, exc_info)
+    def kill_all(self) -> None:
+        """End every child now (a cold shutdown, or a warm one past its time)."""
+        for child in list(self.children):
+            child.kill()
+        for child in list(self.children):
+            with contextlib.suppress(OSError):
+                select.select([child.sentinel], [], [], 5.0)
+            self._exited(child)
 
 
 def _lost_info(message: str) -> ExceptionInfo:
@@ -422,47 +569,12 @@ def _announce_revoked(request: Any) -> None:
         return
     from celery import signals
 
-    from glyphq.tasks.serve import context
-
     private.request_done(request, successful=False)
     request.acknowledge()
-    recorded = context(_message(request))
+    recorded = context(job_message(request))
     request.task.backend.mark_as_revoked(request.id, "terminated", request=recorded, store_result=True)
     request.send_event("task-revoked", terminated=True, signum=None, expired=False)
     signals.task_revoked.send(sender=request.task, request=recorded, terminated=True, signum=None, expired=False)
-
-
-def _redis_priority(request: Any) -> int:
-    """The message's Redis priority (0 is most urgent, see ``producer.submit``)."""
-    priority = (request.delivery_info or {}).get("priority")
-    return int(priority) if isinstance(priority, int) else 9
-
-
-def _encoded(request: Any) -> bytes:
-    """The request's message as the channel carries it; raises ``InvalidJob`` if it is too large to hand over."""
-    data = channels.encode(_message(request))
-    if len(data) > settings.max_message_bytes:
-        raise InvalidJob("message", f"is {len(data)} bytes, more than the worker's limit of "
-                                    f"{settings.max_message_bytes} (GLYPHQ_MAX_MESSAGE_BYTES)")
-    return data
-
-
-def _message(request: Any) -> dict[str, Any]:
-    """What the child needs of a request: id, task, arguments, and what the result backend records.
-    Raises ``InvalidJob`` if the arguments are not a list and an object."""
-    args, kwargs = request.args, request.kwargs
-    if not isinstance(args, (list, tuple)):
-        raise InvalidJob("args", f"must be a list, got {type(args).__name__}")
-    if not isinstance(kwargs, dict):
-        raise InvalidJob("kwargs", f"must be an object, got {type(kwargs).__name__}")
-    delivery = request.delivery_info or {}
-    return {"id": request.id, "task": request.name, "args": list(args),
-            "kwargs": dict(kwargs), "priority": _redis_priority(request),
-            "hostname": request.hostname,
-            "delivery_info": {"routing_key": delivery.get("routing_key"), "priority": delivery.get("priority"),
-                              "redelivered": bool(delivery.get("redelivered"))},
-            "group": getattr(request, "group", None), "parent_id": getattr(request, "parent_id", None),
-            "root_id": getattr(request, "root_id", None)}
 
 
 class _SchedulingConsumer:
@@ -477,36 +589,36 @@ class _SchedulingConsumer:
 
 
 class _Current:
-    """The worker's one scheduler (the main process has one consumer at a time)."""
+    """The worker's one scheduler, made by the worker's engine step (``tasks.signals.EngineStep``)."""
 
     scheduler: Scheduler | None = None
 
 
-def drain() -> None:
-    """On a warm shutdown: the child finishes the jobs it runs and starts none of those still waiting."""
-    if _Current.scheduler is not None:
-        _Current.scheduler.drain()
+def create(loop: Loop) -> Scheduler:
+    """In a GPU worker's main process, as it starts: its scheduler, which starts the first child."""
+    current = _Current.scheduler = Scheduler(loop)
+    private.set_request_handler(current)
+    current.start()
+    return current
 
 
-def terminate(request: Any) -> bool:
-    """End a GPU request alone if the worker's scheduler holds it (see :meth:`Scheduler.terminate`)."""
-    current = _Current.scheduler
-    return current is not None and current.terminate(request)
+def current() -> Scheduler | None:
+    """The worker's scheduler, or None outside a GPU worker's main process."""
+    return _Current.scheduler
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """``Task.Strategy`` for the GPU tasks: Celery's default strategy, feeding the worker's scheduler.
 
-    Both GPU tasks share it. Celery builds the strategies again when the consumer reconnects; a new
-    scheduler then starts, and the requests the old one held belong to the lost connection: Redis
-    delivers their messages again.
+    Both GPU tasks share it. Celery builds the strategies again when the consumer reconnects; the
+    requests the scheduler still waits with then belong to the lost connection: Redis delivers their
+    messages again.
     """
-    current = _Current.scheduler
-    if current is None or current.consumer is not consumer or task.name in current.task_names:
-        if current is not None:
-            current.release_waiting()
-        found = channels.current() or channels.create()
-        current = _Current.scheduler = Scheduler(consumer, found)
-    current.task_names.add(task.name)
-    handler = private.default_strategy(task, app, _SchedulingConsumer(consumer, current), **kwargs)
+    scheduler = _Current.scheduler
+    if scheduler is None:  # a render worker: a GPU job sent to its queue is refused
+        return intake.refusing_strategy(task, app, consumer, reason="it is answered only by a GPU worker")
+    if task.name in scheduler.task_names or consumer is not scheduler.consumer:
+        scheduler.attach(consumer)
+    scheduler.task_names.add(task.name)
+    handler = private.default_strategy(task, app, _SchedulingConsumer(consumer, scheduler), **kwargs)
     return intake.guard(task, consumer, handler)

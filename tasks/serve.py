@@ -28,8 +28,10 @@ billiard then replaces the child as after any task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -37,15 +39,19 @@ from typing import Any, NoReturn
 from celery import states
 from celery.app.task import Context
 
-from glyphq.celeryconfig import PRIORITY_LEVELS, settings
+from glyphq.celeryconfig import PRIORITY_LEVELS, Settings, settings
 from glyphq.producer import stream
 from glyphq.producer.options import celery_priority
+from glyphq.tasks.answer import JOB_MESSAGE
 from glyphq.tasks.app import app
+from glyphq.tasks.blobs import release_finished
 from glyphq.tasks.channel import Channel
+from glyphq.tasks.messages import context
+from glyphq.worker import status
 
 log = logging.getLogger(__name__)
 
-#: How long an idle child waits for another job before it hands the pool back.
+#: How long an idle child waits for the channel before it looks at the draining flag again.
 IDLE_S = 0.25
 #: Shortest wait for the channel while jobs are queued that cannot start yet.
 POLL_S = 0.01
@@ -56,7 +62,7 @@ LOCK_ERROR_RETRY_S = 1.0
 #: How often a busy child frees what its batch no longer uses, reads GPU memory and checks the GPU
 #: guard (an idle one does at once). Emptying the CUDA cache waits for the GPU's queued steps.
 TIDY_S = 30.0
-#: Longest wait at the end of a serving epoch for the streamed text still queued to be appended.
+#: Longest wait, as the child leaves, for the streamed text still queued to be appended.
 PUBLISH_CLOSE_S = 2.0
 #: The exit status of a child whose running batch failed (``os.EX_SOFTWARE``).
 EXIT_BATCH_FAILED = 70
@@ -104,26 +110,16 @@ class _Job:
         return context(self.message)
 
 
-def context(message: dict[str, Any]) -> Context:
-    """A handed-over job's request as the result backend records it (``result_extended``)."""
-    m = message
-    return Context(id=str(m.get("id")), task=m.get("task"), args=m.get("args"), kwargs=m.get("kwargs"),
-                   hostname=m.get("hostname"), retries=m.get("retries") or 0,
-                   delivery_info=m.get("delivery_info") or {}, group=m.get("group"),
-                   parent_id=m.get("parent_id"), root_id=m.get("root_id"), chord=None, ignore_result=False)
-
-
 class Server:
-    """The child's side of one serving epoch."""
+    """The child's side of the channel: serve the jobs handed over until this child leaves (see the module
+    docstring). ``life`` is the child's loaded ``worker.runtime.Runtime``."""
 
-    def __init__(self, channel: Channel, epoch: int, room: int) -> None:
-        from glyphq.worker import runtime
+    def __init__(self, channel: Channel, life: Any) -> None:
         from glyphq.worker.continuous import Continuous
 
         self.channel = channel
-        self.epoch = epoch
-        self.room = room  # jobs this epoch may still take (the main process hands no more)
-        self.engine = runtime.engine()
+        self.life = life
+        self.engine = life.engine
         # The slots kept for urgent jobs take glyphq priority 9 (sent to Redis as 0) only.
         self.running = Continuous(self.engine, settings.max_image_size,
                                   urgent_priority=celery_priority(PRIORITY_LEVELS - 1), on_tokens=self._on_tokens)
@@ -133,7 +129,9 @@ class Server:
         self.locked_elsewhere: dict[str, tuple[float, str]] = {}
         self.alone: _Job | None = None  # a job whose last run died, running by itself
         self.draining = False  # the worker is stopping: start nothing more
+        self.last = False  # the main process hands this child no more jobs: leave once they have ended
         self.tidied = time.monotonic()
+        self.untidy = True  # a batch ran since the last tidy while idle
         self._order = 0
         self.unpublished: dict[str, _Job] = {}  # streamed jobs with text not yet published, by id
         self.ended_streams: list[tuple[str, dict[str, str]]] = []
@@ -141,8 +139,9 @@ class Server:
         self.publisher = stream.Publisher(self._redis)
         self.streaming_s = 0.0  # spent on streamed text: decoding, splitting, appending
 
-    def run(self) -> dict[str, Any]:
-        """Serve until idle or done (see the module docstring); what the main process needs to know."""
+    def run(self) -> str:
+        """Serve until this child should leave (see the module docstring); returns why: ``tasks`` (the
+        main process handed it its last job), ``drain`` (the worker stops), ``rss`` or ``gpu`` (a guard)."""
         started = time.perf_counter()
         try:
             return self._serve()
@@ -150,27 +149,31 @@ class Server:
             self.running.close()
             self.publisher.close(timeout=PUBLISH_CLOSE_S)
             if self.streaming_s:
-                log.info("streamed text took %.3f s of this serving epoch's %.3f s", self.streaming_s,
+                log.info("streamed text took %.3f s of this child's %.3f s serving", self.streaming_s,
                          time.perf_counter() - started)
 
-    def _serve(self) -> dict[str, Any]:
-        from glyphq.worker import runtime
+    def stopping(self) -> bool:
+        """Whether this child starts no new job: the worker drains, or a memory guard asked for its
+        replacement (what it holds and has not started goes back to the main process)."""
+        return self.draining or self.life.leaving is not None
 
-        idle_since: float | None = None
+    def _serve(self) -> str:
         while True:
             wait = self._wait()
             self.draining = self.draining or self.channel.draining()
-            for message in self.channel.receive(self.epoch, wait):
-                if message.get("control") == "cancel":
+            for message in self.channel.receive(wait):
+                control = message.get("control")
+                if control == "cancel":
                     self._cancel(str(message.get("id")))
-                    continue
-                self._order += 1
-                self.queued.append(_Job(message, self._order))
-            # Else this child is being replaced, or the worker is stopping: what it has not started goes back.
-            if runtime.room() > 0 and not self.draining:
+                elif control == "last":
+                    self.last = True
+                elif control is None:
+                    self._order += 1
+                    self.queued.append(_Job(message, self._order))
+            if not self.stopping():
                 self._admit()
             if self.running.busy:
-                idle_since = None
+                self.untidy = True
                 try:
                     ended = self.running.step()
                 except Exception as exc:  # the step itself failed, not one job
@@ -181,17 +184,13 @@ class Server:
                 if time.monotonic() - self.tidied >= TIDY_S:
                     self._tidy(idle=False)
                 continue
-            if self.queued and runtime.room() > 0 and not self.draining:
-                continue
-            self._tidy(idle=True)
-            if runtime.room() == 0 or self.draining:
-                break
-            now = time.monotonic()
-            idle_since = idle_since or now
-            if now - idle_since >= IDLE_S:
-                break
-        return {"room": runtime.room(), "room_for_a_successor": runtime.room_for_a_successor(),
-                "unsent": self.channel.unsent()}
+            if self.untidy:
+                self._tidy(idle=True)
+                self.untidy = False
+            if self.stopping():
+                return "drain" if self.draining else str(self.life.leaving)
+            if self.last and not self.queued:
+                return "tasks"
 
     def _wait(self) -> float:
         """How long to wait for the channel: not at all while rows decode; with none decoding, the jobs
@@ -204,9 +203,7 @@ class Server:
         return min(IDLE_S, max(POLL_S, next_try))
 
     def _tidy(self, idle: bool) -> None:
-        from glyphq.worker import runtime
-
-        runtime.tidy(self.engine, idle)
+        self.life.tidy(idle)
         self.tidied = time.monotonic()
 
     def _admit(self) -> None:
@@ -293,8 +290,6 @@ class Server:
         return job.earlier_runs > 0
 
     def _start(self, job: _Job) -> None:
-        from glyphq.tasks.answer import JOB_MESSAGE
-        from glyphq.worker import runtime
 
         if job.redelivered and self._succeeded(job.id):
             self._unlock_session(job)
@@ -308,8 +303,8 @@ class Server:
             if app.conf.task_track_started:
                 app.backend.store_result(job.id, {"pid": os.getpid(), "hostname": job.message.get("hostname")},
                                          states.STARTED, request=job.context())
-            job.fetched = runtime.fetch(self.engine, job.id, raw)
-            job.history = runtime.history(job.fetched)
+            job.fetched = self.life.fetch(job.id, raw)
+            job.history = self.life.history(job.fetched)
         except Exception as exc:
             self._finish(job, exc)
             return
@@ -317,7 +312,7 @@ class Server:
             from glyphq.worker.streaming import TextStream
 
             job.text = TextStream(self.engine.processor.tokenizer, tags=self.engine.reasoning is not None)
-        self.running.add(job, runtime.engine_job(job.fetched, job.history), job.priority,
+        self.running.add(job, self.life.engine_job(job.fetched, job.history), job.priority,
                          deadline=job.started_monotonic + settings.soft_time_limit_s)
 
     def _leave(self, exc: BaseException) -> NoReturn:
@@ -328,9 +323,7 @@ class Server:
         held = len(self.queued) + self.running.held
         log.critical("the running batch failed (%s: %s); this child exits and its %d job(s) go to its successor",
                      type(exc).__name__, exc, held, exc_info=exc)
-        self.channel.flush(timeout=5.0)
-        logging.shutdown()
-        os._exit(EXIT_BATCH_FAILED)
+        _exit(self.channel, {"event": "leaving", "reason": "failed"}, EXIT_BATCH_FAILED)
 
     def _succeeded(self, task_id: str) -> bool:
         try:
@@ -340,8 +333,7 @@ class Server:
 
     def _finish(self, job: _Job, outcome: Any) -> None:
         """Store the job's result or failure, release what it held, and report it to the main process."""
-        from glyphq.tasks.signals import release_finished
-        from glyphq.worker import metrics, runtime
+        from glyphq.worker import metrics
         from glyphq.worker.continuous import DeadlinePassed
 
         if isinstance(outcome, DeadlinePassed):
@@ -354,8 +346,8 @@ class Server:
         try:
             try:
                 if ok:
-                    result = runtime.output(job.fetched, outcome, job.history, job.started)
-                    runtime.record_turn(job.fetched, outcome)
+                    result = self.life.output(job.fetched, outcome, job.history, job.started)
+                    self.life.record_turn(job.fetched, outcome)
             finally:
                 self._ended(job)  # after its turn is recorded, so the next turn of its session sees it
             if ok:
@@ -378,10 +370,10 @@ class Server:
             self._end_stream(job, state)
         metrics.job_finished(name, state)
         release_finished(name, job.id, job.message.get("args") or (), job.message.get("kwargs") or {}, state)
-        runtime.after_job()
+        self.life.after_job()
         self.channel.report({"id": job.id, "event": "succeeded" if ok else "failed", "runtime": round(runtime_s, 6),
                              "exception": None if ok else f"{type(outcome).__name__}({str(outcome)[:500]!r})",
-                             "successor_fits": runtime.may_hand_over()})
+                             "successor_fits": self.life.successor_fits()})
 
     def _ended(self, job: _Job) -> None:
         """A started job is no longer running: the next turn of its session may start, and so may
@@ -394,7 +386,6 @@ class Server:
         """Drop a revoked job (``celery revoke --terminate``) while the others decode on, and report it
         "revoked": the main process acknowledges it, stores REVOKED and releases its blobs. A job that
         has ended already keeps its outcome; the cancel came too late and is ignored."""
-        from glyphq.worker import runtime
 
         job = next((job for job in self.queued if job.id == task_id), None)
         if job is not None:
@@ -405,7 +396,7 @@ class Server:
             if job is None or not self.running.cancel(job):
                 return
             self._ended(job)
-            runtime.after_job()  # its run was counted when it started
+            self.life.after_job()  # its run was counted when it started
             log.info("Task %s[%s] revoked: its row left the running batch", job.message.get("task"), task_id)
             if job.text is not None:
                 self._end_stream(job, states.REVOKED)
@@ -462,11 +453,83 @@ class Server:
         return settings_client(settings)
 
 
-def serve(epoch: int, room: int) -> dict[str, Any]:
-    """The pool job: serve the jobs handed to ``epoch`` (at most ``room``) until idle or done."""
-    from glyphq.tasks import channel
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything an engine child starts from, passed as the argument of :func:`child_main`."""
 
-    found = channel.current()
-    if found is None:
-        raise RuntimeError("no channel: the main process makes it before the pool forks")
-    return Server(found, epoch, room).run()
+    number: int  # the worker's count of children started, this one included
+    channel: Channel
+    parent: int  # the pid of the worker's main process
+    predecessor: int | None = None  # the pid of the child this one takes over from
+    buckets: tuple[tuple[int, int], ...] = ()  # the predecessor's decode steps (rows, cache length) to warm
+    config: Settings = settings
+
+
+#: Exit statuses of an engine child: it left as asked, its model could not load, its running batch failed.
+EXIT_LEFT = 0
+EXIT_MODEL_ERROR = 3
+
+
+def child_main(spec: ChildSpec) -> None:
+    """An engine child's whole life (``tasks.engine_process``): load the model, report "ready", serve
+    until it should leave, report "leaving" with the reason, and exit. A model that cannot load is
+    reported ("model_error"), and the main process stops the worker: the jobs stay queued."""
+    from glyphq.worker.errors import NoRoomToTakeOver
+    from glyphq.worker.runtime import Runtime
+
+    _reset_signals()
+    _die_with(spec.parent)
+    channel = spec.channel
+    channel.child_side()
+    status.send_to(lambda fields: channel.report({"event": "status", "fields": fields}))
+    life = Runtime(spec.config, on_recycle=lambda reason, detail: channel.report(
+        {"event": "recycle", "reason": reason, "detail": detail}))
+    try:
+        life.load(spec.predecessor, spec.buckets)
+    except NoRoomToTakeOver as exc:
+        log.warning("%s; this child leaves", exc)
+        _exit(channel, {"event": "leaving", "reason": "no room"}, EXIT_LEFT)
+    except Exception as exc:  # noqa: BLE001  (whatever it is, the worker cannot answer without a model)
+        log.critical("model %r failed to load; stopping the worker, queued jobs stay queued", spec.config.model,
+                     exc_info=True)
+        _exit(channel, {"event": "model_error", "error": f"{spec.config.model}: {type(exc).__name__}: {exc}"[:2000]},
+              EXIT_MODEL_ERROR)
+    channel.report({"event": "ready", "pid": os.getpid()})
+    reason = Server(channel, life).run()
+    _exit(channel, {"event": "leaving", "reason": reason}, EXIT_LEFT)
+
+
+def _exit(channel: Channel, report: dict[str, Any], code: int) -> NoReturn:
+    """Send the last report, flush the log and leave at once (the main process's exit handlers are not this
+    child's to run)."""
+    channel.report(report)
+    channel.flush(timeout=5.0)
+    logging.shutdown()
+    os._exit(code)
+
+
+#: Signals an engine child takes back to their default (the main process's handlers are Celery's) and ignores
+#: (Ctrl+C in a terminal reaches the whole process group; the main process drains the child).
+_DEFAULT_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGCHLD")
+_IGNORED_SIGNALS = ("SIGINT",)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this child when the worker's main process ends (on Linux): a child left
+    behind would hold the GPU, and run jobs no process acknowledges."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(EXIT_LEFT)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _reset_signals() -> None:
+    for name in _DEFAULT_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    for name in _IGNORED_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -1,4 +1,4 @@
-"""Worker lifecycle hooks: prepare the parent, load the model in each child, count jobs, release blobs.
+"""Worker lifecycle hooks: prepare the main process, run the GPU worker's engine child, count jobs, release blobs.
 
 The handlers import ``worker`` lazily, so importing ``tasks`` from a web backend never pulls in torch.
 """
@@ -6,17 +6,17 @@ The handlers import ``worker`` lazily, so importing ``tasks`` from a web backend
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import bootsteps, signals
 from redis.exceptions import RedisError
 
 from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, GPU_QUEUE, RENDER_TASK, is_gpu_queue, settings
-from glyphq.producer.errors import InvalidJob
-from glyphq.producer.store import SAFE_POLICY, Store, is_blob_key, memory_info, settings_client
-from glyphq.producer.validation import check_identifier
-from glyphq.tasks import channel
+from glyphq.producer.store import SAFE_POLICY, memory_info, settings_client
+from glyphq.tasks import intake, private
 from glyphq.tasks.app import app
+from glyphq.tasks.blobs import finished_blobs, release, render_owner
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,35 @@ log = logging.getLogger(__name__)
 MODEL_LOAD_FAILED_EXIT = 3
 
 
-@signals.worker_init.connect
-def _fix_kombu(**_: Any) -> None:
-    """Only in a worker, never in a producer that imports ``tasks``: see ``tasks.private``."""
-    from glyphq.tasks import private
+#: The tasks a GPU worker answers; any other message on its queues is refused (``tasks.intake``).
+GPU_TASKS = (ANSWER_TASK, ANSWER_PAGES_TASK)
 
+
+def serves_gpu(worker: Any) -> bool:
+    """Whether ``worker`` (a ``WorkController``) consumes ``gpu`` or a worker's own ``gpu.<name>``."""
+    queues = set(worker.app.amqp.queues.consume_from) if worker is not None else {GPU_QUEUE}
+    return any(is_gpu_queue(queue) for queue in queues)
+
+
+#: The exit status of a GPU worker told to consume a queue of CPU tasks too.
+EXIT_MIXED_QUEUES = 5
+
+
+@signals.worker_init.connect
+def _prepare_worker(sender: Any = None, **_: Any) -> None:
+    """Only in a worker, never in a producer that imports ``tasks``: see ``tasks.private``. A GPU worker runs
+    no task in Celery's pool (its engine child answers them), so it runs the solo pool, and refuses any
+    message for a task it does not answer rather than run it in its main process."""
     private.fix_kombu_close()
+    if sender is None or not serves_gpu(sender):
+        return
+    other = sorted(queue for queue in sender.app.amqp.queues.consume_from if not is_gpu_queue(queue))
+    if other:
+        log.critical("a GPU worker answers glyphq.answer and glyphq.answer_pages only; it was asked to consume "
+                     "%s too. Run a render worker for those (-Q render). Not starting.", ", ".join(other))
+        raise SystemExit(EXIT_MIXED_QUEUES)
+    private.use_solo_pool(sender)
+    intake.refuse_tasks_but(sender.app, GPU_TASKS)
 
 
 @signals.celeryd_after_setup.connect
@@ -39,17 +62,16 @@ def _prepare_parent(instance: Any = None, **_: Any) -> None:
 
     ``celeryd_after_setup`` comes after ``-Q`` and logging are set up and before the pool forks.
     """
-    from glyphq.worker import metrics, status
+    from glyphq.worker import metrics
 
     refuse_evicting_redis()
-    status.create()
-    channel.create()
     metrics.serve(settings)
-    queues = set(instance.app.amqp.queues.consume_from) if instance is not None else {GPU_QUEUE}
-    if any(is_gpu_queue(queue) for queue in queues):  # ``gpu``, or a worker's own ``gpu.<name>``
+    if serves_gpu(instance):
         from glyphq.worker import runtime
 
-        runtime.preload_parent()
+        start = time.perf_counter()
+        runtime.preload_modules()
+        log.info("preloaded torch and transformers in %.1f s (CUDA untouched)", time.perf_counter() - start)
         _reserve(instance)
 
 
@@ -105,14 +127,52 @@ def _drain(**_: Any) -> None:
     """In the worker's main process, as a shutdown begins: the GPU child starts no new job."""
     from glyphq.tasks import scheduler
 
-    scheduler.drain()
+    current = scheduler.current()
+    if current is not None:
+        current.drain()
+
+
+class EngineStep(bootsteps.StartStopStep):
+    """A GPU worker's engine child, as one of the worker's bootsteps: started with the worker (the model
+    loads while the consumer connects), drained on a warm shutdown before the broker connection closes (the
+    jobs it runs end and are acknowledged), killed on a cold one. See ``tasks.scheduler``."""
+
+    requires = ("celery.worker.components:Hub",)
+
+    def include_if(self, w: Any) -> bool:
+        return serves_gpu(w)
+
+    def start(self, w: Any) -> None:
+        from glyphq.tasks import scheduler
+
+        if w.hub is None:
+            raise RuntimeError("a GPU worker needs Celery's event loop (a Redis broker)")
+        scheduler.create(scheduler.CeleryLoop(w.hub, w.timer))
+
+    def stop(self, w: Any) -> None:
+        from glyphq.tasks import scheduler
+
+        current = scheduler.current()
+        if current is not None:
+            current.finish()
+
+    def terminate(self, w: Any) -> None:
+        from glyphq.tasks import scheduler
+
+        current = scheduler.current()
+        if current is not None:
+            current.drain()
+            current.kill_all()
+
+
+app.steps["worker"].add(EngineStep)
 
 
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     """In the worker's main process, as it stops: let another worker export the queue depth, and when
     a child could not load the model, exit with ``MODEL_LOAD_FAILED_EXIT`` so that a supervisor sees a
-    failure (the child stops the worker with SIGTERM, whose warm shutdown would exit 0).
+    failure (the scheduler stops the worker with SIGTERM, whose warm shutdown would exit 0).
 
     ``sender`` is the ``WorkController``; ``celery worker`` exits with its ``exitcode`` once it stopped.
     """
@@ -124,15 +184,6 @@ def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         log.critical("stopping with exit code %d: the model could not be loaded (%s)", MODEL_LOAD_FAILED_EXIT,
                      failure)
         sender.exitcode = MODEL_LOAD_FAILED_EXIT
-
-
-@signals.worker_process_init.connect
-def _load_in_child(**_: Any) -> None:
-    """In each new child: load the model once (CUDA is first touched here, after the fork)."""
-    from glyphq.worker import runtime
-
-    if runtime.serves_gpu():
-        runtime.init_child()
 
 
 class GlyphqStats(bootsteps.StartStopStep):
@@ -177,7 +228,7 @@ def _release_blobs(sender: Any = None, task_id: str | None = None, args: Any = N
 
     name = getattr(sender, "name", None)
     metrics.job_finished(str(name), state)
-    _release(*finished_blobs(name, task_id, args or (), kwargs or {}, state))
+    release(*finished_blobs(name, task_id, args or (), kwargs or {}, state))
 
 
 @signals.task_revoked.connect
@@ -190,64 +241,8 @@ def _release_expired(sender: Any = None, request: Any = None, expired: bool = Fa
     name = getattr(sender, "name", None) or getattr(request, "task", None)
     metrics.job_finished(str(name), "expired" if expired else "revoked")
     kwargs = request.kwargs or {}
-    _release(*finished_blobs(name, request.id, request.args or (), kwargs, "FAILURE"))
+    release(*finished_blobs(name, request.id, request.args or (), kwargs, "FAILURE"))
     owner = render_owner(request.id, kwargs) if name == RENDER_TASK else None
     if owner is not None:
         # The answer step of the chain is never sent: give the document job its final state here.
         app.backend.mark_as_revoked(owner, reason="expired" if expired else "revoked")
-
-
-def release_finished(name: str | None, task_id: str, args: Any, kwargs: dict[str, Any], state: str) -> None:
-    """Drop a finished job's hold on its blobs (``tasks.serve`` calls it once the outcome is stored)."""
-    _release(*finished_blobs(name, task_id, args, kwargs, state))
-
-
-def _release(owner: str, keys: list[str]) -> None:
-    store = Store(settings)
-    for key in keys:
-        try:
-            store.release_blob(key, owner)
-        except RedisError:
-            log.warning("could not release blob %s of job %s; it expires on its own", key, owner)
-
-
-def finished_blobs(name: str | None, task_id: str, args: Any, kwargs: dict[str, Any], state: str
-                   ) -> tuple[str, list[str]]:
-    """(job id, blob keys) that a finished task no longer needs; a render that succeeded hands its on.
-
-    The keys come from the message, so none is trusted: if any named key is not a blob key, none is
-    released. ``Store.release_blob`` then deletes a blob only if this job holds a reference to it.
-    """
-    job = _dict(kwargs.get("job"))
-    owner, keys = task_id, []
-    if name == ANSWER_TASK:
-        keys = _list(job.get("image_keys"))
-    elif name == ANSWER_PAGES_TASK:
-        text_key = job.get("text_key")
-        keys = [*_list(_dict(args[0] if args else None).get("page_keys")), *([text_key] if text_key else [])]
-    elif name == RENDER_TASK and state == "FAILURE":
-        owner = render_owner(task_id, kwargs) or ""
-        keys = [_dict(kwargs.get("request")).get("text_key")] if owner else []
-    if not all(is_blob_key(key) for key in keys):
-        log.warning("job %s names keys that are not blobs; releasing none of them", task_id)
-        return owner, []
-    return owner, keys
-
-
-def render_owner(task_id: str, kwargs: dict[str, Any]) -> str | None:
-    """The document job a render task works for: its ``job_id`` argument, if the task is that job's
-    render step (id ``<job id>.render``), else None."""
-    job_id = kwargs.get("job_id")
-    try:
-        check_identifier("job_id", job_id)
-    except InvalidJob:
-        return None
-    return job_id if isinstance(job_id, str) and task_id == f"{job_id}.render" else None
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}

@@ -19,7 +19,7 @@ from glyphq.worker.engine import EngineJob, load
 
 TAKE_OVER = re.compile(r"taking over from child (\d+): \d+ decode step\(s\) captured on a provisional cache"
                        r"[a-z -]* in [\d.]+ s, then waited ([\d.]+) s")
-FULL_CACHE = re.compile(r"ForkPoolWorker-(\d+)\] full cache allocated and \d+ decode step\(s\) captured in ([\d.]+) s "
+FULL_CACHE = re.compile(r"GpuChild-(\d+)\] full cache allocated and \d+ decode step\(s\) captured in ([\d.]+) s "
                         r"after child (\d+) left")
 
 
@@ -62,7 +62,7 @@ def test_next_child_loads_while_the_current_one_answers(start_worker, endless_mo
     assert [int(pid) for _, _, pid in full][:2] == runs[:2], full
     for (number, _, pid), (taken, _) in zip(full, takeovers, strict=False):
         assert pid == taken
-        assert log.index(f"ForkPoolWorker-{number}] full cache") < log.index(f"ForkPoolWorker-{number}] first generate")
+        assert log.index(f"GpuChild-{number}] full cache") < log.index(f"GpuChild-{number}] first generate")
     assert worker.proc.poll() is None
 
     engine = load(Settings.from_env({"GLYPHQ_MODEL": str(endless_model), "GLYPHQ_DECODE": "generate"}))

@@ -6,7 +6,7 @@ This module imports no torch, so a producer can rebuild these exceptions from a 
 from glyphq.producer.errors import BlobMissing, GlyphqError
 
 # BlobMissing is raised by producer.store
-__all__ = ["WorkerError", "ModelError", "DeviceFailed", "PoisonJob", "BlobMissing"]
+__all__ = ["WorkerError", "ModelError", "DeviceFailed", "PoisonJob", "NoRoomToTakeOver", "BlobMissing"]
 
 
 class WorkerError(GlyphqError):
@@ -27,3 +27,7 @@ class DeviceFailed(WorkerError):
 
 class PoisonJob(WorkerError):
     """Raised when a job's worker child died on each of its allowed deliveries, so it is not run again."""
+
+
+class NoRoomToTakeOver(WorkerError):
+    """Raised when a successor child's full KV cache does not fit once it has waited for its predecessor."""

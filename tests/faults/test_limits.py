@@ -27,7 +27,7 @@ from faults.helpers import (
 )
 from glyphq.producer import JobFailed
 
-CHILD_TAG = re.compile(r"/ForkPoolWorker-(\d+)\]")
+CHILD_TAG = re.compile(r"/GpuChild-(\d+)\]")
 
 
 def test_hard_time_limit_fails_the_job_and_replaces_the_child(start_worker, endless_model, redis_client):
