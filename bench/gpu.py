@@ -234,7 +234,16 @@ def recycle_downtimes(log_text: str) -> list[float]:
     return downtimes
 
 
-CHILD = re.compile(r"/(ForkPoolWorker-\d+)\]")
+#: A GPU child's tag in the worker's log: billiard's ``ForkPoolWorker-<n>``, or ``GpuChild-<n>`` of a
+#: worker that starts its GPU child itself.
+CHILD = re.compile(r"/((?:ForkPoolWorker|GpuChild)-\d+)\]")
+#: The line each child logs once its model is loaded (``worker.runtime.init_child``), with ``engine.load``'s seconds.
+MODEL_READY = re.compile(r"model ready: .*, loaded in ([\d.]+) s")
+
+
+def child_starts(log_text: str) -> list[float]:
+    """Each child's load time in seconds, in the order of its "model ready" line (the first child's too)."""
+    return [float(match.group(1)) for match in MODEL_READY.finditer(log_text)]
 
 
 def steady_jobs_s(log_text: str, since: float = 0.0) -> float | None:

@@ -1,6 +1,7 @@
 """The paged engine's figures (issue 22): this tree and the previous one on the same jobs, card sizes, recycles.
 
     python3 bench/gpu_paged.py --out DIR --phases queue,inprocess [--prev-tree DIR] [--git-sha SHA]
+    python3 bench/gpu_paged.py --out DIR --phases recycle --recycle-prev-tree DIR   # recycles before and after
     python3 bench/gpu_paged.py --combine DIR [DIR ...]      # merge the parts into bench/results/paged_engine.json
 
 Everything runs at default settings on the ``glyph-9b`` preset (``--preset``; built into ``--model-dir``
@@ -24,7 +25,10 @@ Phases (``--phases``, each one alone fits one command of the GPU host; ``PHASE_S
   started and answered, its "KV cache pool" line, and the most rows decoding at once (``rows_24gb``...).
 - ``recycle``: for each of ``--recycle-cards``, a worker at default settings but
   ``GLYPHQ_MAX_TASKS_PER_CHILD=--recycle-per-child`` answering ``--recycle-jobs`` jobs:
-  ``recycle_downtime_s`` (the longest, over every card), and whether each recycle handed over.
+  ``recycle_downtime_s`` (the longest, over every card), and whether each recycle handed over. With
+  ``--recycle-prev-tree`` the worker of that tree (the previous one) runs the same on each card right
+  after this tree's: ``recycle`` and ``recycle_prev`` side by side, each its longest downtime and its
+  children's start (the "loaded in" of each child's "model ready" line: median and longest).
 - ``soak``: ``--soak`` jobs of the mix on a fresh worker at default settings (``bench/gpu_mix.soak``):
   ``jobs``, ``lost``, ``run_twice``, ``reserved_band_pct`` (of the weights), and its recycles' downtime.
 - ``repeat`` (pages read once): questions about the same documents, through render workers and fresh
@@ -45,6 +49,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import gpu_mix, gpu_repeat  # noqa: E402
-from bench.gpu import recycle_downtimes  # noqa: E402
+from bench.gpu import child_starts, recycle_downtimes  # noqa: E402
 from bench.gpu_soak import ensure_preset, free_port, redis_and_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +67,8 @@ SMALL_CARD = ROOT / "bench" / "small_card"
 RESULT = ROOT / "bench" / "results" / "paged_engine.json"
 KEYS = ("mix_jobs_s", "mix_useful_tok_s", "mix_prev_jobs_s", "variance_useful_tok_s", "urgent_latency_p99_s",
         "trickle_latency_p99_s", "queue_vs_inprocess_mix", "decode_ms_per_step_b1", "recycle_downtime_s",
-        "rows_24gb", "rows_80gb", "jobs", "lost", "run_twice", "reserved_band_pct", *gpu_repeat.KEYS, "device",
-        "git_sha")
+        "recycle", "recycle_prev", "rows_24gb", "rows_80gb", "jobs", "lost", "run_twice", "reserved_band_pct",
+        *gpu_repeat.KEYS, "device", "git_sha")
 #: Estimated seconds of each phase on the GPU host at the defaults (a worker's start and model load
 #: included); ``cards`` and ``recycle`` are per card.
 #: ``repeat``: four GPU workers' starts and warm-ups (~4 x 45 s), a and b (~40 s), c here (~60 s) and on
@@ -156,31 +161,53 @@ def phase_cards(args: argparse.Namespace, figures: dict, detail: dict) -> None:
 
 
 def phase_recycle(args: argparse.Namespace, figures: dict, detail: dict) -> None:
-    """Per card size: recycles at the defaults (but jobs a child), and how long the queue waited at each."""
-    from glyphq.producer import submit
-
+    """Per card size: recycles at the defaults (but jobs a child), and how long the queue waited at each;
+    with ``--recycle-prev-tree``, the same on that tree's worker right after (``recycle_prev``)."""
     jobs = [dict(job, tokens=min(job["tokens"], args.card_tokens))
             for job in gpu_mix.backlog(args.recycle_jobs, seed=9)]
-    recycles = detail.setdefault("recycles", {})
+    trees = [("recycle", ROOT, "recycles")]
+    if args.recycle_prev_tree:
+        trees.append(("recycle_prev", Path(args.recycle_prev_tree).resolve(), "recycles_prev"))
+    downtimes: dict[str, list[float]] = {key: [] for key, _tree, _per_card in trees}
+    starts: dict[str, list[float]] = {key: [] for key, _tree, _per_card in trees}
     for gb in args.recycle_cards:
-        found: dict[str, Any] = {}
-        recycles[str(gb)] = found
-        env = worker_env(args, {"GLYPHQ_MAX_TASKS_PER_CHILD": str(args.recycle_per_child)}, card=gb)
-        with redis_and_worker(gpu_mix.broker_port(), env, f"recycle{gb}") as (_worker, log_path):
-            try:
-                handles = [gpu_mix._submit(submit, job) for job in jobs]
-                ended = gpu_mix.wait_for(handles, args.recycle_budget_s, time.monotonic())
-                found.update(answered=sum(1 for m in ended.values() if m["status"] == "SUCCESS"), of=len(jobs))
-            finally:
-                text = log_path.read_text(errors="replace")
-                downtimes = recycle_downtimes(text)
-                found.update(downtimes_s=downtimes, pool_line=pool_line(text),
-                             handed_over=sum("taking over from child" in line for line in text.splitlines()),
-                             no_room=sum("no room for a successor" in line for line in text.splitlines()))
-                if downtimes:
-                    figures["recycle_downtime_s"] = max([*downtimes, figures.get("recycle_downtime_s") or 0.0])
-                _keep_log(args, log_path, f"worker_recycle{gb}.log")
-        print(f"recycle {gb} GB:", json.dumps(found), flush=True)
+        for key, tree, per_card in trees:
+            found = recycle_on(args, tree, gb, jobs, f"{key}{gb}")
+            detail.setdefault(per_card, {})[str(gb)] = found
+            downtimes[key] += found["downtimes_s"]
+            starts[key] += found["child_start_s"]
+            print(f"{key} {gb} GB:", json.dumps(found), flush=True)
+    if downtimes["recycle"]:
+        figures["recycle_downtime_s"] = max([*downtimes["recycle"], figures.get("recycle_downtime_s") or 0.0])
+    for key in downtimes:
+        figures[key] = {"recycle_downtime_s": max(downtimes[key], default=None),
+                        "child_start_s_median": round(statistics.median(starts[key]), 2) if starts[key] else None,
+                        "child_start_s_max": max(starts[key], default=None), "children": len(starts[key])}
+
+
+def recycle_on(args: argparse.Namespace, tree: Path, gb: int, jobs: list[dict], name: str) -> dict[str, Any]:
+    """The recycle workload on the worker of ``tree`` (a card of ``gb`` GB): jobs answered, each recycle's
+    downtime, each child's start ("model ready ... loaded in"), hand-overs, the pool line."""
+    from glyphq.producer import submit
+
+    env = worker_env(args, {"GLYPHQ_MAX_TASKS_PER_CHILD": str(args.recycle_per_child)}, card=gb)
+    if tree != ROOT:
+        env.update(args.prev_env)
+        env["PYTHONPATH"] = f"{gpu_mix.import_path(tree)}:{env['PYTHONPATH']}"
+    found: dict[str, Any] = {}
+    with redis_and_worker(gpu_mix.broker_port(), env, name, tree=tree) as (_worker, log_path):
+        try:
+            handles = [gpu_mix._submit(submit, job) for job in jobs]
+            ended = gpu_mix.wait_for(handles, args.recycle_budget_s, time.monotonic())
+            found.update(answered=sum(1 for m in ended.values() if m["status"] == "SUCCESS"), of=len(jobs))
+        finally:
+            text = log_path.read_text(errors="replace")
+            found.update(downtimes_s=recycle_downtimes(text), child_start_s=child_starts(text),
+                         pool_line=pool_line(text),
+                         handed_over=sum("taking over from child" in line for line in text.splitlines()),
+                         no_room=sum("no room for a successor" in line for line in text.splitlines()))
+            _keep_log(args, log_path, f"worker_{name}.log")
+    return found
 
 
 def phase_soak(args: argparse.Namespace, figures: dict, detail: dict) -> None:
@@ -243,7 +270,7 @@ def combine(folders: list[str], result: Path) -> dict:
 
 
 def estimate_s(args: argparse.Namespace) -> int:
-    per_card = {"cards": len(args.cards), "recycle": len(args.recycle_cards)}
+    per_card = {"cards": len(args.cards), "recycle": len(args.recycle_cards) * (2 if args.recycle_prev_tree else 1)}
     return sum(PHASE_S[phase] * per_card.get(phase, 1) for phase in args.phases)
 
 
@@ -269,6 +296,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recycle-jobs", type=int, default=400)
     parser.add_argument("--recycle-per-child", type=int, default=120)
     parser.add_argument("--recycle-budget-s", type=float, default=150)
+    parser.add_argument("--recycle-prev-tree", default="",
+                        help="phase recycle: the same on the worker of this tree (the previous one) "
+                        "right after this tree's, on each card (with --prev-env)")
     parser.add_argument("--soak", type=int, default=3000, help="phase soak: this many jobs of the mix")
     parser.add_argument("--soak-lengths", default="lognormal", help="lognormal, or a list such as 16,64,256")
     parser.add_argument("--soak-budget-s", type=float, default=480)
