@@ -64,9 +64,10 @@ class EngineProcess:
         """A file descriptor that becomes readable when the child has exited."""
         return self._sentinel
 
-    def exitcode(self) -> int | None:
-        """The child's exit status once it has exited (negative: the signal that ended it), else None.
-        Reaps it."""
+    def exitcode(self, wait: float = 5.0) -> int | None:
+        """The child's exit status (negative: the signal that ended it), once it has exited; waits up to
+        ``wait`` seconds for that (its sentinel may fire a moment before it can be reaped). Reaps it."""
+        self._process.join(timeout=wait)
         return self._process.exitcode  # type: ignore[no-any-return]
 
     def kill(self) -> None:

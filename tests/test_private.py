@@ -11,7 +11,6 @@ import json
 from importlib.metadata import version
 from unittest import mock
 
-import billiard.pool
 import pytest
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import Terminated
@@ -53,22 +52,53 @@ def test_task_ready_takes_a_request_out_of_the_reserved_and_active_sets():
     assert private.shutting_down() is False
 
 
-def test_billiard_pool_has_what_the_successor_fork_uses():
-    for name in ("_create_worker_process", "_avail_index", "on_grow", "maintain_pool"):
-        assert callable(getattr(billiard.pool.Pool, name, None)), name
-    assert billiard.pool.RUN is not None
-    init = inspect.getsource(billiard.pool.Pool.__init__)
-    assert "self._pool = []" in init and "self._processes" in init and "self._state" in init
+def test_worker_init_comes_before_the_pool_class_is_resolved_so_a_gpu_worker_can_choose_solo():
+    """Point 3: ``worker_init`` is sent after ``-Q`` is applied and before ``pool_cls`` is resolved into
+    the pool the worker starts; glyphq sets ``pool_cls`` there."""
+    from celery.concurrency.solo import TaskPool
+    from celery.worker.worker import WorkController
+
+    source = inspect.getsource(WorkController.setup_instance)
+    queues = source.index("self.setup_queues(")
+    sent = source.index("signals.worker_init.send(sender=self)")
+    resolved = source.index("self.pool_cls = _concurrency.get_implementation(self.pool_cls)")
+    assert queues < sent < resolved, "the order glyphq relies on"
+
+    class Worker:
+        pool_cls = "prefork"
+
+    worker = Worker()
+    private.use_solo_pool(worker)
+    assert private.pool_class(worker) is TaskPool
 
 
-def test_billiard_checks_mem_rss_after_each_task():
-    assert "mem_rss()" in inspect.getsource(billiard.pool.Worker)
-    original = private.billiard_mem_rss()
+def test_a_request_cancelled_on_a_lost_connection_goes_to_the_scheduler_that_holds_it():
+    """Point 6: Celery's cancel names the pool; a GPU job's engine child is killed by the scheduler instead."""
+    parameters = list(inspect.signature(Request.cancel).parameters)
+    assert parameters[:3] == ["self", "pool", "signal"], parameters
+
+    class Holder:
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
+
+        def cancel(self, request: object) -> bool:
+            self.cancelled.append(request.id)  # type: ignore[attr-defined]
+            return True
+
+        def terminate(self, request: object) -> bool:
+            return False
+
+    acks: list[object] = []
+    request = _started_request(private.CancelledForRedelivery, acks)
+    holder = Holder()
+    private.set_request_handler(holder)
     try:
-        private.install_mem_rss(lambda: 42)
-        assert billiard.pool.mem_rss() == 42
+        pool = mock.Mock()
+        request.cancel(pool)
+        assert holder.cancelled == [request.id]
+        pool.terminate_job.assert_not_called()
     finally:
-        private.install_mem_rss(original)
+        private.set_request_handler(None)
 
 
 def test_kombu_close_reads_the_pending_brpop_reply():
