@@ -387,17 +387,17 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_deduplicate_successful_tasks = True
 
+# Render workers run Celery's prefork pool. A GPU worker runs the solo pool whatever this says: glyphq
+# starts, watches and replaces its engine child itself (tasks.engine_process, tasks.private point 3), and
+# counts GLYPHQ_MAX_TASKS_PER_CHILD, GLYPHQ_MAX_MEMORY_PER_CHILD_MB and GLYPHQ_MODEL_LOAD_TIMEOUT there.
 worker_pool = "prefork"
 # Celery's consumer, guarded against a message for an unknown task without an id (``tasks.private``).
 worker_consumer = "glyphq.tasks.private:GuardedConsumer"
 worker_concurrency = 1
 worker_prefetch_multiplier = 1
+# For a render worker's prefork children.
 worker_max_tasks_per_child = settings.max_tasks_per_child
-# Billiard checks this after every task. 0 would disable the check, and with it the GPU guard that
-# rides on it (worker.recycle), so "off" becomes "too high to trigger".
 worker_max_memory_per_child = (settings.max_memory_per_child_mb or 2**40) * 1024
-# The child loads the model in worker_process_init. Celery kills a child that has not reported
-# within this many seconds (4 s by default), which a 10B model never meets.
 worker_proc_alive_timeout = settings.model_load_timeout_s
 
 task_soft_time_limit = settings.soft_time_limit_s

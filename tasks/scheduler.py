@@ -67,8 +67,10 @@ log = logging.getLogger(__name__)
 #: How often the scheduler checks the hard time limit of the jobs that run, the load time limit of the
 #: children that load, and the revoked jobs the child holds.
 WATCH_S = 0.5
-#: Results the pace of a child is measured over, for when to start its successor.
+#: Results the pace of a child is measured over, for when to start its successor, and the shortest
+#: time its pace is measured over before it has that many.
 PACE_JOBS = 64
+PACE_MIN_S = 10.0
 #: How long a child that died before it was ready waits to be started again (a broken device would
 #: otherwise start one child after another as fast as they die).
 RESTART_DELAY_S = 1.0
@@ -210,8 +212,8 @@ class Scheduler:
         self.children.remove(child)
         if child.leaving is not None and code == 0:
             log.info("child %d left (%s)", child.pid, child.leaving)
-        elif child.killed:
-            log.info("child %d ended: it was killed", child.pid)
+        elif child.killed or self.stopping:
+            log.info("child %d ended (%s)", child.pid, "killed" if child.killed else f"status {code}, the worker stops")
         else:
             how = f"signal {-code}" if code is not None and code < 0 else f"status {code}"
             log.error("child %d ended unexpectedly (%s)%s", child.pid, how,
@@ -411,7 +413,7 @@ class Scheduler:
         """A memory guard asked for ``child``'s replacement: it is handed nothing more, starts no new job,
         and its replacement starts once it has left (a successor beside it would add to what it holds)."""
         log.info("replacing child %d after the jobs it runs (%s): %s", child.pid, reason, detail)
-        if child.leaving is None or child.leaving == "tasks":
+        if child.leaving is None:  # one replacement, counted once: "tasks" was counted when it was told "last"
             self._count_recycle(reason)
         child.leaving = reason
         child.last_sent = True
@@ -506,7 +508,7 @@ class Scheduler:
         """Start the current child's successor once the ``room`` jobs it has left to end take
         ``GLYPHQ_RECYCLE_OVERLAP_S`` or less: at the pace of its latest ``PACE_JOBS`` results once it
         has that many (since it started, the pace would count the compile before its first job), else
-        at its pace since it started."""
+        at its pace since it started, over ``PACE_MIN_S`` at least."""
         since, ended = self._paced
         current = self.current
         if (current is None or self.successor is not None or current.leaving not in (None, "tasks") or ended == 0
@@ -514,8 +516,8 @@ class Scheduler:
             return
         if len(self._ends) == PACE_JOBS:
             pace = (PACE_JOBS - 1) / max(self._ends[-1] - self._ends[0], 1e-6)
-        else:
-            pace = ended / max(time.monotonic() - since, 1e-6)
+        else:  # a child's first few results come in a burst: over less than PACE_MIN_S they overstate its pace
+            pace = ended / max(time.monotonic() - since, PACE_MIN_S)
         if room / pace <= settings.recycle_overlap_s:
             self.successor = self._start_child(predecessor=current)
 

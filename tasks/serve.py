@@ -47,7 +47,7 @@ from glyphq.tasks.app import app
 from glyphq.tasks.blobs import release_finished
 from glyphq.tasks.channel import Channel
 from glyphq.tasks.messages import context
-from glyphq.worker import status
+from glyphq.worker import admission, status
 
 log = logging.getLogger(__name__)
 
@@ -207,43 +207,48 @@ class Server:
         self.tidied = time.monotonic()
 
     def _admit(self) -> None:
-        """Start queued jobs while the running batch has free slots (most urgent, then oldest).
-
-        A job whose last run died with its child runs alone, so a job that kills its child takes the
-        jobs beside it down once at most, not on every delivery. A redelivered job that no child had
-        started (the worker held it when it stopped or lost Redis) runs in the batch.
-        """
-        self.queued.sort(key=lambda job: (job.priority, job.order))
+        """Start the queued jobs that ``worker.admission.decide`` picks, in its order: most urgent, then
+        oldest, while the running batch has rows for them; a job whose last run died with its child alone;
+        one turn of a session at a time. A lock refused by Redis here means a decision made with one job
+        too many: it is recorded and the rest is decided again."""
         now = time.monotonic()
         self.locked_elsewhere = {session: held for session, held in self.locked_elsewhere.items() if held[0] > now}
-        for job in list(self.queued):
-            if self.alone:
-                return
-            if self.running.room_for(job.priority) <= 0:
-                continue  # a more urgent job may still fit a kept slot
-            if self._died_before(job) and self.running.busy:
-                continue
-            if not self._lock_session(job):
-                continue  # another turn of its session is running: it needs that answer in its history
-            self.queued.remove(job)
-            self._start(job)
-            if self._died_before(job) and job.fetched is not None:
-                self.alone = job
-                log.info("Task %s[%s] runs alone: its last run ended with its child", job.message.get("task"), job.id)
+        for _ in range(len(self.queued) + 1):  # each round after the first follows a refused lock, now recorded
+            by_order = {job.order: job for job in self.queued}
+            decision = admission.decide([self._queued(job) for job in self.queued], self._engine_state())
+            for chosen in decision.start:
+                job = by_order[chosen.order]
+                if not self._lock_session(job):
+                    break  # Redis refused or failed: decide again without it
+                self.queued.remove(job)
+                self._start(job)
+                if chosen is decision.alone and job.fetched is not None:
+                    self.alone = job
+                    log.info("Task %s[%s] runs alone: its last run ended with its child", job.message.get("task"),
+                             job.id)
+            else:
                 return
 
+    def _queued(self, job: _Job) -> admission.Queued:
+        return admission.Queued(id=job.id, priority=job.priority, order=job.order, session=job.session,
+                                died_before=self._died_before(job))
+
+    def _engine_state(self) -> admission.EngineState:
+        return admission.EngineState(rows=self.running.snapshot(), alone=self.alone is not None,
+                                     sessions_here=frozenset(self.sessions),
+                                     locked_elsewhere={session: holder
+                                                       for session, (_, holder) in self.locked_elsewhere.items()},
+                                     stopping=self.stopping())
+
     def _lock_session(self, job: _Job) -> bool:
-        """Take the lock of ``job``'s session (True for a job of no session). The turns of one session
-        held here are tried in the order ``_admit`` goes through them, so none overtakes another, but
-        the one the lock names (delivered again after its child died) takes it back before them."""
+        """Take the lock of ``job``'s session in Redis (True for a job of no session), which
+        ``worker.admission.decide`` found free here and not known to be held elsewhere; a refusal is
+        recorded in ``locked_elsewhere``, with when to try again."""
         from glyphq.worker import runtime
 
         session = job.session
         if session is None:
             return True
-        elsewhere = self.locked_elsewhere.get(session)
-        if session in self.sessions or (elsewhere is not None and elsewhere[1] != job.id):
-            return False
         try:
             holder = runtime.lock_session(session, job.id)
         except Exception:  # noqa: BLE001  (Redis did not answer: the turn waits, the child serves on)
