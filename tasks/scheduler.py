@@ -428,7 +428,7 @@ class Scheduler:
 
     def _job_report(self, child: Any, report: dict[str, Any]) -> None:
         handed = self.handed.get(str(report.get("id")))
-        if handed is None or handed.child is not child:
+        if handed is None or handed.child is not child or handed.timed_out:
             return  # taken back already (its child died or its time limit passed)
         request, event = handed.request, report.get("event")
         if event == "started":
