@@ -237,7 +237,7 @@ def recycle_downtimes(log_text: str) -> list[float]:
 #: A GPU child's tag in the worker's log: billiard's ``ForkPoolWorker-<n>``, or ``GpuChild-<n>`` of a
 #: worker that starts its GPU child itself.
 CHILD = re.compile(r"/((?:ForkPoolWorker|GpuChild)-\d+)\]")
-#: The line each child logs once its model is loaded (``worker.runtime.init_child``), with ``engine.load``'s seconds.
+#: The line each child logs once its model is loaded (``worker.runtime.Runtime.load``), with ``engine.load``'s seconds.
 MODEL_READY = re.compile(r"model ready: .*, loaded in ([\d.]+) s")
 
 

@@ -69,7 +69,7 @@ def main() -> int:
     job = EngineJob([page], "What is the total on this invoice?", 1)
     engine.answer([job], (1280, 720))  # warm-up
     # Cleanup cost side by side: a full gc.collect over everything loaded, then after gc.freeze()
-    # as worker.runtime.init_child does, so collections only walk objects made by later jobs.
+    # as worker.runtime.Runtime.load does, so collections only walk objects made by later jobs.
     unfrozen = [engine.cleanup() for _ in range(5)]
     gc.collect()
     gc.freeze()

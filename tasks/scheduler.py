@@ -180,14 +180,27 @@ class Scheduler:
         child = self.new_child(self.started, predecessor.pid if predecessor is not None else None, buckets)
         child.start()
         self.children.append(child)
-        self.loop.add_reader(child.channel.reports_r, lambda: self._read(child))
-        self.loop.add_reader(child.sentinel, lambda: self._exited(child))
+        self._watch_child(child)
         if predecessor is None:
             log.info("started child %d", child.pid)
         else:
             log.info("started child %d to take over from child %d", child.pid, predecessor.pid)
         status.merge({"children": self.started})
         return child
+
+    def _watch_child(self, child: Any) -> None:
+        """Have the event loop call back when the child reports, exits, or its jobs pipe has room again."""
+        if not child.channel.ended:
+            self.loop.add_reader(child.channel.reports_r, lambda: self._read(child))
+        self.loop.add_reader(child.sentinel, lambda: self._exited(child))
+        if child.channel.waiting_bytes:
+            self.loop.add_writer(child.channel.jobs_w, lambda: self._write_jobs(child))
+
+    def rewatch(self) -> None:
+        """Watch every child again: Celery's consumer empties its event loop when it loses the broker
+        connection, and registers the worker's steps with it again once it has reconnected."""
+        for child in self.children:
+            self._watch_child(child)
 
     def _start_later(self) -> None:
         if not self.stopping and not self.shutting_down() and self.current is None and self.successor is None:

@@ -1,29 +1,30 @@
-"""In the GPU worker's child: serve the jobs the main process hands over, each answered the moment it ends.
+"""In the GPU worker's engine child: serve the jobs the main process hands over, each answered the moment it ends.
 
-The main process (``tasks.scheduler``) sends the child one pool job, :func:`serve`, when it has GPU
-jobs waiting, then hands it each job through the channel (``tasks.channel``). The child keeps them
-in a running batch (``worker.continuous``): when a slot is free it takes the most urgent job, then
-the oldest, counts its run (the poison guard), fetches its blobs and admits it. A turn of a session
-first takes the session's lock in Redis (``worker.runtime.lock_session``), which the turns of every
-worker and child share; while another turn holds it, the job waits here and is tried again every
-``LOCK_RETRY_S``, and the jobs behind it start meanwhile. Each job that ends is handled at once, here:
-its session turn appended, then its session's lock released, its result stored with the result
-backend's ``mark_as_done`` (or ``mark_as_failure``), its blobs released, and a report sent that lets
-the main process acknowledge its message and send Flower its task-succeeded or task-failed event.
-Besides jobs, the channel carries "cancel" control frames (a ``celery revoke --terminate``): the
-job is dropped, from the queue or from its row, which frees its slot while the others decode on;
-nothing is stored for it, and its "revoked" report lets the main process announce it. When the
-worker stops, the channel's draining flag tells the child to start nothing more.
+:func:`child_main` is the child's whole life (``tasks.engine_process`` starts it): it loads the model
+(``worker.runtime.Runtime``), reports "ready", and serves until it should leave. The main process
+(``tasks.scheduler``) hands it each job through the channel (``tasks.channel``). The child keeps them
+in a running batch (``worker.continuous``): when a slot is free it takes the jobs that
+``worker.admission.decide`` picks (most urgent, then oldest), counts each one's run (the poison guard),
+fetches its blobs and admits it. A turn of a session first takes the session's lock in Redis
+(``worker.runtime.lock_session``), which the turns of every worker and child share; while another turn
+holds it, the job waits here and is tried again every ``LOCK_RETRY_S``, and the jobs behind it start
+meanwhile. Each job that ends is handled at once, here: its session turn appended, then its session's
+lock released, its result stored with the result backend's ``mark_as_done`` (or ``mark_as_failure``),
+its blobs released, and a report sent that lets the main process acknowledge its message and send
+Flower its task-succeeded or task-failed event.
+
+Besides jobs, the channel carries control frames: "cancel" (a ``celery revoke --terminate``: the job is
+dropped, from the queue or from its row, which frees its slot while the others decode on; nothing is
+stored for it, and its "revoked" report lets the main process announce it) and "last" (the main process
+hands this child no more jobs: it leaves once those it holds have ended). When the worker stops, the
+channel's draining flag tells the child to start nothing more; a memory guard does the same. Either
+way the child leaves once the jobs it runs have ended, and what it had not started goes to the next child.
 
 A job submitted with ``stream=True`` has its text published as it is written (``producer.stream``):
 each decode chunk feeds its rows' new ids to their ``worker.streaming.TextStream``, and the text they
 add goes to Redis in one round trip at most every ``PUBLISH_EVERY_S``, from a thread of its own
 (``producer.stream.Publisher``), so the decode loop never waits for Redis; the rest of the text and the
 stream's end follow once the job's outcome is stored. A failed append is logged, never fails a job.
-
-:func:`serve` returns once nothing is running or waiting for a moment, or when this child has
-answered its ``GLYPHQ_MAX_TASKS_PER_CHILD`` jobs, or a memory guard asked for its replacement;
-billiard then replaces the child as after any task.
 """
 
 from __future__ import annotations

@@ -149,6 +149,15 @@ class EngineStep(bootsteps.StartStopStep):
             raise RuntimeError("a GPU worker needs Celery's event loop (a Redis broker)")
         scheduler.create(scheduler.CeleryLoop(w.hub, w.timer))
 
+    def register_with_event_loop(self, w: Any, hub: Any) -> None:
+        """Celery calls this each time its consumer (re)starts its event loop, after a lost connection
+        emptied it."""
+        from glyphq.tasks import scheduler
+
+        current = scheduler.current()
+        if current is not None:
+            current.rewatch()
+
     def stop(self, w: Any) -> None:
         from glyphq.tasks import scheduler
 

@@ -7,7 +7,7 @@ with Glyph's figures, so the two cannot disagree.
 The rule
     The pool takes ``utilization`` of the card, less what is in use (weights, CUDA context, buffers)
     and a prompt chunk's working memory. Where the card allows, it also leaves room for a successor
-    (``worker.runtime.init_child``): the successor's weights, its working memory and its provisional
+    (``worker.runtime.Runtime.load``): the successor's weights, its working memory and its provisional
     pool (``PROVISIONAL_TOKENS``), with ``SUCCESSOR_HEADROOM``. It does so only if the pool left beside
     that room still holds ``max_batch`` typical rows (``TYPICAL_ROW_TOKENS`` each): leaving room for a
     successor never lowers the rows decoding at once below their cap. Otherwise (24 and 48 GB cards)

@@ -102,7 +102,7 @@ def gpu_guard_limit_mb(device: torch.device, configured_mb: int) -> float | None
 
 
 def successor_bytes(peak: float, cache: float, provisional: float) -> float:
-    """GPU memory a successor needs before its predecessor leaves (``worker.runtime.init_child``): what
+    """GPU memory a successor needs before its predecessor leaves (``worker.runtime.Runtime.load``): what
     this child reserved at its peak but its KV cache (weights, compiled and captured steps, working
     memory), plus the successor's provisional cache, with ``SUCCESSOR_HEADROOM``. Its full cache comes
     only after this child has left. All in bytes."""
