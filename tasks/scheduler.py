@@ -160,6 +160,7 @@ class Scheduler:
         self.successor: Any = None  # the child started to take over from the current one
         self.room = 0  # jobs the current child may still be handed (GLYPHQ_MAX_TASKS_PER_CHILD)
         self.started = 0  # children started so far
+        self.readied = 0  # children that became the current one (the status's "children": recycles + 1)
         self.stopping = False
         self.recycles_by_reason: dict[str, int] = {}
         self._arrivals = 0
@@ -185,7 +186,6 @@ class Scheduler:
             log.info("started child %d", child.pid)
         else:
             log.info("started child %d to take over from child %d", child.pid, predecessor.pid)
-        status.merge({"children": self.started})
         return child
 
     def _watch_child(self, child: Any) -> None:
@@ -279,7 +279,8 @@ class Scheduler:
         self.room = settings.max_tasks_per_child
         self._paced = (time.monotonic(), 0)
         self._ends.clear()
-        status.merge({**child.status, "children": self.started})
+        self.readied += 1
+        status.merge({**child.status, "children": self.readied})
         self.pump()
 
     def _send_last(self, child: Any) -> None:
