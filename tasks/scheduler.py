@@ -70,7 +70,7 @@ WATCH_S = 0.5
 #: Results the pace of a child is measured over, for when to start its successor, and the shortest
 #: time its pace is measured over before it has that many.
 PACE_JOBS = 64
-PACE_MIN_S = 10.0
+PACE_MIN_S = 5.0
 #: How long a child that died before it was ready waits to be started again (a broken device would
 #: otherwise start one child after another as fast as they die).
 RESTART_DELAY_S = 1.0
