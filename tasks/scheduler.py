@@ -87,40 +87,14 @@ def reserved_jobs(max_batch: int) -> int:
 
 
 class Loop(Protocol):
-    """The event loop the scheduler runs on (Celery's, through :class:`CeleryLoop`)."""
+    """The event loop the scheduler runs on: the worker's (kombu's ``Hub``), or a test's."""
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
     def remove_reader(self, fd: int) -> None: ...
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
     def remove_writer(self, fd: int) -> None: ...
-    def call_after(self, seconds: float, callback: Callable[[], None]) -> None: ...
-    def call_repeatedly(self, seconds: float, callback: Callable[[], None]) -> None: ...
-
-
-class CeleryLoop:
-    """The worker's event loop (kombu's hub) and timer, as :class:`Loop`."""
-
-    def __init__(self, hub: Any, timer: Any) -> None:
-        self.hub = hub
-        self.timer = timer
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.hub.add_reader(fd, callback)
-
-    def remove_reader(self, fd: int) -> None:
-        self.hub.remove_reader(fd)
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        self.hub.add_writer(fd, callback)
-
-    def remove_writer(self, fd: int) -> None:
-        self.hub.remove_writer(fd)
-
-    def call_after(self, seconds: float, callback: Callable[[], None]) -> None:
-        self.timer.call_after(seconds, callback)
-
-    def call_repeatedly(self, seconds: float, callback: Callable[[], None]) -> None:
-        self.timer.call_repeatedly(seconds, callback)
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Any: ...
+    def call_repeatedly(self, delay: float, callback: Callable[[], None]) -> Any: ...
 
 
 #: Makes an unstarted engine child: (number, predecessor's pid or None, decode steps to warm).
@@ -240,7 +214,7 @@ class Scheduler:
             if child.ready or child.leaving is not None:
                 self.successor = self._start_child()
             else:
-                self.loop.call_after(RESTART_DELAY_S, self._start_later)
+                self.loop.call_later(RESTART_DELAY_S, self._start_later)
         self.pump()
 
     def _give_back(self, child: Any, exc_info: Any) -> None:

@@ -147,7 +147,7 @@ class EngineStep(bootsteps.StartStopStep):
 
         if w.hub is None:
             raise RuntimeError("a GPU worker needs Celery's event loop (a Redis broker)")
-        scheduler.create(scheduler.CeleryLoop(w.hub, w.timer))
+        scheduler.create(w.hub)
 
     def register_with_event_loop(self, w: Any, hub: Any) -> None:
         """Celery calls this each time its consumer (re)starts its event loop, after a lost connection

@@ -63,7 +63,7 @@ class FakeLoop:
     def remove_writer(self, fd: int) -> None:
         self.writers.pop(fd, None)
 
-    def call_after(self, seconds: float, callback: Callable[[], None]) -> None:
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> None:
         self.timers.append([self.clock.now + seconds, callback, None])
 
     def call_repeatedly(self, seconds: float, callback: Callable[[], None]) -> None:
