@@ -1,6 +1,6 @@
 """The ``glyphq.*`` tasks: thin shells over the worker modules, which do the work in the worker's engine child.
 
-The two GPU tasks use the scheduling strategy (``tasks.scheduler``): a GPU worker never runs their
+The two GPU tasks use the scheduling strategy (``tasks.gpu``, ``tasks.scheduler``): a GPU worker never runs their
 bodies, it hands each job to its engine child's running batch (``tasks.serve``). The bodies answer a
 job alone, for a caller that runs a task in process (``task.apply()``).
 """
@@ -13,7 +13,7 @@ from typing import Any
 from glyphq.celeryconfig import ANSWER_PAGES_TASK, ANSWER_TASK, RENDER_TASK, settings
 from glyphq.tasks.app import app
 
-SCHEDULING_STRATEGY = "glyphq.tasks.scheduler:strategy"
+SCHEDULING_STRATEGY = "glyphq.tasks.gpu:strategy"
 #: A message the render task can't be made into a request from fails alone (``tasks.intake``).
 GUARDED_STRATEGY = "glyphq.tasks.intake:strategy"
 #: Their requests: on a lost broker connection, cancelled without storing a state (``tasks.private``).

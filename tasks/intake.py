@@ -17,12 +17,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from celery import signals
 from celery.exceptions import InvalidTaskError
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from glyphq.producer.errors import InvalidJob
 from glyphq.producer.validation import check_identifier
 from glyphq.tasks import private
+from glyphq.tasks.messages import context, job_message
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +116,20 @@ def refuse_request(request: Any, exc: InvalidJob) -> None:
         log.exception("could not store the failure of %s[%s]", request.name, request.id)
     request.acknowledge()
     request.send_event("task-failed", exception=f"InvalidJob({str(exc)[:500]!r})")
+
+
+def announce_revoked(request: Any) -> None:
+    """Acknowledge a revoked request, store REVOKED, send task-revoked and Celery's ``task_revoked``
+    signal (whose handler in ``tasks.signals`` releases the job's blobs).
+
+    ``Request.revoked`` does all of it for an id in the worker's revoked set, where Celery's revoke
+    control puts it before it terminates; the rest covers a terminate without a revoke.
+    """
+    if request.revoked():
+        return
+    private.request_done(request, successful=False)
+    request.acknowledge()
+    recorded = context(job_message(request))
+    request.task.backend.mark_as_revoked(request.id, "terminated", request=recorded, store_result=True)
+    request.send_event("task-revoked", terminated=True, signum=None, expired=False)
+    signals.task_revoked.send(sender=request.task, request=recorded, terminated=True, signum=None, expired=False)

@@ -59,7 +59,7 @@ from glyphq.celeryconfig import settings
 from glyphq.producer.errors import InvalidJob
 from glyphq.tasks import intake, private
 from glyphq.tasks.engine_process import EngineProcess
-from glyphq.tasks.messages import context, encoded, job_message, redis_priority
+from glyphq.tasks.messages import encoded, redis_priority
 from glyphq.worker import metrics, status
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class Scheduler:
                 private.request_reserved(handed.request)  # Redis delivers it again
             elif handed.started is None:  # the child never started it, so it did not kill the child
                 if handed.cancelling:
-                    _announce_revoked(handed.request)
+                    intake.announce_revoked(handed.request)
                 else:
                     self.waiting.append((redis_priority(handed.request), 0, handed.request, handed.frame))
             else:
@@ -347,7 +347,7 @@ class Scheduler:
         for item in self.waiting:
             if item[2].id == request.id:
                 self.waiting.remove(item)
-                _announce_revoked(item[2])
+                intake.announce_revoked(item[2])
                 return True
         handed = self.handed.get(request.id)
         if handed is None:
@@ -427,7 +427,7 @@ class Scheduler:
         if event == "revoked":  # dropped from the running batch (see terminate)
             if handed.started is None and child is self.current and not child.last_sent:
                 self.room += 1  # it never ran, so it does not count towards this child's jobs
-            _announce_revoked(request)
+            intake.announce_revoked(request)
             self.pump()
             return
         if event == "unstored":  # the result backend failed: the message goes back to the queue
@@ -546,69 +546,3 @@ def _lost_info(message: str) -> ExceptionInfo:
         raise WorkerLostError(message)
     except WorkerLostError:
         return ExceptionInfo()
-
-
-def _announce_revoked(request: Any) -> None:
-    """Acknowledge a revoked request, store REVOKED, send task-revoked and Celery's ``task_revoked``
-    signal (whose handler in ``tasks.signals`` releases the job's blobs).
-
-    ``Request.revoked`` does all of it for an id in the worker's revoked set, where Celery's revoke
-    control puts it before it terminates; the rest covers a terminate without a revoke.
-    """
-    if request.revoked():
-        return
-    from celery import signals
-
-    private.request_done(request, successful=False)
-    request.acknowledge()
-    recorded = context(job_message(request))
-    request.task.backend.mark_as_revoked(request.id, "terminated", request=recorded, store_result=True)
-    request.send_event("task-revoked", terminated=True, signum=None, expired=False)
-    signals.task_revoked.send(sender=request.task, request=recorded, terminated=True, signum=None, expired=False)
-
-
-class _SchedulingConsumer:
-    """The consumer as Celery's default strategy sees it, except that ready requests go to the scheduler."""
-
-    def __init__(self, consumer: Any, scheduler: Scheduler) -> None:
-        self._consumer = consumer
-        self.on_task_request = scheduler.add
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._consumer, name)
-
-
-class _Current:
-    """The worker's one scheduler, made by the worker's engine step (``tasks.signals.EngineStep``)."""
-
-    scheduler: Scheduler | None = None
-
-
-def create(loop: Loop) -> Scheduler:
-    """In a GPU worker's main process, as it starts: its scheduler, which starts the first child."""
-    current = _Current.scheduler = Scheduler(loop)
-    private.set_request_handler(current)
-    current.start()
-    return current
-
-
-def current() -> Scheduler | None:
-    """The worker's scheduler, or None outside a GPU worker's main process."""
-    return _Current.scheduler
-
-
-def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """``Task.Strategy`` for the GPU tasks: Celery's default strategy, feeding the worker's scheduler.
-
-    Both GPU tasks share it. Celery builds the strategies again when the consumer reconnects; the
-    requests the scheduler still waits with then belong to the lost connection: Redis delivers their
-    messages again.
-    """
-    scheduler = _Current.scheduler
-    if scheduler is None:  # a render worker: a GPU job sent to its queue is refused
-        return intake.refusing_strategy(task, app, consumer, reason="it is answered only by a GPU worker")
-    if task.name in scheduler.task_names or consumer is not scheduler.consumer:
-        scheduler.attach(consumer)
-    scheduler.task_names.add(task.name)
-    handler = private.default_strategy(task, app, _SchedulingConsumer(consumer, scheduler), **kwargs)
-    return intake.guard(task, consumer, handler)

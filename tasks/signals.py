@@ -125,9 +125,9 @@ def _reserve(worker: Any) -> None:
 @signals.worker_shutting_down.connect
 def _drain(**_: Any) -> None:
     """In the worker's main process, as a shutdown begins: the GPU child starts no new job."""
-    from glyphq.tasks import scheduler
+    from glyphq.tasks import gpu
 
-    current = scheduler.current()
+    current = gpu.current()
     if current is not None:
         current.drain()
 
@@ -143,32 +143,32 @@ class EngineStep(bootsteps.StartStopStep):
         return serves_gpu(w)
 
     def start(self, w: Any) -> None:
-        from glyphq.tasks import scheduler
+        from glyphq.tasks import gpu
 
         if w.hub is None:
             raise RuntimeError("a GPU worker needs Celery's event loop (a Redis broker)")
-        scheduler.create(w.hub)
+        gpu.create(w.hub)
 
     def register_with_event_loop(self, w: Any, hub: Any) -> None:
         """Celery calls this each time its consumer (re)starts its event loop, after a lost connection
         emptied it."""
-        from glyphq.tasks import scheduler
+        from glyphq.tasks import gpu
 
-        current = scheduler.current()
+        current = gpu.current()
         if current is not None:
             current.rewatch()
 
     def stop(self, w: Any) -> None:
-        from glyphq.tasks import scheduler
+        from glyphq.tasks import gpu
 
-        current = scheduler.current()
+        current = gpu.current()
         if current is not None:
             current.finish()
 
     def terminate(self, w: Any) -> None:
-        from glyphq.tasks import scheduler
+        from glyphq.tasks import gpu
 
-        current = scheduler.current()
+        current = gpu.current()
         if current is not None:
             current.drain()
             current.kill_all()
