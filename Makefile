@@ -84,6 +84,7 @@ test: install redis lint
 LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 ENGINE_TESTS ?= tests/test_paged.py tests/test_blocks.py tests/test_prefix.py tests/test_paged_worker.py tests/test_engine.py tests/test_continuous.py tests/test_batching.py \
+	tests/test_scheduler.py tests/test_admission.py tests/test_private.py \
 	tests/test_handover.py tests/test_glyph.py
 
 test-latest: redis
