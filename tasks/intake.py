@@ -90,7 +90,8 @@ def refuse_message(task: Any, consumer: Any, message: Any, exc: BaseException) -
     else:
         log.error("Task %s[%s] refused: its message (%d bytes) is not a %s request: %s", task.name, task_id, size,
                   task.name, reason)
-        failure = InvalidJob("message", f"could not be read as a {task.name} request ({reason})")
+        failure = exc if isinstance(exc, InvalidJob) and exc.field == "task" else InvalidJob(
+            "message", f"could not be read as a {task.name} request ({reason})")
         try:
             task.backend.mark_as_failure(task_id, failure, request=None)
         except Exception:  # noqa: BLE001  (the message goes anyway: kept, it would be refused again)

@@ -171,3 +171,34 @@ def test_a_message_for_an_unknown_task_without_an_id_is_dropped(worker, redis_cl
     assert wait_until(lambda: not queued_messages(redis_client) and not redis_client.hkeys("glyphq:unacked"))
     still_answers(worker, 814)
     assert "Connection to broker lost" not in worker.log()
+
+
+@pytest.mark.parametrize("name, args, kwargs", [
+    ("glyphq.render", (), {"request": {"text_key": "x"}, "job_id": "doc-1"}),
+    # A built-in that would call glyphq.answer's body in the worker's main process, loading a model there.
+    ("celery.map", ({"task": ANSWER_TASK, "args": [], "kwargs": {}, "options": {}, "subtask_type": None,
+                     "immutable": False}, [[{"question": "q"}]]), {}),
+], ids=["render", "celery.map"])
+def test_a_task_a_gpu_worker_does_not_answer_fails_alone_and_never_runs_in_its_main_process(
+        worker, redis_client, name, args, kwargs):
+    task_id = uuid.uuid4().hex
+    app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, queue="gpu")
+    error = failure(Job(task_id), worker)
+    assert error.error_type == "InvalidJob" and error.message.startswith("task:"), error.message
+    assert name in error.message and "GPU worker" in error.message, error.message
+    assert wait_until(lambda: not queued_messages(redis_client) and not redis_client.hkeys("glyphq:unacked"))
+    still_answers(worker, 815)
+    assert "Connection to broker lost" not in worker.log()
+
+
+def test_a_gpu_worker_asked_to_consume_a_cpu_queue_too_refuses_to_start(tiny_model, redis_url):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GLYPHQ_BROKER_URL": redis_url, "GLYPHQ_MODEL": str(tiny_model), "GLYPHQ_METRICS_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "glyphq.tasks", "worker", "-Q", "gpu,render",
+                           "--without-mingle", "--without-gossip"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 5, output[-2000:]
+    assert "a GPU worker answers glyphq.answer and glyphq.answer_pages only" in output and "render" in output
