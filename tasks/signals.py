@@ -57,10 +57,10 @@ def _prepare_worker(sender: Any = None, **_: Any) -> None:
 
 @signals.celeryd_after_setup.connect
 def _prepare_parent(instance: Any = None, **_: Any) -> None:
-    """In the worker's main process, before the pool forks: the shared status page, the metrics
-    server, and on a GPU worker torch and transformers imported once, without touching CUDA.
+    """In the worker's main process, before its steps start (a GPU worker's engine child among them): the
+    metrics server, and on a GPU worker torch and transformers imported once, without touching CUDA.
 
-    ``celeryd_after_setup`` comes after ``-Q`` and logging are set up and before the pool forks.
+    ``celeryd_after_setup`` comes after ``-Q`` and logging are set up and before the worker's steps start.
     """
     from glyphq.worker import metrics
 
