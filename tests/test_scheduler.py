@@ -272,9 +272,19 @@ class World:
     def ready_child(self, sched: Scheduler) -> FakeChild:
         """Start the first child and have it report ready."""
         sched.start()
-        child = self.children[-1]
+        return self.ready(self.children[-1])
+
+    def ready(self, child: FakeChild) -> FakeChild:
+        """The child reports ready (loaded, or for a successor: took over)."""
         self.report(child, "ready", pid=child.pid)
         return child
+
+    def add(self, sched: Scheduler, *task_ids: str) -> list[FakeRequest]:
+        """Requests of ``task_ids`` (priority 5), each given to the scheduler in turn."""
+        requests = [self.request(task_id) for task_id in task_ids]
+        for request in requests:
+            sched.add(request)
+        return requests
 
     def request(self, task_id: str, priority: int = 5, **fields: Any) -> FakeRequest:
         return FakeRequest(task_id, priority, self.revoked, **fields)
@@ -339,7 +349,7 @@ def test_jobs_are_handed_most_urgent_then_oldest_at_most_reserved_jobs_at_once_a
         sched.add(world.request(task_id, priority))
     assert child.take() == [], "a child still loading is handed nothing"
 
-    world.report(child, "ready", pid=child.pid)
+    world.ready(child)
     frames = child.take()
     assert ids(frames) == ["b", "d", "g", "f", "a"]
     assert frames[0]["task"] == "glyphq.answer" and frames[0]["priority"] == 0
@@ -359,11 +369,9 @@ def test_a_request_revoked_while_it_waited_is_not_handed(world):
     sched = world.scheduler()
     sched.start()
     child = world.children[0]
-    revoked, kept = world.request("revoked"), world.request("kept")
-    sched.add(revoked)
-    sched.add(kept)
+    revoked, kept = world.add(sched, "revoked", "kept")
     world.revoked.add("revoked")
-    world.report(child, "ready", pid=child.pid)
+    world.ready(child)
     assert ids(child.take()) == ["kept"]
     assert revoked.calls == [("revoked",)], "Celery's Request.revoked announces it"
 
@@ -431,7 +439,7 @@ def test_a_child_is_handed_max_tasks_per_child_jobs_then_last_and_the_rest_wait_
     assert world.made == [(1, None, []), (2, None, [])], "the next child starts at once"
     second = world.children[1]
     assert second.take() == []
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     frames = second.take()
     assert ids(frames) == ["j3", "j4", "j5"] and frames[-1] == LAST
     assert sched.current is second
@@ -507,16 +515,14 @@ def test_a_child_that_dies_before_it_is_ready_is_started_again_after_a_delay(wor
     world.loop.advance(RESTART_DELAY_S / 2)
     assert world.made == [(1, None, []), (2, None, [])]
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert ids(second.take()) == ["a"]
 
 
 def test_the_jobs_a_dead_child_had_not_started_go_to_the_next_child(world):
     sched = world.scheduler()
     first = world.ready_child(sched)
-    a, b = world.request("a"), world.request("b")
-    sched.add(a)
-    sched.add(b)
+    a, b = world.add(sched, "a", "b")
     assert ids(first.take()) == ["a", "b"]
     world.exit(first, -signal.SIGKILL)
     assert a.calls == [] and b.calls == []
@@ -524,32 +530,28 @@ def test_the_jobs_a_dead_child_had_not_started_go_to_the_next_child(world):
 
     sched.add(world.request("c"))  # arrived later, same priority: goes after them
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert ids(second.take()) == ["a", "b", "c"]
 
 
 def test_the_jobs_a_dead_child_had_started_fail_with_worker_lost(world):
     sched = world.scheduler()
     first = world.ready_child(sched)
-    a, b = world.request("a"), world.request("b")
-    sched.add(a)
-    sched.add(b)
+    a, b = world.add(sched, "a", "b")
     first.take()
     world.report(first, "started", id="a", pid=first.pid)
     world.exit(first, -signal.SIGSEGV)
     assert a.calls == [("on_accepted", first.pid), ("on_failure", WorkerLostError)]
     assert b.calls == []
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert ids(second.take()) == ["b"]
 
 
 def test_a_child_that_left_is_replaced_at_once_and_nothing_fails(world):
     sched = world.scheduler(max_tasks_per_child=1)
     first = world.ready_child(sched)
-    a, b = world.request("a"), world.request("b")
-    sched.add(a)
-    sched.add(b)
+    a, b = world.add(sched, "a", "b")
     assert first.take() == [frame(a), LAST]
     world.succeed(first, "a")
     world.report(first, "leaving", reason="tasks")
@@ -559,7 +561,7 @@ def test_a_child_that_left_is_replaced_at_once_and_nothing_fails(world):
     assert [timer for timer in world.loop.timers if timer[2] is None] == [], "no delayed restart"
     assert a.names() == ["on_accepted", "acknowledge", "event"] and b.calls == []
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert ids(second.take()) == ["b"]
 
 
@@ -597,13 +599,11 @@ def test_terminate_of_a_waiting_request_announces_it_revoked_at_once(world):
     sched = world.scheduler()
     sched.start()
     child = world.children[0]
-    a, b = world.request("a"), world.request("b")
-    sched.add(a)
-    sched.add(b)
+    a, b = world.add(sched, "a", "b")
     assert sched.terminate(a)
     assert a.names() == ["acknowledge", "event"]
     assert_announced_revoked(world, a)
-    world.report(child, "ready", pid=child.pid)
+    world.ready(child)
     assert ids(child.take()) == ["b"]
     assert not sched.terminate(world.request("unknown")), "a request it does not hold is Celery's to terminate"
 
@@ -611,9 +611,7 @@ def test_terminate_of_a_waiting_request_announces_it_revoked_at_once(world):
 def test_terminate_of_a_handed_job_sends_cancel_and_the_revoked_report_announces_it(world):
     sched = world.scheduler()
     child = world.ready_child(sched)
-    a, b = world.request("a"), world.request("b")
-    sched.add(a)
-    sched.add(b)
+    a, b = world.add(sched, "a", "b")
     child.take()
     world.report(child, "started", id="a", pid=child.pid)
     assert sched.terminate(a)
@@ -684,7 +682,7 @@ def test_a_lost_connection_kills_the_child_once_and_its_jobs_come_back_from_redi
         assert "on_failure" not in request.names() and "acknowledge" not in request.names()
 
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert second.take() == []
     sched.add(world.request("d"))
     assert ids(second.take()) == ["d"]
@@ -698,7 +696,7 @@ def test_requests_of_a_lost_connection_are_not_handed(world):
     child = world.children[0]
     sched.add(world.request("a"))
     consumer.connection = object()
-    world.report(child, "ready", pid=child.pid)
+    world.ready(child)
     assert child.take() == [] and world.reserved == ["a"]
 
 
@@ -725,7 +723,7 @@ def test_a_job_past_the_hard_time_limit_times_out_and_its_child_is_killed(world)
     assert a.calls[-1] == ("on_timeout", False, 60), "failed once, by its time limit"
     assert b.calls == [("on_accepted", first.pid), ("on_failure", WorkerLostError)]
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert ids(second.take()) == ["c"]
 
 
@@ -757,7 +755,7 @@ def test_a_child_not_ready_within_the_load_time_limit_is_killed(world):
     world.loop.advance(RESTART_DELAY_S)
     assert len(world.children) == 2
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     world.loop.advance(1000)
     assert second.kills == 0, "a ready child has no load time limit"
 
@@ -786,7 +784,7 @@ def test_a_successor_loads_beside_the_current_child_and_takes_over_when_ready(wo
     world.succeed(first, "j2", fits=True)
     assert len(world.children) == 2, "one successor"
 
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert sched.current is second and sched.successor is None
     assert first.take() == [LAST], "the predecessor, still running, is handed nothing more"
     assert first.leaving == "tasks" and sched.recycles_by_reason == {"tasks": 1}
@@ -822,7 +820,7 @@ def test_a_successor_starts_once_the_jobs_left_take_the_overlap_or_less(world):
     world.exit(first, 0)
     assert len(world.children) == 2, "the successor takes over: no other child"
     assert second.take() == []
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert ids(second.take()) == ["j4"]
 
 
@@ -859,7 +857,7 @@ def test_a_child_a_memory_guard_replaces_gets_no_successor_beside_it(world):
     assert world.made == [(1, None, []), (2, None, [])]
     assert sched.recycles_by_reason == {"rss": 1}
     second = world.children[1]
-    world.report(second, "ready", pid=second.pid)
+    world.ready(second)
     assert ids(second.take()) == ["b"]
 
 
@@ -869,9 +867,7 @@ def test_a_child_a_memory_guard_replaces_gets_no_successor_beside_it(world):
 def test_after_drain_nothing_is_handed_every_child_drains_and_kill_all_kills_every_child(world):
     sched = world.scheduler(max_batch=4, recycle_overlap_s=10**6)
     first = world.ready_child(sched)
-    a, b = world.request("a"), world.request("b")
-    sched.add(a)
-    sched.add(b)
+    a, b = world.add(sched, "a", "b")
     first.take()
     world.report(first, "started", id="a", pid=first.pid)
     world.loop.advance(1)
