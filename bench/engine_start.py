@@ -41,19 +41,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METHODS = ("fork", "forkserver")
-#: What ``worker.runtime.preload_modules`` imports: the forkserver's preload (``main`` checks it).
-PRELOAD = ("transformers", "glyphq.worker.decode", "glyphq.worker.engine")
 CHILD_TIMEOUT_S = 600
 #: Seconds a child may take to exit after its last message before it is killed (and the round failed).
 EXIT_TIMEOUT_S = 120
 
 
-def engine_child(conn: Any, model_dir: str, env: dict[str, str]) -> None:
+def engine_child(conn: Any, model_dir: str, env: dict[str, str], preload: tuple[str, ...]) -> None:
     """A GPU child: load the engine of ``model_dir`` with the settings of ``env`` and warm it up, sending
     its timings through ``conn`` ("loaded", then "warmed"; "error" if either fails)."""
     entered = time.time()
     started = time.perf_counter()
-    preloaded = all(name in sys.modules for name in PRELOAD)
+    preloaded = all(name in sys.modules for name in preload)
     try:
         os.environ.update(env)
         import torch
@@ -87,14 +85,14 @@ def engine_child(conn: Any, model_dir: str, env: dict[str, str]) -> None:
         conn.close()
 
 
-def start_one(method: str, model_dir: str, env: dict[str, str]) -> dict[str, Any]:
+def start_one(method: str, model_dir: str, env: dict[str, str], preload: tuple[str, ...]) -> dict[str, Any]:
     """Start one child with ``method`` and time it: the wall seconds from ``Process.start()`` to its
     "loaded" and "warmed" messages and to its exit, with the child's own figures."""
     import multiprocessing
 
     ctx: Any = multiprocessing.get_context(method)  # typeshed's BaseContext has no Process
     reader, writer = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=engine_child, args=(writer, model_dir, env), name=f"GpuChild-{method}")
+    child = ctx.Process(target=engine_child, args=(writer, model_dir, env, preload), name=f"GpuChild-{method}")
     wall_at = time.time()
     started = time.perf_counter()
     child.start()
@@ -169,30 +167,27 @@ def measure(args: argparse.Namespace, device: str, model_dir: str) -> int:
     env = {key: value for key, value in os.environ.items() if key.startswith("GLYPHQ_")}
 
     started = time.perf_counter()
-    from glyphq.worker.runtime import preload_modules
+    from glyphq.worker.runtime import PRELOADED_MODULES, preload_modules
 
     preload_modules()
     preload_s = round(time.perf_counter() - started, 2)
-    missing = [name for name in PRELOAD if name not in sys.modules]
-    if missing:
-        raise SystemExit(f"PRELOAD names modules that preload_modules did not import: {missing}")
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOADED_MODULES))
 
     import torch
     import transformers
 
     figures: dict[str, Any] = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
                                "python": sys.version.split()[0], "methods": list(METHODS), "model_dir": model_dir,
-                               "forkserver_preload": list(PRELOAD), "parent_preload_s": preload_s,
+                               "forkserver_preload": list(PRELOADED_MODULES), "parent_preload_s": preload_s,
                                "compile_cache_dir": env["GLYPHQ_COMPILE_CACHE_DIR"],
                                "pycache_prefix": sys.pycache_prefix}
     if args.prime:
-        figures["prime"] = start_one("fork", model_dir, env)
+        figures["prime"] = start_one("fork", model_dir, env, PRELOADED_MODULES)
         print("prime (fork):", json.dumps(figures["prime"]), flush=True)
     rounds: list[dict[str, Any]] = []
     for index in range(args.rounds):
         for method in METHODS:
-            found = {"round": index, **start_one(method, model_dir, env)}
+            found = {"round": index, **start_one(method, model_dir, env, PRELOADED_MODULES)}
             rounds.append(found)
             print(f"round {index} {method}:", json.dumps(found), flush=True)
     figures["rounds"] = rounds

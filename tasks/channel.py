@@ -93,16 +93,11 @@ class Channel:
     def write_jobs(self) -> bool:
         """In the main process: write what the jobs pipe has room for of the frames waiting. Returns
         whether none is left waiting (the event loop calls it again when the pipe is writable)."""
-        while self._outbox:
-            try:
-                os.write(self.jobs_w, self._outbox[0])
-            except BlockingIOError:
-                return False
-            except OSError:  # the child has gone: what it did not read is taken back from the report side
-                self._outbox.clear()
-                return True
-            self._outbox.popleft()
-        return True
+        try:
+            return _write(self.jobs_w, self._outbox)
+        except OSError:  # the child has gone: what it did not read is taken back from the report side
+            self._outbox.clear()
+            return True
 
     @property
     def waiting_bytes(self) -> int:
@@ -126,12 +121,7 @@ class Channel:
 
     def write_reports(self) -> None:
         """In the child: write what the pipe has room for of the reports not yet written."""
-        while self._unsent:
-            try:
-                os.write(self.reports_w, self._unsent[0])
-            except BlockingIOError:
-                return
-            self._unsent.popleft()
+        _write(self.reports_w, self._unsent)
 
     def flush(self, timeout: float) -> bool:
         """In the child, before it exits: wait up to ``timeout`` seconds for room for the reports not yet
@@ -173,6 +163,18 @@ class Channel:
                 if isinstance(message, dict):
                     messages.append(message)
         return messages
+
+
+def _write(fd: int, frames: deque[bytes]) -> bool:
+    """Write what the pipe ``fd`` has room for of ``frames``, taking each off as it is written; returns
+    whether none is left."""
+    while frames:
+        try:
+            os.write(fd, frames[0])
+        except BlockingIOError:
+            return False
+        frames.popleft()
+    return True
 
 
 def _read_all(fd: int) -> tuple[bytes, bool]:

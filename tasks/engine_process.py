@@ -3,7 +3,7 @@
 The main process starts each child with public ``multiprocessing``, by ``fork``: the main process
 has imported torch and transformers without touching CUDA, so the child starts warm and initialises
 CUDA itself (``bench/engine_start.py`` compares this with ``forkserver``). Everything the child needs
-goes in as the argument of ``tasks.serve.child_main``: its channel, its number, the settings, and for
+goes in as the argument of ``tasks.serve.child_main``: its channel, the main process's pid, the settings, and for
 a successor its predecessor's pid and the decode steps to warm. Nothing crosses the fork in a module
 global. The main process watches the child's sentinel on the event loop that reads its reports
 (``tasks.scheduler``). No torch here.
@@ -31,11 +31,8 @@ class EngineProcess:
     """One engine child: its process, its channel, and what the main process knows of it."""
 
     def __init__(self, number: int, predecessor: int | None = None, buckets: Sequence[tuple[int, int]] = ()) -> None:
-        self.number = number
-        self.predecessor = predecessor
         self.channel = Channel()
-        spec = ChildSpec(number, self.channel, os.getpid(), predecessor, tuple((int(r), int(n)) for r, n in buckets),
-                         settings)
+        spec = ChildSpec(self.channel, os.getpid(), predecessor, tuple((int(r), int(n)) for r, n in buckets), settings)
         context: Any = multiprocessing.get_context(START_METHOD)
         self._process: Any = context.Process(target=child_main, args=(spec,), name=f"GpuChild-{number}")
         self.started_at = 0.0  # time.monotonic() of the start

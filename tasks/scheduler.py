@@ -176,8 +176,12 @@ class Scheduler:
         for child in self.children:
             self._watch_child(child)
 
+    def _childless(self) -> bool:
+        """Whether the worker runs on and no child answers or is on its way to."""
+        return self.current is None and self.successor is None and not self.stopping and not self.shutting_down()
+
     def _start_later(self) -> None:
-        if not self.stopping and not self.shutting_down() and self.current is None and self.successor is None:
+        if self._childless():
             self.successor = self._start_child()
 
     def _read(self, child: Any) -> None:
@@ -210,7 +214,7 @@ class Scheduler:
             self.current, self.room = None, 0
         if child is self.successor:
             self.successor = None
-        if self.current is None and self.successor is None and not self.stopping and not self.shutting_down():
+        if self._childless():
             if child.ready or child.leaving is not None:
                 self.successor = self._start_child()
             else:

@@ -463,7 +463,6 @@ class Server:
 class ChildSpec:
     """Everything an engine child starts from, passed as the argument of :func:`child_main`."""
 
-    number: int  # the worker's count of children started, this one included
     channel: Channel
     parent: int  # the pid of the worker's main process
     predecessor: int | None = None  # the pid of the child this one takes over from

@@ -12,6 +12,7 @@ imports nothing from ``tasks``.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import time
@@ -45,15 +46,19 @@ HANDOVER_POLL_S = 0.005
 _EVENTS = {"hit": "hits", "miss": "misses", "eviction": "evictions"}
 
 
+#: What the worker's main process imports for every child (``preload_modules``): transformers, its Auto
+#: classes (``worker.engine``) and the static-decoding attention (``worker.decode``).
+PRELOADED_MODULES = ("transformers", "glyphq.worker.decode", "glyphq.worker.engine")
+
+
 def preload_modules() -> None:
     """Import what every child needs, without touching CUDA (the worker's main process does, once).
 
     Not torch's compiler: importing inductor in the parent leaves its children unable to use CUDA
     ("Cannot re-initialize CUDA in forked subprocess"), so each child imports it (about 2 s).
     """
-    import transformers  # noqa: F401
-
-    from glyphq.worker import decode, engine  # noqa: F401  (the Auto classes, the static-decoding attention)
+    for name in PRELOADED_MODULES:
+        importlib.import_module(name)
 
 
 @dataclass
@@ -103,19 +108,16 @@ class Runtime:
             raise ModelError("GLYPHQ_DECODE=generate is for answering in process; a worker decodes over "
                              "the paged KV cache (GLYPHQ_DECODE=auto)")
         load_s = time.perf_counter() - start
+        warmed = self._warm_up_for(predecessor, buckets) if predecessor is not None else ""
+        # Everything alive now lives as long as the child; keep it out of every later collection.
+        gc.collect()
+        gc.freeze()
         if predecessor is not None:
-            warmed = self._warm_up_for(predecessor, buckets)
-            # Everything alive now lives as long as the child; keep it out of every later collection.
-            gc.collect()
-            gc.freeze()
             limit_s = self.settings.model_load_timeout_s
             waited_s = _wait_for(predecessor, deadline=start + limit_s - min(ALIVE_MARGIN_S, limit_s / 10))
             log.info("taking over from child %d: %s, then waited %.1f s for it to leave", predecessor, warmed,
                      waited_s)
             self._take_over_from(predecessor, buckets, until=start + limit_s - 1)
-        else:
-            gc.collect()
-            gc.freeze()
         self.engine.cleanup()
         # The GPU guard's baseline: what this child holds loaded and warmed, and its encoder cache once full.
         decoder = getattr(self.engine, "decoder", None)
