@@ -32,7 +32,7 @@ class EngineProcess:
 
     def __init__(self, number: int, predecessor: int | None = None, buckets: Sequence[tuple[int, int]] = ()) -> None:
         self.channel = Channel()
-        spec = ChildSpec(self.channel, os.getpid(), predecessor, tuple((int(r), int(n)) for r, n in buckets), settings)
+        spec = ChildSpec(self.channel, os.getpid(), predecessor, tuple(buckets), settings)
         context: Any = multiprocessing.get_context(START_METHOD)
         self._process: Any = context.Process(target=child_main, args=(spec,), name=f"GpuChild-{number}")
         self.started_at = 0.0  # time.monotonic() of the start

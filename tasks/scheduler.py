@@ -86,6 +86,22 @@ def reserved_jobs(max_batch: int) -> int:
     return max_batch + max_batch // 4
 
 
+#: The most decode steps a successor is told to warm (a child publishes those it ran more than once).
+MAX_DECODE_STEPS = 64
+
+
+def decode_steps(published: Any) -> list[tuple[int, int]]:
+    """The (rows, cache length) pairs of a child's published ``decode_buckets`` that are pairs of positive
+    integers, at most ``MAX_DECODE_STEPS``: what its successor warms. The value came over the child's
+    channel, so anything else in it is dropped, and the main process's event loop never raises on it."""
+    steps: list[tuple[int, int]] = []
+    for step in published if isinstance(published, list) else []:
+        if (isinstance(step, list) and len(step) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in step)):
+            steps.append((step[0], step[1]))
+    return steps[:MAX_DECODE_STEPS]
+
+
 class Loop(Protocol):
     """The event loop the scheduler runs on: the worker's (kombu's ``Hub``), or a test's."""
 
@@ -151,7 +167,7 @@ class Scheduler:
 
     def _start_child(self, predecessor: Any = None) -> Any:
         self.started += 1
-        buckets = (predecessor.status.get("decode_buckets") or []) if predecessor is not None else []
+        buckets = decode_steps(predecessor.status.get("decode_buckets")) if predecessor is not None else []
         child = self.new_child(self.started, predecessor.pid if predecessor is not None else None, buckets)
         child.start()
         self.children.append(child)

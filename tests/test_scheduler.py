@@ -774,7 +774,7 @@ def test_a_successor_loads_beside_the_current_child_and_takes_over_when_ready(wo
     world.succeed(first, "j0", fits=False)
     assert len(world.children) == 1, "not before the child says a successor fits beside it"
     world.succeed(first, "j1", fits=True)
-    assert world.made[1] == (2, first.pid, [[4, 256], [8, 512]])
+    assert world.made[1] == (2, first.pid, [(4, 256), (8, 512)])
     second = world.children[1]
     assert second.started and sched.successor is second and sched.current is first
 
@@ -795,6 +795,20 @@ def test_a_successor_loads_beside_the_current_child_and_takes_over_when_ready(wo
     world.report(first, "leaving", reason="tasks")
     world.exit(first, 0)
     assert len(world.children) == 2 and sched.current is second
+
+
+def test_a_successor_is_told_only_the_well_formed_decode_steps_its_predecessor_published(world):
+    """``decode_buckets`` crosses the child's channel: whatever it holds, the main process starts the
+    successor with the pairs of positive integers in it, and raises nothing."""
+    sched = world.scheduler(max_batch=4, recycle_overlap_s=10**6)
+    first = world.ready_child(sched)
+    world.report(first, "status", fields={"decode_buckets": [[4, 256], "x", [1], [2, -3], [True, 8], [1, 2.5],
+                                                             None, [2, 512, 1], [8, 1024]]})
+    world.add(sched, "a", "b")
+    first.take()
+    world.loop.advance(2)
+    world.succeed(first, "a", fits=True)
+    assert world.made[1] == (2, first.pid, [(4, 256), (8, 1024)])
 
 
 def test_a_successor_starts_once_the_jobs_left_take_the_overlap_or_less(world):
